@@ -1,0 +1,32 @@
+"""What the device sees of one photograph, after host-side preprocessing.
+
+Everything is in the pixel frame of the aligned square crop (see `jflame.camera` for the pixel
+convention). A batch is the same dataclass with a leading batch axis on every array; padding
+images in a batch have all landmark weights zero and `valid` False.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class Observation:
+  """One preprocessed image (or, with a leading axis, a batch of them).
+
+  Attributes:
+    landmarks: (N, 2) detected 2D landmarks in crop pixels, MediaPipe order (N = 478).
+    landmark_weights: (N,) >= 0; zero marks a landmark as missing/invalid.
+    image: (S, S, 3) float32 RGB in [0, 1], the aligned crop.
+    face_mask: (S, S) float32 in [0, 1], skin region used by the photometric loss.
+    valid: () bool, False for batch padding and for images whose preprocessing failed.
+  """
+  landmarks: jax.Array
+  landmark_weights: jax.Array
+  image: jax.Array
+  face_mask: jax.Array
+  valid: jax.Array
+
+  @property
+  def crop_size(self) -> int:
+    return self.image.shape[-2]

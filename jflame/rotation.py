@@ -1,0 +1,47 @@
+"""Axis-angle rotations, safe and differentiable at zero (the rest pose, where fitting starts)."""
+
+import jax.numpy as jnp
+import numpy as np
+
+# Below this squared angle the closed forms lose precision; use their Taylor series instead.
+_SMALL_ANGLE_SQ = 1e-6
+
+
+def axis_angle_to_matrix(axis_angle):
+  """Rodrigues' formula for one rotation: (3,) axis-angle in radians -> (3, 3) matrix.
+
+  R = I + a K + b K^2 with K the cross-product matrix of the axis-angle vector,
+  a = sin(t)/t and b = (1 - cos t)/t^2. Near t = 0 both use series, and the `where` picks
+  from inputs that are finite on both branches, so values and gradients are exact at zero.
+  """
+  theta_sq = jnp.sum(axis_angle * axis_angle)
+  is_small = theta_sq < _SMALL_ANGLE_SQ
+  safe_theta_sq = jnp.where(is_small, 1.0, theta_sq)
+  safe_theta = jnp.sqrt(safe_theta_sq)
+  a = jnp.where(is_small, 1.0 - theta_sq / 6.0, jnp.sin(safe_theta) / safe_theta)
+  b = jnp.where(is_small, 0.5 - theta_sq / 24.0, (1.0 - jnp.cos(safe_theta)) / safe_theta_sq)
+  x, y, z = axis_angle[0], axis_angle[1], axis_angle[2]
+  zero = jnp.zeros_like(x)
+  k = jnp.stack([jnp.stack([zero, -z, y]),
+                 jnp.stack([z, zero, -x]),
+                 jnp.stack([-y, x, zero])])
+  return jnp.eye(3, dtype=axis_angle.dtype) + a * k + b * (k @ k)
+
+
+def matrix_to_axis_angle_np(matrix):
+  """Host-side inverse of `axis_angle_to_matrix` for one (3, 3) rotation (NumPy, float64)."""
+  matrix = np.asarray(matrix, np.float64)
+  cos_theta = np.clip((np.trace(matrix) - 1.0) / 2.0, -1.0, 1.0)
+  theta = np.arccos(cos_theta)
+  skew = np.array([matrix[2, 1] - matrix[1, 2], matrix[0, 2] - matrix[2, 0],
+                   matrix[1, 0] - matrix[0, 1]])
+  if theta < 1e-6:
+    return skew / 2.0
+  if np.pi - theta < 1e-4:
+    # Near pi the skew part vanishes; read the axis off the symmetric part instead.
+    sym = (matrix + np.eye(3)) / 2.0
+    axis = np.sqrt(np.clip(np.diag(sym), 0.0, None))
+    col = int(np.argmax(axis))
+    axis = sym[:, col] / np.sqrt(max(sym[col, col], 1e-12))
+    return axis / np.linalg.norm(axis) * theta
+  return skew * theta / (2.0 * np.sin(theta))
