@@ -1,0 +1,104 @@
+"""Loading FLAME files without chumpy: round trips, the restricted unpickler, clear errors."""
+
+import pickle
+
+import jax
+import numpy as np
+import pytest
+
+from jflame import flame, flame_io
+from jflame.errors import ModelFileError, UnsafePickleError
+from tests.conftest import FLAME_FILE_NAMES, SHARED_ASSETS, random_flame_arrays, real_flame_files
+
+
+def _vertices(model, seed=0):
+  rng = np.random.default_rng(seed)
+  params = flame.FlameParams.zeros(model.num_shape, model.num_expression)
+  params = params.replace(shape=params.shape + rng.normal(size=model.num_shape),
+                          expression=params.expression + rng.normal(size=model.num_expression),
+                          jaw_rotation=params.jaw_rotation + np.array([0.2, 0.0, 0.0]))
+  return np.asarray(flame.flame_forward(model, params)[0])
+
+
+def test_pickle_to_npz_round_trip_keeps_vertices(tmp_path, random_arrays):
+  pkl_path, npz_path = tmp_path / "model.pkl", tmp_path / "model.npz"
+  flame_io.save_flame_pkl(random_arrays, pkl_path)
+  from_pickle = flame_io.load_flame(pkl_path)
+  flame_io.save_flame_npz(from_pickle, npz_path)
+  from_npz = flame_io.load_flame(npz_path)
+  assert from_pickle.num_shape == 12 and from_pickle.num_expression == 6  # inferred split
+  assert from_npz.name == from_pickle.name == "FLAME model.pkl"
+  np.testing.assert_allclose(_vertices(from_npz), _vertices(from_pickle), atol=1e-6)
+  direct = flame_io.flame_model_from_arrays(random_arrays, "direct")
+  np.testing.assert_allclose(_vertices(from_pickle), _vertices(direct), atol=1e-6)
+
+
+def test_pickle_holds_chumpy_and_sparse_like_the_official_files(random_arrays):
+  data = flame_io.flame_pickle_bytes(random_arrays)
+  assert b"chumpy.ch\nCh" in data and b"scipy.sparse.csc\ncsc_matrix" in data
+  arrays = flame_io.read_flame_pickle(data)
+  np.testing.assert_allclose(arrays["J_regressor"], random_arrays["J_regressor"])
+  np.testing.assert_allclose(arrays["shapedirs"], random_arrays["shapedirs"])
+
+
+def test_explicit_expression_count_overrides_inference(random_arrays):
+  model = flame_io.flame_model_from_arrays(random_arrays, "x", num_expression=10)
+  assert (model.num_shape, model.num_expression) == (8, 10)
+
+
+class _Exploit:
+  def __reduce__(self):
+    return (print, ("this must never run",))
+
+
+def test_restricted_unpickler_refuses_arbitrary_globals(tmp_path, capsys):
+  path = tmp_path / "evil.pkl"
+  path.write_bytes(pickle.dumps({"v_template": _Exploit()}, protocol=2))
+  with pytest.raises(UnsafePickleError, match=r"global (__builtin__|builtins)\.print"):
+    flame_io.load_flame(path)
+  assert "must never run" not in capsys.readouterr().out
+
+
+def test_missing_damaged_and_wrong_files_name_the_file(tmp_path, random_arrays):
+  with pytest.raises(ModelFileError, match=r"not found: .*absent\.pkl.*WORKSPACE\.md"):
+    flame_io.load_flame(tmp_path / "absent.pkl")
+  truncated = tmp_path / "truncated.pkl"
+  truncated.write_bytes(flame_io.flame_pickle_bytes(random_arrays)[:5000])
+  with pytest.raises(ModelFileError, match="truncated.pkl"):
+    flame_io.load_flame(truncated)
+  incomplete = tmp_path / "incomplete.pkl"
+  flame_io.save_flame_pkl({k: v for k, v in random_arrays.items() if k != "weights"}, incomplete)
+  with pytest.raises(ModelFileError, match="missing weights"):
+    flame_io.load_flame(incomplete)
+  mismatched = dict(random_arrays, weights=random_arrays["weights"][:-1])
+  with pytest.raises(ModelFileError, match="lbs_weights has shape"):
+    flame_io.flame_model_from_arrays(mismatched, "x")
+  foreign_npz = tmp_path / "foreign.npz"
+  np.savez(foreign_npz, a=np.zeros(3))
+  with pytest.raises(ModelFileError, match="jflame-convert-flame"):
+    flame_io.load_flame(foreign_npz)
+
+
+def test_convert_command_writes_a_loadable_npz(tmp_path, random_arrays):
+  from tools import convert_flame
+  pkl_path, npz_path = tmp_path / "in.pkl", tmp_path / "out.npz"
+  flame_io.save_flame_pkl(random_arrays, pkl_path)
+  assert convert_flame.convert(str(pkl_path), str(npz_path)) == 0
+  np.testing.assert_allclose(_vertices(flame_io.load_flame(npz_path)),
+                             _vertices(flame_io.load_flame(pkl_path)), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FLAME_FILE_NAMES)
+def test_real_flame_file_when_present(name, tmp_path):
+  matches = [p for p in real_flame_files() if p.name == name]
+  if not matches:
+    pytest.skip(f"no official {name} under {SHARED_ASSETS} (FLAME is licensed by its authors "
+                "and is not shipped; see WORKSPACE.md)")
+  model = flame_io.load_flame(matches[0])
+  assert model.num_vertices == 5023 and model.faces.shape == (9976, 3)
+  assert model.num_joints == 5 and not model.is_synthetic
+  vertices = _vertices(model)
+  assert np.all(np.isfinite(vertices)) and np.abs(vertices).max() < 1.0  # metres, head-sized
+  flame_io.save_flame_npz(model, tmp_path / "model.npz")
+  np.testing.assert_allclose(_vertices(flame_io.load_flame(tmp_path / "model.npz")), vertices,
+                             atol=1e-6)
