@@ -1,0 +1,61 @@
+"""Small helpers shared by the benchmark tools: timing compiled functions honestly."""
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+
+def device_description() -> str:
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", device.platform)
+  cores = ""
+  if device.platform == "cpu":
+    import os
+    cores = f", {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+  return f"{device.platform}: {kind}{cores}, jax {jax.__version__}"
+
+
+def time_compiled(function, *args, repeats=5, min_seconds=0.2):
+  """Compiles `function` (a jitted callable) for `args`, then times it.
+
+  Returns:
+    (compile_seconds, median_seconds_per_call). Compile time is the first call (trace + compile +
+    run) minus one steady-state call; each timed repeat runs enough calls to last `min_seconds`.
+  """
+  start = time.perf_counter()
+  jax.block_until_ready(function(*args))
+  first_call = time.perf_counter() - start
+  calls = 1
+  while True:
+    start = time.perf_counter()
+    for _ in range(calls):
+      result = function(*args)
+    jax.block_until_ready(result)
+    elapsed = time.perf_counter() - start
+    if elapsed >= min_seconds or calls >= 1 << 14:
+      break
+    calls *= 2
+  samples = [elapsed / calls]
+  for _ in range(repeats - 1):
+    start = time.perf_counter()
+    for _ in range(calls):
+      result = function(*args)
+    jax.block_until_ready(result)
+    samples.append((time.perf_counter() - start) / calls)
+  per_call = statistics.median(samples)
+  return max(first_call - per_call, 0.0), per_call
+
+
+def write_json(path, payload):
+  if path:
+    Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def markdown_table(header, rows):
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+  return "\n".join(lines)
