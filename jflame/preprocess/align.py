@@ -1,0 +1,163 @@
+"""Similarity transforms that cut square crops out of photographs, and the warps that apply them.
+
+Every transform is a (2, 3) affine `dst_from_src` on continuous pixel coordinates with pixel
+centres at +0.5 (`jflame.camera`); map points with `jflame.camera.apply_affine` and go back
+with `jflame.camera.invert_affine`. OpenCV puts pixel centres at integers, and
+`opencv_affine` converts once, in one place.
+
+The aligned crop rotates the face so the eyes are level. A rotation of the image about any point
+is a roll of the camera about its optical axis, so the crop is still an exact pinhole image of
+the scene (the fit absorbs the roll into the head rotation), while the initialisers and the
+fit always see an upright face, as in the data those networks were trained on, and a tilted
+head needs no extra margin to fit in the square.
+"""
+
+import cv2
+import numpy as np
+
+from jflame.camera import apply_affine, invert_affine
+from jflame.preprocess.masks import LEFT_EYE, RIGHT_EYE
+
+# Crop side / longest side of the face mesh's bounding box in the levelled frame. The mesh spans
+# forehead to chin, so 1.5 leaves room for hair, ears and jaw motion around it.
+DEFAULT_CROP_SCALE = 1.5
+# The first 468 landmarks are the face mesh; 468..477 are the irises (inside the eyes).
+_NUM_MESH_LANDMARKS = 468
+# Shrinking by more than this factor in one bilinear warp aliases; pre-filter with area averaging.
+_MAX_BILINEAR_SHRINK = 2.0
+
+
+def opencv_affine(dst_from_src: np.ndarray) -> np.ndarray:
+  """The (2, 3) matrix OpenCV needs for a map given with pixel centres at +0.5.
+
+  With c = (0.5, 0.5): dst_cv = dst - c = L (src_cv + c) + t - c, so only t changes.
+  """
+  dst_from_src = np.asarray(dst_from_src, np.float64)
+  linear = dst_from_src[:, :2]
+  translation = dst_from_src[:, 2] + linear @ np.array([0.5, 0.5]) - 0.5
+  return np.concatenate([linear, translation[:, None]], axis=1)
+
+
+def compose_affine(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+  """(2, 3) affine of `outer` after `inner` (x -> outer(inner(x)))."""
+  outer = np.asarray(outer, np.float64)
+  inner = np.asarray(inner, np.float64)
+  return np.concatenate([outer[:, :2] @ inner[:, :2],
+                         (outer[:, :2] @ inner[:, 2] + outer[:, 2])[:, None]], axis=1)
+
+
+def affine_scale(dst_from_src: np.ndarray) -> float:
+  """Destination pixels per source pixel of a similarity (sqrt of |det|)."""
+  return float(np.sqrt(abs(np.linalg.det(np.asarray(dst_from_src, np.float64)[:, :2]))))
+
+
+def warp_affine(image: np.ndarray, dst_from_src: np.ndarray, size: int,
+                interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+  """Resamples `image` onto a (size, size) grid through `dst_from_src`.
+
+  Bilinear by default. Outside the source the result is zero (constant border, not replicate):
+  replicated edge pixels would look like real skin or hair to a photometric loss, whereas
+  zeros are obviously not data and `inside_image_mask` says where they are. Only the part of
+  the source under the output is touched, and a large shrink is pre-filtered with area
+  averaging, so a small crop out of a 24-megapixel photo is cheap and not aliased.
+
+  Args:
+    image: (H, W) or (H, W, C) array (uint8 or float32).
+    dst_from_src: (2, 3) affine, continuous pixel coordinates.
+    size: side of the output.
+
+  Returns:
+    (size, size[, C]) array of image's dtype.
+  """
+  dst_from_src = np.asarray(dst_from_src, np.float64)
+  height, width = image.shape[:2]
+  output_shape = (size, size) + image.shape[2:]
+  # Source region under the output square, with a margin for the interpolation footprint.
+  corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
+  source_corners = apply_affine(invert_affine(dst_from_src), corners)
+  margin = 2.0 / affine_scale(dst_from_src) + 2.0
+  x_min, y_min = np.floor(source_corners.min(axis=0) - margin).astype(int)
+  x_max, y_max = np.ceil(source_corners.max(axis=0) + margin).astype(int)
+  x_min, y_min = max(x_min, 0), max(y_min, 0)
+  x_max, y_max = min(x_max, width), min(y_max, height)
+  if x_min >= x_max or y_min >= y_max:
+    return np.zeros(output_shape, image.dtype)
+  region = image[y_min:y_max, x_min:x_max]
+  region_to_source = np.array([[1.0, 0.0, x_min], [0.0, 1.0, y_min]])
+  dst_from_region = compose_affine(dst_from_src, region_to_source)
+  shrink = 1.0 / affine_scale(dst_from_src)
+  if shrink > _MAX_BILINEAR_SHRINK:
+    region_height, region_width = region.shape[:2]
+    small_width = max(1, round(region_width / shrink))
+    small_height = max(1, round(region_height / shrink))
+    region = cv2.resize(region, (small_width, small_height), interpolation=cv2.INTER_AREA)
+    # cv2.resize maps continuous coordinates by exactly new_size / old_size per axis.
+    small_from_region = np.array([[small_width / region_width, 0.0, 0.0],
+                                  [0.0, small_height / region_height, 0.0]])
+    dst_from_region = compose_affine(dst_from_region, invert_affine(small_from_region))
+  warped = cv2.warpAffine(region, opencv_affine(dst_from_region), (size, size),
+                          flags=interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+  return warped.reshape(output_shape)
+
+
+def square_window(center: np.ndarray, side: float, size: int) -> np.ndarray:
+  """Axis-aligned map of the square of `side` pixels centred on `center` onto (size, size)."""
+  scale = size / side
+  center = np.asarray(center, np.float64)
+  return np.array([[scale, 0.0, size / 2.0 - scale * center[0]],
+                   [0.0, scale, size / 2.0 - scale * center[1]]])
+
+
+def eye_line_angle(landmarks: np.ndarray) -> float:
+  """Angle (radians, image axes: x right, y down) of the line from the subject's right eye to
+  the left eye, each the mean of its eyelid contour (not the iris, which moves with gaze)."""
+  right_eye = landmarks[list(RIGHT_EYE), :2].mean(axis=0)
+  left_eye = landmarks[list(LEFT_EYE), :2].mean(axis=0)
+  direction = left_eye - right_eye
+  return float(np.arctan2(direction[1], direction[0]))
+
+
+def crop_from_landmarks(landmarks: np.ndarray, crop_size: int,
+                        crop_scale: float = DEFAULT_CROP_SCALE, level_eyes: bool = True):
+  """The similarity `crop_from_original` that frames a face in a (crop_size, crop_size) crop.
+
+  The face mesh's bounding box, taken in the levelled frame, is centred in the crop, and its
+  longer side spans crop_size / crop_scale pixels.
+
+  Args:
+    landmarks: (478, >=2) MediaPipe landmarks in original pixels.
+    crop_size: side of the crop in pixels.
+    crop_scale: crop side / longest side of the landmark box.
+    level_eyes: rotate so the eyes are level (see the module docstring); False keeps the
+      photograph's axes (scale and shift only).
+
+  Returns:
+    (2, 3) float64 affine, original pixels -> crop pixels.
+  """
+  points = np.asarray(landmarks, np.float64)[:_NUM_MESH_LANDMARKS, :2]
+  angle = eye_line_angle(points) if level_eyes else 0.0
+  cos, sin = np.cos(-angle), np.sin(-angle)
+  rotation = np.array([[cos, -sin], [sin, cos]])
+  levelled = points @ rotation.T
+  low, high = levelled.min(axis=0), levelled.max(axis=0)
+  scale = crop_size / (crop_scale * float(np.max(high - low)))
+  center = (low + high) / 2.0
+  linear = scale * rotation
+  translation = crop_size / 2.0 - scale * center
+  return np.concatenate([linear, translation[:, None]], axis=1)
+
+
+def points_inside(points: np.ndarray, width: float, height: float) -> np.ndarray:
+  """(N,) bool: which (N, 2) pixel points lie inside the [0, width] x [0, height] image."""
+  points = np.asarray(points)
+  return ((points[:, 0] >= 0) & (points[:, 0] <= width) &
+          (points[:, 1] >= 0) & (points[:, 1] <= height))
+
+
+def inside_image_mask(crop_from_original: np.ndarray, crop_size: int, width: int,
+                      height: int) -> np.ndarray:
+  """(crop_size, crop_size) float32: 1 where a crop pixel's centre falls inside the original."""
+  centers = (np.stack(np.meshgrid(np.arange(crop_size), np.arange(crop_size)), axis=-1)
+             .reshape(-1, 2) + 0.5)
+  original = apply_affine(invert_affine(crop_from_original), centers)
+  return points_inside(original, width, height).reshape(crop_size, crop_size).astype(np.float32)

@@ -1,0 +1,209 @@
+"""Reading photographs in many formats, and listing a run's inputs."""
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image, ImageOps
+
+from jflame.errors import ImageReadError, InputError
+from jflame.preprocess.image_io import (apply_exif_orientation, deduplicate_names, list_images,
+                                        read_image, unique_names)
+
+_ORIENTATION_TAG = 0x0112
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+  return skimage.data.astronaut()
+
+
+def _save_with_orientation(pixels, path, orientation, **save_options):
+  image = Image.fromarray(pixels)
+  exif = image.getexif()
+  exif[_ORIENTATION_TAG] = orientation
+  image.save(path, exif=exif, **save_options)
+
+
+def test_lossless_formats_read_back_exactly(astronaut, tmp_path):
+  for suffix, options in ((".png", {}), (".webp", {"lossless": True}), (".bmp", {}),
+                          (".tif", {})):
+    path = tmp_path / f"astronaut{suffix}"
+    Image.fromarray(astronaut).save(path, **options)
+    image = read_image(path)
+    assert image.dtype == np.uint8 and image.shape == (512, 512, 3), suffix
+    np.testing.assert_array_equal(image, astronaut, err_msg=suffix)
+
+
+def test_lossy_formats_read_back_within_compression_error(astronaut, tmp_path):
+  for suffix, options in ((".jpg", {"quality": 95}), (".webp", {"quality": 95})):
+    path = tmp_path / f"astronaut{suffix}"
+    Image.fromarray(astronaut).save(path, **options)
+    image = read_image(path)
+    assert image.shape == (512, 512, 3)
+    assert np.abs(image.astype(float) - astronaut).mean() < 3.0, suffix
+
+
+def test_greyscale_becomes_three_equal_channels(astronaut, tmp_path):
+  grey = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)
+  path = tmp_path / "grey.png"
+  Image.fromarray(grey).save(path)
+  image = read_image(path)
+  assert image.shape == (512, 512, 3)
+  for channel in range(3):
+    np.testing.assert_array_equal(image[..., channel], grey)
+
+
+def test_rgba_is_composited_over_white(astronaut, tmp_path):
+  alpha = np.full((512, 512), 255, np.uint8)
+  alpha[:100] = 0        # fully transparent band -> white
+  alpha[100:200] = 128   # half transparent band -> halfway to white
+  path = tmp_path / "rgba.png"
+  Image.fromarray(np.dstack([astronaut, alpha])).save(path)
+  image = read_image(path).astype(float)
+  np.testing.assert_array_equal(image[200:], astronaut[200:])
+  np.testing.assert_array_equal(image[:100], 255.0)
+  expected = astronaut[100:200] * (128 / 255) + 255 * (1 - 128 / 255)
+  assert np.abs(image[100:200] - expected).max() <= 0.5 + 1e-6
+
+
+def test_palette_image_with_transparency(tmp_path):
+  palette_image = Image.new("P", (8, 4))
+  palette_image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+  pixels = np.zeros((4, 8), np.uint8)
+  pixels[:, 4:] = 1
+  palette_image.putdata(pixels.ravel().tolist())
+  path = tmp_path / "palette.png"
+  palette_image.save(path, transparency=1)
+  image = read_image(path)
+  np.testing.assert_array_equal(image[:, :4], np.broadcast_to([255, 0, 0], (4, 4, 3)))
+  np.testing.assert_array_equal(image[:, 4:], 255)   # transparent index -> white
+
+
+def test_16_bit_colour_png_and_tiff_scale_by_rounding(astronaut, tmp_path):
+  rng = np.random.default_rng(0)
+  sixteen = rng.integers(0, 65536, size=(64, 48, 3)).astype(np.uint16)
+  expected = np.rint(sixteen / 257.0).astype(np.uint8)
+  for suffix in (".png", ".tif"):
+    path = tmp_path / f"deep{suffix}"
+    cv2.imwrite(str(path), sixteen[..., ::-1])   # OpenCV writes BGR
+    np.testing.assert_array_equal(read_image(path), expected, err_msg=suffix)
+  # The astronaut at 16 bits (v * 257) comes back exactly.
+  path = tmp_path / "astronaut16.png"
+  cv2.imwrite(str(path), (astronaut[..., ::-1].astype(np.uint16) * 257))
+  np.testing.assert_array_equal(read_image(path), astronaut)
+
+
+def test_16_bit_rgba_and_greyscale(tmp_path):
+  rng = np.random.default_rng(1)
+  grey = rng.integers(0, 65536, size=(20, 30)).astype(np.uint16)
+  path = tmp_path / "grey16.png"
+  Image.fromarray(grey).save(path)
+  np.testing.assert_array_equal(read_image(path)[..., 1], np.rint(grey / 257.0))
+  rgba = rng.integers(0, 65536, size=(20, 30, 4)).astype(np.uint16)
+  rgba[..., 3] = 65535
+  path = tmp_path / "rgba16.png"
+  cv2.imwrite(str(path), rgba[..., [2, 1, 0, 3]])
+  np.testing.assert_array_equal(read_image(path), np.rint(rgba[..., :3] / 257.0))
+
+
+def test_exif_orientation_matches_pillow_for_all_eight_values(tmp_path):
+  rng = np.random.default_rng(2)
+  stored = rng.integers(0, 256, size=(6, 10, 3)).astype(np.uint8)   # non-square: axes matter
+  for orientation in range(1, 9):
+    path = tmp_path / f"oriented{orientation}.png"
+    _save_with_orientation(stored, path, orientation)
+    with Image.open(path) as image:
+      expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    np.testing.assert_array_equal(read_image(path), expected, err_msg=f"orientation {orientation}")
+    np.testing.assert_array_equal(apply_exif_orientation(stored, orientation), expected)
+
+
+def test_phone_photo_stored_sideways_comes_out_upright(astronaut, tmp_path):
+  # A phone held upright stores the sensor image rotated and tags Orientation 6 (rotate 90 CW
+  # to display): store the upright astronaut rotated 90 degrees counter-clockwise.
+  path = tmp_path / "phone.jpg"
+  _save_with_orientation(np.ascontiguousarray(np.rot90(astronaut, k=1)), path, 6, quality=95)
+  image = read_image(path)
+  assert image.shape == (512, 512, 3)
+  assert np.abs(image.astype(float) - astronaut).mean() < 3.0
+  non_square = astronaut[:, :300]
+  path = tmp_path / "phone_narrow.jpg"
+  _save_with_orientation(np.ascontiguousarray(np.rot90(non_square, k=1)), path, 6, quality=95)
+  image = read_image(path)
+  assert image.shape == (512, 300, 3)
+  assert np.abs(image.astype(float) - non_square).mean() < 3.0
+
+
+def test_broken_files_raise_image_read_error_naming_file(astronaut, tmp_path):
+  good = tmp_path / "good.jpg"
+  Image.fromarray(astronaut).save(good, quality=90)
+  data = good.read_bytes()
+  truncated = tmp_path / "truncated.jpg"
+  truncated.write_bytes(data[: len(data) // 3])
+  corrupt = tmp_path / "corrupt.png"
+  Image.fromarray(astronaut).save(tmp_path / "ok.png")
+  png = bytearray((tmp_path / "ok.png").read_bytes())
+  png[200:4000] = bytes(3800)   # zeroed compressed data: CRC and zlib errors
+  corrupt.write_bytes(bytes(png))
+  empty = tmp_path / "empty.jpg"
+  empty.write_bytes(b"")
+  text = tmp_path / "notes.png"
+  text.write_text("these are not pixels\n")
+  cases = {truncated: "truncated", corrupt: "corrupt", empty: "empty",
+           text: "not an image", tmp_path / "missing.jpg": "does not exist",
+           tmp_path: "not a regular file"}
+  for path, words in cases.items():
+    with pytest.raises(ImageReadError) as raised:
+      read_image(path)
+    assert str(path) in str(raised.value)
+    assert words in str(raised.value), str(raised.value)
+
+
+def test_list_images_folder_is_sorted_filtered_and_not_recursive(tmp_path):
+  for name in ("b.JPG", "a.png", "c.webp", "notes.txt", ".hidden.jpg", "._a.jpg"):
+    (tmp_path / name).write_bytes(b"x")
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "sub" / "d.jpg").write_bytes(b"x")
+  names = [path.name for path in list_images(tmp_path)]
+  assert names == ["a.png", "b.JPG", "c.webp"]
+  recursive = [path.name for path in list_images(tmp_path, recursive=True)]
+  assert recursive == ["a.png", "b.JPG", "c.webp", "d.jpg"]
+
+
+def test_list_images_file_glob_and_duplicates(tmp_path):
+  for name in ("x1.png", "x2.png", "y.png", "x3.txt"):
+    (tmp_path / name).write_bytes(b"x")
+  assert [p.name for p in list_images(str(tmp_path / "x*"))] == ["x1.png", "x2.png"]
+  # A named file is taken whatever its extension; a path met twice is listed once.
+  listed = list_images([tmp_path / "x3.txt", tmp_path / "y.png", str(tmp_path / "y.png")])
+  assert [p.name for p in listed] == ["x3.txt", "y.png"]
+
+
+def test_list_images_empty_inputs_raise_input_error(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(InputError, match=f"No image files found; searched folder {empty}"):
+    list_images(empty)
+  (tmp_path / "readme.txt").write_text("no images here")
+  with pytest.raises(InputError, match="No image files found.*folder"):
+    list_images(tmp_path)
+  with pytest.raises(InputError, match="pattern"):
+    list_images(str(tmp_path / "*.jpg"))
+  with pytest.raises(InputError, match="no such file or folder"):
+    list_images(tmp_path / "absent")
+
+
+def test_names_are_unique_stems():
+  paths = ["a/face.jpg", "b/face.png", "c/face.jpg", "face-2.jpg", "other.png"]
+  assert unique_names(paths) == ["face", "face-3", "face-4", "face-2", "other"]
+  assert deduplicate_names(["image", "image"]) == ["image", "image-2"]
+
+
+def test_corrupt_file_that_fails_while_opening_is_an_image_read_error(tmp_path):
+  """A JPEG signature followed by junk makes Pillow fail inside open(), before the format is
+  known: still a clear ImageReadError, not an internal error."""
+  path = tmp_path / "header_only.jpg"
+  path.write_bytes(b"\xff\xd8\xff\xe0 definitely not a JPEG")
+  with pytest.raises(ImageReadError, match="header_only.jpg"):
+    read_image(path)
