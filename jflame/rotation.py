@@ -45,3 +45,35 @@ def matrix_to_axis_angle_np(matrix):
     axis = sym[:, col] / np.sqrt(max(sym[col, col], 1e-12))
     return axis / np.linalg.norm(axis) * theta
   return skew * theta / (2.0 * np.sin(theta))
+
+
+def matrix_to_axis_angle(matrix):
+  """Inverse of `axis_angle_to_matrix` on device, for one (3, 3) rotation, valid up to and at
+  pi (a camera facing the face is exactly pi from identity).
+
+  Goes through a unit quaternion built from the largest of the four diagonal combinations
+  (Shepperd's method), so no branch divides by a small number.
+  """
+  m = matrix
+  trace = m[0, 0] + m[1, 1] + m[2, 2]
+  candidates = jnp.stack([
+      jnp.stack([1.0 + trace, m[2, 1] - m[1, 2], m[0, 2] - m[2, 0], m[1, 0] - m[0, 1]]),
+      jnp.stack([m[2, 1] - m[1, 2], 1.0 + m[0, 0] - m[1, 1] - m[2, 2], m[0, 1] + m[1, 0],
+                 m[0, 2] + m[2, 0]]),
+      jnp.stack([m[0, 2] - m[2, 0], m[0, 1] + m[1, 0], 1.0 - m[0, 0] + m[1, 1] - m[2, 2],
+                 m[1, 2] + m[2, 1]]),
+      jnp.stack([m[1, 0] - m[0, 1], m[0, 2] + m[2, 0], m[1, 2] + m[2, 1],
+                 1.0 - m[0, 0] - m[1, 1] + m[2, 2]]),
+  ])
+  best = jnp.argmax(jnp.stack([1.0 + trace, 1.0 + m[0, 0] - m[1, 1] - m[2, 2],
+                               1.0 - m[0, 0] + m[1, 1] - m[2, 2],
+                               1.0 - m[0, 0] - m[1, 1] + m[2, 2]]))
+  quaternion = candidates[best]
+  quaternion = quaternion / jnp.linalg.norm(quaternion)
+  quaternion = jnp.where(quaternion[0] < 0, -quaternion, quaternion)  # angle in [0, pi]
+  vector = quaternion[1:]
+  sin_half_sq = jnp.sum(vector * vector)
+  is_small = sin_half_sq < 1e-12
+  sin_half = jnp.sqrt(jnp.where(is_small, 1.0, sin_half_sq))
+  angle = 2.0 * jnp.arctan2(sin_half, quaternion[0])
+  return vector * jnp.where(is_small, 2.0 / quaternion[0], angle / sin_half)

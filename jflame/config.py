@@ -1,0 +1,107 @@
+"""Fitting settings: frozen and hashable, so a FitConfig can be a static argument of jit.
+
+Every default lives here, once. Learning rates follow the seed table of the design guide
+(expression 0.01 -> 0.005 with L2 0.025; jaw 0.025 -> 0.01; eyes 0.03 -> 0.01; shape 0.001 with
+L2 0.1; texture 0.005; lighting 0.005).
+"""
+
+import dataclasses
+from typing import Optional
+
+import optax
+
+from jflame.landmarks import LandmarkWeights
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """A learning rate that moves linearly from `start` to `end` over a stage (constant when
+  `end` is None)."""
+  start: float
+  end: Optional[float] = None
+
+  def optax_schedule(self, steps: int):
+    if self.end is None or self.end == self.start:
+      return optax.constant_schedule(self.start)
+    return optax.linear_schedule(self.start, self.end, max(steps, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class LearningRates:
+  """Adam learning rate per parameter group; None freezes the group in that stage."""
+  shape: Optional[Schedule] = None
+  expression: Optional[Schedule] = None
+  jaw: Optional[Schedule] = None
+  eyes: Optional[Schedule] = None
+  neck: Optional[Schedule] = None
+  global_rotation: Optional[Schedule] = None
+  camera_rotation: Optional[Schedule] = None
+  camera_translation: Optional[Schedule] = None
+  focal_length: Optional[Schedule] = None
+  texture: Optional[Schedule] = None
+  lighting: Optional[Schedule] = None
+
+  def groups(self):
+    return tuple(field.name for field in dataclasses.fields(self))
+
+
+# Stage 1: rigid camera only. Rotation in radians, translation in metres (Adam steps are about
+# the learning rate in size).
+RIGID_RATES = LearningRates(camera_rotation=Schedule(0.05, 0.005),
+                            camera_translation=Schedule(0.01, 0.001))
+# Stage 2: the seed table, plus a small camera refinement.
+FULL_RATES = LearningRates(
+    shape=Schedule(0.001), expression=Schedule(0.01, 0.005), jaw=Schedule(0.025, 0.01),
+    eyes=Schedule(0.03, 0.01), camera_rotation=Schedule(0.005, 0.001),
+    camera_translation=Schedule(0.002, 0.0005), texture=Schedule(0.005),
+    lighting=Schedule(0.005))
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularization:
+  """Weights of the L2 penalties (weight * sum of squares) on coefficient groups."""
+  shape: float = 0.1
+  expression: float = 0.025
+  jaw: float = 0.0
+  eyes: float = 0.0
+  texture: float = 0.01
+  lighting: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  """Everything that shapes the compiled fitting program.
+
+  Attributes:
+    num_shape, num_expression: active coefficients (the rest of the model's basis is unused).
+    rigid_iterations, full_iterations: Adam steps of stage 1 (camera) and stage 2 (all).
+    rigid_rates, full_rates: per-group learning rates of each stage.
+    regularization: L2 weights.
+    landmark_scale: landmark residuals are measured in pixels of a crop of this size, whatever
+      the actual crop size, so loss weights do not depend on the crop resolution.
+    landmark_robust_scale: Charbonnier scale (those pixels): quadratic below, linear above, so a
+      few bad detections cannot dominate.
+    region_weights: landmark weights by region.
+    fit_shape: False holds shape at its initial value (from an initialiser or the user).
+    fov_degrees: field of view for the initial focal length.
+    init_rounds: rounds of the weight-free initialiser (camera <-> linear shape/expression
+      solve); 0 starts from the mean face with a closed-form camera.
+    mode: "landmark" or "photometric".
+  """
+  num_shape: int = 100
+  num_expression: int = 50
+  rigid_iterations: int = 200
+  full_iterations: int = 200
+  rigid_rates: LearningRates = RIGID_RATES
+  full_rates: LearningRates = FULL_RATES
+  regularization: Regularization = Regularization()
+  landmark_scale: float = 256.0
+  landmark_robust_scale: float = 2.0
+  region_weights: LandmarkWeights = LandmarkWeights()
+  fit_shape: bool = True
+  fov_degrees: float = 20.0
+  init_rounds: int = 3
+  mode: str = "landmark"
+
+  def replace(self, **changes) -> "FitConfig":
+    return dataclasses.replace(self, **changes)

@@ -1,0 +1,250 @@
+"""Two-stage FLAME fitting of a batch of images in one compiled program.
+
+Stage 1 moves only the rigid camera; stage 2 moves shape, expression, jaw, eyes (and, in
+photometric mode, texture and lighting) with per-group learning rates. Each stage is one
+`lax.scan` over iterations; the whole fit of ONE image is written here and `jax.vmap` batches
+it, so images never interact: one that diverges is marked failed and stops moving, and its
+neighbours are computed exactly as if it were not there.
+"""
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from initializers.landmark_init import initial_identity_and_camera
+from jflame import losses
+from jflame.camera import Camera, focal_length_from_fov, project
+from jflame.config import FitConfig, LearningRates
+from jflame.flame import FlameModel, FlameParams, SurfaceRows, make_surface_rows
+from jflame.flame import surface_points_forward
+from jflame.observation import Observation
+from jflame.optim import FROZEN, make_optimizer
+from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
+
+
+@struct.dataclass
+class FitModel:
+  """The device-side model a fit needs, prepared once on the host by `make_fit_model`.
+
+  Attributes:
+    landmark_rows: the FLAME rows under the embedded landmarks (fast path).
+    landmark_indices: (K,) detector (MediaPipe) landmark index of each embedded point.
+    landmark_weights: (K,) region weight of each embedded point.
+  """
+  landmark_rows: SurfaceRows
+  landmark_indices: jax.Array
+  landmark_weights: jax.Array
+
+
+def make_fit_model(model: FlameModel, face_indices, barycentrics, landmark_indices,
+                   landmark_weights, config: FitConfig) -> FitModel:
+  """Host-side preparation: gathers and precomposes the landmark rows for the config's
+  coefficient counts."""
+  rows = make_surface_rows(model, face_indices, barycentrics, config.num_shape,
+                           config.num_expression)
+  return FitModel(landmark_rows=rows,
+                  landmark_indices=jnp.asarray(landmark_indices, jnp.int32),
+                  landmark_weights=jnp.asarray(landmark_weights, jnp.float32))
+
+
+@struct.dataclass
+class FitVariables:
+  """What the optimiser moves for one image.
+
+  The camera rotation is a small axis-angle applied on the left of a fixed base rotation (set by
+  the initialiser), so optimisation always happens near zero, far from the pi singularity of
+  axis-angle that a camera facing the face sits at.
+  """
+  flame: FlameParams
+  camera_rotation: jax.Array     # (3,) delta, radians
+  camera_translation: jax.Array  # (3,) metres
+  focal_length: jax.Array        # () pixels
+
+
+def group_labels(variables: FitVariables) -> FitVariables:
+  """The optimiser group of every leaf (same structure as the variables)."""
+  del variables  # the structure is fixed; only leaf names matter
+  flame_labels = FlameParams(shape="shape", expression="expression",
+                             global_rotation="global_rotation", neck_rotation="neck",
+                             jaw_rotation="jaw", left_eye_rotation="eyes",
+                             right_eye_rotation="eyes")
+  return FitVariables(flame=flame_labels, camera_rotation="camera_rotation",
+                      camera_translation="camera_translation", focal_length="focal_length")
+
+
+@struct.dataclass
+class FitResult:
+  """The outcome for one image (a leading batch axis for a batch).
+
+  Attributes:
+    params: fitted FLAME parameters.
+    camera: fitted camera in crop pixels (see jflame.camera).
+    landmarks_2d: (K, 2) fitted landmarks projected into the crop.
+    landmark_error: () weighted mean distance to the detected landmarks, crop pixels.
+    rigid_loss_history, full_loss_history: (iterations,) loss per step of each stage.
+    failed: () True when the loss or a gradient became non-finite (the variables are the last
+      finite ones).
+    fitted: () True for a valid observation that did not fail.
+  """
+  params: FlameParams
+  camera: Camera
+  landmarks_2d: jax.Array
+  landmark_error: jax.Array
+  rigid_loss_history: jax.Array
+  full_loss_history: jax.Array
+  failed: jax.Array
+  fitted: jax.Array
+
+
+def _camera(variables: FitVariables, base_rotation, principal_point) -> Camera:
+  rotation = axis_angle_to_matrix(variables.camera_rotation) @ base_rotation
+  return Camera(rotation=matrix_to_axis_angle(rotation),
+                translation=variables.camera_translation,
+                focal_length=variables.focal_length, principal_point=principal_point)
+
+
+def _project_landmarks(fit_model: FitModel, variables, base_rotation, principal_point):
+  points, _ = surface_points_forward(fit_model.landmark_rows, variables.flame)
+  rotation = axis_angle_to_matrix(variables.camera_rotation) @ base_rotation
+  points_cam = points @ rotation.T + variables.camera_translation
+  depth = jnp.maximum(points_cam[:, 2:3], 1e-4)
+  return variables.focal_length * points_cam[:, :2] / depth + principal_point
+
+
+def _regularization(flame_params: FlameParams, config: FitConfig):
+  weights = config.regularization
+  return (losses.l2(flame_params.shape, weights.shape)
+          + losses.l2(flame_params.expression, weights.expression)
+          + losses.l2(flame_params.jaw_rotation, weights.jaw)
+          + losses.l2(flame_params.left_eye_rotation, weights.eyes)
+          + losses.l2(flame_params.right_eye_rotation, weights.eyes))
+
+
+def _all_finite(tree):
+  leaves = jax.tree.leaves(tree)
+  return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in leaves],
+                          jnp.asarray(True))
+
+
+def _tree_where(condition, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
+def run_stage(loss_fn, variables, rates: LearningRates, iterations: int, active):
+  """Adam with per-group rates for `iterations` steps of one compiled scan.
+
+  A step whose loss or gradient is not finite is discarded, and the image stops moving for the
+  rest of the fit; `active` False (padding, failed preprocessing) also holds it still.
+
+  Returns:
+    (variables, loss history (iterations,), failed flag).
+  """
+  optimizer = make_optimizer(rates, group_labels(variables), iterations)
+
+  def step(carry, _):
+    variables, opt_state, failed = carry
+    loss, grads = jax.value_and_grad(loss_fn)(variables)
+    updates, new_opt_state = optimizer.update(grads, opt_state, variables)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    keep = finite & ~failed & active
+    variables = _tree_where(keep, optax.apply_updates(variables, updates), variables)
+    opt_state = _tree_where(keep, new_opt_state, opt_state)
+    return (variables, opt_state, failed | (active & ~finite)), loss
+
+  carry = (variables, optimizer.init(variables), jnp.asarray(False))
+  (variables, _, failed), history = jax.lax.scan(step, carry, None, length=iterations)
+  return variables, history, failed
+
+
+def initial_variables(fit_model: FitModel, landmarks, weights, crop_size, config: FitConfig,
+                      shape=None):
+  """Weight-free start for one image from its landmarks alone: a closed-form camera alternated
+  with a regularised linear solve for shape and expression (see initializers.landmark_init).
+  A given `shape` is kept as it is. Returns (variables, base rotation, principal point)."""
+  rows = fit_model.landmark_rows
+  focal = jnp.asarray(focal_length_from_fov(crop_size, config.fov_degrees), jnp.float32)
+  principal_point = jnp.full((2,), crop_size / 2.0, jnp.float32)
+  priors = config.regularization
+  prior_weights = jnp.concatenate([jnp.full(rows.num_shape, priors.shape, jnp.float32),
+                                   jnp.full(rows.num_expression, priors.expression, jnp.float32)])
+  if shape is not None:
+    shape = jnp.asarray(shape, jnp.float32)
+  coefficients, rotation, translation = initial_identity_and_camera(
+      rows, landmarks, weights, focal, principal_point, config.landmark_scale / crop_size,
+      prior_weights, rounds=config.init_rounds, shape=shape)
+  params = FlameParams.zeros(config.num_shape, config.num_expression)
+  params = params.replace(shape=coefficients[:rows.num_shape],
+                          expression=coefficients[rows.num_shape:])
+  variables = FitVariables(flame=params, camera_rotation=jnp.zeros(3, jnp.float32),
+                           camera_translation=translation, focal_length=focal)
+  return variables, rotation, principal_point
+
+
+def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig, shape=None):
+  """Fits ONE image (vmap for a batch). `shape`, when given, is the initial identity (and the
+  fixed one when config.fit_shape is False)."""
+  crop_size = observation.crop_size
+  landmarks = observation.landmarks[fit_model.landmark_indices]
+  weights = (observation.landmark_weights[fit_model.landmark_indices]
+             * fit_model.landmark_weights * observation.valid)
+  # A non-finite detection is a missing landmark, not a reason to lose the image.
+  detected = jnp.all(jnp.isfinite(landmarks), axis=-1) & jnp.isfinite(weights)
+  landmarks = jnp.where(detected[:, None], landmarks, 0.0)
+  weights = jnp.where(detected, weights, 0.0)
+  active = observation.valid & (jnp.sum(weights > 0) >= 6)
+  variables, base_rotation, principal_point = initial_variables(
+      fit_model, landmarks, weights, crop_size, config, shape)
+  # Degenerate landmarks (e.g. absurdly large coordinates) can defeat the closed-form start;
+  # such an image is failed from the outset and keeps a finite rest pose.
+  init_ok = _all_finite((variables, base_rotation))
+  fallback = FitVariables(
+      flame=FlameParams.zeros(config.num_shape, config.num_expression),
+      camera_rotation=jnp.zeros(3, jnp.float32),
+      camera_translation=jnp.asarray([0.0, 0.0, 1.0], jnp.float32),
+      focal_length=jnp.where(jnp.isfinite(variables.focal_length), variables.focal_length, 1.0))
+  variables = _tree_where(init_ok, variables, fallback)
+  base_rotation = jnp.where(init_ok, base_rotation, jnp.eye(3, dtype=jnp.float32))
+  init_failed = active & ~init_ok
+  active = active & init_ok
+
+  def data_loss(variables):
+    predicted = _project_landmarks(fit_model, variables, base_rotation, principal_point)
+    return losses.landmark_loss(predicted, landmarks, weights, crop_size, config.landmark_scale,
+                                config.landmark_robust_scale)
+
+  def full_loss(variables):
+    return data_loss(variables) + _regularization(variables.flame, config)
+
+  variables, rigid_history, rigid_failed = run_stage(
+      data_loss, variables, config.rigid_rates, config.rigid_iterations, active)
+  full_rates = config.full_rates
+  if not config.fit_shape:
+    full_rates = dataclasses.replace(full_rates, shape=None)
+  variables, full_history, full_failed = run_stage(
+      full_loss, variables, full_rates, config.full_iterations, active & ~rigid_failed)
+  predicted = _project_landmarks(fit_model, variables, base_rotation, principal_point)
+  failed = init_failed | rigid_failed | full_failed
+  return FitResult(params=variables.flame,
+                   camera=_camera(variables, base_rotation, principal_point),
+                   landmarks_2d=predicted,
+                   landmark_error=losses.mean_landmark_distance(predicted, landmarks, weights),
+                   rigid_loss_history=rigid_history, full_loss_history=full_history,
+                   failed=failed, fitted=active & ~failed)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def fit_batch(fit_model: FitModel, observations: Observation, config: FitConfig, shapes=None):
+  """Fits a batch of observations (leading axis B on every array) in one compiled program.
+
+  The program is compiled once per (batch size, crop size, config, model sizes); new values
+  never recompile.
+  """
+  if shapes is None:
+    return jax.vmap(lambda obs: fit_one(fit_model, obs, config))(observations)
+  return jax.vmap(lambda obs, shape: fit_one(fit_model, obs, config, shape))(observations, shapes)
