@@ -1,0 +1,242 @@
+"""The main job: a list of photographs in, per-image FLAME fits out.
+
+Host and device stages alternate per batch: preprocess (MediaPipe, optionally in worker
+processes) -> one compiled fit of the whole padded batch -> writers. Every batch has the same
+shape, so the fit compiles once per run. A bad image becomes a status line in the manifest,
+never an exception that ends the run, and finished results are never overwritten unless asked.
+"""
+
+import dataclasses
+import datetime
+import platform
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jflame import flame_io, landmarks, output
+from jflame.assets import find_asset
+from jflame.config import FitConfig
+from jflame.errors import ModelFileError
+from jflame.fit import FitModel, fit_batch, make_fit_model
+from jflame.flame import FlameModel, flame_forward
+from jflame.camera import apply_affine, invert_affine, project
+from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
+
+FLAME_FILE_NAMES = ("generic_model.npz", "flame2023.npz", "generic_model.pkl", "flame2023.pkl",
+                    "flame2023_Open.pkl")
+EMBEDDING_FILE_NAMES = ("mediapipe_landmark_embedding.npz",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """Host-side settings of a run (the device-side ones are in FitConfig)."""
+  output_dir: Path
+  batch_size: int = 16
+  crop_size: int = 256
+  workers: int = 1
+  overwrite: bool = False
+  mesh_format: str = "obj"
+  write_overlay: bool = True
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  model: FlameModel
+  embedding: landmarks.LandmarkEmbedding
+  description: str
+
+
+def load_model(flame_path: Optional[str], embedding_path: Optional[str], seed: int = 0):
+  """The FLAME model and its MediaPipe embedding: the given/configured files, else the
+  synthetic model (which carries its own embedding). The description says which."""
+  path = find_asset(flame_path, FLAME_FILE_NAMES, "FLAME model")
+  if path is None:
+    from jflame import synthetic  # only needed without a real model
+    model, embedding = synthetic.synthetic_flame("flame", seed=seed)
+    return LoadedModel(model, embedding,
+                       f"{model.name} (no FLAME model file given or found in $JFLAME_HOME or "
+                       "~/.cache/jflame; see WORKSPACE.md)")
+  model = flame_io.load_flame(path)
+  embedding_file = find_asset(embedding_path, EMBEDDING_FILE_NAMES, "MediaPipe landmark embedding")
+  if embedding_file is None:
+    raise ModelFileError(
+        f"the FLAME model {path} needs a MediaPipe landmark embedding "
+        "(mediapipe_landmark_embedding.npz): pass --embedding or put it next to the model in "
+        "$JFLAME_HOME or ~/.cache/jflame. See WORKSPACE.md.")
+  embedding = landmarks.load_mediapipe_embedding(embedding_file)
+  landmarks.check_embedding_fits(embedding, model.faces.shape[0], str(embedding_file))
+  return LoadedModel(model, embedding, f"{model.name} with {embedding_file.name}")
+
+
+def prepare_fit_model(loaded: LoadedModel, config: FitConfig) -> FitModel:
+  region = landmarks.mediapipe_landmark_weights(config.region_weights)
+  embedding = loaded.embedding
+  return make_fit_model(loaded.model, np.asarray(embedding.face_indices),
+                        np.asarray(embedding.barycentrics), np.asarray(embedding.landmark_indices),
+                        region[np.asarray(embedding.landmark_indices)], config)
+
+
+@jax.jit
+def _mesh_vertices(model: FlameModel, params):
+  return jax.vmap(lambda p: flame_forward(model, p)[0])(params)
+
+
+@jax.jit
+def _project_batch(cameras, vertices):
+  return jax.vmap(project)(cameras, vertices)
+
+
+def _chunks(items: Sequence, size: int):
+  for start in range(0, len(items), size):
+    yield items[start:start + size]
+
+
+class Run:
+  """One run over a list of images. Call `fit(paths)`; read `manifest` afterwards."""
+
+  def __init__(self, loaded: LoadedModel, config: FitConfig, options: RunOptions,
+               progress: Optional[Callable[[int], None]] = None):
+    self.loaded, self.config, self.options = loaded, config, options
+    self.progress = progress or (lambda count: None)
+    self.fit_model = prepare_fit_model(loaded, config)
+    self.images: List[dict] = []
+    self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0)
+
+  def fit(self, paths: Sequence[Path], names: Sequence[str]):
+    """Fits every image; returns the manifest dict (also written to the output folder)."""
+    started = datetime.datetime.now(datetime.timezone.utc)
+    out = Path(self.options.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for path, name in zip(paths, names):
+      if not self.options.overwrite and output.result_is_finished(out, name):
+        self.images.append(dict(name=name, source=str(path), status="skipped",
+                                message="a finished result exists (pass --overwrite to redo)"))
+        self.progress(1)
+      else:
+        todo.append((path, name))
+    chunks = list(_chunks(todo, self.options.batch_size))
+    with Preprocessor(self.options.crop_size, workers=self.options.workers) as preprocessor:
+      pending = preprocessor.prepare_iter(*zip(*chunks[0])) if chunks else None
+      for index, chunk in enumerate(chunks):
+        start = time.perf_counter()
+        records = list(pending)
+        self.timings["preprocess_s"] += time.perf_counter() - start
+        if index + 1 < len(chunks):
+          # With worker processes the next chunk is preprocessed while this one is fitted.
+          pending = preprocessor.prepare_iter(*zip(*chunks[index + 1]))
+        self._fit_chunk(records)
+    manifest = self._manifest(started)
+    output.write_manifest(out / "run_summary.json", manifest)
+    return manifest
+
+  def _fit_chunk(self, records: List[PreparedImage]):
+    options = self.options
+    start = time.perf_counter()
+    observations = stack_observations(records, options.batch_size, options.crop_size)
+    results = fit_batch(self.fit_model, jax.tree.map(jnp.asarray, observations), self.config)
+    vertices = _mesh_vertices(self.loaded.model, results.params)
+    mesh_pixels = _project_batch(results.camera, vertices)
+    results, vertices, mesh_pixels = jax.device_get((results, vertices, mesh_pixels))
+    elapsed = time.perf_counter() - start
+    if self.timings["first_fit_s"] is None:
+      self.timings["first_fit_s"] = elapsed  # includes compilation
+    else:
+      self.timings["fit_s"] += elapsed
+    start = time.perf_counter()
+    for slot, record in enumerate(records):
+      result = jax.tree.map(lambda x: x[slot], results)
+      self.images.append(self._write(record, result, vertices[slot], mesh_pixels[slot]))
+      self.progress(1)
+    self.timings["write_s"] += time.perf_counter() - start
+
+  def _write(self, record: PreparedImage, result, vertices, mesh_pixels) -> dict:
+    entry = dict(name=record.name, source=str(record.source) if record.source else None,
+                 status=record.status, message=record.message, num_faces=record.num_faces)
+    if not record.ok:
+      return entry
+    if not bool(result.fitted):
+      entry.update(status="fit_failed",
+                   message="the optimisation diverged (non-finite loss or gradient); the last "
+                           "finite values were discarded and nothing was written")
+      return entry
+    out = Path(self.options.output_dir)
+    embedding_indices = np.asarray(self.loaded.embedding.landmark_indices)
+    crop_to_original = invert_affine(record.crop_from_original)
+    detected = record.landmarks[embedding_indices]
+    fitted_original = apply_affine(crop_to_original, np.asarray(result.landmarks_2d, np.float64))
+    weights = record.landmark_weights[embedding_indices]
+    error_px = float(np.sum(weights * np.linalg.norm(result.landmarks_2d - detected, axis=1)) /
+                     max(weights.sum(), 1e-6))
+    size = output.face_size(detected)
+    camera = {k: np.asarray(getattr(result.camera, k)) for k in
+              ("rotation", "translation", "focal_length", "principal_point")}
+    original_camera = output.camera_in_original_image(camera, record.crop_from_original)
+    params = result.params
+    arrays = dict(
+        format_version=output.RESULT_FORMAT_VERSION, status="ok", name=record.name,
+        model=self.loaded.model.name, mode=self.config.mode,
+        shape=params.shape, expression=params.expression,
+        global_rotation=params.global_rotation, neck_rotation=params.neck_rotation,
+        jaw_rotation=params.jaw_rotation, left_eye_rotation=params.left_eye_rotation,
+        right_eye_rotation=params.right_eye_rotation,
+        **{f"camera_{k}": v for k, v in camera.items()},
+        **{f"original_camera_{k}": v for k, v in original_camera.items()},
+        crop_from_original=record.crop_from_original, crop_size=self.options.crop_size,
+        image_size=np.array([record.image_width, record.image_height]),
+        landmark_indices=embedding_indices, landmarks_detected=detected,
+        landmarks_fitted=result.landmarks_2d, landmark_weights=weights,
+        landmarks_detected_original=record.landmarks_original[embedding_indices],
+        landmarks_fitted_original=fitted_original,
+        landmark_error_px=error_px, landmark_error_relative=error_px / size,
+        rigid_loss_history=result.rigid_loss_history, full_loss_history=result.full_loss_history)
+    files = []
+    if self.options.mesh_format:
+      mesh_path = out / f"{record.name}.{self.options.mesh_format}"
+      output.save_mesh(mesh_path, vertices, self.loaded.model.faces,
+                       header=f"jflame fit of {record.name}; model: {self.loaded.model.name}")
+      files.append(mesh_path.name)
+    if self.options.write_overlay:
+      overlay_path = out / f"{record.name}_overlay.png"
+      photo = self._photo(record)
+      to_photo = crop_to_original if photo is not record.crop else np.eye(2, 3)
+      overlay = output.draw_overlay(
+          photo, apply_affine(to_photo, np.asarray(mesh_pixels, np.float64)),
+          np.asarray(self.loaded.model.faces), apply_affine(to_photo, detected.astype(np.float64)),
+          apply_affine(to_photo, np.asarray(result.landmarks_2d, np.float64)), weights)
+      output.save_png(overlay_path, overlay)
+      files.append(overlay_path.name)
+    # The parameters file goes last: its presence with status ok marks the result finished.
+    output.save_parameters(out / f"{record.name}.npz", arrays)
+    files.insert(0, f"{record.name}.npz")
+    entry.update(landmark_error_px=error_px, landmark_error_relative=error_px / size,
+                 files=files)
+    return entry
+
+  @staticmethod
+  def _photo(record: PreparedImage):
+    from jflame.preprocess import read_image
+    if record.source is not None:
+      try:
+        return read_image(record.source)
+      except Exception:  # the file changed since preprocessing: draw on the crop instead
+        pass
+    return record.crop
+
+  def _manifest(self, started) -> dict:
+    counts = {}
+    for image in self.images:
+      counts[image["status"]] = counts.get(image["status"], 0) + 1
+    return dict(
+        jflame_run=1, started=started.isoformat(),
+        finished=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        model=self.loaded.description, synthetic_model=self.loaded.model.is_synthetic,
+        embedding=self.loaded.embedding.name, device=str(jax.devices()[0]),
+        python=platform.python_version(), jax=jax.__version__,
+        config=dataclasses.asdict(self.config),
+        options={k: str(v) for k, v in dataclasses.asdict(self.options).items()},
+        timings=self.timings, counts=counts, images=self.images)

@@ -1,0 +1,158 @@
+"""`jflame-fit` end to end on real photographs: outputs, accuracy, and bad inputs."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from jflame import runner
+from jflame.config import FitConfig
+from jflame.errors import InputError, ModelFileError
+from jflame.preprocess import list_images, unique_names
+from tests.conftest import PROJECT_ROOT, shared_photos
+
+
+@pytest.fixture(scope="module")
+def loaded_model():
+  return runner.load_model(None, None)
+
+
+def _write_rgb(path, rgb):
+  cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+  return path
+
+
+def _run(loaded, inputs, output_dir, **options):
+  config = FitConfig()
+  paths = list_images(inputs)
+  run = runner.Run(loaded, config, runner.RunOptions(output_dir=output_dir, **options))
+  return run.fit(paths, unique_names(paths))
+
+
+@pytest.fixture(scope="module")
+def astronaut_run(loaded_model, tmp_path_factory):
+  folder = tmp_path_factory.mktemp("photos")
+  _write_rgb(folder / "astronaut.png", skimage.data.astronaut())
+  (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a JPEG")
+  _write_rgb(folder / "coffee.png", skimage.data.coffee())  # a real photo without a face
+  output_dir = tmp_path_factory.mktemp("out")
+  manifest = _run(loaded_model, folder, output_dir, batch_size=4)
+  return folder, output_dir, manifest
+
+
+def _entry(manifest, name):
+  return next(image for image in manifest["images"] if image["name"] == name)
+
+
+def test_real_photograph_fits_within_two_percent_of_face_size(astronaut_run):
+  _, output_dir, manifest = astronaut_run
+  entry = _entry(manifest, "astronaut")
+  assert entry["status"] == "ok"
+  assert manifest["synthetic_model"] is True and "SYNTHETIC" in manifest["model"]
+  with np.load(output_dir / "astronaut.npz") as result:
+    assert float(result["landmark_error_relative"]) < 0.02
+    assert str(result["status"]) == "ok" and "SYNTHETIC" in str(result["model"])
+    # Fitted landmarks mapped back to the photo agree with the detections there too.
+    distance = np.linalg.norm(result["landmarks_fitted_original"] -
+                              result["landmarks_detected_original"], axis=1)
+    face = np.ptp(result["landmarks_detected_original"], axis=0)
+    assert distance.mean() < 0.02 * np.sqrt(face[0] * face[1])
+    assert result["shape"].shape == (100,) and result["expression"].shape == (50,)
+
+
+def test_original_camera_projects_onto_the_photo(astronaut_run, loaded_model):
+  """The camera re-expressed for the original photo puts the fitted landmarks where the crop
+  camera put them (mapped back through the crop transform)."""
+  import jax.numpy as jnp
+  from jflame import flame
+  from jflame.camera import Camera, project
+  _, output_dir, _ = astronaut_run
+  with np.load(output_dir / "astronaut.npz") as result:
+    params = flame.FlameParams(**{k: jnp.asarray(result[k]) for k in (
+        "shape", "expression", "global_rotation", "neck_rotation", "jaw_rotation",
+        "left_eye_rotation", "right_eye_rotation")})
+    camera = Camera(**{k: jnp.asarray(result[f"original_camera_{k}"], jnp.float32) for k in (
+        "rotation", "translation", "focal_length", "principal_point")})
+    vertices, _ = flame.flame_forward(loaded_model.model, params)
+    points = loaded_model.embedding.points(vertices, loaded_model.model.faces)
+    np.testing.assert_allclose(project(camera, points), result["landmarks_fitted_original"],
+                               atol=0.05)
+
+
+def test_outputs_are_complete(astronaut_run, loaded_model):
+  import trimesh
+  _, output_dir, manifest = astronaut_run
+  mesh = trimesh.load(output_dir / "astronaut.obj", process=False)
+  assert mesh.vertices.shape == (loaded_model.model.num_vertices, 3)
+  assert len(mesh.faces) == loaded_model.model.faces.shape[0]
+  overlay = cv2.imread(str(output_dir / "astronaut_overlay.png"))
+  assert overlay.shape == (512, 512, 3)
+  photo = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+  changed = np.any(overlay != photo, axis=2)
+  assert changed[150:300, 180:320].mean() > 0.1 and changed[400:, :100].mean() < 0.01
+  on_disk = json.loads((output_dir / "run_summary.json").read_text())
+  assert on_disk["counts"] == manifest["counts"] == {"ok": 1, "unreadable": 1, "no_face": 1}
+  assert set(_entry(manifest, "astronaut")["files"]) == {
+      "astronaut.npz", "astronaut.obj", "astronaut_overlay.png"}
+  leftovers = [p.name for p in output_dir.iterdir() if p.name.startswith(".")]
+  assert not leftovers  # atomic writes leave no temporary files behind
+
+
+def test_bad_images_get_a_status_and_no_files(astronaut_run):
+  _, output_dir, manifest = astronaut_run
+  corrupt, coffee = _entry(manifest, "corrupt"), _entry(manifest, "coffee")
+  assert corrupt["status"] == "unreadable" and "corrupt.jpg" in corrupt["message"]
+  assert coffee["status"] == "no_face"
+  assert not list(output_dir.glob("corrupt*")) and not list(output_dir.glob("coffee*"))
+
+
+def test_finished_results_are_never_overwritten(astronaut_run, loaded_model, tmp_path):
+  folder, output_dir, _ = astronaut_run
+  copy = tmp_path / "out"
+  shutil.copytree(output_dir, copy)
+  before = (copy / "astronaut.npz").read_bytes()
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "astronaut.png").write_bytes(b"not a png any more")
+  again = _run(loaded_model, broken, copy, batch_size=4)
+  assert _entry(again, "astronaut")["status"] == "skipped"
+  forced = _run(loaded_model, broken, copy, batch_size=4, overwrite=True)
+  assert _entry(forced, "astronaut")["status"] == "unreadable"
+  assert (copy / "astronaut.npz").read_bytes() == before
+
+
+def test_missing_inputs_and_models_say_what_to_do(tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(InputError, match="No image files found"):
+    list_images(tmp_path / "empty")
+  with pytest.raises(ModelFileError, match=r"absent\.pkl.*WORKSPACE\.md"):
+    runner.load_model(str(tmp_path / "absent.pkl"), None)
+
+
+def test_command_exit_codes(tmp_path):
+  """The installed command: non-zero when nothing could be fitted, with the reason printed."""
+  (tmp_path / "empty").mkdir()
+  command = [sys.executable, "-m", "tools.fit", "--output", str(tmp_path / "out")]
+  empty = subprocess.run(command + ["--input", str(tmp_path / "empty")], cwd=PROJECT_ROOT,
+                         capture_output=True, text=True, timeout=300)
+  assert empty.returncode == 2 and "No image files found" in empty.stderr
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "x.png").write_bytes(b"junk")
+  bad = subprocess.run(command + ["--input", str(tmp_path / "bad"), "--rigid_iterations", "1",
+                                  "--full_iterations", "1", "--batch_size", "1"],
+                       cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and "unreadable" in bad.stdout
+
+
+def test_shared_photographs_fit(loaded_model, tmp_path):
+  photos = shared_photos()
+  manifest = _run(loaded_model, [str(p) for p in photos], tmp_path, batch_size=8)
+  for image in manifest["images"]:
+    assert image["status"] == "ok", image
+    assert image["landmark_error_relative"] < 0.02, image
