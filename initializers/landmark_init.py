@@ -9,6 +9,9 @@ Written for ONE image; vmap for a batch. Nothing here is differentiated.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jflame.flame import combine_corners
 
 
 def weak_perspective_rotation(points_3d, points_2d, weights):
@@ -54,12 +57,10 @@ def landmark_basis(rows):
   landmarks are exactly linear in the shape and expression coefficients.
   """
   num_identity = rows.num_shape + rows.num_expression
-  num_points = rows.num_points
-  corners = rows.template.reshape(num_points, 3, 3)
-  template = jnp.sum(rows.barycentrics[:, :, None] * corners, axis=1)
-  basis = rows.basis[:num_identity].reshape(num_identity, num_points, 3, 3)
-  basis = jnp.einsum("kc,nkcd->kdn", rows.barycentrics, basis)
-  return template, basis
+  template = combine_corners(rows, rows.template)
+  basis = rows.basis[:num_identity].reshape(num_identity, -1, 3).transpose(1, 2, 0)  # (R, 3, N)
+  basis = combine_corners(rows, basis.reshape(basis.shape[0], -1))
+  return template, basis.reshape(-1, 3, num_identity)
 
 
 def solve_identity(template, basis, landmarks, weights, rotation, translation, focal_length,
@@ -83,32 +84,39 @@ def solve_identity(template, basis, landmarks, weights, rotation, translation, f
 
 
 def initial_identity_and_camera(rows, landmarks, weights, focal_length, principal_point,
-                                pixel_scale, prior_weights, rounds=3, shape=None):
+                                pixel_scale, prior_weights, rounds=3, num_solved=None,
+                                shape=None):
   """Alternates the closed-form camera (weak perspective) and the linear identity solve.
 
   Args:
     rows: SurfaceRows of the landmarks.
     landmarks, weights: (K, 2) detected landmarks in crop pixels and their weights.
     prior_weights: (S + E,) L2 weight per coefficient (the fit's regularisation).
+    rounds: camera/identity alternations (0: closed-form camera for the mean face only).
+    num_solved: (shape, expression) leading components the solve estimates (the normal matrix
+      costs K x N^2 per round; later components are small and left to the optimiser).
     shape: optional fixed shape (S,); then only expression is solved for.
   Returns:
     (coefficients (S + E,), rotation (3, 3), translation (3,)).
   """
   template, basis = landmark_basis(rows)
-  num_shape = rows.num_shape
+  num_shape, num_expression = rows.num_shape, rows.num_expression
+  solved_shape, solved_expression = num_solved or (num_shape, num_expression)
+  solved_shape = 0 if shape is not None else min(solved_shape, num_shape)
+  solved_expression = min(solved_expression, num_expression)
   if shape is not None:
     template = template + basis[:, :, :num_shape] @ shape
-    basis = basis.at[:, :, :num_shape].set(0.0)
-    prior_weights = prior_weights.at[:num_shape].set(1.0)  # keeps the system regular
-  coefficients = jnp.zeros(basis.shape[-1], template.dtype)
+  columns = np.r_[np.arange(solved_shape), num_shape + np.arange(solved_expression)]
+  basis, prior_weights = basis[:, :, columns], prior_weights[columns]
+  solved = jnp.zeros(len(columns), template.dtype)
   rotation, translation = initial_rigid_camera(template, landmarks, weights, focal_length,
                                                principal_point)
   for _ in range(rounds):
-    coefficients = solve_identity(template, basis, landmarks, weights, rotation, translation,
-                                  focal_length, principal_point, pixel_scale, prior_weights)
-    points = template + basis @ coefficients
-    rotation, translation = initial_rigid_camera(points, landmarks, weights, focal_length,
-                                                 principal_point)
+    solved = solve_identity(template, basis, landmarks, weights, rotation, translation,
+                            focal_length, principal_point, pixel_scale, prior_weights)
+    rotation, translation = initial_rigid_camera(template + basis @ solved, landmarks, weights,
+                                                 focal_length, principal_point)
+  coefficients = jnp.zeros(num_shape + num_expression, template.dtype).at[columns].set(solved)
   if shape is not None:
     coefficients = coefficients.at[:num_shape].set(shape)
   return jax.lax.stop_gradient(coefficients), rotation, translation

@@ -6,7 +6,7 @@ L2 0.1; texture 0.005; lighting 0.005).
 """
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 import optax
 
@@ -82,10 +82,14 @@ class FitConfig:
     landmark_robust_scale: Charbonnier scale (those pixels): quadratic below, linear above, so a
       few bad detections cannot dominate.
     region_weights: landmark weights by region.
+    landmark_regions: MediaPipe regions whose landmarks are fitted (162 of the 478), or None
+      for every landmark of the embedding.
     fit_shape: False holds shape at its initial value (from an initialiser or the user).
     fov_degrees: field of view for the initial focal length.
     init_rounds: rounds of the weight-free initialiser (camera <-> linear shape/expression
       solve); 0 starts from the mean face with a closed-form camera.
+    init_num_shape, init_num_expression: leading components the initialiser's linear solve
+      estimates (its cost grows with their square); the optimiser refines all of them.
     mode: "landmark" or "photometric".
   """
   num_shape: int = 100
@@ -98,9 +102,13 @@ class FitConfig:
   landmark_scale: float = 256.0
   landmark_robust_scale: float = 2.0
   region_weights: LandmarkWeights = LandmarkWeights()
+  landmark_regions: Optional[Tuple[str, ...]] = ("iris", "eyes", "lips", "brows", "nose",
+                                                 "face_oval")
   fit_shape: bool = True
   fov_degrees: float = 20.0
   init_rounds: int = 3
+  init_num_shape: int = 40
+  init_num_expression: int = 30
   mode: str = "landmark"
 
   def replace(self, **changes) -> "FitConfig":

@@ -177,7 +177,8 @@ def initial_variables(fit_model: FitModel, landmarks, weights, crop_size, config
     shape = jnp.asarray(shape, jnp.float32)
   coefficients, rotation, translation = initial_identity_and_camera(
       rows, landmarks, weights, focal, principal_point, config.landmark_scale / crop_size,
-      prior_weights, rounds=config.init_rounds, shape=shape)
+      prior_weights, rounds=config.init_rounds,
+      num_solved=(config.init_num_shape, config.init_num_expression), shape=shape)
   params = FlameParams.zeros(config.num_shape, config.num_expression)
   params = params.replace(shape=coefficients[:rows.num_shape],
                           expression=coefficients[rows.num_shape:])

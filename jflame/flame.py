@@ -182,26 +182,52 @@ def flame_forward(model: FlameModel, params: FlameParams):
 class SurfaceRows:
   """The slice of a FlameModel that a fixed set of barycentric surface points needs.
 
-  Built once on the host by `make_surface_rows` for fixed coefficient counts. Rows are the three
-  corner vertices of each point's triangle, corner-major (row 3k + c is corner c of point k), so
-  the barycentric combination is a reshape and a weighted sum, with no gather. Shape, expression
-  and pose-corrective bases are one coefficient-major matrix (one matrix product per image and
-  one for its gradient), and the joint regressor is precomposed with the shape and expression
-  bases.
+  Built once on the host by `make_surface_rows` for fixed coefficient counts. A point is a
+  weighted sum of the corners of its triangle that carry weight: one corner for a point that
+  sits on a vertex (every landmark of the synthetic model, most of a MediaPipe embedding), two
+  on an edge, three inside a triangle. Points are grouped by that count and each group's corner
+  rows are stored corner-major (row j * c + i is corner i of the group's point j), so combining
+  them is a reshape and a weighted sum, with no gather; `point_order` puts the points back in
+  the caller's order. Shape, expression and pose-corrective bases are one coefficient-major
+  matrix (one matrix product per image and one for its gradient), and the joint regressor is
+  precomposed with the shape and expression bases.
   """
-  template: jax.Array          # (R, 3), R = 3K
+  template: jax.Array          # (R, 3)
   basis: jax.Array             # (S + E + P, R * 3)
   lbs_weights: jax.Array       # (R, J)
   joint_template: jax.Array    # (J, 3)
   joint_basis: jax.Array       # (S + E, J * 3)
-  barycentrics: jax.Array      # (K, 3)
+  corner_weights: jax.Array    # (R,) barycentric weight of each row's corner
+  point_order: jax.Array       # (K,) int32: point k of the caller is grouped point point_order[k]
+  group_sizes: Tuple[int, int, int] = struct.field(pytree_node=False)  # points with 1, 2, 3 corners
   num_shape: int = struct.field(pytree_node=False)
   num_expression: int = struct.field(pytree_node=False)
   parents: Tuple[int, ...] = struct.field(pytree_node=False)
 
   @property
   def num_points(self) -> int:
-    return self.barycentrics.shape[0]
+    return self.point_order.shape[0]
+
+
+def _grouped_corners(face_indices, barycentrics, faces):
+  """Rows (vertex, weight) grouped by how many corners of each point carry weight."""
+  corner_vertices = faces[np.asarray(face_indices)]
+  barycentrics = np.asarray(barycentrics, np.float64)
+  used = np.abs(barycentrics) > 1e-7
+  counts = used.sum(axis=1)
+  if np.any(counts == 0):
+    raise ValueError("a surface point has all-zero barycentric coordinates")
+  vertices, weights, grouped_points = [], [], []
+  for count in (1, 2, 3):
+    for point in np.flatnonzero(counts == count):
+      corners = np.flatnonzero(used[point])
+      vertices.extend(corner_vertices[point, corners])
+      weights.extend(barycentrics[point, corners])
+      grouped_points.append(point)
+  order = np.empty(len(grouped_points), np.int64)
+  order[np.asarray(grouped_points)] = np.arange(len(grouped_points))
+  group_sizes = tuple(int(np.sum(counts == c)) for c in (1, 2, 3))
+  return np.asarray(vertices), np.asarray(weights), order, group_sizes
 
 
 def make_surface_rows(model: FlameModel, face_indices, barycentrics, num_shape=None,
@@ -213,24 +239,38 @@ def make_surface_rows(model: FlameModel, face_indices, barycentrics, num_shape=N
   if num_shape > model.num_shape or num_expression > model.num_expression:
     raise ValueError(f"asked for {num_shape} shape / {num_expression} expression components; "
                      f"the model has {model.num_shape} / {model.num_expression}.")
-  corners = np.asarray(model.faces)[np.asarray(face_indices)].reshape(-1)
+  rows, corner_weights, order, group_sizes = _grouped_corners(
+      face_indices, barycentrics, np.asarray(model.faces))
   shape_basis = np.asarray(model.shapedirs, np.float64)[..., :num_shape]
   expression_basis = np.asarray(model.exprdirs, np.float64)[..., :num_expression]
   identity_basis = np.concatenate([shape_basis, expression_basis], axis=-1)  # (V, 3, S + E)
-  row_basis = np.concatenate([identity_basis[corners],
-                              np.asarray(model.posedirs, np.float64)[corners]], axis=-1)
+  row_basis = np.concatenate([identity_basis[rows],
+                              np.asarray(model.posedirs, np.float64)[rows]], axis=-1)
   j_regressor = np.asarray(model.j_regressor, np.float64)
-  joint_basis = np.einsum("jv,vcn->ncj", j_regressor, identity_basis).transpose(0, 2, 1)
+  joint_basis = np.einsum("jv,vcn->njc", j_regressor, identity_basis)
   return SurfaceRows(
-      template=jnp.asarray(np.asarray(model.v_template)[corners], jnp.float32),
+      template=jnp.asarray(np.asarray(model.v_template)[rows], jnp.float32),
       basis=jnp.asarray(row_basis.transpose(2, 0, 1).reshape(row_basis.shape[-1], -1),
                         jnp.float32),
-      lbs_weights=jnp.asarray(np.asarray(model.lbs_weights)[corners], jnp.float32),
+      lbs_weights=jnp.asarray(np.asarray(model.lbs_weights)[rows], jnp.float32),
       joint_template=jnp.asarray(j_regressor @ np.asarray(model.v_template, np.float64),
                                  jnp.float32),
       joint_basis=jnp.asarray(joint_basis.reshape(joint_basis.shape[0], -1), jnp.float32),
-      barycentrics=jnp.asarray(barycentrics, jnp.float32),
+      corner_weights=jnp.asarray(corner_weights, jnp.float32),
+      point_order=jnp.asarray(order, jnp.int32), group_sizes=group_sizes,
       num_shape=num_shape, num_expression=num_expression, parents=model.parents)
+
+
+def combine_corners(rows: SurfaceRows, row_values):
+  """(R, D) values at the corner rows -> (K, D) values at the points, in the caller's order."""
+  weighted = rows.corner_weights[:, None] * row_values
+  groups, start = [], 0
+  for corners, count in zip((1, 2, 3), rows.group_sizes):
+    if count:
+      block = weighted[start:start + corners * count]
+      groups.append(jnp.sum(block.reshape(count, corners, weighted.shape[-1]), axis=1))
+    start += corners * count
+  return jnp.concatenate(groups, axis=0)[rows.point_order]
 
 
 def _padded(coefficients, count, name):
@@ -251,8 +291,7 @@ def surface_points_forward(rows: SurfaceRows, params: FlameParams):
   posed = rows.template + (coefficients @ rows.basis).reshape(-1, 3)
   joints = rows.joint_template + (identity @ rows.joint_basis).reshape(-1, 3)
   transforms = relative_joint_transforms(rotations, joints, rows.parents)
-  skinned = skin(posed, rows.lbs_weights, transforms).reshape(-1, 3, 3)
-  points = jnp.sum(rows.barycentrics[:, :, None] * skinned, axis=1)
+  points = combine_corners(rows, skin(posed, rows.lbs_weights, transforms))
   return points, posed_joint_locations(transforms, joints)
 
 

@@ -22,7 +22,7 @@ import io
 import pickle
 import struct
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +166,25 @@ def mediapipe_landmark_weights(config: LandmarkWeights = LandmarkWeights(),
   for region in reversed(REGION_NAMES):
     weights[reference.regions[region]] = config.region_weight(region)
   return weights
+
+
+def select_regions(embedding: LandmarkEmbedding, regions: Optional[Sequence[str]],
+                   reference: Optional[MediaPipeReference] = None) -> LandmarkEmbedding:
+  """The rows of a MediaPipe embedding whose landmark lies in one of `regions` (all rows when
+  `regions` is None). MediaPipe's cheek and forehead points are interpolated by its network
+  rather than anchored to visible features, and they triple the fitting cost."""
+  if regions is None:
+    return embedding
+  reference = reference or load_mediapipe_reference()
+  unknown = set(regions) - set(reference.regions)
+  if unknown:
+    raise ValueError(f"unknown landmark regions {sorted(unknown)}; known: "
+                     f"{sorted(reference.regions)}")
+  wanted = np.unique(np.concatenate([reference.regions[name] for name in regions]))
+  keep = np.flatnonzero(np.isin(np.asarray(embedding.landmark_indices), wanted))
+  return embedding.replace(face_indices=jnp.asarray(embedding.face_indices)[keep],
+                           barycentrics=jnp.asarray(embedding.barycentrics)[keep],
+                           landmark_indices=jnp.asarray(embedding.landmark_indices)[keep])
 
 
 def gather_landmarks(embedding: LandmarkEmbedding, detected, detected_weights=None,

@@ -74,7 +74,7 @@ def load_model(flame_path: Optional[str], embedding_path: Optional[str], seed: i
 
 def prepare_fit_model(loaded: LoadedModel, config: FitConfig) -> FitModel:
   region = landmarks.mediapipe_landmark_weights(config.region_weights)
-  embedding = loaded.embedding
+  embedding = landmarks.select_regions(loaded.embedding, config.landmark_regions)
   return make_fit_model(loaded.model, np.asarray(embedding.face_indices),
                         np.asarray(embedding.barycentrics), np.asarray(embedding.landmark_indices),
                         region[np.asarray(embedding.landmark_indices)], config)
@@ -165,7 +165,7 @@ class Run:
                            "finite values were discarded and nothing was written")
       return entry
     out = Path(self.options.output_dir)
-    embedding_indices = np.asarray(self.loaded.embedding.landmark_indices)
+    embedding_indices = np.asarray(self.fit_model.landmark_indices)
     crop_to_original = invert_affine(record.crop_from_original)
     detected = record.landmarks[embedding_indices]
     fitted_original = apply_affine(crop_to_original, np.asarray(result.landmarks_2d, np.float64))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from jflame import runner
+from jflame import landmarks, runner
 from jflame.config import FitConfig
 from jflame.errors import InputError, ModelFileError
 from jflame.preprocess import list_images, unique_names
@@ -80,7 +80,9 @@ def test_original_camera_projects_onto_the_photo(astronaut_run, loaded_model):
     camera = Camera(**{k: jnp.asarray(result[f"original_camera_{k}"], jnp.float32) for k in (
         "rotation", "translation", "focal_length", "principal_point")})
     vertices, _ = flame.flame_forward(loaded_model.model, params)
-    points = loaded_model.embedding.points(vertices, loaded_model.model.faces)
+    embedding = landmarks.select_regions(loaded_model.embedding, FitConfig().landmark_regions)
+    np.testing.assert_array_equal(embedding.landmark_indices, result["landmark_indices"])
+    points = embedding.points(vertices, loaded_model.model.faces)
     np.testing.assert_allclose(project(camera, points), result["landmarks_fitted_original"],
                                atol=0.05)
 

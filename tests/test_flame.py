@@ -109,6 +109,7 @@ def test_surface_point_fast_path_equals_full_mesh(arrays_and_model):
   face_indices, barycentrics = _random_surface_points(model, 25, 3)
   rows = flame.make_surface_rows(model, face_indices, barycentrics)
   assert rows.template.shape[0] == 3 * 25  # only the corner rows under the points
+  assert rows.group_sizes == (0, 0, 25)
   rng = np.random.default_rng(4)
   params = params_from(rng.normal(size=12), rng.normal(size=4), rng.normal(scale=0.4, size=(5, 3)))
   vertices, joints = flame.flame_forward(model, params)
@@ -163,3 +164,17 @@ def test_rodrigues_matches_scipy_and_is_smooth_at_zero():
     np.testing.assert_allclose(jacobian[..., 0], [[0, 0, 0], [0, 0, -1], [0, 1, 0]], atol=1e-12)
     check_grads(axis_angle_to_matrix, (jnp.asarray([1e-4, 2e-4, -1e-4]),), order=2, eps=1e-6)
     check_grads(axis_angle_to_matrix, (jnp.asarray([0.3, -1.2, 2.0]),), order=2)
+
+
+def test_points_on_vertices_and_edges_use_only_their_weighted_corners(arrays_and_model):
+  _, model = arrays_and_model
+  barycentrics = np.array([[1.0, 0, 0], [0, 0, 1.0], [0.3, 0.7, 0], [0.2, 0.3, 0.5], [0, 1.0, 0]])
+  face_indices = np.array([3, 8, 1, 5, 3])
+  rows = flame.make_surface_rows(model, face_indices, barycentrics)
+  assert rows.group_sizes == (3, 1, 1) and rows.template.shape[0] == 3 + 2 + 3
+  rng = np.random.default_rng(8)
+  params = params_from(rng.normal(size=12), rng.normal(size=6), rng.normal(scale=0.4, size=(5, 3)))
+  vertices, _ = flame.flame_forward(model, params)
+  expected = flame.barycentric_points(vertices, model.faces, face_indices,
+                                      jnp.asarray(barycentrics, jnp.float32))
+  np.testing.assert_allclose(flame.surface_points_forward(rows, params)[0], expected, atol=1e-5)

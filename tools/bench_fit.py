@@ -1,0 +1,122 @@
+"""Benchmark of landmark-mode fitting: images per second at several batch sizes (both stages,
+compile time separately), and host preprocessing separately.
+
+  python tools/bench_fit.py [--batch_sizes 1,16,64,256] [--rigid_iterations 200]
+                            [--full_iterations 200] [--flame_model PATH]
+
+Fitting is timed on synthetic landmark observations (known faces projected by known cameras),
+so it measures the device program alone; preprocessing is timed on real photographs.
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+import jax
+import jax.numpy as jnp
+
+from jflame import flame, runner
+from jflame.camera import FRONTAL_ROTATION, Camera, project
+from jflame.config import FitConfig
+from jflame.fit import fit_batch
+from jflame.observation import Observation
+from tools import benchmarking
+
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16", "64", "256"], "Batch sizes.")
+_RIGID = flags.DEFINE_integer("rigid_iterations", 200, "Stage 1 iterations.")
+_FULL = flags.DEFINE_integer("full_iterations", 200, "Stage 2 iterations.")
+_FLAME_MODEL = flags.DEFINE_string("flame_model", None, "FLAME file (default: synthetic).")
+_EMBEDDING = flags.DEFINE_string("embedding", None, "Embedding for a real FLAME model.")
+_CROP = flags.DEFINE_integer("crop_size", 256, "Crop size.")
+_PREPROCESS_IMAGES = flags.DEFINE_integer("preprocess_images", 24,
+                                          "Photographs to preprocess (0 skips that part).")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write results as JSON here.")
+
+
+def synthetic_observations(loaded, count, crop_size, seed=0):
+  """Landmarks of random faces seen by random cameras, with 0.5 px noise."""
+  model, embedding = loaded.model, loaded.embedding
+  rng = np.random.default_rng(seed)
+  params = flame.FlameParams.zeros(model.num_shape, model.num_expression)
+  params = jax.tree.map(lambda x: jnp.asarray(
+      rng.normal(scale=0.5, size=(count,) + x.shape) * (x.ndim == 1 and x.shape[0] > 3),
+      jnp.float32), params)
+  rotations = np.stack([(jax.numpy.asarray(FRONTAL_ROTATION) + rng.normal(scale=0.1, size=3))
+                        for _ in range(count)])
+  cameras = Camera(rotation=jnp.asarray(rotations, jnp.float32),
+                   translation=jnp.asarray(np.c_[rng.normal(scale=0.01, size=(count, 2)),
+                                                 rng.uniform(0.6, 0.9, count)], jnp.float32),
+                   focal_length=jnp.full(count, 726.0 * crop_size / 256, jnp.float32),
+                   principal_point=jnp.full((count, 2), crop_size / 2, jnp.float32))
+
+  def landmarks_of(p, camera):
+    vertices, _ = flame.flame_forward(model, p)
+    return project(camera, embedding.points(vertices, model.faces))
+
+  pixels = np.asarray(jax.jit(jax.vmap(landmarks_of))(params, cameras))
+  detected = np.zeros((count, 478, 2), np.float32)
+  detected[:, np.asarray(embedding.landmark_indices)] = pixels + rng.normal(
+      scale=0.5, size=pixels.shape)
+  return Observation(landmarks=jnp.asarray(detected),
+                     landmark_weights=jnp.ones((count, 478), jnp.float32),
+                     image=jnp.zeros((count, crop_size, crop_size, 3), jnp.float32),
+                     face_mask=jnp.zeros((count, crop_size, crop_size), jnp.float32),
+                     valid=jnp.ones(count, bool))
+
+
+def bench_preprocessing(count, crop_size):
+  import skimage.data
+  from jflame.preprocess import Preprocessor
+  photo_folder = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "photos"
+  photos = sorted(photo_folder.glob("*.png")) if photo_folder.is_dir() else []
+  sources = (photos or [skimage.data.astronaut()]) * count
+  sources = sources[:count]
+  with Preprocessor(crop_size) as preprocessor:
+    preprocessor.prepare(sources[:2])  # warm-up
+    start = time.perf_counter()
+    records = preprocessor.prepare(sources)
+    elapsed = time.perf_counter() - start
+  ok = sum(r.ok for r in records)
+  what = f"{len(photos)} FFHQ photos (1024x1024)" if photos else "astronaut (512x512)"
+  return dict(images=count, ok=ok, source=what, per_image_ms=1000 * elapsed / count)
+
+
+def main(argv):
+  del argv
+  loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value)
+  config = FitConfig(rigid_iterations=_RIGID.value, full_iterations=_FULL.value)
+  fit_model = runner.prepare_fit_model(loaded, config)
+  print(f"model: {loaded.model.name}")
+  print(f"device: {benchmarking.device_description()}")
+  print(f"config: {config.rigid_iterations} + {config.full_iterations} iterations, "
+        f"{config.num_shape} shape + {config.num_expression} expression, "
+        f"{loaded.embedding.num_landmarks} landmarks, crop {_CROP.value}")
+  rows, results = [], []
+  for batch in map(int, _BATCH_SIZES.value):
+    observations = synthetic_observations(loaded, batch, _CROP.value, seed=batch)
+    compile_s, per_call = benchmarking.time_compiled(
+        lambda obs: fit_batch(fit_model, obs, config).params, observations, repeats=3,
+        min_seconds=0.5)
+    result = fit_batch(fit_model, observations, config)
+    error = float(np.median(np.asarray(result.landmark_error)))
+    results.append(dict(batch=batch, per_image_ms=1000 * per_call / batch,
+                        images_per_s=batch / per_call, compile_s=compile_s,
+                        median_landmark_error_px=error))
+    rows.append((batch, f"{1000 * per_call / batch:.2f}", f"{batch / per_call:,.0f}",
+                 f"{compile_s:.1f}", f"{error:.2f}"))
+    print(rows[-1], flush=True)
+  print(benchmarking.markdown_table(
+      ("batch", "ms / image", "images / s", "compile s", "median landmark error px"), rows))
+  payload = dict(device=benchmarking.device_description(), model=loaded.model.name,
+                 rigid_iterations=config.rigid_iterations, full_iterations=config.full_iterations,
+                 fit=results)
+  if _PREPROCESS_IMAGES.value:
+    payload["preprocess"] = bench_preprocessing(_PREPROCESS_IMAGES.value, _CROP.value)
+    print(f"preprocessing (1 process): {payload['preprocess']}")
+  benchmarking.write_json(_JSON_OUT.value, payload)
+
+
+if __name__ == "__main__":
+  app.run(main)
