@@ -64,13 +64,13 @@ def landmark_basis(rows):
 
 
 def solve_identity(template, basis, landmarks, weights, rotation, translation, focal_length,
-                   principal_point, pixel_scale, prior_weights):
+                   principal_point, pixel_scale, prior_weights, prior_mean):
   """Shape and expression coefficients for a fixed camera by one regularised linear solve.
 
   Perspective projection is linearised by holding each landmark's depth at its current value,
   so the residual is linear in the coefficients. The objective is the quadratic approximation
-  of stage 2's: (1 / 2 sum w) sum_k w_k |r_k|^2 + sum_n prior_n c_n^2, with residuals r in
-  pixels scaled by `pixel_scale` (the fit's reference crop size over the actual one).
+  of stage 2's: (1 / 2 sum w) sum_k w_k |r_k|^2 + sum_n prior_n (c_n - mean_n)^2, with
+  residuals in pixels scaled by `pixel_scale` (the fit's reference crop size over the actual).
   """
   depth = jnp.maximum((template @ rotation.T + translation)[:, 2], 1e-3)
   gain = pixel_scale * focal_length / depth                                     # (K,)
@@ -79,44 +79,41 @@ def solve_identity(template, basis, landmarks, weights, rotation, translation, f
   target = (landmarks - principal_point) * pixel_scale - projected_template      # (K, 2)
   w = weights / jnp.maximum(jnp.sum(weights), 1e-9)
   normal = jnp.einsum("k,kan,kam->nm", w, design, design) + 2.0 * jnp.diag(prior_weights)
-  rhs = jnp.einsum("k,kan,ka->n", w, design, target)
+  rhs = jnp.einsum("k,kan,ka->n", w, design, target) + 2.0 * prior_weights * prior_mean
   return jnp.linalg.solve(normal, rhs)
 
 
 def initial_identity_and_camera(rows, landmarks, weights, focal_length, principal_point,
-                                pixel_scale, prior_weights, rounds=3, num_solved=None,
-                                shape=None):
+                                pixel_scale, prior_weights, prior_mean, rounds=3,
+                                num_solved=None):
   """Alternates the closed-form camera (weak perspective) and the linear identity solve.
 
   Args:
     rows: SurfaceRows of the landmarks.
     landmarks, weights: (K, 2) detected landmarks in crop pixels and their weights.
-    prior_weights: (S + E,) L2 weight per coefficient (the fit's regularisation).
-    rounds: camera/identity alternations (0: closed-form camera for the mean face only).
+    prior_weights, prior_mean: (S + E,) L2 weight and centre per coefficient (the fit's
+      regularisation around zero, or a strong pull towards a given shape).
+    rounds: camera/identity alternations (0: closed-form camera for the prior mean only).
     num_solved: (shape, expression) leading components the solve estimates (the normal matrix
-      costs K x N^2 per round; later components are small and left to the optimiser).
-    shape: optional fixed shape (S,); then only expression is solved for.
+      costs K x N^2 per round); the others stay at the prior mean for the optimiser to refine.
   Returns:
     (coefficients (S + E,), rotation (3, 3), translation (3,)).
   """
   template, basis = landmark_basis(rows)
   num_shape, num_expression = rows.num_shape, rows.num_expression
   solved_shape, solved_expression = num_solved or (num_shape, num_expression)
-  solved_shape = 0 if shape is not None else min(solved_shape, num_shape)
-  solved_expression = min(solved_expression, num_expression)
-  if shape is not None:
-    template = template + basis[:, :, :num_shape] @ shape
-  columns = np.r_[np.arange(solved_shape), num_shape + np.arange(solved_expression)]
-  basis, prior_weights = basis[:, :, columns], prior_weights[columns]
-  solved = jnp.zeros(len(columns), template.dtype)
-  rotation, translation = initial_rigid_camera(template, landmarks, weights, focal_length,
-                                               principal_point)
+  columns = np.r_[np.arange(min(solved_shape, num_shape)),
+                  num_shape + np.arange(min(solved_expression, num_expression))]
+  coefficients = prior_mean
+  rotation, translation = initial_rigid_camera(template + basis @ coefficients, landmarks,
+                                               weights, focal_length, principal_point)
   for _ in range(rounds):
-    solved = solve_identity(template, basis, landmarks, weights, rotation, translation,
-                            focal_length, principal_point, pixel_scale, prior_weights)
-    rotation, translation = initial_rigid_camera(template + basis @ solved, landmarks, weights,
-                                                 focal_length, principal_point)
-  coefficients = jnp.zeros(num_shape + num_expression, template.dtype).at[columns].set(solved)
-  if shape is not None:
-    coefficients = coefficients.at[:num_shape].set(shape)
+    # The unsolved components sit at their prior mean, folded into the template.
+    fixed = template + basis @ coefficients.at[columns].set(0.0)
+    solved = solve_identity(fixed, basis[:, :, columns], landmarks, weights, rotation,
+                            translation, focal_length, principal_point, pixel_scale,
+                            prior_weights[columns], prior_mean[columns])
+    coefficients = coefficients.at[columns].set(solved)
+    rotation, translation = initial_rigid_camera(template + basis @ coefficients, landmarks,
+                                                 weights, focal_length, principal_point)
   return jax.lax.stop_gradient(coefficients), rotation, translation

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from initializers.initial_guess import InitialGuess
 from initializers.landmark_init import initial_identity_and_camera
 from jflame import losses
 from jflame.camera import Camera, focal_length_from_fov, project
@@ -162,34 +163,56 @@ def run_stage(loss_fn, variables, rates: LearningRates, iterations: int, active)
   return variables, history, failed
 
 
+# How strongly the closed-form start holds a given shape (relative to the data term): enough to
+# keep it to a fraction of a standard deviation, while the solve stays well conditioned.
+_GIVEN_SHAPE_PRIOR = 1e3
+
+
 def initial_variables(fit_model: FitModel, landmarks, weights, crop_size, config: FitConfig,
-                      shape=None):
-  """Weight-free start for one image from its landmarks alone: a closed-form camera alternated
-  with a regularised linear solve for shape and expression (see initializers.landmark_init).
-  A given `shape` is kept as it is. Returns (variables, base rotation, principal point)."""
+                      guess: Optional[InitialGuess] = None):
+  """Start for one image from its landmarks: a closed-form camera alternated with a
+  regularised linear solve for shape and expression (see initializers.landmark_init).
+
+  A `guess` (one image's slice of an InitialGuess) supplies a shape that is kept, an expression
+  that the solve starts from as its prior mean, and a jaw rotation. Returns (variables, base
+  rotation, principal point).
+  """
   rows = fit_model.landmark_rows
   focal = jnp.asarray(focal_length_from_fov(crop_size, config.fov_degrees), jnp.float32)
   principal_point = jnp.full((2,), crop_size / 2.0, jnp.float32)
-  priors = config.regularization
-  prior_weights = jnp.concatenate([jnp.full(rows.num_shape, priors.shape, jnp.float32),
-                                   jnp.full(rows.num_expression, priors.expression, jnp.float32)])
-  if shape is not None:
-    shape = jnp.asarray(shape, jnp.float32)
+  shape_prior = jnp.full(rows.num_shape, config.regularization.shape, jnp.float32)
+  shape_mean = jnp.zeros(rows.num_shape, jnp.float32)
+  expression_mean = jnp.zeros(rows.num_expression, jnp.float32)
+  jaw = jnp.zeros(3, jnp.float32)
+  if guess is not None:
+    if guess.shape is not None:
+      shape_mean = jnp.where(guess.estimated, guess.shape, shape_mean)
+      shape_prior = jnp.where(guess.estimated, _GIVEN_SHAPE_PRIOR, shape_prior)
+    if guess.expression is not None:
+      expression_mean = jnp.where(guess.estimated, guess.expression, expression_mean)
+    if guess.jaw_rotation is not None:
+      jaw = jnp.where(guess.estimated, guess.jaw_rotation, jaw)
+  prior_weights = jnp.concatenate(
+      [shape_prior, jnp.full(rows.num_expression, config.regularization.expression, jnp.float32)])
   coefficients, rotation, translation = initial_identity_and_camera(
       rows, landmarks, weights, focal, principal_point, config.landmark_scale / crop_size,
-      prior_weights, rounds=config.init_rounds,
-      num_solved=(config.init_num_shape, config.init_num_expression), shape=shape)
+      prior_weights, jnp.concatenate([shape_mean, expression_mean]), rounds=config.init_rounds,
+      num_solved=(config.init_num_shape, config.init_num_expression))
+  shape = coefficients[:rows.num_shape]
+  if guess is not None and guess.shape is not None:
+    shape = jnp.where(guess.estimated, guess.shape, shape)  # kept exactly, not just nearly
   params = FlameParams.zeros(config.num_shape, config.num_expression)
-  params = params.replace(shape=coefficients[:rows.num_shape],
-                          expression=coefficients[rows.num_shape:])
+  params = params.replace(shape=shape,
+                          expression=coefficients[rows.num_shape:], jaw_rotation=jaw)
   variables = FitVariables(flame=params, camera_rotation=jnp.zeros(3, jnp.float32),
                            camera_translation=translation, focal_length=focal)
   return variables, rotation, principal_point
 
 
-def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig, shape=None):
-  """Fits ONE image (vmap for a batch). `shape`, when given, is the initial identity (and the
-  fixed one when config.fit_shape is False)."""
+def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
+            guess: Optional[InitialGuess] = None):
+  """Fits ONE image (vmap for a batch). `guess` holds this image's initialiser estimates; a
+  given shape is kept as the start (and held fixed when config.fit_shape is False)."""
   crop_size = observation.crop_size
   landmarks = observation.landmarks[fit_model.landmark_indices]
   weights = (observation.landmark_weights[fit_model.landmark_indices]
@@ -200,7 +223,7 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig, sh
   weights = jnp.where(detected, weights, 0.0)
   active = observation.valid & (jnp.sum(weights > 0) >= 6)
   variables, base_rotation, principal_point = initial_variables(
-      fit_model, landmarks, weights, crop_size, config, shape)
+      fit_model, landmarks, weights, crop_size, config, guess)
   # Degenerate landmarks (e.g. absurdly large coordinates) can defeat the closed-form start;
   # such an image is failed from the outset and keeps a finite rest pose.
   init_ok = _all_finite((variables, base_rotation))
@@ -240,12 +263,14 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig, sh
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def fit_batch(fit_model: FitModel, observations: Observation, config: FitConfig, shapes=None):
+def fit_batch(fit_model: FitModel, observations: Observation, config: FitConfig,
+              guess: Optional[InitialGuess] = None):
   """Fits a batch of observations (leading axis B on every array) in one compiled program.
 
-  The program is compiled once per (batch size, crop size, config, model sizes); new values
-  never recompile.
+  `guess`, optional, holds initialiser estimates per slot (see initializers.initial_guess).
+  The program is compiled once per (batch size, crop size, config, model sizes, which guess
+  fields are present); new values never recompile.
   """
-  if shapes is None:
+  if guess is None:
     return jax.vmap(lambda obs: fit_one(fit_model, obs, config))(observations)
-  return jax.vmap(lambda obs, shape: fit_one(fit_model, obs, config, shape))(observations, shapes)
+  return jax.vmap(lambda obs, one: fit_one(fit_model, obs, config, one))(observations, guess)

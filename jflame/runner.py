@@ -13,14 +13,16 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from initializers.initial_guess import initial_guess_for_batch
 from jflame import flame_io, landmarks, output
 from jflame.assets import find_asset
 from jflame.config import FitConfig
-from jflame.errors import ModelFileError
+from jflame.errors import ConfigError, ModelFileError
 from jflame.fit import FitModel, fit_batch, make_fit_model
 from jflame.flame import FlameModel, flame_forward
 from jflame.camera import apply_affine, invert_affine, project
@@ -41,6 +43,8 @@ class RunOptions:
   overwrite: bool = False
   mesh_format: str = "obj"
   write_overlay: bool = True
+  deca_model: Optional[str] = None
+  mica_model: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -80,6 +84,25 @@ def prepare_fit_model(loaded: LoadedModel, config: FitConfig) -> FitModel:
                         region[np.asarray(embedding.landmark_indices)], config)
 
 
+def load_encoders(loaded: LoadedModel, options: RunOptions):
+  """DECA and MICA encoders (ONNX) when the user has them, else None each. Their coefficients
+  are FLAME 2020's, so with any other head model they are not used (and a given path is an
+  error rather than a silent mismatch)."""
+  from initializers.deca import DecaEncoder
+  from initializers.mica import MicaEncoder
+  deca = DecaEncoder.find(options.deca_model)
+  mica = MicaEncoder.find(options.mica_model)
+  if (deca or mica) and "generic_model" not in loaded.model.name:
+    if options.deca_model or options.mica_model:
+      raise ConfigError(f"DECA/MICA estimate FLAME 2020 coefficients, but the model is "
+                        f"{loaded.model.name}; use generic_model.pkl or drop --deca_model/"
+                        "--mica_model.")
+    logging.info("DECA/MICA files found but not used: the model is %s, not FLAME 2020",
+                 loaded.model.name)
+    return None, None
+  return deca, mica
+
+
 @jax.jit
 def _mesh_vertices(model: FlameModel, params):
   return jax.vmap(lambda p: flame_forward(model, p)[0])(params)
@@ -103,6 +126,7 @@ class Run:
     self.loaded, self.config, self.options = loaded, config, options
     self.progress = progress or (lambda count: None)
     self.fit_model = prepare_fit_model(loaded, config)
+    self.encoders = load_encoders(loaded, options)
     self.images: List[dict] = []
     self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0)
 
@@ -138,7 +162,13 @@ class Run:
     options = self.options
     start = time.perf_counter()
     observations = stack_observations(records, options.batch_size, options.crop_size)
-    results = fit_batch(self.fit_model, jax.tree.map(jnp.asarray, observations), self.config)
+    guess = None
+    if any(encoder is not None for encoder in self.encoders):
+      guess = initial_guess_for_batch(records, options.batch_size, *self.encoders,
+                                      num_shape=self.config.num_shape,
+                                      num_expression=self.config.num_expression)
+    results = fit_batch(self.fit_model, jax.tree.map(jnp.asarray, observations), self.config,
+                        guess)
     vertices = _mesh_vertices(self.loaded.model, results.params)
     mesh_pixels = _project_batch(results.camera, vertices)
     results, vertices, mesh_pixels = jax.device_get((results, vertices, mesh_pixels))

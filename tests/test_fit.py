@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from initializers.initial_guess import InitialGuess
 from jflame import flame, landmarks, synthetic
 from jflame.camera import FRONTAL_ROTATION, Camera, project, to_camera_space
 from jflame.config import FitConfig
@@ -82,10 +83,11 @@ def test_recovers_expression_pose_and_camera_with_known_shape(small_model):
   config = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION, fit_shape=False)
   params, cameras, observation = _scene(model, embedding, 4, seed=1)
   observation = _with_crop(observation)
-  shapes = jnp.stack([p.shape for p in params])
-  result = fit_batch(_fit_model(model, embedding, config), observation, config, shapes)
+  guess = InitialGuess(estimated=np.ones(4, bool), shape=np.stack([p.shape for p in params]))
+  result = fit_batch(_fit_model(model, embedding, config), observation, config, guess)
   untrained = fit_batch(_fit_model(model, embedding, config), observation,
-                        config.replace(rigid_iterations=0, full_iterations=0), shapes)
+                        config.replace(rigid_iterations=0, full_iterations=0), guess)
+  np.testing.assert_allclose(result.params.shape, guess.shape, atol=1e-6)  # held fixed
   assert np.all(np.asarray(result.fitted))
   # 0.5 px of noise per coordinate: a perfect fit leaves ~0.63 px mean distance.
   assert np.all(np.asarray(result.landmark_error) < 1.0), result.landmark_error

@@ -20,7 +20,8 @@ from initializers import deca as deca_module
 from initializers import mica as mica_module
 from initializers.deca import DecaEncoder, deca_input_image, lighting_from_deca
 from initializers.mica import MicaEncoder
-from initializers.onnx_runtime import InitialGuess, choose_providers, initial_guess_for_batch
+from initializers.initial_guess import InitialGuess, initial_guess_for_batch
+from initializers.onnx_runtime import choose_providers
 from jflame.camera import apply_affine, invert_affine
 from jflame.errors import ModelFileError
 from jflame.preprocess import FaceAnalyzer, PreparedImage, prepare_image
@@ -428,3 +429,30 @@ def test_providers_prefer_cuda_then_cpu(models):
                            "CUDAExecutionProvider"]) == ["CUDAExecutionProvider",
                                                          "CPUExecutionProvider"]
   assert "CPUExecutionProvider" in DecaEncoder.load(models["deca"]).model.providers
+
+
+def test_encoder_guess_drives_the_fit_and_is_refused_for_other_head_models(models, three_records,
+                                                                           tmp_path):
+  """A MICA shape reaches the fit through the runner's guess; with a model that is not FLAME
+  2020 (here the synthetic one) an explicitly given encoder is a clear error."""
+  import jax
+  import jax.numpy as jnp
+  from jflame import runner, synthetic
+  from jflame.config import FitConfig
+  from jflame.errors import ConfigError
+  from jflame.fit import fit_batch
+  from jflame.preprocess import stack_observations
+  model, embedding = synthetic.synthetic_flame("small")
+  loaded = runner.LoadedModel(model, embedding, model.name)
+  options = runner.RunOptions(output_dir=tmp_path, mica_model=str(models["mica"]))
+  with pytest.raises(ConfigError, match="FLAME 2020"):
+    runner.Run(loaded, FitConfig(num_shape=20, num_expression=10), options)
+  config = FitConfig(num_shape=20, num_expression=10, rigid_iterations=3, full_iterations=3,
+                     fit_shape=False)
+  mica = MicaEncoder.load(str(models["mica"]))
+  guess = initial_guess_for_batch(three_records, 4, mica=mica, num_shape=20, num_expression=10)
+  observation = stack_observations(three_records, 4, three_records[0].crop_size)
+  result = fit_batch(runner.prepare_fit_model(loaded, config),
+                     jax.tree.map(jnp.asarray, observation), config, guess)
+  ok = np.asarray(guess.estimated)
+  np.testing.assert_allclose(np.asarray(result.params.shape)[ok], guess.shape[ok], atol=1e-6)

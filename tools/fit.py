@@ -36,6 +36,12 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo images that already hav
                                "result in the output folder.")
 _MESH_FORMAT = flags.DEFINE_enum("mesh_format", "obj", ["obj", "ply", ""], "Mesh file format "
                                  "('' writes none).")
+_DECA_MODEL = flags.DEFINE_string(
+    "deca_model", None, "DECA encoder exported to ONNX (optional initialiser; FLAME 2020 only). "
+    "Default: deca_encoder.onnx in $JFLAME_HOME or ~/.cache/jflame when present.")
+_MICA_MODEL = flags.DEFINE_string(
+    "mica_model", None, "MICA identity encoder exported to ONNX (optional initialiser; FLAME "
+    "2020 only). Default: mica.onnx in $JFLAME_HOME or ~/.cache/jflame when present.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic model (used when no FLAME file).")
 
 
@@ -50,7 +56,8 @@ def main(argv):
                      full_iterations=_FULL_ITERATIONS.value, mode=_MODE.value)
   options = runner.RunOptions(output_dir=_OUTPUT.value, batch_size=_BATCH_SIZE.value,
                               crop_size=_CROP_SIZE.value, workers=_WORKERS.value,
-                              overwrite=_OVERWRITE.value, mesh_format=_MESH_FORMAT.value)
+                              overwrite=_OVERWRITE.value, mesh_format=_MESH_FORMAT.value,
+                              deca_model=_DECA_MODEL.value, mica_model=_MICA_MODEL.value)
   try:
     paths = list_images(_INPUT.value)
     loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value, _SEED.value)
@@ -58,9 +65,13 @@ def main(argv):
     logging.error("%s", err)
     return 2
   print(f"model: {loaded.description}", flush=True)
-  with tqdm(total=len(paths), unit="image", desc="jflame-fit") as bar:
-    run = runner.Run(loaded, config, options, progress=bar.update)
-    manifest = run.fit(paths, unique_names(paths))
+  try:
+    with tqdm(total=len(paths), unit="image", desc="jflame-fit") as bar:
+      run = runner.Run(loaded, config, options, progress=bar.update)
+      manifest = run.fit(paths, unique_names(paths))
+  except JFlameError as err:  # a run-wide problem (e.g. an encoder file); images are per-item
+    logging.error("%s", err)
+    return 2
   counts = manifest["counts"]
   print(f"done: {counts} -> {options.output_dir}/run_summary.json")
   for image in manifest["images"]:
