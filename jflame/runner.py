@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from initializers.initial_guess import initial_guess_for_batch
-from jflame import flame_io, landmarks, output
+from jflame import flame_io, landmarks, output, sharding
 from jflame.assets import find_asset
 from jflame.config import FitConfig
 from jflame.errors import ConfigError, ModelFileError
@@ -125,7 +125,11 @@ class Run:
                progress: Optional[Callable[[int], None]] = None):
     self.loaded, self.config, self.options = loaded, config, options
     self.progress = progress or (lambda count: None)
-    self.fit_model = prepare_fit_model(loaded, config)
+    self.mesh = sharding.batch_mesh() if len(jax.local_devices()) > 1 else None
+    if self.mesh is not None and options.batch_size % self.mesh.size:
+      raise ConfigError(f"--batch_size {options.batch_size} must be a multiple of the "
+                        f"{self.mesh.size} local devices the batch is split over.")
+    self.fit_model = sharding.replicate(prepare_fit_model(loaded, config), self.mesh)
     self.encoders = load_encoders(loaded, options)
     self.images: List[dict] = []
     self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0)
@@ -167,8 +171,8 @@ class Run:
       guess = initial_guess_for_batch(records, options.batch_size, *self.encoders,
                                       num_shape=self.config.num_shape,
                                       num_expression=self.config.num_expression)
-    results = fit_batch(self.fit_model, jax.tree.map(jnp.asarray, observations), self.config,
-                        guess)
+    results = fit_batch(self.fit_model, sharding.shard_batch(observations, self.mesh),
+                        self.config, sharding.shard_batch(guess, self.mesh))
     vertices = _mesh_vertices(self.loaded.model, results.params)
     mesh_pixels = _project_batch(results.camera, vertices)
     results, vertices, mesh_pixels = jax.device_get((results, vertices, mesh_pixels))
