@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import optax
 
 from jflame.landmarks import LandmarkWeights
+from jflame.render.rasterize import RasterSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,11 @@ class FitConfig:
     init_num_shape, init_num_expression: leading components the initialiser's linear solve
       estimates (its cost grows with their square); the optimiser refines all of them.
     mode: "landmark" or "photometric".
+    photometric_weight: weight of the photometric term against the landmark term (photometric
+      mode, stage 2).
+    photometric_robust_scale: Charbonnier scale of colour residuals (colour units in [0, 1]).
+    albedo_per_channel: size per colour channel of the built-in Laplacian albedo basis.
+    raster: rasterizer settings of the photometric render (render size = crop size).
   """
   num_shape: int = 100
   num_expression: int = 50
@@ -110,6 +116,10 @@ class FitConfig:
   init_num_shape: int = 40
   init_num_expression: int = 30
   mode: str = "landmark"
+  photometric_weight: float = 10.0
+  photometric_robust_scale: float = 0.05
+  albedo_per_channel: int = 16
+  raster: RasterSettings = RasterSettings(cull_backfaces=True)
 
   def replace(self, **changes) -> "FitConfig":
     return dataclasses.replace(self, **changes)

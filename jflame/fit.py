@@ -22,8 +22,10 @@ from initializers.landmark_init import initial_identity_and_camera
 from jflame import losses
 from jflame.camera import Camera, focal_length_from_fov, project
 from jflame.config import FitConfig, LearningRates
-from jflame.flame import FlameModel, FlameParams, SurfaceRows, make_surface_rows
+from jflame.flame import FlameModel, FlameParams, SurfaceRows, flame_forward, make_surface_rows
 from jflame.flame import surface_points_forward
+from jflame.render import (AlbedoModel, Appearance, RasterSettings, RenderOutput, face_adjacency,
+                           laplacian_albedo_model, neutral_lighting, render_mesh, vertex_normals)
 from jflame.observation import Observation
 from jflame.optim import FROZEN, make_optimizer
 from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
@@ -37,21 +39,37 @@ class FitModel:
     landmark_rows: the FLAME rows under the embedded landmarks (fast path).
     landmark_indices: (K,) detector (MediaPipe) landmark index of each embedded point.
     landmark_weights: (K,) region weight of each embedded point.
+    mesh: photometric mode only: the full model, its bases cut to the fitted coefficients.
+    albedo: photometric mode only: the albedo model (UV texture space or per-vertex basis).
+    face_neighbors: photometric mode only: `face_adjacency` of the mesh (silhouette edges).
   """
   landmark_rows: SurfaceRows
   landmark_indices: jax.Array
   landmark_weights: jax.Array
+  mesh: Optional[FlameModel] = None
+  albedo: Optional[AlbedoModel] = None
+  face_neighbors: Optional[jax.Array] = None
 
 
 def make_fit_model(model: FlameModel, face_indices, barycentrics, landmark_indices,
-                   landmark_weights, config: FitConfig) -> FitModel:
+                   landmark_weights, config: FitConfig,
+                   albedo: Optional[AlbedoModel] = None) -> FitModel:
   """Host-side preparation: gathers and precomposes the landmark rows for the config's
-  coefficient counts."""
+  coefficient counts; in photometric mode also the full mesh and an albedo model (the built-in
+  Laplacian basis when none is given)."""
   rows = make_surface_rows(model, face_indices, barycentrics, config.num_shape,
                            config.num_expression)
-  return FitModel(landmark_rows=rows,
-                  landmark_indices=jnp.asarray(landmark_indices, jnp.int32),
-                  landmark_weights=jnp.asarray(landmark_weights, jnp.float32))
+  fit_model = FitModel(landmark_rows=rows,
+                       landmark_indices=jnp.asarray(landmark_indices, jnp.int32),
+                       landmark_weights=jnp.asarray(landmark_weights, jnp.float32))
+  if config.mode != "photometric":
+    return fit_model
+  if albedo is None:
+    albedo = laplacian_albedo_model(model.v_template, model.faces, config.albedo_per_channel)
+  mesh = model.replace(shapedirs=model.shapedirs[..., :config.num_shape],
+                       exprdirs=model.exprdirs[..., :config.num_expression])
+  return fit_model.replace(mesh=mesh, albedo=albedo,
+                           face_neighbors=jnp.asarray(face_adjacency(np.asarray(model.faces))))
 
 
 @struct.dataclass
@@ -60,23 +78,27 @@ class FitVariables:
 
   The camera rotation is a small axis-angle applied on the left of a fixed base rotation (set by
   the initialiser), so optimisation always happens near zero, far from the pi singularity of
-  axis-angle that a camera facing the face sits at.
+  axis-angle that a camera facing the face sits at. `appearance` exists in photometric mode.
   """
   flame: FlameParams
   camera_rotation: jax.Array     # (3,) delta, radians
   camera_translation: jax.Array  # (3,) metres
   focal_length: jax.Array        # () pixels
+  appearance: Optional[Appearance] = None
 
 
 def group_labels(variables: FitVariables) -> FitVariables:
   """The optimiser group of every leaf (same structure as the variables)."""
-  del variables  # the structure is fixed; only leaf names matter
   flame_labels = FlameParams(shape="shape", expression="expression",
                              global_rotation="global_rotation", neck_rotation="neck",
                              jaw_rotation="jaw", left_eye_rotation="eyes",
                              right_eye_rotation="eyes")
+  appearance = None
+  if variables.appearance is not None:
+    appearance = Appearance(texture="texture", lighting="lighting")
   return FitVariables(flame=flame_labels, camera_rotation="camera_rotation",
-                      camera_translation="camera_translation", focal_length="focal_length")
+                      camera_translation="camera_translation", focal_length="focal_length",
+                      appearance=appearance)
 
 
 @struct.dataclass
@@ -92,6 +114,8 @@ class FitResult:
     failed: () True when the loss or a gradient became non-finite (the variables are the last
       finite ones).
     fitted: () True for a valid observation that did not fail.
+    appearance: photometric mode: fitted albedo coefficients and SH lighting (camera space).
+    photometric_error: photometric mode: () mean absolute colour error over the face mask.
   """
   params: FlameParams
   camera: Camera
@@ -101,6 +125,8 @@ class FitResult:
   full_loss_history: jax.Array
   failed: jax.Array
   fitted: jax.Array
+  appearance: Optional[Appearance] = None
+  photometric_error: Optional[jax.Array] = None
 
 
 def _camera(variables: FitVariables, base_rotation, principal_point) -> Camera:
@@ -110,12 +136,67 @@ def _camera(variables: FitVariables, base_rotation, principal_point) -> Camera:
                 focal_length=variables.focal_length, principal_point=principal_point)
 
 
-def _project_landmarks(fit_model: FitModel, variables, base_rotation, principal_point):
-  points, _ = surface_points_forward(fit_model.landmark_rows, variables.flame)
+def _to_camera(variables: FitVariables, base_rotation, points):
   rotation = axis_angle_to_matrix(variables.camera_rotation) @ base_rotation
-  points_cam = points @ rotation.T + variables.camera_translation
+  return points @ rotation.T + variables.camera_translation
+
+
+def _pixels(variables: FitVariables, principal_point, points_cam):
   depth = jnp.maximum(points_cam[:, 2:3], 1e-4)
   return variables.focal_length * points_cam[:, :2] / depth + principal_point
+
+
+def _project_landmarks(fit_model: FitModel, variables, base_rotation, principal_point):
+  points, _ = surface_points_forward(fit_model.landmark_rows, variables.flame)
+  return _pixels(variables, principal_point, _to_camera(variables, base_rotation, points))
+
+
+# The fit moves SH lighting in units of the neutral ambient coefficient (1 = shading of 1 from
+# every direction), so the seed table's rate of 0.005 per step means the same for lighting as
+# for the other groups whatever the SH normalisation.
+_LIGHT_UNIT = float(neutral_lighting()[0, 0])
+
+
+def fitted_appearance(variables: FitVariables) -> Appearance:
+  """The appearance in the renderer's units (lighting as SH coefficients)."""
+  appearance = variables.appearance
+  return appearance.replace(lighting=appearance.lighting * _LIGHT_UNIT)
+
+
+def render_fit(fit_model: FitModel, variables: FitVariables, base_rotation, principal_point,
+               size: int, raster: RasterSettings) -> RenderOutput:
+  """The shaded render of one image's current fit at `size` x `size` crop pixels."""
+  vertices, _ = flame_forward(fit_model.mesh, variables.flame)
+  vertices_cam = _to_camera(variables, base_rotation, vertices)
+  screen = jnp.concatenate([_pixels(variables, principal_point, vertices_cam),
+                            vertices_cam[:, 2:3]], axis=1)
+  normals = vertex_normals(vertices_cam, fit_model.mesh.faces)
+  return render_mesh(screen, fit_model.mesh.faces, normals, fit_model.albedo,
+                     fitted_appearance(variables), size, size, raster, fit_model.face_neighbors)
+
+
+def render_result(fit_model: FitModel, result: FitResult, size: int,
+                  raster: RasterSettings) -> RenderOutput:
+  """The shaded render of one fitted image (photometric mode), e.g. for output pictures."""
+  variables = FitVariables(flame=result.params, camera_rotation=jnp.zeros(3, jnp.float32),
+                           camera_translation=result.camera.translation,
+                           focal_length=result.camera.focal_length,
+                           appearance=result.appearance.replace(
+                               lighting=result.appearance.lighting / _LIGHT_UNIT))
+  return render_fit(fit_model, variables, axis_angle_to_matrix(result.camera.rotation),
+                    result.camera.principal_point, size, raster)
+
+
+def initial_appearance(albedo: AlbedoModel, image, mask) -> Appearance:
+  """Mean albedo under ambient light whose colour matches the photo's mean over the face mask,
+  so the photometric stage starts from the right brightness and white balance (lighting in the
+  fit's units, see `_LIGHT_UNIT`)."""
+  weight = mask[..., None]
+  photo_mean = jnp.sum(weight * image, axis=(0, 1)) / jnp.maximum(jnp.sum(weight), 1.0)
+  albedo_mean = jnp.maximum(jnp.mean(albedo.mean, axis=0), 1e-3)
+  neutral = Appearance.neutral(albedo.num_coefficients)
+  gain = jnp.where(jnp.sum(mask) > 0, photo_mean / albedo_mean, 1.0)
+  return neutral.replace(lighting=neutral.lighting * gain[None, :] / _LIGHT_UNIT)
 
 
 def _regularization(flame_params: FlameParams, config: FitConfig):
@@ -242,24 +323,51 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
     return losses.landmark_loss(predicted, landmarks, weights, crop_size, config.landmark_scale,
                                 config.landmark_robust_scale)
 
+  photometric = config.mode == "photometric"
+
+  def photometric_loss(variables):
+    rendered = render_fit(fit_model, variables, base_rotation, principal_point, crop_size,
+                          config.raster)
+    return losses.photometric_loss(rendered.image, observation.image, observation.face_mask,
+                                   config.photometric_robust_scale)
+
   def full_loss(variables):
-    return data_loss(variables) + _regularization(variables.flame, config)
+    loss = data_loss(variables) + _regularization(variables.flame, config)
+    if photometric:
+      loss = (loss + config.photometric_weight * photometric_loss(variables)
+              + losses.l2(variables.appearance.texture, config.regularization.texture))
+    return loss
 
   variables, rigid_history, rigid_failed = run_stage(
       data_loss, variables, config.rigid_rates, config.rigid_iterations, active)
   full_rates = config.full_rates
   if not config.fit_shape:
     full_rates = dataclasses.replace(full_rates, shape=None)
+  if photometric:
+    variables = variables.replace(appearance=initial_appearance(
+        fit_model.albedo, observation.image, observation.face_mask))
+    if guess is not None and guess.texture is not None and fit_model.albedo.is_texture:
+      texture = guess.texture[:fit_model.albedo.num_coefficients]
+      texture = jnp.pad(texture, (0, fit_model.albedo.num_coefficients - texture.shape[0]))
+      variables = variables.replace(appearance=variables.appearance.replace(
+          texture=jnp.where(guess.estimated, texture, variables.appearance.texture)))
   variables, full_history, full_failed = run_stage(
       full_loss, variables, full_rates, config.full_iterations, active & ~rigid_failed)
   predicted = _project_landmarks(fit_model, variables, base_rotation, principal_point)
   failed = init_failed | rigid_failed | full_failed
+  extra = {}
+  if photometric:
+    rendered = render_fit(fit_model, variables, base_rotation, principal_point, crop_size,
+                          config.raster)
+    extra = dict(appearance=fitted_appearance(variables),
+                 photometric_error=losses.masked_mean_abs(rendered.image, observation.image,
+                                                          observation.face_mask))
   return FitResult(params=variables.flame,
                    camera=_camera(variables, base_rotation, principal_point),
                    landmarks_2d=predicted,
                    landmark_error=losses.mean_landmark_distance(predicted, landmarks, weights),
                    rigid_loss_history=rigid_history, full_loss_history=full_history,
-                   failed=failed, fitted=active & ~failed)
+                   failed=failed, fitted=active & ~failed, **extra)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

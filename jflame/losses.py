@@ -31,3 +31,24 @@ def mean_landmark_distance(predicted, target, weights):
 
 def l2(values, weight):
   return weight * jnp.sum(values * values)
+
+
+def photometric_loss(rendered, photo, mask, robust_scale):
+  """Mean robust colour difference over the face mask.
+
+  Args:
+    rendered: (H, W, 3) render with premultiplied alpha (black where nothing is drawn, so mask
+      pixels the mesh fails to cover cost as much as wrong colours and pull the mesh over them).
+    photo: (H, W, 3) in [0, 1].
+    mask: (H, W) in [0, 1], the face region (hair, background, eyes and mouth excluded).
+    robust_scale: Charbonnier scale in colour units.
+  """
+  residual = rendered - photo
+  penalty = charbonnier(jnp.sum(residual * residual, axis=-1), robust_scale)
+  return jnp.sum(mask * penalty) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def masked_mean_abs(rendered, photo, mask):
+  """Mean absolute colour error over the mask, per channel (a report, not a loss)."""
+  error = jnp.mean(jnp.abs(rendered - photo), axis=-1)
+  return jnp.sum(mask * error) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -98,6 +98,34 @@ def draw_overlay(photo, mesh_pixels, faces, detected, fitted, weights=None):
   return canvas
 
 
+def blend_render(photo, render, alpha, opacity=0.75):
+  """A premultiplied-alpha render laid over a photo of the same size (uint8 RGB out)."""
+  photo = np.asarray(photo, np.float32) / 255.0
+  weight = opacity * np.clip(np.asarray(alpha, np.float32), 0.0, 1.0)[..., None]
+  covered = np.asarray(render, np.float32) / np.maximum(np.asarray(alpha)[..., None], 1e-6)
+  blended = photo * (1.0 - weight) + np.clip(covered, 0.0, 1.0) * weight
+  return np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
+
+
+def warp_to_photo(image, original_from_crop, photo_shape):
+  """Warps a crop-frame image (H, W, C) into the original photo's frame (bilinear)."""
+  height, width = photo_shape[:2]
+  # OpenCV's pixel centres sit at integers, jflame's at +0.5: shift in, shift back out.
+  shift = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+  unshift = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
+  matrix = (unshift @ np.vstack([original_from_crop, [0, 0, 1]]) @ shift)[:2]
+  return cv2.warpAffine(np.asarray(image, np.float32), matrix, (width, height),
+                        flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def side_by_side(crop, render, alpha):
+  """(input | render | overlay) in the crop frame, uint8 RGB."""
+  crop = np.asarray(crop, np.uint8)
+  background = np.full_like(np.asarray(render, np.float32), 0.0)
+  render_only = np.clip((np.asarray(render) + background) * 255.0, 0, 255).astype(np.uint8)
+  return np.concatenate([crop, render_only, blend_render(crop, render, alpha)], axis=1)
+
+
 def save_png(path, rgb):
   ok, data = cv2.imencode(".png", cv2.cvtColor(np.asarray(rgb, np.uint8), cv2.COLOR_RGB2BGR))
   if not ok:

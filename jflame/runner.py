@@ -8,6 +8,7 @@ never an exception that ends the run, and finished results are never overwritten
 
 import dataclasses
 import datetime
+import functools
 import platform
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from jflame import flame_io, landmarks, output, sharding
 from jflame.assets import find_asset
 from jflame.config import FitConfig
 from jflame.errors import ConfigError, ModelFileError
-from jflame.fit import FitModel, fit_batch, make_fit_model
+from jflame.fit import FitModel, fit_batch, make_fit_model, render_result
 from jflame.flame import FlameModel, flame_forward
 from jflame.camera import apply_affine, invert_affine, project
 from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
@@ -108,6 +109,11 @@ def _mesh_vertices(model: FlameModel, params):
   return jax.vmap(lambda p: flame_forward(model, p)[0])(params)
 
 
+@functools.partial(jax.jit, static_argnames=("size", "raster"))
+def _render_batch(fit_model, results, size, raster):
+  return jax.vmap(lambda result: render_result(fit_model, result, size, raster))(results)
+
+
 @jax.jit
 def _project_batch(cameras, vertices):
   return jax.vmap(project)(cameras, vertices)
@@ -175,7 +181,12 @@ class Run:
                         self.config, sharding.shard_batch(guess, self.mesh))
     vertices = _mesh_vertices(self.loaded.model, results.params)
     mesh_pixels = _project_batch(results.camera, vertices)
-    results, vertices, mesh_pixels = jax.device_get((results, vertices, mesh_pixels))
+    renders = None
+    if self.config.mode == "photometric":
+      renders = _render_batch(self.fit_model, results, options.crop_size, self.config.raster)
+      renders = (renders.image, renders.alpha)
+    results, vertices, mesh_pixels, renders = jax.device_get(
+        (results, vertices, mesh_pixels, renders))
     elapsed = time.perf_counter() - start
     if self.timings["first_fit_s"] is None:
       self.timings["first_fit_s"] = elapsed  # includes compilation
@@ -184,11 +195,14 @@ class Run:
     start = time.perf_counter()
     for slot, record in enumerate(records):
       result = jax.tree.map(lambda x: x[slot], results)
-      self.images.append(self._write(record, result, vertices[slot], mesh_pixels[slot]))
+      render = None if renders is None else (renders[0][slot], renders[1][slot])
+      self.images.append(self._write(record, result, vertices[slot], mesh_pixels[slot], render))
       self.progress(1)
     self.timings["write_s"] += time.perf_counter() - start
 
-  def _write(self, record: PreparedImage, result, vertices, mesh_pixels) -> dict:
+  def _write(self, record: PreparedImage, result, vertices, mesh_pixels, render=None) -> dict:
+    """Writes one image's files; returns its manifest entry. `render` is (image, alpha) in the
+    crop frame in photometric mode."""
     entry = dict(name=record.name, source=str(record.source) if record.source else None,
                  status=record.status, message=record.message, num_faces=record.num_faces)
     if not record.ok:
@@ -228,6 +242,10 @@ class Run:
         landmarks_fitted_original=fitted_original,
         landmark_error_px=error_px, landmark_error_relative=error_px / size,
         rigid_loss_history=result.rigid_loss_history, full_loss_history=result.full_loss_history)
+    if result.appearance is not None:
+      arrays.update(texture=result.appearance.texture, sh_lighting=result.appearance.lighting,
+                    albedo_model=self.fit_model.albedo.name,
+                    photometric_error=result.photometric_error)
     files = []
     if self.options.mesh_format:
       mesh_path = out / f"{record.name}.{self.options.mesh_format}"
@@ -235,21 +253,36 @@ class Run:
                        header=f"jflame fit of {record.name}; model: {self.loaded.model.name}")
       files.append(mesh_path.name)
     if self.options.write_overlay:
-      overlay_path = out / f"{record.name}_overlay.png"
-      photo = self._photo(record)
-      to_photo = crop_to_original if photo is not record.crop else np.eye(2, 3)
-      overlay = output.draw_overlay(
-          photo, apply_affine(to_photo, np.asarray(mesh_pixels, np.float64)),
-          np.asarray(self.loaded.model.faces), apply_affine(to_photo, detected.astype(np.float64)),
-          apply_affine(to_photo, np.asarray(result.landmarks_2d, np.float64)), weights)
-      output.save_png(overlay_path, overlay)
-      files.append(overlay_path.name)
+      files += self._write_pictures(record, result, mesh_pixels, detected, weights, render)
     # The parameters file goes last: its presence with status ok marks the result finished.
     output.save_parameters(out / f"{record.name}.npz", arrays)
     files.insert(0, f"{record.name}.npz")
     entry.update(landmark_error_px=error_px, landmark_error_relative=error_px / size,
                  files=files)
     return entry
+
+  def _write_pictures(self, record, result, mesh_pixels, detected, weights, render):
+    """The overlay on the photo (wireframe and landmarks, or in photometric mode the shaded
+    render) and, in photometric mode, the (input | render | overlay) comparison."""
+    out = Path(self.options.output_dir)
+    photo = self._photo(record)
+    on_crop = photo is record.crop
+    to_photo = np.eye(2, 3) if on_crop else invert_affine(record.crop_from_original)
+    if render is None:
+      overlay = output.draw_overlay(
+          photo, apply_affine(to_photo, np.asarray(mesh_pixels, np.float64)),
+          np.asarray(self.loaded.model.faces), apply_affine(to_photo, detected.astype(np.float64)),
+          apply_affine(to_photo, np.asarray(result.landmarks_2d, np.float64)), weights)
+      output.save_png(out / f"{record.name}_overlay.png", overlay)
+      return [f"{record.name}_overlay.png"]
+    image, alpha = render
+    if not on_crop:
+      image = output.warp_to_photo(image, to_photo, photo.shape)
+      alpha = output.warp_to_photo(alpha, to_photo, photo.shape)
+    output.save_png(out / f"{record.name}_overlay.png", output.blend_render(photo, image, alpha))
+    output.save_png(out / f"{record.name}_compare.png",
+                    output.side_by_side(record.crop, render[0], render[1]))
+    return [f"{record.name}_overlay.png", f"{record.name}_compare.png"]
 
   @staticmethod
   def _photo(record: PreparedImage):

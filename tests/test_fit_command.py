@@ -158,3 +158,29 @@ def test_shared_photographs_fit(loaded_model, tmp_path):
   for image in manifest["images"]:
     assert image["status"] == "ok", image
     assert image["landmark_error_relative"] < 0.02, image
+
+
+def test_photometric_mode_writes_render_overlay_and_comparison(loaded_model, tmp_path):
+  folder = tmp_path / "in"
+  folder.mkdir()
+  _write_rgb(folder / "astronaut.png", skimage.data.astronaut())
+  config = FitConfig(mode="photometric", rigid_iterations=30, full_iterations=30)
+  run = runner.Run(loaded_model, config, runner.RunOptions(output_dir=tmp_path / "out",
+                                                           batch_size=1))
+  manifest = run.fit(list_images(folder), ["astronaut"])
+  entry = _entry(manifest, "astronaut")
+  assert entry["status"] == "ok"
+  assert set(entry["files"]) >= {"astronaut_overlay.png", "astronaut_compare.png"}
+  with np.load(tmp_path / "out" / "astronaut.npz") as result:
+    assert result["sh_lighting"].shape == (9, 3) and result["texture"].ndim == 1
+    assert "Laplacian" in str(result["albedo_model"])
+    assert float(result["photometric_error"]) < 0.15
+  compare = cv2.imread(str(tmp_path / "out" / "astronaut_compare.png"))
+  assert compare.shape == (256, 768, 3)
+  render = compare[:, 256:512]
+  assert (render.sum(axis=2) > 0).mean() > 0.2  # the head is drawn
+  overlay = cv2.imread(str(tmp_path / "out" / "astronaut_overlay.png"))
+  photo = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+  changed = np.any(np.abs(overlay.astype(int) - photo) > 8, axis=2)
+  # The fitted render resembles the face, so only part of it differs visibly from the photo.
+  assert changed[150:300, 180:320].mean() > 0.03 and changed[400:, :100].mean() < 0.01
