@@ -11,7 +11,7 @@ Two evaluation paths share the same maths:
   host. Landmark fitting needs nothing else, and it is a fraction of the work.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -144,14 +144,21 @@ def relative_joint_transforms(rotations, rest_joints, parents):
   return jnp.concatenate([world_rot, translation[:, :, None]], axis=2)
 
 
-def skin(points, lbs_weights, transforms):
+def skin(points, lbs_weights, transforms, fused=False):
   """Linear blend skinning: (R, 3) rest points, (R, J) weights, (J, 3, 4) -> (R, 3).
 
-  Written as elementwise sums over the (few, static) joints and coordinates so XLA fuses it into
-  one pass; as matrix products it materialises an (R, 12) blend per image and, for the 3x3
-  part, thousands of tiny batched products: 1.5 to 3 times slower on CPU.
+  The per-row 3x3 product is written elementwise (as a batched dot it becomes thousands of tiny
+  matrix products). The per-row blend of joint transforms is a matrix product, which is fastest
+  when differentiated (the landmark fast path); `fused=True` writes it as a sum over the few
+  joints instead, which XLA fuses with the rest so the (R, 12) blend is never stored: a third
+  faster for the full mesh forward at large batches, but slower to differentiate (CPU).
   """
-  blended = sum(lbs_weights[:, j, None, None] * transforms[j] for j in range(transforms.shape[0]))
+  if fused:
+    blended = sum(lbs_weights[:, j, None, None] * transforms[j]
+                  for j in range(transforms.shape[0]))
+  else:
+    num_joints = transforms.shape[0]
+    blended = (lbs_weights @ transforms.reshape(num_joints, 12)).reshape(-1, 3, 4)
   return jnp.sum(blended[:, :, :3] * points[:, None, :], axis=-1) + blended[:, :, 3]
 
 
@@ -175,7 +182,8 @@ def flame_forward(model: FlameModel, params: FlameParams):
   joints = model.j_regressor @ shaped
   posed = blend(shaped, model.posedirs, pose_feature(rotations), "pose-corrective")
   transforms = relative_joint_transforms(rotations, joints, model.parents)
-  return skin(posed, model.lbs_weights, transforms), posed_joint_locations(transforms, joints)
+  vertices = skin(posed, model.lbs_weights, transforms, fused=True)
+  return vertices, posed_joint_locations(transforms, joints)
 
 
 @struct.dataclass
@@ -198,7 +206,8 @@ class SurfaceRows:
   joint_template: jax.Array    # (J, 3)
   joint_basis: jax.Array       # (S + E, J * 3)
   corner_weights: jax.Array    # (R,) barycentric weight of each row's corner
-  point_order: jax.Array       # (K,) int32: point k of the caller is grouped point point_order[k]
+  # (K,) int32: point k of the caller is grouped point point_order[k]; None when they coincide.
+  point_order: Optional[jax.Array]
   group_sizes: Tuple[int, int, int] = struct.field(pytree_node=False)  # points with 1, 2, 3 corners
   num_shape: int = struct.field(pytree_node=False)
   num_expression: int = struct.field(pytree_node=False)
@@ -206,7 +215,7 @@ class SurfaceRows:
 
   @property
   def num_points(self) -> int:
-    return self.point_order.shape[0]
+    return sum(self.group_sizes)
 
 
 def _grouped_corners(face_indices, barycentrics, faces):
@@ -257,7 +266,9 @@ def make_surface_rows(model: FlameModel, face_indices, barycentrics, num_shape=N
                                  jnp.float32),
       joint_basis=jnp.asarray(joint_basis.reshape(joint_basis.shape[0], -1), jnp.float32),
       corner_weights=jnp.asarray(corner_weights, jnp.float32),
-      point_order=jnp.asarray(order, jnp.int32), group_sizes=group_sizes,
+      point_order=(None if np.array_equal(order, np.arange(len(order)))
+                   else jnp.asarray(order, jnp.int32)),
+      group_sizes=group_sizes,
       num_shape=num_shape, num_expression=num_expression, parents=model.parents)
 
 
@@ -270,7 +281,8 @@ def combine_corners(rows: SurfaceRows, row_values):
       block = weighted[start:start + corners * count]
       groups.append(jnp.sum(block.reshape(count, corners, weighted.shape[-1]), axis=1))
     start += corners * count
-  return jnp.concatenate(groups, axis=0)[rows.point_order]
+  points = jnp.concatenate(groups, axis=0)
+  return points if rows.point_order is None else points[rows.point_order]
 
 
 def _padded(coefficients, count, name):
@@ -299,3 +311,15 @@ def barycentric_points(vertices, faces, face_indices, barycentrics):
   """Surface points of a full mesh: (V, 3) vertices -> (K, 3) points."""
   corners = vertices[faces[face_indices]]  # (K, 3, 3)
   return jnp.einsum("kc,kcd->kd", barycentrics, corners)
+
+
+def vertices_of_batch(model: FlameModel, params: FlameParams, chunk_size: int = 16):
+  """(B, V, 3) vertices of a batch of faces (leading axis on every params leaf).
+
+  Vectorised over chunks of `chunk_size` faces, the chunks in sequence: per-face intermediates
+  of a whole large batch (B x V x 3 several times over) do not fit in cache, and on a CPU the
+  full mesh costs over twice as much per face at batch 256 as at batch 16.
+  """
+  batch = jax.tree.leaves(params)[0].shape[0]
+  return jax.lax.map(lambda p: flame_forward(model, p)[0], params,
+                     batch_size=min(chunk_size, batch))

@@ -25,7 +25,7 @@ from jflame.assets import find_asset
 from jflame.config import FitConfig
 from jflame.errors import ConfigError, ModelFileError
 from jflame.fit import FitModel, fit_batch, make_fit_model, render_result
-from jflame.flame import FlameModel, flame_forward
+from jflame.flame import FlameModel, vertices_of_batch
 from jflame.camera import apply_affine, invert_affine, project
 from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
 
@@ -104,9 +104,7 @@ def load_encoders(loaded: LoadedModel, options: RunOptions):
   return deca, mica
 
 
-@jax.jit
-def _mesh_vertices(model: FlameModel, params):
-  return jax.vmap(lambda p: flame_forward(model, p)[0])(params)
+_mesh_vertices = jax.jit(vertices_of_batch)
 
 
 @functools.partial(jax.jit, static_argnames=("size", "raster"))

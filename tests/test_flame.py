@@ -178,3 +178,14 @@ def test_points_on_vertices_and_edges_use_only_their_weighted_corners(arrays_and
   expected = flame.barycentric_points(vertices, model.faces, face_indices,
                                       jnp.asarray(barycentrics, jnp.float32))
   np.testing.assert_allclose(flame.surface_points_forward(rows, params)[0], expected, atol=1e-5)
+
+
+def test_vertices_of_batch_in_chunks_equals_vmap(arrays_and_model):
+  _, model = arrays_and_model
+  rng = np.random.default_rng(9)
+  batch = [params_from(rng.normal(size=12), rng.normal(size=6), rng.normal(scale=0.3, size=(5, 3)))
+           for _ in range(5)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batch)
+  chunked = flame.vertices_of_batch(model, stacked, chunk_size=2)  # 5 = 2 + 2 + 1
+  expected = jax.vmap(lambda p: flame.flame_forward(model, p)[0])(stacked)
+  np.testing.assert_allclose(chunked, expected, atol=1e-6)

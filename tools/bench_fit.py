@@ -29,14 +29,16 @@ _RIGID = flags.DEFINE_integer("rigid_iterations", 200, "Stage 1 iterations.")
 _FULL = flags.DEFINE_integer("full_iterations", 200, "Stage 2 iterations.")
 _FLAME_MODEL = flags.DEFINE_string("flame_model", None, "FLAME file (default: synthetic).")
 _EMBEDDING = flags.DEFINE_string("embedding", None, "Embedding for a real FLAME model.")
-_CROP = flags.DEFINE_integer("crop_size", 256, "Crop size.")
+_CROP = flags.DEFINE_integer("crop_size", 256, "Crop size (and photometric render size).")
+_MODE = flags.DEFINE_enum("mode", "landmark", ["landmark", "photometric"], "Fitting mode.")
 _PREPROCESS_IMAGES = flags.DEFINE_integer("preprocess_images", 24,
                                           "Photographs to preprocess (0 skips that part).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write results as JSON here.")
 
 
-def synthetic_observations(loaded, count, crop_size, seed=0):
-  """Landmarks of random faces seen by random cameras, with 0.5 px noise."""
+def synthetic_observations(loaded, count, crop_size, seed=0, photometric=False):
+  """Landmarks of random faces seen by random cameras, with 0.5 px noise (and, for photometric
+  fitting, shaded renders of the faces as photos with their masks)."""
   model, embedding = loaded.model, loaded.embedding
   rng = np.random.default_rng(seed)
   params = flame.FlameParams.zeros(model.num_shape, model.num_expression)
@@ -59,11 +61,33 @@ def synthetic_observations(loaded, count, crop_size, seed=0):
   detected = np.zeros((count, 478, 2), np.float32)
   detected[:, np.asarray(embedding.landmark_indices)] = pixels + rng.normal(
       scale=0.5, size=pixels.shape)
+  images = jnp.zeros((count, crop_size, crop_size, 3), jnp.float32)
+  masks = jnp.zeros((count, crop_size, crop_size), jnp.float32)
+  if photometric:
+    images, masks = _rendered_photos(model, params, cameras, crop_size)
   return Observation(landmarks=jnp.asarray(detected),
                      landmark_weights=jnp.ones((count, 478), jnp.float32),
-                     image=jnp.zeros((count, crop_size, crop_size, 3), jnp.float32),
-                     face_mask=jnp.zeros((count, crop_size, crop_size), jnp.float32),
-                     valid=jnp.ones(count, bool))
+                     image=images, face_mask=masks, valid=jnp.ones(count, bool))
+
+
+def _rendered_photos(model, params, cameras, size):
+  """Shaded renders of the faces (mean albedo, light from above) over grey, and their masks."""
+  from jflame.camera import screen_space, to_camera_space
+  from jflame.render import (Appearance, RasterSettings, face_adjacency, laplacian_albedo_model,
+                             render_mesh, vertex_normals)
+  albedo = laplacian_albedo_model(model.v_template, model.faces, 4)
+  neighbors = jnp.asarray(face_adjacency(np.asarray(model.faces)))
+  appearance = Appearance.neutral(albedo.num_coefficients)
+  appearance = appearance.replace(lighting=appearance.lighting.at[1].set(0.8))
+
+  def photo(p, camera):
+    vertices, _ = flame.flame_forward(model, p)
+    normals = vertex_normals(to_camera_space(camera, vertices), model.faces)
+    out = render_mesh(screen_space(camera, vertices), model.faces, normals, albedo, appearance,
+                      size, size, RasterSettings(cull_backfaces=True), neighbors)
+    return out.image + (1.0 - out.alpha[..., None]) * 0.4, (out.alpha > 0.99).astype(jnp.float32)
+
+  return jax.jit(jax.vmap(photo))(params, cameras)
 
 
 def bench_preprocessing(count, crop_size):
@@ -86,16 +110,18 @@ def bench_preprocessing(count, crop_size):
 def main(argv):
   del argv
   loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value)
-  config = FitConfig(rigid_iterations=_RIGID.value, full_iterations=_FULL.value)
+  config = FitConfig(rigid_iterations=_RIGID.value, full_iterations=_FULL.value, mode=_MODE.value)
   fit_model = runner.prepare_fit_model(loaded, config)
   print(f"model: {loaded.model.name}")
   print(f"device: {benchmarking.device_description()}")
-  print(f"config: {config.rigid_iterations} + {config.full_iterations} iterations, "
+  print(f"config: {config.mode} mode, {config.rigid_iterations} + {config.full_iterations} "
+        f"iterations, "
         f"{config.num_shape} shape + {config.num_expression} expression, "
         f"{loaded.embedding.num_landmarks} landmarks, crop {_CROP.value}")
   rows, results = [], []
   for batch in map(int, _BATCH_SIZES.value):
-    observations = synthetic_observations(loaded, batch, _CROP.value, seed=batch)
+    observations = synthetic_observations(loaded, batch, _CROP.value, seed=batch,
+                                          photometric=config.mode == "photometric")
     compile_s, per_call = benchmarking.time_compiled(
         lambda obs: fit_batch(fit_model, obs, config).params, observations, repeats=3,
         min_seconds=0.5)
@@ -104,12 +130,13 @@ def main(argv):
     results.append(dict(batch=batch, per_image_ms=1000 * per_call / batch,
                         images_per_s=batch / per_call, compile_s=compile_s,
                         median_landmark_error_px=error))
-    rows.append((batch, f"{1000 * per_call / batch:.2f}", f"{batch / per_call:,.0f}",
+    rows.append((batch, f"{1000 * per_call / batch:.2f}", f"{batch / per_call:,.1f}",
                  f"{compile_s:.1f}", f"{error:.2f}"))
     print(rows[-1], flush=True)
   print(benchmarking.markdown_table(
       ("batch", "ms / image", "images / s", "compile s", "median landmark error px"), rows))
   payload = dict(device=benchmarking.device_description(), model=loaded.model.name,
+                 mode=config.mode, crop_size=_CROP.value,
                  rigid_iterations=config.rigid_iterations, full_iterations=config.full_iterations,
                  fit=results)
   if _PREPROCESS_IMAGES.value:

@@ -47,17 +47,22 @@ def main(argv):
   print(f"coefficients: {_NUM_SHAPE.value} shape, {_NUM_EXPRESSION.value} expression, 5 joints")
   rng = np.random.default_rng(0)
   variants = {"full mesh": lambda p: flame.flame_forward(model, p)[0]}
+  chunked = {"full mesh, chunks of 16": lambda params: flame.vertices_of_batch(model, params)}
   for count in map(int, _LANDMARK_COUNTS.value):
     faces = rng.integers(0, model.faces.shape[0], count)
     rows = flame.make_surface_rows(model, faces, rng.dirichlet(np.ones(3), count),
                                    _NUM_SHAPE.value, _NUM_EXPRESSION.value)
     variants[f"landmarks K={count}"] = (lambda r: lambda p: flame.surface_points_forward(r, p)[0])(
         rows)
-  results, table = [], []
+  programs_by_variant = {}
   for name, forward in variants.items():
     loss = lambda p, f=forward: jnp.sum(f(p) ** 2)
-    programs = {"forward": jax.jit(jax.vmap(forward)),
-                "forward+grad": jax.jit(jax.vmap(jax.value_and_grad(loss)))}
+    programs_by_variant[name] = {"forward": jax.jit(jax.vmap(forward)),
+                                 "forward+grad": jax.jit(jax.vmap(jax.value_and_grad(loss)))}
+  for name, batched in chunked.items():
+    programs_by_variant[name] = {"forward": jax.jit(batched)}
+  results, table = [], []
+  for name, programs in programs_by_variant.items():
     for batch in map(int, _BATCH_SIZES.value):
       params = _random_params(batch, batch)
       for mode, program in programs.items():
