@@ -376,9 +376,15 @@ def fit_batch(fit_model: FitModel, observations: Observation, config: FitConfig,
   """Fits a batch of observations (leading axis B on every array) in one compiled program.
 
   `guess`, optional, holds initialiser estimates per slot (see initializers.initial_guess).
-  The program is compiled once per (batch size, crop size, config, model sizes, which guess
-  fields are present); new values never recompile.
+  Images are vmapped, in chunks of `config.vmap_chunk` run one after another when it is set
+  (the results are the same either way). The program is compiled once per (batch size, crop
+  size, config, model sizes, which guess fields are present); new values never recompile.
   """
-  if guess is None:
-    return jax.vmap(lambda obs: fit_one(fit_model, obs, config))(observations)
-  return jax.vmap(lambda obs, one: fit_one(fit_model, obs, config, one))(observations, guess)
+  def fit_slot(inputs):
+    observation, one_guess = inputs
+    return fit_one(fit_model, observation, config, one_guess)
+
+  batch = observations.valid.shape[0]
+  if not config.vmap_chunk or config.vmap_chunk >= batch:
+    return jax.vmap(fit_slot)((observations, guess))
+  return jax.lax.map(fit_slot, (observations, guess), batch_size=config.vmap_chunk)

@@ -206,3 +206,10 @@ def test_no_recompilation_when_only_values_change(small_model, batch_of_eight):
   _, _, other = _scene(model, embedding, 8, seed=6)
   fit_batch(fit_model, _with_crop(other), dataclasses.replace(SHORT_CONFIG))  # equal config
   assert fit_batch._cache_size() == before
+
+
+def test_chunked_batches_give_the_vmapped_results(batch_of_eight):
+  fit_model, observation, vmapped = batch_of_eight
+  chunked = fit_batch(fit_model, observation, dataclasses.replace(SHORT_CONFIG, vmap_chunk=3))
+  np.testing.assert_allclose(chunked.landmarks_2d, vmapped.landmarks_2d, atol=2e-3)
+  np.testing.assert_allclose(chunked.params.expression, vmapped.params.expression, atol=2e-3)

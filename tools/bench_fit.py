@@ -31,6 +31,7 @@ _FLAME_MODEL = flags.DEFINE_string("flame_model", None, "FLAME file (default: sy
 _EMBEDDING = flags.DEFINE_string("embedding", None, "Embedding for a real FLAME model.")
 _CROP = flags.DEFINE_integer("crop_size", 256, "Crop size (and photometric render size).")
 _MODE = flags.DEFINE_enum("mode", "landmark", ["landmark", "photometric"], "Fitting mode.")
+_VMAP_CHUNK = flags.DEFINE_integer("vmap_chunk", 0, "FitConfig.vmap_chunk (0: whole batch).")
 _PREPROCESS_IMAGES = flags.DEFINE_integer("preprocess_images", 24,
                                           "Photographs to preprocess (0 skips that part).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write results as JSON here.")
@@ -110,14 +111,16 @@ def bench_preprocessing(count, crop_size):
 def main(argv):
   del argv
   loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value)
-  config = FitConfig(rigid_iterations=_RIGID.value, full_iterations=_FULL.value, mode=_MODE.value)
+  config = FitConfig(rigid_iterations=_RIGID.value, full_iterations=_FULL.value, mode=_MODE.value,
+                     vmap_chunk=_VMAP_CHUNK.value)
   fit_model = runner.prepare_fit_model(loaded, config)
   print(f"model: {loaded.model.name}")
   print(f"device: {benchmarking.device_description()}")
   print(f"config: {config.mode} mode, {config.rigid_iterations} + {config.full_iterations} "
         f"iterations, "
         f"{config.num_shape} shape + {config.num_expression} expression, "
-        f"{loaded.embedding.num_landmarks} landmarks, crop {_CROP.value}")
+        f"{fit_model.landmark_indices.shape[0]} landmarks, crop {_CROP.value}, vmap_chunk "
+        f"{config.vmap_chunk}")
   rows, results = [], []
   for batch in map(int, _BATCH_SIZES.value):
     observations = synthetic_observations(loaded, batch, _CROP.value, seed=batch,
