@@ -21,6 +21,7 @@ from jflame.assets import WORKSPACE_HINT
 from jflame.atomic import atomic_path
 from jflame.errors import ModelFileError, UnsafePickleError
 from jflame.flame import FlameModel
+from jflame.safe_pickle import numpy_globals
 
 NPZ_FORMAT_VERSION = 1
 _ROOT_PARENT = 4294967295  # FLAME's kintree_table marks the root's parent as uint32 -1.
@@ -67,18 +68,9 @@ def _latin1_encode(text, encoding="latin1"):
   return text.encode("latin1")
 
 
-def _numpy_globals():
-  from numpy.core import multiarray  # numpy 1.x location, also what numpy 2 writes as _core
-  allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-  for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    allowed[(module, "_reconstruct")] = multiarray._reconstruct
-    allowed[(module, "scalar")] = multiarray.scalar
-  return allowed
-
-
 class _FlameUnpickler(pickle.Unpickler):
   """Unpickler that allows NumPy arrays, chumpy and scipy.sparse stand-ins, and nothing else."""
-  _ALLOWED = {**_numpy_globals(),
+  _ALLOWED = {**numpy_globals(),
               ("copyreg", "_reconstructor"): _reconstructor,
               ("copy_reg", "_reconstructor"): _reconstructor,
               ("_codecs", "encode"): _latin1_encode,

@@ -32,6 +32,7 @@ from flax import struct as flax_struct
 from jflame.assets import WORKSPACE_HINT
 from jflame.atomic import atomic_path
 from jflame.errors import ModelFileError, UnsafePickleError
+from jflame.safe_pickle import numpy_globals
 
 MEDIAPIPE_NUM_LANDMARKS = 478
 MEDIAPIPE_LAYOUT = "mediapipe478"
@@ -375,19 +376,9 @@ def _rebuild_torch_tensor(storage, offset, size, stride, *unused):
       data[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)).copy()
 
 
-def _allowed_numpy_globals():
-  from numpy.core import multiarray  # also what NumPy 2 pickles name numpy._core.multiarray
-  allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-             ("collections", "OrderedDict"): collections.OrderedDict}
-  for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    allowed[(module, "_reconstruct")] = multiarray._reconstruct
-    allowed[(module, "scalar")] = multiarray.scalar
-  return allowed
-
-
 class _NumpyOnlyUnpickler(pickle.Unpickler):
   """Builds NumPy arrays, plain containers and (decoded) torch tensors; refuses anything else."""
-  _NUMPY = _allowed_numpy_globals()
+  _NUMPY = {**numpy_globals(), ("collections", "OrderedDict"): collections.OrderedDict}
   _TORCH = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_torch_tensor,
             ("torch._utils", "_rebuild_tensor"): _rebuild_torch_tensor,
             ("torch.storage", "_load_from_bytes"): _load_torch_storage_bytes}
