@@ -20,14 +20,14 @@ from flax import struct
 from initializers.initial_guess import InitialGuess
 from initializers.landmark_init import initial_identity_and_camera
 from jflame import losses
-from jflame.camera import Camera, focal_length_from_fov, project
+from jflame.camera import Camera, focal_length_from_fov
 from jflame.config import FitConfig, LearningRates
 from jflame.flame import FlameModel, FlameParams, SurfaceRows, flame_forward, make_surface_rows
 from jflame.flame import surface_points_forward
 from jflame.render import (AlbedoModel, Appearance, RasterSettings, RenderOutput, face_adjacency,
                            laplacian_albedo_model, neutral_lighting, render_mesh, vertex_normals)
 from jflame.observation import Observation
-from jflame.optim import FROZEN, make_optimizer
+from jflame.optim import make_optimizer
 from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 
 
@@ -290,33 +290,55 @@ def initial_variables(fit_model: FitModel, landmarks, weights, crop_size, config
   return variables, rotation, principal_point
 
 
-def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
-            guess: Optional[InitialGuess] = None):
-  """Fits ONE image (vmap for a batch). `guess` holds this image's initialiser estimates; a
-  given shape is kept as the start (and held fixed when config.fit_shape is False)."""
-  crop_size = observation.crop_size
+def _landmark_targets(fit_model: FitModel, observation: Observation):
+  """Detected landmarks in the embedding's order, their weights, and whether the image has
+  enough of them to fit. A non-finite detection is a missing landmark, not a lost image."""
   landmarks = observation.landmarks[fit_model.landmark_indices]
   weights = (observation.landmark_weights[fit_model.landmark_indices]
              * fit_model.landmark_weights * observation.valid)
-  # A non-finite detection is a missing landmark, not a reason to lose the image.
   detected = jnp.all(jnp.isfinite(landmarks), axis=-1) & jnp.isfinite(weights)
   landmarks = jnp.where(detected[:, None], landmarks, 0.0)
   weights = jnp.where(detected, weights, 0.0)
-  active = observation.valid & (jnp.sum(weights > 0) >= 6)
-  variables, base_rotation, principal_point = initial_variables(
-      fit_model, landmarks, weights, crop_size, config, guess)
-  # Degenerate landmarks (e.g. absurdly large coordinates) can defeat the closed-form start;
-  # such an image is failed from the outset and keeps a finite rest pose.
-  init_ok = _all_finite((variables, base_rotation))
+  return landmarks, weights, observation.valid & (jnp.sum(weights > 0) >= 6)
+
+
+def _finite_start(variables: FitVariables, base_rotation, config: FitConfig):
+  """Degenerate landmarks (e.g. absurdly large coordinates) can defeat the closed-form start;
+  such an image keeps a finite rest pose. Returns (variables, base rotation, ok)."""
+  ok = _all_finite((variables, base_rotation))
   fallback = FitVariables(
       flame=FlameParams.zeros(config.num_shape, config.num_expression),
       camera_rotation=jnp.zeros(3, jnp.float32),
       camera_translation=jnp.asarray([0.0, 0.0, 1.0], jnp.float32),
       focal_length=jnp.where(jnp.isfinite(variables.focal_length), variables.focal_length, 1.0))
-  variables = _tree_where(init_ok, variables, fallback)
-  base_rotation = jnp.where(init_ok, base_rotation, jnp.eye(3, dtype=jnp.float32))
-  init_failed = active & ~init_ok
-  active = active & init_ok
+  return (_tree_where(ok, variables, fallback),
+          jnp.where(ok, base_rotation, jnp.eye(3, dtype=jnp.float32)), ok)
+
+
+def _photometric_start(fit_model: FitModel, observation: Observation,
+                       guess: Optional[InitialGuess]) -> Appearance:
+  """Lighting matched to the photo's mean colour; albedo from an encoder's texture estimate
+  when the fit uses a texture space (else the mean albedo)."""
+  appearance = initial_appearance(fit_model.albedo, observation.image, observation.face_mask)
+  if guess is None or guess.texture is None or not fit_model.albedo.is_texture:
+    return appearance
+  count = fit_model.albedo.num_coefficients
+  texture = guess.texture[:count]
+  texture = jnp.pad(texture, (0, count - texture.shape[0]))
+  return appearance.replace(texture=jnp.where(guess.estimated, texture, appearance.texture))
+
+
+def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
+            guess: Optional[InitialGuess] = None):
+  """Fits ONE image (vmap for a batch). `guess` holds this image's initialiser estimates; a
+  given shape is kept as the start (and held fixed when config.fit_shape is False)."""
+  crop_size = observation.crop_size
+  landmarks, weights, active = _landmark_targets(fit_model, observation)
+  variables, base_rotation, principal_point = initial_variables(
+      fit_model, landmarks, weights, crop_size, config, guess)
+  variables, base_rotation, start_ok = _finite_start(variables, base_rotation, config)
+  init_failed = active & ~start_ok
+  active = active & start_ok
 
   def data_loss(variables):
     predicted = _project_landmarks(fit_model, variables, base_rotation, principal_point)
@@ -344,13 +366,7 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
   if not config.fit_shape:
     full_rates = dataclasses.replace(full_rates, shape=None)
   if photometric:
-    variables = variables.replace(appearance=initial_appearance(
-        fit_model.albedo, observation.image, observation.face_mask))
-    if guess is not None and guess.texture is not None and fit_model.albedo.is_texture:
-      texture = guess.texture[:fit_model.albedo.num_coefficients]
-      texture = jnp.pad(texture, (0, fit_model.albedo.num_coefficients - texture.shape[0]))
-      variables = variables.replace(appearance=variables.appearance.replace(
-          texture=jnp.where(guess.estimated, texture, variables.appearance.texture)))
+    variables = variables.replace(appearance=_photometric_start(fit_model, observation, guess))
   variables, full_history, full_failed = run_stage(
       full_loss, variables, full_rates, config.full_iterations, active & ~rigid_failed)
   predicted = _project_landmarks(fit_model, variables, base_rotation, principal_point)

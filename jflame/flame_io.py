@@ -263,7 +263,6 @@ def flame_model_from_arrays(arrays: dict, name: str, num_expression: Optional[in
                          f"file. {WORKSPACE_HINT}")
   v_template = np.asarray(arrays["v_template"], np.float32)
   shapedirs = np.asarray(arrays["shapedirs"], np.float32)
-  num_vertices = v_template.shape[0]
   total = shapedirs.shape[-1]
   if num_expression is None:
     num_expression = infer_num_expression(shapedirs)

@@ -6,7 +6,6 @@ images in a batch have all landmark weights zero and `valid` False.
 """
 
 import jax
-import jax.numpy as jnp
 from flax import struct
 
 

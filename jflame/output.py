@@ -5,14 +5,13 @@ replaced by the output of a failed attempt.
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import cv2
 import numpy as np
 import trimesh
 
 from jflame.atomic import atomic_path, write_text
-from jflame.camera import apply_affine, invert_affine
+from jflame.camera import invert_affine
 from jflame.rotation import matrix_to_axis_angle_np
 from scipy.spatial.transform import Rotation
 

@@ -16,7 +16,6 @@ from typing import Callable, List, Optional, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from initializers.initial_guess import initial_guess_for_batch

@@ -1,7 +1,6 @@
 """tools/build_embedding.py: an embedding from renders + MediaPipe lands near the known one."""
 
 import numpy as np
-import pytest
 
 from jflame import synthetic
 from jflame.preprocess import FaceAnalyzer

@@ -1,7 +1,6 @@
 """Photometric fitting: recovery of lighting, albedo and pose from a synthetic photometric target,
 and the photometric command output on a real photograph."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -2,13 +2,12 @@
 
 import pickle
 
-import jax
 import numpy as np
 import pytest
 
 from jflame import flame, flame_io
 from jflame.errors import ModelFileError, UnsafePickleError
-from tests.conftest import FLAME_FILE_NAMES, SHARED_ASSETS, random_flame_arrays, real_flame_files
+from tests.conftest import FLAME_FILE_NAMES, SHARED_ASSETS, real_flame_files
 
 
 def _vertices(model, seed=0):

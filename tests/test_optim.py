@@ -3,10 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from jflame.config import FULL_RATES, RIGID_RATES, LearningRates, Schedule
+from jflame.config import FULL_RATES, RIGID_RATES, Schedule
 from jflame.fit import FitVariables, group_labels
 from jflame.flame import FlameParams
 from jflame.optim import make_optimizer
