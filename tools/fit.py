@@ -47,6 +47,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic model (used when 
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    # Progress and results go to stdout; log lines only for warnings and errors unless asked
+    # for with --verbosity=0 (JAX's backend probing is noise on a normal run).
+    logging.set_verbosity(logging.WARNING)
   from jflame import runner  # heavy imports after flag parsing, so --help is instant
   from jflame.preprocess import list_images, unique_names
   if not _INPUT.value:
