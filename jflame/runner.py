@@ -27,10 +27,12 @@ from jflame.fit import FitModel, fit_batch, make_fit_model, render_result
 from jflame.flame import FlameModel, vertices_of_batch
 from jflame.camera import apply_affine, invert_affine, project
 from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
+from jflame.render import load_texture_albedo
 
 FLAME_FILE_NAMES = ("generic_model.npz", "flame2023.npz", "generic_model.pkl", "flame2023.pkl",
                     "flame2023_Open.pkl")
 EMBEDDING_FILE_NAMES = ("mediapipe_landmark_embedding.npz",)
+TEXTURE_FILE_NAMES = ("FLAME_albedo_from_BFM.npz", "FLAME_texture.npz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,9 @@ class RunOptions:
   write_overlay: bool = True
   deca_model: Optional[str] = None
   mica_model: Optional[str] = None
+  texture_model: Optional[str] = None
+  texture_components: int = 50
+  texture_size: int = 256
 
 
 @dataclasses.dataclass
@@ -76,12 +81,31 @@ def load_model(flame_path: Optional[str], embedding_path: Optional[str], seed: i
   return LoadedModel(model, embedding, f"{model.name} with {embedding_file.name}")
 
 
-def prepare_fit_model(loaded: LoadedModel, config: FitConfig) -> FitModel:
+def load_albedo(loaded: LoadedModel, options: RunOptions):
+  """The FLAME texture space for photometric fitting when the user has one (flag, then the
+  search folders), else None (the fit then uses the built-in Laplacian basis). A FLAME UV map
+  means nothing on the synthetic head, so there a texture file is refused if given and
+  ignored if merely found."""
+  path = find_asset(options.texture_model, TEXTURE_FILE_NAMES, "FLAME texture space")
+  if path is None:
+    return None
+  if loaded.model.is_synthetic:
+    if options.texture_model:
+      raise ConfigError(f"{path} is a FLAME UV texture space; it does not fit the synthetic "
+                        "head. Pass a real FLAME model, or drop --texture_model.")
+    logging.info("texture space %s not used with the synthetic model", path)
+    return None
+  uv_path = find_asset(None, ("FLAME_texture.npz",), "FLAME texture UVs")
+  return load_texture_albedo(path, np.asarray(loaded.model.faces), options.texture_components,
+                             options.texture_size, uv_path=uv_path)
+
+
+def prepare_fit_model(loaded: LoadedModel, config: FitConfig, albedo=None) -> FitModel:
   region = landmarks.mediapipe_landmark_weights(config.region_weights)
   embedding = landmarks.select_regions(loaded.embedding, config.landmark_regions)
   return make_fit_model(loaded.model, np.asarray(embedding.face_indices),
                         np.asarray(embedding.barycentrics), np.asarray(embedding.landmark_indices),
-                        region[np.asarray(embedding.landmark_indices)], config)
+                        region[np.asarray(embedding.landmark_indices)], config, albedo)
 
 
 def load_encoders(loaded: LoadedModel, options: RunOptions):
@@ -132,7 +156,8 @@ class Run:
     if self.mesh is not None and options.batch_size % self.mesh.size:
       raise ConfigError(f"--batch_size {options.batch_size} must be a multiple of the "
                         f"{self.mesh.size} local devices the batch is split over.")
-    self.fit_model = sharding.replicate(prepare_fit_model(loaded, config), self.mesh)
+    albedo = load_albedo(loaded, options) if config.mode == "photometric" else None
+    self.fit_model = sharding.replicate(prepare_fit_model(loaded, config, albedo), self.mesh)
     self.encoders = load_encoders(loaded, options)
     self.images: List[dict] = []
     self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0)

@@ -42,6 +42,14 @@ _DECA_MODEL = flags.DEFINE_string(
 _MICA_MODEL = flags.DEFINE_string(
     "mica_model", None, "MICA identity encoder exported to ONNX (optional initialiser; FLAME "
     "2020 only). Default: mica.onnx in $JFLAME_HOME or ~/.cache/jflame when present.")
+_TEXTURE_MODEL = flags.DEFINE_string(
+    "texture_model", None, "FLAME texture space (FLAME_albedo_from_BFM.npz or FLAME_texture.npz) "
+    "for --mode=photometric. Default: found in $JFLAME_HOME or ~/.cache/jflame, else the built-in "
+    "Laplacian albedo basis.")
+_TEXTURE_COMPONENTS = flags.DEFINE_integer("texture_components", 50,
+                                           "Texture-space components fitted.")
+_TEXTURE_SIZE = flags.DEFINE_integer("texture_size", 256, "Texture resolution used in fitting "
+                                     "(must divide the file's; smaller is faster).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic model (used when no FLAME file).")
 
 
@@ -61,7 +69,10 @@ def main(argv):
   options = runner.RunOptions(output_dir=_OUTPUT.value, batch_size=_BATCH_SIZE.value,
                               crop_size=_CROP_SIZE.value, workers=_WORKERS.value,
                               overwrite=_OVERWRITE.value, mesh_format=_MESH_FORMAT.value,
-                              deca_model=_DECA_MODEL.value, mica_model=_MICA_MODEL.value)
+                              deca_model=_DECA_MODEL.value, mica_model=_MICA_MODEL.value,
+                              texture_model=_TEXTURE_MODEL.value,
+                              texture_components=_TEXTURE_COMPONENTS.value,
+                              texture_size=_TEXTURE_SIZE.value)
   try:
     paths = list_images(_INPUT.value)
     loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value, _SEED.value)
