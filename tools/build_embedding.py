@@ -150,7 +150,9 @@ def build_embedding(model, size, yaws, analyzer):
   if not samples:
     raise RuntimeError("MediaPipe found no face in any render of the model.")
   stacked = np.stack(samples)
-  mean = np.nanmedian(stacked, axis=0)
+  seen = np.any(np.all(np.isfinite(stacked), axis=2), axis=0)  # on the surface in some view
+  mean = np.full(stacked.shape[1:], np.nan)
+  mean[seen] = np.nanmedian(stacked[:, seen], axis=0)
   found = np.all(np.isfinite(mean), axis=1)
   face_ids, barycentrics = closest_surface_points(mean[found], vertices, faces)
   embedding = landmarks.LandmarkEmbedding(
