@@ -21,11 +21,11 @@ import numpy as np
 from initializers.initial_guess import initial_guess_for_batch
 from jflame import flame_io, landmarks, output, sharding
 from jflame.assets import find_asset
+from jflame.camera import apply_affine, invert_affine, project
 from jflame.config import FitConfig
 from jflame.errors import ConfigError, ModelFileError
 from jflame.fit import FitModel, fit_batch, make_fit_model, render_result
 from jflame.flame import FlameModel, vertices_of_batch
-from jflame.camera import apply_affine, invert_affine, project
 from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
 from jflame.render import load_texture_albedo
 
