@@ -50,6 +50,9 @@ _TEXTURE_COMPONENTS = flags.DEFINE_integer("texture_components", 50,
                                            "Texture-space components fitted.")
 _TEXTURE_SIZE = flags.DEFINE_integer("texture_size", 256, "Texture resolution used in fitting "
                                      "(must divide the file's; smaller is faster).")
+_OVERLAY = flags.DEFINE_bool(
+    "overlay", True, "Write the overlay picture(s). Drawing on the full-size photo re-reads it, "
+    "which can cost more than a landmark fit: --nooverlay for the fastest runs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic model (used when no FLAME file).")
 
 
@@ -72,7 +75,7 @@ def main(argv):
                               deca_model=_DECA_MODEL.value, mica_model=_MICA_MODEL.value,
                               texture_model=_TEXTURE_MODEL.value,
                               texture_components=_TEXTURE_COMPONENTS.value,
-                              texture_size=_TEXTURE_SIZE.value)
+                              texture_size=_TEXTURE_SIZE.value, write_overlay=_OVERLAY.value)
   try:
     paths = list_images(_INPUT.value)
     loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value, _SEED.value)
