@@ -58,11 +58,16 @@ def to_camera_space(camera: Camera, points):
   return points @ rotation.T + camera.translation
 
 
-def project_camera_space(camera: Camera, points_cam, min_depth=1e-4):
+def pinhole(points_cam, focal_length, principal_point, min_depth=1e-4):
   """(N, 3) camera-space points -> (N, 2) pixel coordinates. Depth is clamped away from zero
   so a point behind the camera gives a large finite value instead of a NaN."""
   depth = jnp.maximum(points_cam[:, 2:3], min_depth)
-  return camera.focal_length * points_cam[:, :2] / depth + camera.principal_point
+  return focal_length * points_cam[:, :2] / depth + principal_point
+
+
+def project_camera_space(camera: Camera, points_cam):
+  """(N, 3) camera-space points -> (N, 2) pixel coordinates (see `pinhole`)."""
+  return pinhole(points_cam, camera.focal_length, camera.principal_point)
 
 
 def project(camera: Camera, points):

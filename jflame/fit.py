@@ -20,7 +20,7 @@ from flax import struct
 from initializers.initial_guess import InitialGuess
 from initializers.landmark_init import initial_identity_and_camera
 from jflame import losses
-from jflame.camera import Camera, focal_length_from_fov
+from jflame.camera import Camera, focal_length_from_fov, pinhole
 from jflame.config import FitConfig, LearningRates
 from jflame.flame import FlameModel, FlameParams, SurfaceRows, flame_forward, make_surface_rows
 from jflame.flame import surface_points_forward
@@ -142,8 +142,7 @@ def _to_camera(variables: FitVariables, base_rotation, points):
 
 
 def _pixels(variables: FitVariables, principal_point, points_cam):
-  depth = jnp.maximum(points_cam[:, 2:3], 1e-4)
-  return variables.focal_length * points_cam[:, :2] / depth + principal_point
+  return pinhole(points_cam, variables.focal_length, principal_point)
 
 
 def _project_landmarks(fit_model: FitModel, variables, base_rotation, principal_point):

@@ -167,18 +167,21 @@ def posed_joint_locations(transforms, rest_joints):
   return jnp.sum(transforms[:, :, :3] * rest_joints[:, None, :], axis=-1) + transforms[:, :, 3]
 
 
+def _shaped(model: FlameModel, params: FlameParams):
+  """The template with identity and expression blended in, before posing: (V, 3)."""
+  shaped = blend(model.v_template, model.shapedirs, params.shape, "shape")
+  return blend(shaped, model.exprdirs, params.expression, "expression")
+
+
 def rest_joints(model: FlameModel, params: FlameParams):
   """(J, 3) joints regressed from the shaped, expression-blended mesh before posing."""
-  shaped = blend(model.v_template, model.shapedirs, params.shape, "shape")
-  shaped = blend(shaped, model.exprdirs, params.expression, "expression")
-  return model.j_regressor @ shaped
+  return model.j_regressor @ _shaped(model, params)
 
 
 def flame_forward(model: FlameModel, params: FlameParams):
   """All vertices and joints of one posed face: ((V, 3), (J, 3)) in model space (metres)."""
   rotations = jax.vmap(axis_angle_to_matrix)(params.joint_rotations())
-  shaped = blend(model.v_template, model.shapedirs, params.shape, "shape")
-  shaped = blend(shaped, model.exprdirs, params.expression, "expression")
+  shaped = _shaped(model, params)
   joints = model.j_regressor @ shaped
   posed = blend(shaped, model.posedirs, pose_feature(rotations), "pose-corrective")
   transforms = relative_joint_transforms(rotations, joints, model.parents)

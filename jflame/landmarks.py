@@ -32,6 +32,7 @@ from flax import struct as flax_struct
 from jflame.assets import WORKSPACE_HINT
 from jflame.atomic import atomic_path
 from jflame.errors import ModelFileError, UnsafePickleError
+from jflame.flame import barycentric_points
 from jflame.safe_pickle import numpy_globals
 
 MEDIAPIPE_NUM_LANDMARKS = 478
@@ -66,8 +67,7 @@ class LandmarkEmbedding:
 
   def points(self, vertices, faces):
     """(K, 3) landmark positions on a mesh with (V, 3) `vertices` and (F, 3) `faces`."""
-    corners = vertices[faces[self.face_indices]]
-    return jnp.einsum("kc,kcd->kd", self.barycentrics, corners)
+    return barycentric_points(vertices, faces, self.face_indices, self.barycentrics)
 
 
 @flax_struct.dataclass

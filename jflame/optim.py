@@ -8,9 +8,6 @@ import optax
 
 from jflame.config import LearningRates
 
-FROZEN = "frozen"
-
-
 def make_optimizer(rates: LearningRates, labels, steps: int) -> optax.GradientTransformation:
   """Adam per group with its schedule over `steps`; groups without a rate are frozen.
 
@@ -19,7 +16,7 @@ def make_optimizer(rates: LearningRates, labels, steps: int) -> optax.GradientTr
     labels: a pytree with the structure of the variables whose leaves are group names.
     steps: the stage's iteration count, over which schedules run.
   """
-  transforms = {FROZEN: optax.set_to_zero()}
+  transforms = {}
   for group in rates.groups():
     schedule = getattr(rates, group)
     transforms[group] = (optax.set_to_zero() if schedule is None

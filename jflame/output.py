@@ -120,8 +120,8 @@ def warp_to_photo(image, original_from_crop, photo_shape):
 def side_by_side(crop, render, alpha):
   """(input | render | overlay) in the crop frame, uint8 RGB."""
   crop = np.asarray(crop, np.uint8)
-  background = np.full_like(np.asarray(render, np.float32), 0.0)
-  render_only = np.clip((np.asarray(render) + background) * 255.0, 0, 255).astype(np.uint8)
+  # The render is premultiplied by its alpha, so as it stands it is drawn over black.
+  render_only = np.clip(np.asarray(render) * 255.0, 0, 255).astype(np.uint8)
   return np.concatenate([crop, render_only, blend_render(crop, render, alpha)], axis=1)
 
 
