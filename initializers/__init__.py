@@ -1,2 +1,7 @@
-"""Initial fit variables: the weight-free landmark initialiser (always available) and, when the
-user has their ONNX weights, DECA/MICA encoders."""
+"""jflame.initializers: optional DECA / MICA encoders run with onnxruntime.
+
+Installed as `jflame.initializers` (the repository keeps it in its own top-level folder). It
+depends on jflame's model, fitting and preprocessing modules and never the other way round: only
+`jflame.runner`/`jflame.engine` and the commands use it. The weight-free landmark initialiser
+and the `InitialGuess` type are part of fitting and live in `jflame.init`.
+"""

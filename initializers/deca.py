@@ -26,7 +26,7 @@ from typing import Dict, Optional, Sequence
 import jax
 import numpy as np
 
-from initializers.onnx_runtime import (DEFAULT_MAX_BATCH, OnnxModel, TensorSpec, find_model_file,
+from jflame.initializers.onnx_runtime import (DEFAULT_MAX_BATCH, OnnxModel, TensorSpec, find_model_file,
                                        resolve_model_file)
 from jflame.errors import ConfigError
 from jflame.preprocess.align import warp_affine

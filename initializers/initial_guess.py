@@ -1,50 +1,11 @@
-"""What the initialisers hand to the fit: estimates per batch slot, all optional.
-
-The weight-free landmark initialiser needs none of this; DECA/MICA (ONNX, optional) or the user
-fill it. The fit treats an estimated shape as given (kept by its closed-form start, refined or
-held by stage 2 per FitConfig.fit_shape) and an estimated expression as the prior mean of its
-start.
-"""
+"""The encoders' estimates for one batch, laid out per slot as a `jflame.init.InitialGuess`."""
 
 from typing import Optional, Sequence
 
 import numpy as np
-from flax import struct
 
 from jflame.errors import ConfigError
-
-
-@struct.dataclass
-class InitialGuess:
-  """Encoder estimates for a batch, in jflame's conventions (NumPy, leading batch axis B).
-
-  A field is None when no encoder given estimates it. Slots of failed records and padding slots
-  hold zeros and `estimated` False.
-
-  Attributes:
-    estimated: (B,) bool, True where an encoder ran on the slot's record.
-    shape: (B, S) FLAME identity coefficients (MICA when given, else DECA).
-    expression: (B, E) FLAME expression coefficients (DECA).
-    jaw_rotation: (B, 3) axis-angle, radians (DECA).
-    texture: (B, T) albedo coefficients of DECA's texture space (DECA).
-    lighting: (B, 9, 3) SH lighting in jflame.render.shading's convention (DECA).
-  """
-  estimated: np.ndarray
-  shape: Optional[np.ndarray] = None
-  expression: Optional[np.ndarray] = None
-  jaw_rotation: Optional[np.ndarray] = None
-  texture: Optional[np.ndarray] = None
-  lighting: Optional[np.ndarray] = None
-
-
-def fit_coefficient_count(coefficients: np.ndarray, count: int) -> np.ndarray:
-  """(N, K) coefficients -> (N, count): the leading ones, zero-padded when count > K (a zero
-  coefficient is the model's mean along that direction)."""
-  coefficients = np.asarray(coefficients, np.float32)
-  fitted = np.zeros(coefficients.shape[:1] + (count,), np.float32)
-  kept = min(count, coefficients.shape[1])
-  fitted[:, :kept] = coefficients[:, :kept]
-  return fitted
+from jflame.init import InitialGuess, fit_coefficient_count
 
 
 def initial_guess_for_batch(records: Sequence, batch_size: int, deca=None, mica=None, *,
@@ -56,8 +17,8 @@ def initial_guess_for_batch(records: Sequence, batch_size: int, deca=None, mica=
   Args:
     records: at most `batch_size` PreparedImage records (any status).
     batch_size: B.
-    deca: an `initializers.deca.DecaEncoder`, or None.
-    mica: an `initializers.mica.MicaEncoder`, or None. Its shape replaces DECA's (MICA is the
+    deca: an `jflame.initializers.deca.DecaEncoder`, or None.
+    mica: an `jflame.initializers.mica.MicaEncoder`, or None. Its shape replaces DECA's (MICA is the
       identity specialist; DECA's shape is the fallback).
     num_shape, num_expression: the fit's coefficient counts; estimates are truncated or
       zero-padded to them.

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from initializers.onnx_runtime import (DEFAULT_MAX_BATCH, OnnxModel, TensorSpec, find_model_file,
+from jflame.initializers.onnx_runtime import (DEFAULT_MAX_BATCH, OnnxModel, TensorSpec, find_model_file,
                                        resolve_model_file)
 from jflame.assets import WORKSPACE_HINT, search_folders
 from jflame.errors import ConfigError, ModelFileError

@@ -6,12 +6,44 @@ L2 0.1; texture 0.005; lighting 0.005).
 """
 
 import dataclasses
+import enum
+import math
 from typing import Optional, Tuple
 
 import optax
 
-from jflame.landmarks import LandmarkWeights
+from jflame.errors import ConfigError
+from jflame.landmarks import REGION_NAMES, LandmarkWeights
 from jflame.render.rasterize import RasterSettings
+
+
+class FitMode(str, enum.Enum):
+  """What the fit matches: detected landmarks only, or landmarks plus the photo's colours
+  (through jflame's rasterizer). A str enum, so "landmark" and FitMode.LANDMARK compare equal
+  and the value writes to JSON as its name."""
+  LANDMARK = "landmark"
+  PHOTOMETRIC = "photometric"
+
+  @classmethod
+  def parse(cls, value) -> "FitMode":
+    try:
+      return cls(value)
+    except ValueError:
+      raise ConfigError(f"FitConfig.mode must be one of {[m.value for m in cls]}, got "
+                        f"{value!r}.") from None
+
+
+def _require(condition: bool, field: str, allowed: str, value) -> None:
+  if not condition:
+    raise ConfigError(f"FitConfig.{field} must be {allowed}, got {value!r}.")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +52,12 @@ class Schedule:
   `end` is None)."""
   start: float
   end: Optional[float] = None
+
+  def validate(self, field: str) -> None:
+    _require(_is_number(self.start) and self.start > 0, f"{field}.start", "a number > 0",
+             self.start)
+    _require(self.end is None or (_is_number(self.end) and self.end > 0), f"{field}.end",
+             "None or a number > 0", self.end)
 
   def optax_schedule(self, steps: int):
     if self.end is None or self.end == self.start:
@@ -44,6 +82,14 @@ class LearningRates:
 
   def groups(self):
     return tuple(field.name for field in dataclasses.fields(self))
+
+  def validate(self, field: str) -> None:
+    for group in self.groups():
+      schedule = getattr(self, group)
+      _require(schedule is None or isinstance(schedule, Schedule), f"{field}.{group}",
+               "None or a Schedule", schedule)
+      if schedule is not None:
+        schedule.validate(f"{field}.{group}")
 
 
 # Stage 1: rigid camera only. Rotation in radians, translation in metres (Adam steps are about
@@ -91,7 +137,8 @@ class FitConfig:
       solve); 0 starts from the mean face with a closed-form camera.
     init_num_shape, init_num_expression: leading components the initialiser's linear solve
       estimates (its cost grows with their square); the optimiser refines all of them.
-    mode: "landmark" or "photometric".
+    mode: FitMode.LANDMARK or FitMode.PHOTOMETRIC (the strings "landmark" and "photometric"
+      are accepted and converted).
     photometric_weight: weight of the photometric term against the landmark term (photometric
       mode, stage 2).
     photometric_robust_scale: Charbonnier scale of colour residuals (colour units in [0, 1]).
@@ -118,12 +165,60 @@ class FitConfig:
   init_rounds: int = 3
   init_num_shape: int = 40
   init_num_expression: int = 30
-  mode: str = "landmark"
+  mode: FitMode = FitMode.LANDMARK
   photometric_weight: float = 10.0
   photometric_robust_scale: float = 0.05
   albedo_per_channel: int = 16
   raster: RasterSettings = RasterSettings(cull_backfaces=True)
   vmap_chunk: int = 0
+
+  def __post_init__(self):
+    """Refuses settings that cannot mean anything, naming the field and what it accepts
+    (counts against the model are checked where the model is known, in `make_fit_model`)."""
+    object.__setattr__(self, "mode", FitMode.parse(self.mode))
+    if isinstance(self.landmark_regions, list):
+      object.__setattr__(self, "landmark_regions", tuple(self.landmark_regions))
+    for field in ("num_shape", "num_expression"):
+      value = getattr(self, field)
+      _require(_is_int(value) and value >= 1, field, "an integer >= 1", value)
+    for field in ("rigid_iterations", "full_iterations", "init_rounds", "init_num_shape",
+                  "init_num_expression", "vmap_chunk"):
+      value = getattr(self, field)
+      _require(_is_int(value) and value >= 0, field, "an integer >= 0", value)
+    _require(_is_int(self.albedo_per_channel) and self.albedo_per_channel >= 1,
+             "albedo_per_channel", "an integer >= 1", self.albedo_per_channel)
+    for field in ("landmark_scale", "landmark_robust_scale", "photometric_robust_scale"):
+      value = getattr(self, field)
+      _require(_is_number(value) and value > 0, field, "a number > 0", value)
+    _require(_is_number(self.photometric_weight) and self.photometric_weight >= 0,
+             "photometric_weight", "a number >= 0", self.photometric_weight)
+    _require(_is_number(self.fov_degrees) and 0 < self.fov_degrees < 180, "fov_degrees",
+             "a number of degrees in (0, 180)", self.fov_degrees)
+    _require(isinstance(self.fit_shape, bool), "fit_shape", "True or False", self.fit_shape)
+    for field, rates in (("rigid_rates", self.rigid_rates), ("full_rates", self.full_rates)):
+      _require(isinstance(rates, LearningRates), field, "a LearningRates", rates)
+      rates.validate(field)
+    _require(isinstance(self.regularization, Regularization), "regularization",
+             "a Regularization", self.regularization)
+    for group in dataclasses.fields(self.regularization):
+      value = getattr(self.regularization, group.name)
+      _require(_is_number(value) and value >= 0, f"regularization.{group.name}", "a number >= 0",
+               value)
+    _require(isinstance(self.region_weights, LandmarkWeights), "region_weights",
+             "a LandmarkWeights", self.region_weights)
+    for region in dataclasses.fields(self.region_weights):
+      value = getattr(self.region_weights, region.name)
+      _require(_is_number(value) and value >= 0, f"region_weights.{region.name}",
+               "a number >= 0", value)
+    regions = self.landmark_regions
+    _require(regions is None or (isinstance(regions, tuple) and len(regions) > 0
+                                 and all(name in REGION_NAMES for name in regions)),
+             "landmark_regions", f"None or a non-empty tuple of {list(REGION_NAMES)}", regions)
+    _require(isinstance(self.raster, RasterSettings), "raster", "a RasterSettings", self.raster)
+
+  @property
+  def photometric(self) -> bool:
+    return self.mode is FitMode.PHOTOMETRIC
 
   def replace(self, **changes) -> "FitConfig":
     return dataclasses.replace(self, **changes)

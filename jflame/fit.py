@@ -17,13 +17,13 @@ import numpy as np
 import optax
 from flax import struct
 
-from initializers.initial_guess import InitialGuess
-from initializers.landmark_init import initial_identity_and_camera
 from jflame import losses
-from jflame.camera import Camera, focal_length_from_fov, pinhole
+from jflame.camera import Camera, focal_length_from_fov, pinhole, project
 from jflame.config import FitConfig, LearningRates
-from jflame.flame import FlameModel, FlameParams, SurfaceRows, flame_forward, make_surface_rows
-from jflame.flame import surface_points_forward
+from jflame.errors import ConfigError
+from jflame.flame import (FlameModel, FlameParams, SurfaceRows, flame_forward, make_surface_rows,
+                          surface_points_forward, vertices_of_batch)
+from jflame.init import InitialGuess, initial_identity_and_camera
 from jflame.render import (AlbedoModel, Appearance, RasterSettings, RenderOutput, face_adjacency,
                            laplacian_albedo_model, neutral_lighting, render_mesh, vertex_normals)
 from jflame.observation import Observation
@@ -57,12 +57,18 @@ def make_fit_model(model: FlameModel, face_indices, barycentrics, landmark_indic
   """Host-side preparation: gathers and precomposes the landmark rows for the config's
   coefficient counts; in photometric mode also the full mesh and an albedo model (the built-in
   Laplacian basis when none is given)."""
+  for field, available in (("num_shape", model.num_shape),
+                           ("num_expression", model.num_expression)):
+    if getattr(config, field) > available:
+      raise ConfigError(f"FitConfig.{field} is {getattr(config, field)} but the model "
+                        f"({model.name}) has {available} such components; use at most "
+                        f"{available}.")
   rows = make_surface_rows(model, face_indices, barycentrics, config.num_shape,
                            config.num_expression)
   fit_model = FitModel(landmark_rows=rows,
                        landmark_indices=jnp.asarray(landmark_indices, jnp.int32),
                        landmark_weights=jnp.asarray(landmark_weights, jnp.float32))
-  if config.mode != "photometric":
+  if not config.photometric:
     return fit_model
   if albedo is None:
     albedo = laplacian_albedo_model(model.v_template, model.faces, config.albedo_per_channel)
@@ -109,7 +115,8 @@ class FitResult:
     params: fitted FLAME parameters.
     camera: fitted camera in crop pixels (see jflame.camera).
     landmarks_2d: (K, 2) fitted landmarks projected into the crop.
-    landmark_error: () weighted mean distance to the detected landmarks, crop pixels.
+    landmark_error: () mean distance to the detected landmarks in crop pixels
+      (`losses.landmark_error`: every detected landmark counts the same).
     rigid_loss_history, full_loss_history: (iterations,) loss per step of each stage.
     failed: () True when the loss or a gradient became non-finite (the variables are the last
       finite ones).
@@ -251,7 +258,7 @@ _GIVEN_SHAPE_PRIOR = 1e3
 def initial_variables(fit_model: FitModel, landmarks, weights, crop_size, config: FitConfig,
                       guess: Optional[InitialGuess] = None):
   """Start for one image from its landmarks: a closed-form camera alternated with a
-  regularised linear solve for shape and expression (see initializers.landmark_init).
+  regularised linear solve for shape and expression (see jflame.init).
 
   A `guess` (one image's slice of an InitialGuess) supplies a shape that is kept, an expression
   that the solve starts from as its prior mean, and a jaw rotation. Returns (variables, base
@@ -290,15 +297,17 @@ def initial_variables(fit_model: FitModel, landmarks, weights, crop_size, config
 
 
 def _landmark_targets(fit_model: FitModel, observation: Observation):
-  """Detected landmarks in the embedding's order, their weights, and whether the image has
-  enough of them to fit. A non-finite detection is a missing landmark, not a lost image."""
+  """Detected landmarks in the embedding's order, their fitting weights (detection times
+  region weight), which of them were detected, and whether the image has enough of them to
+  fit. A non-finite detection is a missing landmark, not a lost image."""
   landmarks = observation.landmarks[fit_model.landmark_indices]
-  weights = (observation.landmark_weights[fit_model.landmark_indices]
-             * fit_model.landmark_weights * observation.valid)
-  detected = jnp.all(jnp.isfinite(landmarks), axis=-1) & jnp.isfinite(weights)
-  landmarks = jnp.where(detected[:, None], landmarks, 0.0)
-  weights = jnp.where(detected, weights, 0.0)
-  return landmarks, weights, observation.valid & (jnp.sum(weights > 0) >= 6)
+  detection_weights = observation.landmark_weights[fit_model.landmark_indices]
+  weights = detection_weights * fit_model.landmark_weights * observation.valid
+  finite = jnp.all(jnp.isfinite(landmarks), axis=-1) & jnp.isfinite(weights)
+  landmarks = jnp.where(finite[:, None], landmarks, 0.0)
+  weights = jnp.where(finite, weights, 0.0)
+  is_detected = finite & (detection_weights > 0) & observation.valid
+  return landmarks, weights, is_detected, observation.valid & (jnp.sum(weights > 0) >= 6)
 
 
 def _finite_start(variables: FitVariables, base_rotation, config: FitConfig):
@@ -332,7 +341,7 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
   """Fits ONE image (vmap for a batch). `guess` holds this image's initialiser estimates; a
   given shape is kept as the start (and held fixed when config.fit_shape is False)."""
   crop_size = observation.crop_size
-  landmarks, weights, active = _landmark_targets(fit_model, observation)
+  landmarks, weights, is_detected, active = _landmark_targets(fit_model, observation)
   variables, base_rotation, principal_point = initial_variables(
       fit_model, landmarks, weights, crop_size, config, guess)
   variables, base_rotation, start_ok = _finite_start(variables, base_rotation, config)
@@ -344,7 +353,7 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
     return losses.landmark_loss(predicted, landmarks, weights, crop_size, config.landmark_scale,
                                 config.landmark_robust_scale)
 
-  photometric = config.mode == "photometric"
+  photometric = config.photometric
 
   def photometric_loss(variables):
     rendered = render_fit(fit_model, variables, base_rotation, principal_point, crop_size,
@@ -380,7 +389,7 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
   return FitResult(params=variables.flame,
                    camera=_camera(variables, base_rotation, principal_point),
                    landmarks_2d=predicted,
-                   landmark_error=losses.mean_landmark_distance(predicted, landmarks, weights),
+                   landmark_error=losses.landmark_error(predicted, landmarks, is_detected),
                    rigid_loss_history=rigid_history, full_loss_history=full_history,
                    failed=failed, fitted=active & ~failed, **extra)
 
@@ -390,7 +399,7 @@ def fit_batch(fit_model: FitModel, observations: Observation, config: FitConfig,
               guess: Optional[InitialGuess] = None):
   """Fits a batch of observations (leading axis B on every array) in one compiled program.
 
-  `guess`, optional, holds initialiser estimates per slot (see initializers.initial_guess).
+  `guess`, optional, holds initialiser estimates per slot (see jflame.init.InitialGuess).
   Images are vmapped, in chunks of `config.vmap_chunk` run one after another when it is set
   (the results are the same either way). The program is compiled once per (batch size, crop
   size, config, model sizes, which guess fields are present); new values never recompile.
@@ -403,3 +412,34 @@ def fit_batch(fit_model: FitModel, observations: Observation, config: FitConfig,
   if not config.vmap_chunk or config.vmap_chunk >= batch:
     return jax.vmap(fit_slot)((observations, guess))
   return jax.lax.map(fit_slot, (observations, guess), batch_size=config.vmap_chunk)
+
+
+@struct.dataclass
+class FittedMeshes:
+  """What the writers need of a batch of fits beyond the FitResult (leading axis B).
+
+  Attributes:
+    vertices: (B, V, 3) fitted meshes in FLAME model space (metres).
+    pixels: (B, V, 2) the vertices projected into the crop by the fitted camera.
+    render: photometric mode: (B, S, S, 3) shaded render (premultiplied alpha), crop frame.
+    alpha: photometric mode: (B, S, S) its coverage.
+  """
+  vertices: jax.Array
+  pixels: jax.Array
+  render: Optional[jax.Array] = None
+  alpha: Optional[jax.Array] = None
+
+
+@functools.partial(jax.jit, static_argnames=("config", "crop_size"))
+def fitted_meshes(model: FlameModel, fit_model: FitModel, results: FitResult, config: FitConfig,
+                  crop_size: int) -> FittedMeshes:
+  """Full meshes, their projections into the crop and (photometric mode) renders at the crop
+  size of a batch of fits, in one compiled program."""
+  vertices = vertices_of_batch(model, results.params)
+  pixels = jax.vmap(project)(results.camera, vertices)
+  if not config.photometric:
+    return FittedMeshes(vertices=vertices, pixels=pixels)
+  renders = jax.vmap(lambda result: render_result(fit_model, result, crop_size, config.raster))(
+      results)
+  return FittedMeshes(vertices=vertices, pixels=pixels, render=renders.image,
+                      alpha=renders.alpha)

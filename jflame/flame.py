@@ -21,6 +21,9 @@ from flax import struct
 from jflame.rotation import axis_angle_to_matrix
 
 JOINT_NAMES = ("global", "neck", "jaw", "left_eye", "right_eye")
+# What a model is, as data: FLAME releases differ in their bases, so coefficients (from DECA,
+# MICA, or another tool) mean something only for the release they were made for.
+VARIANTS = ("flame2020", "flame2023", "flame2023_open", "synthetic", "unknown")
 
 
 @struct.dataclass
@@ -37,6 +40,8 @@ class FlameModel:
     faces: (F, 3) int32 triangle vertex indices.
     parents: static tuple, parents[j] is the parent joint of j, -1 for the root.
     name: static label that says where the model came from ("SYNTHETIC ..." for generated ones).
+    variant: static, one of VARIANTS: which release the arrays are (see
+      `jflame.flame_io.detect_variant`); "unknown" when nothing says.
   """
   v_template: jax.Array
   shapedirs: jax.Array
@@ -47,6 +52,7 @@ class FlameModel:
   faces: jax.Array
   parents: Tuple[int, ...] = struct.field(pytree_node=False)
   name: str = struct.field(pytree_node=False, default="")
+  variant: str = struct.field(pytree_node=False, default="unknown")
 
   @property
   def num_vertices(self) -> int:
@@ -66,7 +72,7 @@ class FlameModel:
 
   @property
   def is_synthetic(self) -> bool:
-    return self.name.startswith("SYNTHETIC")
+    return self.variant == "synthetic"
 
 
 @struct.dataclass

@@ -20,7 +20,7 @@ import numpy as np
 from jflame.assets import WORKSPACE_HINT
 from jflame.atomic import atomic_path
 from jflame.errors import ModelFileError, UnsafePickleError
-from jflame.flame import FlameModel
+from jflame.flame import VARIANTS, FlameModel
 from jflame.safe_pickle import numpy_globals
 
 NPZ_FORMAT_VERSION = 1
@@ -245,8 +245,44 @@ def _parents_from_kintree(kintree_table) -> tuple:
   return tuple(parents)
 
 
+# The official release file names, for models whose arrays do not say which release they are.
+OFFICIAL_FILE_VARIANTS = {
+    "generic_model": "flame2020", "male_model": "flame2020", "female_model": "flame2020",
+    "flame2023": "flame2023", "flame2023_no_jaw": "flame2023", "flame2023_open": "flame2023_open",
+}
+
+
+def has_flame_topology(model: FlameModel) -> bool:
+  """True for FLAME's mesh (5023 vertices, 9976 triangles), 5 joints and 300 + 100 components."""
+  return (model.num_vertices == 5023 and model.faces.shape[0] == 9976 and model.num_joints == 5
+          and model.num_shape + model.num_expression == 400)
+
+
+def detect_variant(model: FlameModel, file_name: str = "", stated: Optional[str] = None) -> str:
+  """Which release a model is.
+
+  In order: what the user states (a flag); what the model already says (the synthetic model is
+  generated as "synthetic"; a jflame .npz records its variant); for a model with FLAME's exact
+  topology, the official release file name (generic_model.pkl, flame2023.pkl, ...). FLAME 2020
+  and 2023 share their topology and sizes, so the arrays alone cannot tell them apart: a
+  renamed file is "unknown" (and DECA/MICA, which need FLAME 2020, are then refused with a
+  message that says how to state the variant), never silently taken for another release.
+  """
+  if stated:
+    if stated not in VARIANTS:
+      raise ModelFileError(f"unknown FLAME variant {stated!r}; use one of {list(VARIANTS)}.")
+    return stated
+  if model.variant != "unknown":
+    return model.variant
+  stem = Path(file_name).stem.lower()
+  if stem in OFFICIAL_FILE_VARIANTS and has_flame_topology(model):
+    return OFFICIAL_FILE_VARIANTS[stem]
+  return "unknown"
+
+
 def flame_model_from_arrays(arrays: dict, name: str, num_expression: Optional[int] = None,
-                            source: str = "<arrays>") -> FlameModel:
+                            source: str = "<arrays>", variant: Optional[str] = None
+                            ) -> FlameModel:
   """A FlameModel from official-key arrays (as read from a FLAME pickle).
 
   Args:
@@ -256,6 +292,8 @@ def flame_model_from_arrays(arrays: dict, name: str, num_expression: Optional[in
     num_expression: how many trailing shapedirs columns are expression components; inferred
       from the basis norms when None (FLAME 2020 and 2023: 300 identity + 100 expression).
     source: file name for error messages.
+    variant: the release (see `detect_variant`); default: "synthetic" for arrays that carry the
+      synthetic model's SYNTHETIC label, else "unknown".
   """
   missing = [key for key in _REQUIRED_KEYS if key not in arrays]
   if missing:
@@ -280,9 +318,14 @@ def flame_model_from_arrays(arrays: dict, name: str, num_expression: Optional[in
       j_regressor=jnp.asarray(np.asarray(arrays["J_regressor"], np.float32)),
       lbs_weights=jnp.asarray(np.asarray(arrays["weights"], np.float32)),
       faces=jnp.asarray(np.asarray(arrays["f"], np.int64).astype(np.int32)),
-      parents=parents, name=name)
+      parents=parents, name=name, variant=variant or _variant_in_arrays(arrays))
   validate_model(model, source)
   return model
+
+
+def _variant_in_arrays(arrays: dict) -> str:
+  label = arrays.get("jflame_synthetic")
+  return "synthetic" if isinstance(label, str) and label.startswith("SYNTHETIC") else "unknown"
 
 
 def validate_model(model: FlameModel, source: str):
@@ -323,13 +366,17 @@ def _model_from_npz(path: Path) -> FlameModel:
         exprdirs=jnp.asarray(data["exprdirs"]), posedirs=jnp.asarray(data["posedirs"]),
         j_regressor=jnp.asarray(data["j_regressor"]),
         lbs_weights=jnp.asarray(data["lbs_weights"]), faces=jnp.asarray(data["faces"]),
-        parents=tuple(int(p) for p in data["parents"]), name=str(data["name"]))
+        parents=tuple(int(p) for p in data["parents"]), name=str(data["name"]),
+        variant=str(data["variant"]) if "variant" in data else "unknown")
   validate_model(model, str(path))
   return model
 
 
-def load_flame(path, num_expression: Optional[int] = None) -> FlameModel:
+def load_flame(path, num_expression: Optional[int] = None,
+               variant: Optional[str] = None) -> FlameModel:
   """Loads a FLAME model from an official `.pkl` or a jflame `.npz`.
+
+  `variant` states the release (see `detect_variant`), overriding what the file says.
 
   Raises:
     ModelFileError: the file is missing, damaged, or not a FLAME model (the message names it).
@@ -340,19 +387,23 @@ def load_flame(path, num_expression: Optional[int] = None) -> FlameModel:
     raise ModelFileError(f"FLAME model file not found: {path}. {WORKSPACE_HINT}")
   try:
     if path.suffix == ".npz":
-      return _model_from_npz(path)
-    arrays = read_flame_pickle(path.read_bytes(), str(path))
+      model = _model_from_npz(path)
+    else:
+      arrays = read_flame_pickle(path.read_bytes(), str(path))
+      label = arrays.get("jflame_synthetic")
+      name = (label if isinstance(label, str) and label.startswith("SYNTHETIC")
+              else f"FLAME {path.name}")
+      model = flame_model_from_arrays(arrays, name, num_expression, source=str(path))
   except (OSError, KeyError, ValueError) as err:
     raise ModelFileError(f"cannot read FLAME model {path}: {err}. {WORKSPACE_HINT}") from None
-  label = arrays.get("jflame_synthetic")
-  name = label if isinstance(label, str) and label.startswith("SYNTHETIC") else f"FLAME {path.name}"
-  return flame_model_from_arrays(arrays, name, num_expression, source=str(path))
+  return model.replace(variant=detect_variant(model, path.name, variant))
 
 
 def save_flame_npz(model: FlameModel, path):
   """Writes the model as a float32 `.npz` that `load_flame` reads instantly (atomic)."""
   with atomic_path(path, suffix=".npz") as tmp:
     np.savez(tmp, jflame_format=NPZ_FORMAT_VERSION, name=np.asarray(model.name),
+             variant=np.asarray(model.variant),
              v_template=np.asarray(model.v_template, np.float32),
              shapedirs=np.asarray(model.shapedirs, np.float32),
              exprdirs=np.asarray(model.exprdirs, np.float32),

@@ -23,10 +23,21 @@ def landmark_loss(predicted, target, weights, crop_size, reference_size, robust_
   return jnp.sum(weights * penalty) / jnp.maximum(jnp.sum(weights), 1e-6)
 
 
-def mean_landmark_distance(predicted, target, weights):
-  """Weighted mean Euclidean distance in pixels (a report, not a loss)."""
-  distance = jnp.linalg.norm(predicted - target, axis=-1)
-  return jnp.sum(weights * distance) / jnp.maximum(jnp.sum(weights), 1e-6)
+def landmark_error(predicted, detected, is_detected):
+  """THE landmark error jflame reports (a measure, not a loss): the mean Euclidean distance in
+  pixels between fitted and detected landmarks, over the fitted landmarks that were detected.
+
+  Every detected landmark counts the same: region weights shape the fit, not its measure, so
+  the error means the same whatever the weights. Divided by the face size it is
+  `landmark_error_relative`.
+
+  Args:
+    predicted, detected: (K, 2) pixels.
+    is_detected: (K,) bool (or 0/1), False for missing landmarks and padding.
+  """
+  counted = jnp.asarray(is_detected, predicted.dtype)
+  distance = jnp.linalg.norm(predicted - detected, axis=-1)
+  return jnp.sum(counted * distance) / jnp.maximum(jnp.sum(counted), 1.0)
 
 
 def l2(values, weight):

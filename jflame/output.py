@@ -5,17 +5,19 @@ replaced by the output of a failed attempt.
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
 import trimesh
 
 from jflame.atomic import atomic_path, write_text
-from jflame.camera import invert_affine
+from jflame.camera import apply_affine, invert_affine
 from jflame.rotation import matrix_to_axis_angle_np
 from scipy.spatial.transform import Rotation
 
 RESULT_FORMAT_VERSION = 1
+CAMERA_FIELDS = ("rotation", "translation", "focal_length", "principal_point")
 
 
 def camera_in_original_image(camera: dict, crop_from_original) -> dict:
@@ -36,6 +38,48 @@ def camera_in_original_image(camera: dict, crop_from_original) -> dict:
   return dict(rotation=matrix_to_axis_angle_np(rotation),
               translation=np.asarray(camera["translation"], np.float64) @ roll.T,
               focal_length=float(camera["focal_length"]) / scale, principal_point=principal)
+
+
+def result_record(record, result, *, model_name: str, mode: str, crop_size: int,
+                  landmark_indices, albedo_name: Optional[str] = None) -> dict:
+  """What a finished fit writes: a flat dict of arrays, numbers and strings (the `.npz`).
+
+  Args:
+    record: the image's `PreparedImage` (status ok).
+    result: that image's `jflame.fit.FitResult`, host arrays without a batch axis.
+    model_name, mode: the FLAME model's name and the fitting mode.
+    crop_size: side of the aligned crop the fit saw.
+    landmark_indices: (K,) the detector landmark of each fitted point.
+    albedo_name: photometric mode: which albedo model the texture coefficients belong to.
+  """
+  landmark_indices = np.asarray(landmark_indices)
+  detected = record.landmarks[landmark_indices]
+  fitted = np.asarray(result.landmarks_2d)
+  crop_to_original = invert_affine(record.crop_from_original)
+  error_px = float(result.landmark_error)
+  camera = {key: np.asarray(getattr(result.camera, key)) for key in CAMERA_FIELDS}
+  params = result.params
+  arrays = dict(
+      format_version=RESULT_FORMAT_VERSION, status="ok", name=record.name, model=model_name,
+      mode=str(mode), shape=params.shape, expression=params.expression,
+      global_rotation=params.global_rotation, neck_rotation=params.neck_rotation,
+      jaw_rotation=params.jaw_rotation, left_eye_rotation=params.left_eye_rotation,
+      right_eye_rotation=params.right_eye_rotation,
+      **{f"camera_{key}": value for key, value in camera.items()},
+      **{f"original_camera_{key}": value for key, value in
+         camera_in_original_image(camera, record.crop_from_original).items()},
+      crop_from_original=record.crop_from_original, crop_size=crop_size,
+      image_size=np.array([record.image_width, record.image_height]),
+      landmark_indices=landmark_indices, landmarks_detected=detected,
+      landmarks_fitted=fitted, landmark_weights=record.landmark_weights[landmark_indices],
+      landmarks_detected_original=record.landmarks_original[landmark_indices],
+      landmarks_fitted_original=apply_affine(crop_to_original, fitted.astype(np.float64)),
+      landmark_error_px=error_px, landmark_error_relative=error_px / face_size(detected),
+      rigid_loss_history=result.rigid_loss_history, full_loss_history=result.full_loss_history)
+  if result.appearance is not None:
+    arrays.update(texture=result.appearance.texture, sh_lighting=result.appearance.lighting,
+                  albedo_model=albedo_name or "", photometric_error=result.photometric_error)
+  return arrays
 
 
 def face_size(landmarks) -> float:
@@ -123,6 +167,56 @@ def side_by_side(crop, render, alpha):
   # The render is premultiplied by its alpha, so as it stands it is drawn over black.
   render_only = np.clip(np.asarray(render) * 255.0, 0, 255).astype(np.uint8)
   return np.concatenate([crop, render_only, blend_render(crop, render, alpha)], axis=1)
+
+
+def photo_of(record):
+  """The record's original photo for drawing on, or its crop when the file cannot be read any
+  more (changed or gone since preprocessing)."""
+  from jflame.preprocess import read_image
+  if record.source is not None:
+    try:
+      return read_image(record.source)
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return record.crop
+
+
+def write_pictures(folder, record, arrays: dict, meshes, faces) -> list:
+  """The pictures of one fit; returns the names written.
+
+  Landmark mode: `<name>_overlay.png`, the mesh wireframe with detected (green) and fitted
+  (red) landmarks over the photo. Photometric mode: the shaded render laid over the photo, and
+  `<name>_compare.png`, (input | render | overlay) in the crop frame.
+
+  Args:
+    folder: the output folder.
+    record: the image's PreparedImage.
+    arrays: its `result_record`.
+    meshes: its slice of `jflame.fit.FittedMeshes` (host arrays).
+    faces: (F, 3) the model's triangles.
+  """
+  folder = Path(folder)
+  photo = photo_of(record)
+  on_crop = photo is record.crop
+  to_photo = np.eye(2, 3) if on_crop else invert_affine(record.crop_from_original)
+  name = record.name
+  if meshes.render is None:
+    overlay = draw_overlay(
+        photo, apply_affine(to_photo, np.asarray(meshes.pixels, np.float64)), np.asarray(faces),
+        apply_affine(to_photo, np.asarray(arrays["landmarks_detected"], np.float64)),
+        apply_affine(to_photo, np.asarray(arrays["landmarks_fitted"], np.float64)),
+        arrays["landmark_weights"])
+    save_png(folder / f"{name}_overlay.png", overlay)
+    return [f"{name}_overlay.png"]
+  image, alpha = np.asarray(meshes.render), np.asarray(meshes.alpha)
+  if on_crop:
+    photo_image, photo_alpha = image, alpha
+  else:
+    photo_image = warp_to_photo(image, to_photo, photo.shape)
+    photo_alpha = warp_to_photo(alpha, to_photo, photo.shape)
+  save_png(folder / f"{name}_overlay.png", blend_render(photo, photo_image, photo_alpha))
+  save_png(folder / f"{name}_compare.png", side_by_side(record.crop, image, alpha))
+  return [f"{name}_overlay.png", f"{name}_compare.png"]
 
 
 def save_png(path, rgb):

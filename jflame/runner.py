@@ -8,7 +8,6 @@ never an exception that ends the run, and finished results are never overwritten
 
 import dataclasses
 import datetime
-import functools
 import platform
 import time
 from pathlib import Path
@@ -18,16 +17,15 @@ from absl import logging
 import jax
 import numpy as np
 
-from initializers.initial_guess import initial_guess_for_batch
-from jflame import flame_io, landmarks, output, sharding
+from jflame import flame_io, landmarks, landmarks_io, output, sharding
+from jflame.albedo_io import load_texture_albedo
 from jflame.assets import find_asset
-from jflame.camera import apply_affine, invert_affine, project
 from jflame.config import FitConfig
 from jflame.errors import ConfigError, ModelFileError
-from jflame.fit import FitModel, fit_batch, make_fit_model, render_result
-from jflame.flame import FlameModel, vertices_of_batch
+from jflame.fit import FitModel, fit_batch, fitted_meshes, make_fit_model
+from jflame.flame import FlameModel
+from jflame.initializers.initial_guess import initial_guess_for_batch
 from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
-from jflame.render import load_texture_albedo
 
 FLAME_FILE_NAMES = ("generic_model.npz", "flame2023.npz", "generic_model.pkl", "flame2023.pkl",
                     "flame2023_Open.pkl")
@@ -59,9 +57,11 @@ class LoadedModel:
   description: str
 
 
-def load_model(flame_path: Optional[str], embedding_path: Optional[str], seed: int = 0):
+def load_model(flame_path: Optional[str] = None, embedding_path: Optional[str] = None,
+               seed: int = 0, variant: Optional[str] = None):
   """The FLAME model and its MediaPipe embedding: the given/configured files, else the
-  synthetic model (which carries its own embedding). The description says which."""
+  synthetic model (which carries its own embedding). The description says which. `variant`
+  states the FLAME release when the file does not show it (see flame_io.detect_variant)."""
   path = find_asset(flame_path, FLAME_FILE_NAMES, "FLAME model")
   if path is None:
     from jflame import synthetic  # only needed without a real model
@@ -69,16 +69,17 @@ def load_model(flame_path: Optional[str], embedding_path: Optional[str], seed: i
     return LoadedModel(model, embedding,
                        f"{model.name} (no FLAME model file given or found in $JFLAME_HOME or "
                        "~/.cache/jflame; see WORKSPACE.md)")
-  model = flame_io.load_flame(path)
+  model = flame_io.load_flame(path, variant=variant)
   embedding_file = find_asset(embedding_path, EMBEDDING_FILE_NAMES, "MediaPipe landmark embedding")
   if embedding_file is None:
     raise ModelFileError(
         f"the FLAME model {path} needs a MediaPipe landmark embedding "
         "(mediapipe_landmark_embedding.npz): pass --embedding or put it next to the model in "
         "$JFLAME_HOME or ~/.cache/jflame. See WORKSPACE.md.")
-  embedding = landmarks.load_mediapipe_embedding(embedding_file)
+  embedding = landmarks_io.load_mediapipe_embedding(embedding_file)
   landmarks.check_embedding_fits(embedding, model.faces.shape[0], str(embedding_file))
-  return LoadedModel(model, embedding, f"{model.name} with {embedding_file.name}")
+  return LoadedModel(model, embedding,
+                     f"{model.name} ({model.variant}) with {embedding_file.name}")
 
 
 def load_albedo(loaded: LoadedModel, options: RunOptions):
@@ -101,8 +102,9 @@ def load_albedo(loaded: LoadedModel, options: RunOptions):
 
 
 def prepare_fit_model(loaded: LoadedModel, config: FitConfig, albedo=None) -> FitModel:
-  region = landmarks.mediapipe_landmark_weights(config.region_weights)
-  embedding = landmarks.select_regions(loaded.embedding, config.landmark_regions)
+  reference = landmarks_io.load_mediapipe_reference()
+  region = landmarks.mediapipe_landmark_weights(reference, config.region_weights)
+  embedding = landmarks.select_regions(loaded.embedding, config.landmark_regions, reference)
   return make_fit_model(loaded.model, np.asarray(embedding.face_indices),
                         np.asarray(embedding.barycentrics), np.asarray(embedding.landmark_indices),
                         region[np.asarray(embedding.landmark_indices)], config, albedo)
@@ -112,32 +114,21 @@ def load_encoders(loaded: LoadedModel, options: RunOptions):
   """DECA and MICA encoders (ONNX) when the user has them, else None each. Their coefficients
   are FLAME 2020's, so with any other head model they are not used (and a given path is an
   error rather than a silent mismatch)."""
-  from initializers.deca import DecaEncoder
-  from initializers.mica import MicaEncoder
+  from jflame.initializers.deca import DecaEncoder
+  from jflame.initializers.mica import MicaEncoder
   deca = DecaEncoder.find(options.deca_model)
   mica = MicaEncoder.find(options.mica_model)
-  if (deca or mica) and "generic_model" not in loaded.model.name:
+  variant = loaded.model.variant
+  if (deca or mica) and variant != "flame2020":
     if options.deca_model or options.mica_model:
-      raise ConfigError(f"DECA/MICA estimate FLAME 2020 coefficients, but the model is "
-                        f"{loaded.model.name}; use generic_model.pkl or drop --deca_model/"
-                        "--mica_model.")
-    logging.info("DECA/MICA files found but not used: the model is %s, not FLAME 2020",
-                 loaded.model.name)
+      raise ConfigError(
+          f"DECA/MICA estimate FLAME 2020 coefficients, but the model {loaded.model.name} is "
+          f"{variant}. Use FLAME 2020 (generic_model.pkl); if this file is FLAME 2020 under "
+          "another name, say so with --flame_variant=flame2020; or drop --deca_model/"
+          "--mica_model.")
+    logging.info("DECA/MICA files found but not used: the model is %s, not flame2020", variant)
     return None, None
   return deca, mica
-
-
-_mesh_vertices = jax.jit(vertices_of_batch)
-
-
-@functools.partial(jax.jit, static_argnames=("size", "raster"))
-def _render_batch(fit_model, results, size, raster):
-  return jax.vmap(lambda result: render_result(fit_model, result, size, raster))(results)
-
-
-@jax.jit
-def _project_batch(cameras, vertices):
-  return jax.vmap(project)(cameras, vertices)
 
 
 def _chunks(items: Sequence, size: int):
@@ -145,8 +136,14 @@ def _chunks(items: Sequence, size: int):
     yield items[start:start + size]
 
 
+def take(tree, slot: int):
+  """One image of a batched pytree (every leaf indexed on its leading axis)."""
+  return jax.tree.map(lambda x: x[slot], tree)
+
+
 class Run:
-  """One run over a list of images. Call `fit(paths)`; read `manifest` afterwards."""
+  """One run over a list of images: preprocess -> fit -> write, a batch at a time. Call
+  `fit(paths, names)`; it returns the manifest (also written to the output folder)."""
 
   def __init__(self, loaded: LoadedModel, config: FitConfig, options: RunOptions,
                progress: Optional[Callable[[int], None]] = None):
@@ -156,7 +153,7 @@ class Run:
     if self.mesh is not None and options.batch_size % self.mesh.size:
       raise ConfigError(f"--batch_size {options.batch_size} must be a multiple of the "
                         f"{self.mesh.size} local devices the batch is split over.")
-    albedo = load_albedo(loaded, options) if config.mode == "photometric" else None
+    albedo = load_albedo(loaded, options) if config.photometric else None
     self.fit_model = sharding.replicate(prepare_fit_model(loaded, config, albedo), self.mesh)
     self.encoders = load_encoders(loaded, options)
     self.images: List[dict] = []
@@ -178,53 +175,48 @@ class Run:
     chunks = list(_chunks(todo, self.options.batch_size))
     with Preprocessor(self.options.crop_size, workers=self.options.workers) as preprocessor:
       pending = preprocessor.prepare_iter(*zip(*chunks[0])) if chunks else None
-      for index, chunk in enumerate(chunks):
+      for index in range(len(chunks)):
         start = time.perf_counter()
         records = list(pending)
         self.timings["preprocess_s"] += time.perf_counter() - start
         if index + 1 < len(chunks):
           # With worker processes the next chunk is preprocessed while this one is fitted.
           pending = preprocessor.prepare_iter(*zip(*chunks[index + 1]))
-        self._fit_chunk(records)
+        self._write_batch(records, *self._fit_batch(records))
     manifest = self._manifest(started)
     output.write_manifest(out / "run_summary.json", manifest)
     return manifest
 
-  def _fit_chunk(self, records: List[PreparedImage]):
-    options = self.options
+  def _fit_batch(self, records: List[PreparedImage]):
+    """The device part of one batch: (FitResult, FittedMeshes) as host arrays."""
+    options, config = self.options, self.config
     start = time.perf_counter()
     observations = stack_observations(records, options.batch_size, options.crop_size)
     guess = None
     if any(encoder is not None for encoder in self.encoders):
       guess = initial_guess_for_batch(records, options.batch_size, *self.encoders,
-                                      num_shape=self.config.num_shape,
-                                      num_expression=self.config.num_expression)
-    results = fit_batch(self.fit_model, sharding.shard_batch(observations, self.mesh),
-                        self.config, sharding.shard_batch(guess, self.mesh))
-    vertices = _mesh_vertices(self.loaded.model, results.params)
-    mesh_pixels = _project_batch(results.camera, vertices)
-    renders = None
-    if self.config.mode == "photometric":
-      renders = _render_batch(self.fit_model, results, options.crop_size, self.config.raster)
-      renders = (renders.image, renders.alpha)
-    results, vertices, mesh_pixels, renders = jax.device_get(
-        (results, vertices, mesh_pixels, renders))
+                                      num_shape=config.num_shape,
+                                      num_expression=config.num_expression)
+    results = fit_batch(self.fit_model, sharding.shard_batch(observations, self.mesh), config,
+                        sharding.shard_batch(guess, self.mesh))
+    meshes = fitted_meshes(self.loaded.model, self.fit_model, results, config, options.crop_size)
+    results, meshes = jax.device_get((results, meshes))
     elapsed = time.perf_counter() - start
     if self.timings["first_fit_s"] is None:
       self.timings["first_fit_s"] = elapsed  # includes compilation
     else:
       self.timings["fit_s"] += elapsed
+    return results, meshes
+
+  def _write_batch(self, records: List[PreparedImage], results, meshes):
     start = time.perf_counter()
     for slot, record in enumerate(records):
-      result = jax.tree.map(lambda x: x[slot], results)
-      render = None if renders is None else (renders[0][slot], renders[1][slot])
-      self.images.append(self._write(record, result, vertices[slot], mesh_pixels[slot], render))
+      self.images.append(self._write(record, take(results, slot), take(meshes, slot)))
       self.progress(1)
     self.timings["write_s"] += time.perf_counter() - start
 
-  def _write(self, record: PreparedImage, result, vertices, mesh_pixels, render=None) -> dict:
-    """Writes one image's files; returns its manifest entry. `render` is (image, alpha) in the
-    crop frame in photometric mode."""
+  def _write(self, record: PreparedImage, result, meshes) -> dict:
+    """Writes one image's files; returns its manifest entry."""
     entry = dict(name=record.name, source=str(record.source) if record.source else None,
                  status=record.status, message=record.message, num_faces=record.num_faces)
     if not record.ok:
@@ -235,86 +227,25 @@ class Run:
                            "finite values were discarded and nothing was written")
       return entry
     out = Path(self.options.output_dir)
-    embedding_indices = np.asarray(self.fit_model.landmark_indices)
-    crop_to_original = invert_affine(record.crop_from_original)
-    detected = record.landmarks[embedding_indices]
-    fitted_original = apply_affine(crop_to_original, np.asarray(result.landmarks_2d, np.float64))
-    weights = record.landmark_weights[embedding_indices]
-    error_px = float(np.sum(weights * np.linalg.norm(result.landmarks_2d - detected, axis=1)) /
-                     max(weights.sum(), 1e-6))
-    size = output.face_size(detected)
-    camera = {k: np.asarray(getattr(result.camera, k)) for k in
-              ("rotation", "translation", "focal_length", "principal_point")}
-    original_camera = output.camera_in_original_image(camera, record.crop_from_original)
-    params = result.params
-    arrays = dict(
-        format_version=output.RESULT_FORMAT_VERSION, status="ok", name=record.name,
-        model=self.loaded.model.name, mode=self.config.mode,
-        shape=params.shape, expression=params.expression,
-        global_rotation=params.global_rotation, neck_rotation=params.neck_rotation,
-        jaw_rotation=params.jaw_rotation, left_eye_rotation=params.left_eye_rotation,
-        right_eye_rotation=params.right_eye_rotation,
-        **{f"camera_{k}": v for k, v in camera.items()},
-        **{f"original_camera_{k}": v for k, v in original_camera.items()},
-        crop_from_original=record.crop_from_original, crop_size=self.options.crop_size,
-        image_size=np.array([record.image_width, record.image_height]),
-        landmark_indices=embedding_indices, landmarks_detected=detected,
-        landmarks_fitted=result.landmarks_2d, landmark_weights=weights,
-        landmarks_detected_original=record.landmarks_original[embedding_indices],
-        landmarks_fitted_original=fitted_original,
-        landmark_error_px=error_px, landmark_error_relative=error_px / size,
-        rigid_loss_history=result.rigid_loss_history, full_loss_history=result.full_loss_history)
-    if result.appearance is not None:
-      arrays.update(texture=result.appearance.texture, sh_lighting=result.appearance.lighting,
-                    albedo_model=self.fit_model.albedo.name,
-                    photometric_error=result.photometric_error)
+    albedo = self.fit_model.albedo
+    arrays = output.result_record(
+        record, result, model_name=self.loaded.model.name, mode=self.config.mode.value,
+        crop_size=self.options.crop_size, landmark_indices=self.fit_model.landmark_indices,
+        albedo_name=albedo.name if albedo is not None else None)
     files = []
     if self.options.mesh_format:
       mesh_path = out / f"{record.name}.{self.options.mesh_format}"
-      output.save_mesh(mesh_path, vertices, self.loaded.model.faces,
+      output.save_mesh(mesh_path, meshes.vertices, self.loaded.model.faces,
                        header=f"jflame fit of {record.name}; model: {self.loaded.model.name}")
       files.append(mesh_path.name)
     if self.options.write_overlay:
-      files += self._write_pictures(record, result, mesh_pixels, detected, weights, render)
+      files += output.write_pictures(out, record, arrays, meshes, self.loaded.model.faces)
     # The parameters file goes last: its presence with status ok marks the result finished.
     output.save_parameters(out / f"{record.name}.npz", arrays)
     files.insert(0, f"{record.name}.npz")
-    entry.update(landmark_error_px=error_px, landmark_error_relative=error_px / size,
-                 files=files)
+    entry.update(landmark_error_px=arrays["landmark_error_px"],
+                 landmark_error_relative=arrays["landmark_error_relative"], files=files)
     return entry
-
-  def _write_pictures(self, record, result, mesh_pixels, detected, weights, render):
-    """The overlay on the photo (wireframe and landmarks, or in photometric mode the shaded
-    render) and, in photometric mode, the (input | render | overlay) comparison."""
-    out = Path(self.options.output_dir)
-    photo = self._photo(record)
-    on_crop = photo is record.crop
-    to_photo = np.eye(2, 3) if on_crop else invert_affine(record.crop_from_original)
-    if render is None:
-      overlay = output.draw_overlay(
-          photo, apply_affine(to_photo, np.asarray(mesh_pixels, np.float64)),
-          np.asarray(self.loaded.model.faces), apply_affine(to_photo, detected.astype(np.float64)),
-          apply_affine(to_photo, np.asarray(result.landmarks_2d, np.float64)), weights)
-      output.save_png(out / f"{record.name}_overlay.png", overlay)
-      return [f"{record.name}_overlay.png"]
-    image, alpha = render
-    if not on_crop:
-      image = output.warp_to_photo(image, to_photo, photo.shape)
-      alpha = output.warp_to_photo(alpha, to_photo, photo.shape)
-    output.save_png(out / f"{record.name}_overlay.png", output.blend_render(photo, image, alpha))
-    output.save_png(out / f"{record.name}_compare.png",
-                    output.side_by_side(record.crop, render[0], render[1]))
-    return [f"{record.name}_overlay.png", f"{record.name}_compare.png"]
-
-  @staticmethod
-  def _photo(record: PreparedImage):
-    from jflame.preprocess import read_image
-    if record.source is not None:
-      try:
-        return read_image(record.source)
-      except Exception:  # the file changed since preprocessing: draw on the crop instead
-        pass
-    return record.crop
 
   def _manifest(self, started) -> dict:
     counts = {}
@@ -323,7 +254,8 @@ class Run:
     return dict(
         jflame_run=1, started=started.isoformat(),
         finished=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        model=self.loaded.description, synthetic_model=self.loaded.model.is_synthetic,
+        model=self.loaded.description, model_variant=self.loaded.model.variant,
+        synthetic_model=self.loaded.model.is_synthetic,
         embedding=self.loaded.embedding.name, device=str(jax.devices()[0]),
         python=platform.python_version(), jax=jax.__version__,
         config=dataclasses.asdict(self.config),

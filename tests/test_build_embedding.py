@@ -1,10 +1,10 @@
-"""tools/build_embedding.py: an embedding from renders + MediaPipe lands near the known one."""
+"""jflame.embedding_builder (jflame-build-embedding): an embedding built from renders and
+MediaPipe lands near the known one."""
 
 import numpy as np
 
-from jflame import synthetic
+from jflame import embedding_builder, synthetic
 from jflame.preprocess import FaceAnalyzer
-from tools import build_embedding
 
 
 def test_closest_surface_point_matches_dense_sampling():
@@ -14,7 +14,7 @@ def test_closest_surface_point_matches_dense_sampling():
   faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) &
                 (faces[:, 0] != faces[:, 2])]
   points = rng.normal(size=(6, 3))
-  face_ids, barycentrics = build_embedding.closest_surface_points(points, vertices, faces,
+  face_ids, barycentrics = embedding_builder.closest_surface_points(points, vertices, faces,
                                                                   radius=np.inf)
   # Independent reference: densely sampled barycentric grid on every triangle.
   grid = np.array([(i, j, 60 - i - j) for i in range(61) for j in range(61 - i)]) / 60.0
@@ -29,8 +29,8 @@ def test_closest_surface_point_matches_dense_sampling():
 def test_embedding_built_from_renders_lands_near_the_known_one():
   model, known = synthetic.synthetic_flame("flame", seed=0)
   with FaceAnalyzer() as analyzer:
-    built, counts = build_embedding.build_embedding(model, 384, [0.0], analyzer)
+    built, counts = embedding_builder.build_embedding(model, 384, [0.0], analyzer)
   assert counts == [1] and built.num_landmarks > 440
-  report = build_embedding.compare(built, known, model)
+  report = embedding_builder.compare(built, known, model)
   # A few millimetres on a face ~140 mm wide; a wrong back-projection lands centimetres off.
   assert report["median_mm"] < 6.0 and report["eyes_mean_mm"] < 8.0, report

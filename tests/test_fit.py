@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from initializers.initial_guess import InitialGuess
-from jflame import flame, landmarks, synthetic
+from jflame import flame, landmarks, landmarks_io, synthetic
 from jflame.camera import FRONTAL_ROTATION, Camera, project, to_camera_space
 from jflame.config import FitConfig
 from jflame.fit import fit_batch, make_fit_model
+from jflame.init import InitialGuess
 from jflame.observation import Observation
 
 CROP = 256
@@ -25,7 +25,8 @@ def small_model():
 
 
 def _fit_model(model, embedding, config):
-  region = landmarks.mediapipe_landmark_weights(config.region_weights)
+  region = landmarks.mediapipe_landmark_weights(landmarks_io.load_mediapipe_reference(),
+                                               config.region_weights)
   indices = np.asarray(embedding.landmark_indices)
   return make_fit_model(model, embedding.face_indices, embedding.barycentrics, indices,
                         region[indices], config)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from jflame import landmarks, runner
+from jflame import landmarks, landmarks_io, runner
 from jflame.config import FitConfig
 from jflame.errors import InputError, ModelFileError
 from jflame.preprocess import list_images, unique_names
@@ -79,7 +79,8 @@ def test_original_camera_projects_onto_the_photo(astronaut_run, loaded_model):
     camera = Camera(**{k: jnp.asarray(result[f"original_camera_{k}"], jnp.float32) for k in (
         "rotation", "translation", "focal_length", "principal_point")})
     vertices, _ = flame.flame_forward(loaded_model.model, params)
-    embedding = landmarks.select_regions(loaded_model.embedding, FitConfig().landmark_regions)
+    embedding = landmarks.select_regions(loaded_model.embedding, FitConfig().landmark_regions,
+                                        landmarks_io.load_mediapipe_reference())
     np.testing.assert_array_equal(embedding.landmark_indices, result["landmark_indices"])
     points = embedding.points(vertices, loaded_model.model.faces)
     np.testing.assert_allclose(project(camera, points), result["landmarks_fitted_original"],
@@ -139,7 +140,7 @@ def test_missing_inputs_and_models_say_what_to_do(tmp_path):
 def test_command_exit_codes(tmp_path):
   """The installed command: non-zero when nothing could be fitted, with the reason printed."""
   (tmp_path / "empty").mkdir()
-  command = [sys.executable, "-m", "tools.fit", "--output", str(tmp_path / "out")]
+  command = [sys.executable, "-m", "jflame.cli.fit", "--output", str(tmp_path / "out")]
   empty = subprocess.run(command + ["--input", str(tmp_path / "empty")], cwd=PROJECT_ROOT,
                          capture_output=True, text=True, timeout=300)
   assert empty.returncode == 2 and "No image files found" in empty.stderr

@@ -113,7 +113,7 @@ def _texture_space_file(path, model, size=32, components=6, seed=0):
 
 def test_uv_texture_space_drives_the_photometric_fit(scene, tmp_path):
   """With a UV texture space the fit moves its coefficients and lowers the colour error."""
-  from jflame.render import load_texture_albedo
+  from jflame.albedo_io import load_texture_albedo
   fit_model, observation, config, _ = scene
   model = synthetic.synthetic_flame("small", seed=0)[0]
   _texture_space_file(tmp_path / "FLAME_texture.npz", model)

@@ -79,7 +79,7 @@ def test_missing_damaged_and_wrong_files_name_the_file(tmp_path, random_arrays):
 
 
 def test_convert_command_writes_a_loadable_npz(tmp_path, random_arrays):
-  from tools import convert_flame
+  from jflame.cli import convert_flame
   pkl_path, npz_path = tmp_path / "in.pkl", tmp_path / "out.npz"
   flame_io.save_flame_pkl(random_arrays, pkl_path)
   assert convert_flame.convert(str(pkl_path), str(npz_path)) == 0
@@ -111,7 +111,7 @@ def test_convert_command_on_the_synthetic_pickle(tmp_path):
   from jflame import synthetic
   from tests.conftest import PROJECT_ROOT
   flame_io.save_flame_pkl(synthetic.synthetic_flame_arrays("small", seed=0), tmp_path / "s.pkl")
-  done = subprocess.run([sys.executable, "-m", "tools.convert_flame", str(tmp_path / "s.pkl"),
+  done = subprocess.run([sys.executable, "-m", "jflame.cli.convert_flame", str(tmp_path / "s.pkl"),
                          str(tmp_path / "s.npz")], cwd=PROJECT_ROOT, capture_output=True,
                         text=True, timeout=120)
   assert done.returncode == 0, done.stderr

@@ -5,6 +5,7 @@ import dataclasses
 import io
 import pickle
 import struct
+import subprocess
 import sys
 import types
 
@@ -13,16 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jflame import landmarks
+from jflame import landmarks, landmarks_io
 from jflame.errors import ModelFileError, UnsafePickleError
 from jflame.landmarks import LandmarkEmbedding, LandmarkWeights
+from tests.conftest import PROJECT_ROOT
 
 MIRROR = np.array([-1.0, 1.0, 1.0])
 
 
 @pytest.fixture(scope="module")
 def reference():
-  return landmarks.load_mediapipe_reference()
+  return landmarks_io.load_mediapipe_reference()
 
 
 # --- The reference face --------------------------------------------------------------------------
@@ -82,10 +84,14 @@ def test_reference_regions_are_mediapipes_connection_sets(reference):
 
 
 @pytest.mark.slow
-def test_committed_reference_is_what_the_tool_makes(reference):
+def test_committed_reference_is_what_the_tool_makes(reference, tmp_path):
   pytest.importorskip("mediapipe")
-  from tools import make_mediapipe_reference
-  made, _ = make_mediapipe_reference.build_reference()
+  # tools/ holds repository scripts that nothing imports: run it as its users do.
+  made_path = tmp_path / "made.npz"
+  subprocess.run([sys.executable, str(PROJECT_ROOT / "tools" / "make_mediapipe_reference.py"),
+                  "--output", str(made_path)], check=True, capture_output=True, timeout=300)
+  with np.load(made_path) as made_file:
+    made = {key: made_file[key] for key in made_file.files}
   # MediaPipe on another CPU may differ in the last bits; 0.1 mm is far below what matters.
   np.testing.assert_allclose(made["positions"], reference.positions, atol=1e-4)
   np.testing.assert_array_equal(made["triangles"], reference.triangles)
@@ -94,7 +100,7 @@ def test_committed_reference_is_what_the_tool_makes(reference):
 
 def test_missing_reference_says_how_to_make_it(tmp_path):
   with pytest.raises(ModelFileError, match="make_mediapipe_reference"):
-    landmarks.load_mediapipe_reference(tmp_path / "nothing.npz")
+    landmarks_io.load_mediapipe_reference(tmp_path / "nothing.npz")
 
 
 # --- The MediaPipe embedding format ------------------------------------------------------------
@@ -111,7 +117,7 @@ def _public_mediapipe_file(path, count=105, seed=0):
 
 def test_loads_the_public_mediapipe_format(tmp_path):
   arrays = _public_mediapipe_file(tmp_path / "mediapipe_landmark_embedding.npz")
-  embedding = landmarks.load_mediapipe_embedding(tmp_path / "mediapipe_landmark_embedding.npz")
+  embedding = landmarks_io.load_mediapipe_embedding(tmp_path / "mediapipe_landmark_embedding.npz")
   assert embedding.num_landmarks == 105 and embedding.layout == "mediapipe478"
   assert embedding.face_indices.dtype == jnp.int32 and embedding.barycentrics.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(embedding.face_indices), arrays["lmk_face_idx"])
@@ -129,10 +135,10 @@ def test_synthetic_embedding_round_trips_through_the_public_format(tmp_path):
       barycentrics=jnp.asarray(rng.dirichlet(np.ones(3), 478), jnp.float32),
       landmark_indices=jnp.arange(478, dtype=jnp.int32), name="SYNTHETIC test embedding")
   path = tmp_path / "synthetic_embedding.npz"
-  landmarks.save_mediapipe_embedding(embedding, path)
+  landmarks_io.save_mediapipe_embedding(embedding, path)
   with np.load(path) as data:  # readable by anyone's np.load, with the public keys
     assert {"lmk_face_idx", "lmk_b_coords", "landmark_indices"} <= set(data.files)
-  loaded = landmarks.load_mediapipe_embedding(path)
+  loaded = landmarks_io.load_mediapipe_embedding(path)
   assert loaded.name == "SYNTHETIC test embedding"
   for field in ("face_indices", "barycentrics", "landmark_indices"):
     np.testing.assert_array_equal(np.asarray(getattr(loaded, field)),
@@ -142,25 +148,25 @@ def test_synthetic_embedding_round_trips_through_the_public_format(tmp_path):
 def test_missing_and_malformed_mediapipe_files_name_the_file(tmp_path):
   missing = tmp_path / "mediapipe_landmark_embedding.npz"
   with pytest.raises(ModelFileError, match=r"mediapipe_landmark_embedding\.npz.*WORKSPACE\.md"):
-    landmarks.load_mediapipe_embedding(missing)
+    landmarks_io.load_mediapipe_embedding(missing)
   np.savez(tmp_path / "no_keys.npz", something=np.zeros(3))
   with pytest.raises(ModelFileError, match=r"no_keys\.npz.*lmk_face_idx"):
-    landmarks.load_mediapipe_embedding(tmp_path / "no_keys.npz")
+    landmarks_io.load_mediapipe_embedding(tmp_path / "no_keys.npz")
   np.savez(tmp_path / "bad_shapes.npz", lmk_face_idx=np.arange(5), lmk_b_coords=np.ones((4, 3)),
            landmark_indices=np.arange(5))
   with pytest.raises(ModelFileError, match=r"bad_shapes\.npz.*barycentric"):
-    landmarks.load_mediapipe_embedding(tmp_path / "bad_shapes.npz")
+    landmarks_io.load_mediapipe_embedding(tmp_path / "bad_shapes.npz")
   np.savez(tmp_path / "bad_index.npz", lmk_face_idx=np.arange(2),
            lmk_b_coords=np.full((2, 3), 1 / 3), landmark_indices=np.array([0, 478]))
   with pytest.raises(ModelFileError, match=r"0\.\.477"):
-    landmarks.load_mediapipe_embedding(tmp_path / "bad_index.npz")
+    landmarks_io.load_mediapipe_embedding(tmp_path / "bad_index.npz")
   (tmp_path / "garbage.npz").write_bytes(b"not a zip file at all")
   with pytest.raises(ModelFileError, match=r"garbage\.npz"):
-    landmarks.load_mediapipe_embedding(tmp_path / "garbage.npz")
+    landmarks_io.load_mediapipe_embedding(tmp_path / "garbage.npz")
   np.savez(tmp_path / "objects.npz", lmk_face_idx=np.array([{"a": 1}], dtype=object),
            lmk_b_coords=np.ones((1, 3)) / 3, landmark_indices=np.zeros(1, np.int64))
   with pytest.raises(ModelFileError, match=r"objects\.npz"):  # pickled arrays are refused
-    landmarks.load_mediapipe_embedding(tmp_path / "objects.npz")
+    landmarks_io.load_mediapipe_embedding(tmp_path / "objects.npz")
 
 
 def test_embedding_that_names_missing_triangles_is_caught():
@@ -202,7 +208,7 @@ def test_loads_a_68_point_embedding_of_numpy_arrays(tmp_path):
   content = _embedding_68_content(np.random.default_rng(0))
   path = tmp_path / "landmark_embedding.npy"
   np.save(path, content, allow_pickle=True)
-  loaded = landmarks.load_flame68_embedding(path)
+  loaded = landmarks_io.load_flame68_embedding(path)
   _check_68(loaded, content)
   np.testing.assert_array_equal(np.asarray(loaded.dynamic_face_indices),
                                 content["dynamic_lmk_faces_idx"])
@@ -291,7 +297,7 @@ def test_loads_a_68_point_embedding_holding_torch_tensors_without_torch(tmp_path
   raw = path.read_bytes()
   assert b"_rebuild_tensor_v2" in raw and b"_load_from_bytes" in raw
   monkeypatch.delitem(sys.modules, "torch")  # loading must not need torch
-  loaded = landmarks.load_flame68_embedding(path)
+  loaded = landmarks_io.load_flame68_embedding(path)
   plain = {key: getattr(value, "array", value) for key, value in content.items()}
   _check_68(loaded, plain)
   np.testing.assert_array_equal(np.asarray(loaded.dynamic_face_indices),
@@ -309,22 +315,22 @@ def test_68_point_loader_refuses_code_and_reports_bad_files(tmp_path, capsys):
   evil = tmp_path / "evil.npy"
   np.save(evil, {"static_lmk_faces_idx": _Exploit()}, allow_pickle=True)
   with pytest.raises(UnsafePickleError, match=r"evil\.npy.*print"):
-    landmarks.load_flame68_embedding(evil)
+    landmarks_io.load_flame68_embedding(evil)
   assert "must never run" not in capsys.readouterr().out
   with pytest.raises(ModelFileError, match=r"landmark_embedding\.npy.*WORKSPACE\.md"):
-    landmarks.load_flame68_embedding(tmp_path / "landmark_embedding.npy")
+    landmarks_io.load_flame68_embedding(tmp_path / "landmark_embedding.npy")
   plain = tmp_path / "plain.npy"
   np.save(plain, np.zeros((3, 3)))
   with pytest.raises(ModelFileError, match=r"plain\.npy.*not a pickled dict"):
-    landmarks.load_flame68_embedding(plain)
+    landmarks_io.load_flame68_embedding(plain)
   partial = tmp_path / "partial.npy"
   np.save(partial, {"static_lmk_faces_idx": np.zeros(51, np.int64)}, allow_pickle=True)
   with pytest.raises(ModelFileError, match=r"partial\.npy.*dynamic_lmk_faces_idx"):
-    landmarks.load_flame68_embedding(partial)
+    landmarks_io.load_flame68_embedding(partial)
   broken = tmp_path / "broken.npy"
   broken.write_bytes(b"\x93NUMPY garbage")
   with pytest.raises(ModelFileError, match=r"broken\.npy"):
-    landmarks.load_flame68_embedding(broken)
+    landmarks_io.load_flame68_embedding(broken)
 
 
 # --- Gathering and weights ---------------------------------------------------------------------
@@ -358,7 +364,7 @@ def test_gather_picks_detections_in_embedding_order_with_weights():
 def test_region_weights_follow_mediapipe_regions(reference):
   config = LandmarkWeights(iris=0.1, eyes=0.2, lips=0.3, brows=0.4, nose=0.5, face_oval=0.6,
                            other=0.7)
-  weights = landmarks.mediapipe_landmark_weights(config, reference)
+  weights = landmarks.mediapipe_landmark_weights(reference, config)
   assert weights.shape == (478,) and weights.dtype == np.float32
   np.testing.assert_allclose(weights[[468, 473, 477]], 0.1)
   np.testing.assert_allclose(weights[[33, 133, 263, 362, 159, 145]], 0.2)

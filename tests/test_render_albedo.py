@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from jflame.errors import ConfigError, ModelFileError
-from jflame.render import (Appearance, albedo_texture, laplacian_albedo_model,
-                           load_texture_albedo, pixel_albedo, rasterize, render_mesh,
-                           sample_texture, vertex_albedo)
+from jflame.albedo_io import load_texture_albedo
+from jflame.render import (Appearance, albedo_texture, laplacian_albedo_model, pixel_albedo,
+                           rasterize, render_mesh, sample_texture, vertex_albedo)
 from jflame.render.albedo import DEFAULT_SKIN_RGB, graph_laplacian
 from tests.test_render_reference import icosphere
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jflame import flame, flame_io, synthetic
-from jflame.landmarks import load_mediapipe_reference
+from jflame.synthetic import head as synthetic_head
+from jflame.landmarks_io import load_mediapipe_reference
 
 MIRROR = np.array([-1.0, 1.0, 1.0])
 
@@ -21,7 +22,7 @@ def small():
 
 @pytest.fixture(scope="module")
 def flame_size():
-  return synthetic._generate("flame", seed=0)
+  return synthetic.generate("flame", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +158,11 @@ def _check_mesh(vertices, faces, boundary_size):
 def test_mesh_is_clean_closed_but_for_the_neck_and_wound_outwards(size, small, flame_size):
   arrays = small[0] if size == "small" else flame_size[0]
   vertices, faces = arrays["v_template"], arrays["f"].astype(np.int64)
-  spec = synthetic.SIZES[size]
+  spec = synthetic_head.SIZES[size]
   boundary = _check_mesh(vertices, faces, spec.neck_ring_vertices)
   # The only opening is the neck, at its bottom.
   boundary_vertices = np.unique(boundary)
-  np.testing.assert_allclose(vertices[boundary_vertices, 1], synthetic.NECK_BOTTOM, atol=2e-3)
+  np.testing.assert_allclose(vertices[boundary_vertices, 1], synthetic_head.NECK_BOTTOM, atol=2e-3)
   # Every face-patch triangle carries a landmark region; its mean normal faces the viewer (+z)
   # and nearly every triangle in the central face does too.
   num_face_triangles = len(load_mediapipe_reference().triangles) * (4 if spec.subdivide_face else 1)
@@ -188,7 +189,7 @@ def test_eyeballs_are_closed_outward_spheres_bound_to_their_eye(small):
     assert not np.any(np.isin(faces[~own], members))  # a separate component
     tris = vertices[faces[own]]
     volume = np.sum(np.einsum("ij,ij->i", tris[:, 0], np.cross(tris[:, 1], tris[:, 2]))) / 6.0
-    radius = synthetic.EYEBALL_RADIUS
+    radius = synthetic_head.EYEBALL_RADIUS
     assert 0.9 * (4 / 3 * np.pi * radius ** 3) < volume < 1.0 * (4 / 3 * np.pi * radius ** 3)
     _check_mesh(vertices, faces[own], boundary_size=0)
 
@@ -244,7 +245,7 @@ def test_jaw_rotation_parts_the_lips_and_leaves_the_upper_face(small):
   # The upper inner lip and everything above the mouth stay where they were.
   for upper in (13, 82, 312, 0, 4, 10, 168, 33, 263):
     np.testing.assert_allclose(after[upper], before[upper], atol=1e-6)
-  above_mouth = rest[:, 1] > synthetic.UPPER_LIP_ABOVE
+  above_mouth = rest[:, 1] > synthetic_head.UPPER_LIP_ABOVE
   np.testing.assert_allclose(opened[above_mouth], rest[above_mouth], atol=1e-6)
   gap_before = np.linalg.norm(before[13] - before[14])
   gap_after = np.linalg.norm(after[13] - after[14])
@@ -276,7 +277,7 @@ def test_neck_rotation_keeps_the_neck_base_and_turns_the_head(small):
   rest = _posed(model)
   turned = _posed(model, neck_rotation=[0.0, 0.4, 0.0])
   base = np.flatnonzero(arrays["weights"][:, 0] == 1.0)
-  assert len(base) >= synthetic.SIZES["small"].neck_ring_vertices
+  assert len(base) >= synthetic_head.SIZES["small"].neck_ring_vertices
   np.testing.assert_allclose(turned[base], rest[base], atol=1e-7)
   nose_move = np.linalg.norm(turned[4] - rest[4])
   assert nose_move > 0.05  # the nose swings round with the head

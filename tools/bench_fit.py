@@ -22,7 +22,7 @@ from jflame.camera import FRONTAL_ROTATION, Camera, project
 from jflame.config import FitConfig
 from jflame.fit import fit_batch
 from jflame.observation import Observation
-from tools import benchmarking
+import benchmarking  # tools/ is a folder of scripts: its own folder is on sys.path
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16", "64", "256"], "Batch sizes.")
 _RIGID = flags.DEFINE_integer("rigid_iterations", 200, "Stage 1 iterations.")
@@ -124,7 +124,7 @@ def main(argv):
   rows, results = [], []
   for batch in map(int, _BATCH_SIZES.value):
     observations = synthetic_observations(loaded, batch, _CROP.value, seed=batch,
-                                          photometric=config.mode == "photometric")
+                                          photometric=config.photometric)
     compile_s, per_call = benchmarking.time_compiled(
         lambda obs: fit_batch(fit_model, obs, config).params, observations, repeats=3,
         min_seconds=0.5)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jflame import flame, flame_io
-from tools import benchmarking
+import benchmarking  # tools/ is a folder of scripts: its own folder is on sys.path
 
 _FLAME_MODEL = flags.DEFINE_string("flame_model", None,
                                    "FLAME .pkl/.npz; default: the synthetic FLAME-size model.")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from tools import fit as fit_command
+from jflame.cli import fit as fit_command
 
 FLAGS = flags.FLAGS
 

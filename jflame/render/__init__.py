@@ -2,8 +2,7 @@
 shade -> antialias. Every function handles one image; batch with `jax.vmap`."""
 
 from jflame.render.albedo import (AlbedoModel, albedo_texture, laplacian_albedo_model,
-                                  load_texture_albedo, pixel_albedo, sample_texture,
-                                  vertex_albedo)
+                                  pixel_albedo, sample_texture, vertex_albedo)
 from jflame.render.interpolate import interpolate, interpolate_face_varying
 from jflame.render.pipeline import RenderOutput, render_mesh
 from jflame.render.rasterize import (Fragments, RasterSettings, antialias, face_adjacency,
@@ -14,7 +13,7 @@ from jflame.render.shading import (Appearance, lambertian, neutral_lighting, sh_
 __all__ = [
     "AlbedoModel", "Appearance", "Fragments", "RasterSettings", "RenderOutput",
     "albedo_texture", "antialias", "face_adjacency", "interpolate", "interpolate_face_varying",
-    "lambertian", "laplacian_albedo_model", "load_texture_albedo", "neutral_lighting",
+    "lambertian", "laplacian_albedo_model", "neutral_lighting",
     "pixel_albedo", "rasterize", "render_mesh", "sample_texture", "sh_basis",
     "sh_lighting_from_deca", "sh_shading", "vertex_albedo", "vertex_normals",
 ]

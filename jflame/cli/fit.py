@@ -21,6 +21,10 @@ _OUTPUT = flags.DEFINE_string("output", "jflame_output", "Output folder.")
 _FLAME_MODEL = flags.DEFINE_string(
     "flame_model", None, "FLAME model (.pkl or .npz). Default: $JFLAME_HOME or ~/.cache/jflame, "
     "else the built-in SYNTHETIC model (not FLAME; for trying jflame out).")
+_FLAME_VARIANT = flags.DEFINE_enum(
+    "flame_variant", None, ["flame2020", "flame2023", "flame2023_open"],
+    "Which FLAME release --flame_model is, when its file name does not say (FLAME 2020 and 2023 "
+    "share their topology, so the arrays cannot tell). DECA/MICA need flame2020.")
 _EMBEDDING = flags.DEFINE_string(
     "embedding", None, "MediaPipe landmark embedding (.npz) for a real FLAME model.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images fitted at once (one compiled "
@@ -78,7 +82,8 @@ def main(argv):
                               texture_size=_TEXTURE_SIZE.value, write_overlay=_OVERLAY.value)
   try:
     paths = list_images(_INPUT.value)
-    loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value, _SEED.value)
+    loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value, _SEED.value,
+                               _FLAME_VARIANT.value)
   except JFlameError as err:
     logging.error("%s", err)
     return 2

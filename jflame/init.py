@@ -1,4 +1,10 @@
-"""Weight-free initialisation of the rigid camera from 2D landmarks alone.
+"""How a fit starts: the weight-free landmark initialiser and the `InitialGuess` type.
+
+The initialiser needs no network weights: a weak-perspective camera in closed form alternated
+with a regularised linear shape/expression solve. `InitialGuess` carries optional estimates
+(from the ONNX encoders in `jflame.initializers`, or from the user) that the fit starts from.
+
+Weight-free initialisation of the rigid camera from 2D landmarks alone:
 
 A scaled-orthographic (weak-perspective) fit of the model's rest-pose landmarks to the detected
 ones gives rotation and scale in closed form; the scale and the landmark centroid then place a
@@ -7,11 +13,50 @@ support, and puts stage 1 (rigid refinement) close to its answer from the first 
 Written for ONE image; vmap for a batch. Nothing here is differentiated.
 """
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jflame.flame import combine_corners
+
+
+@struct.dataclass
+class InitialGuess:
+  """Estimates for a batch, in jflame's conventions (NumPy, leading batch axis B).
+
+  The weight-free landmark initialiser needs none of this; DECA/MICA (ONNX, optional) or the
+  user fill it. The fit treats an estimated shape as given (kept by its closed-form start,
+  refined or held by stage 2 per FitConfig.fit_shape) and an estimated expression as the prior
+  mean of its start. A field is None when nothing estimates it. Slots of failed records and
+  padding slots hold zeros and `estimated` False.
+
+  Attributes:
+    estimated: (B,) bool, True where an encoder ran on the slot's record.
+    shape: (B, S) FLAME identity coefficients (MICA when given, else DECA).
+    expression: (B, E) FLAME expression coefficients (DECA).
+    jaw_rotation: (B, 3) axis-angle, radians (DECA).
+    texture: (B, T) albedo coefficients of DECA's texture space (DECA).
+    lighting: (B, 9, 3) SH lighting in jflame.render.shading's convention (DECA).
+  """
+  estimated: np.ndarray
+  shape: Optional[np.ndarray] = None
+  expression: Optional[np.ndarray] = None
+  jaw_rotation: Optional[np.ndarray] = None
+  texture: Optional[np.ndarray] = None
+  lighting: Optional[np.ndarray] = None
+
+
+def fit_coefficient_count(coefficients: np.ndarray, count: int) -> np.ndarray:
+  """(N, K) coefficients -> (N, count): the leading ones, zero-padded when count > K (a zero
+  coefficient is the model's mean along that direction)."""
+  coefficients = np.asarray(coefficients, np.float32)
+  fitted = np.zeros(coefficients.shape[:1] + (count,), np.float32)
+  kept = min(count, coefficients.shape[1])
+  fitted[:, :kept] = coefficients[:, :kept]
+  return fitted
 
 
 def weak_perspective_rotation(points_3d, points_2d, weights):

@@ -1,6 +1,5 @@
-"""Builds a MediaPipe landmark embedding for any FLAME-topology model by rendering it.
-
-  python tools/build_embedding.py --output mediapipe_embedding.npz [--flame_model PATH]
+"""Builds a MediaPipe landmark embedding for any FLAME-topology model by rendering it
+(the library behind `jflame-build-embedding`).
 
 The model (rest pose, skin-coloured, lit from the front and above) is rendered from a few
 views with jflame's rasterizer; MediaPipe's face mesh runs on each render; every detected
@@ -11,28 +10,16 @@ whose embedding is known (the synthetic one, or --reference_embedding), it repor
 built embedding lands from it.
 """
 
-import json
-
 import numpy as np
-from absl import app, flags
 
 import jax
 import jax.numpy as jnp
 
-from jflame import landmarks, runner
+from jflame import landmarks, landmarks_io
 from jflame.camera import Camera, screen_space, to_camera_space
 from jflame.render import (Appearance, RasterSettings, face_adjacency, laplacian_albedo_model,
                            neutral_lighting, render_mesh, vertex_normals)
 from jflame.render.rasterize import Fragments
-
-_OUTPUT = flags.DEFINE_string("output", "mediapipe_embedding.npz", "Embedding file to write.")
-_FLAME_MODEL = flags.DEFINE_string("flame_model", None, "FLAME file (default: synthetic).")
-_REFERENCE = flags.DEFINE_string("reference_embedding", None,
-                                 "Known MediaPipe embedding to compare with (optional).")
-_SIZE = flags.DEFINE_integer("size", 512, "Render size in pixels.")
-_YAWS = flags.DEFINE_list("yaw_degrees", ["-20", "0", "20"], "Views: head yaw angles.")
-_REPORT = flags.DEFINE_string("report", None, "Write the comparison as JSON here.")
-
 
 def view_camera(model, yaw_degrees, size, fov_degrees=20.0):
   """A camera looking at the face centre from the front, turned by `yaw_degrees` about the
@@ -173,7 +160,7 @@ def compare(built, reference, model):
   for index, point in zip(np.asarray(built.landmark_indices).tolist(), built_points):
     if index in ref_points:
       distances[index] = 1000 * float(np.linalg.norm(point - ref_points[index]))
-  regions = landmarks.load_mediapipe_reference().regions
+  regions = landmarks_io.load_mediapipe_reference().regions
   report = dict(compared=len(distances),
                 mean_mm=float(np.mean(list(distances.values()))),
                 median_mm=float(np.median(list(distances.values()))),
@@ -183,25 +170,3 @@ def compare(built, reference, model):
     if values:
       report[f"{name}_mean_mm"] = float(np.mean(values))
   return report
-
-
-def main(argv):
-  del argv
-  from jflame.preprocess import FaceAnalyzer
-  loaded = runner.load_model(_FLAME_MODEL.value, _REFERENCE.value)
-  with FaceAnalyzer() as analyzer:
-    embedding, counts = build_embedding(loaded.model, _SIZE.value,
-                                        [float(y) for y in _YAWS.value], analyzer)
-  landmarks.save_mediapipe_embedding(embedding, _OUTPUT.value)
-  print(f"{embedding.num_landmarks} landmarks embedded on {loaded.model.name}; faces found per "
-        f"view {counts}; written to {_OUTPUT.value}")
-  if loaded.embedding is not None:
-    report = compare(embedding, loaded.embedding, loaded.model)
-    print(json.dumps(report, indent=2))
-    if _REPORT.value:
-      with open(_REPORT.value, "w") as handle:
-        json.dump(report, handle, indent=2)
-
-
-if __name__ == "__main__":
-  app.run(main)

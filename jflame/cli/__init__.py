@@ -1,0 +1,1 @@
+"""absl command-line programs: flags live here and nowhere else in jflame."""

@@ -1,0 +1,59 @@
+"""jflame-build-embedding: a MediaPipe landmark embedding for a FLAME-topology model, made by
+rendering the model and running MediaPipe on the renders (see jflame.embedding_builder).
+
+  jflame-build-embedding --output mediapipe_embedding.npz [--flame_model PATH]
+                         [--reference_embedding KNOWN.npz] [--report report.json]
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from jflame.errors import JFlameError
+
+_OUTPUT = flags.DEFINE_string("output", "mediapipe_embedding.npz", "Embedding file to write.")
+_FLAME_MODEL = flags.DEFINE_string("flame_model", None, "FLAME file (default: synthetic).")
+_REFERENCE = flags.DEFINE_string("reference_embedding", None,
+                                 "Known MediaPipe embedding to compare with (optional).")
+_SIZE = flags.DEFINE_integer("size", 512, "Render size in pixels.", lower_bound=64,
+                             upper_bound=2048)
+_YAWS = flags.DEFINE_list("yaw_degrees", ["-20", "0", "20"], "Views: head yaw angles.")
+_REPORT = flags.DEFINE_string("report", None, "Write the comparison as JSON here.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from jflame import embedding_builder, landmarks_io, runner
+  from jflame.preprocess import FaceAnalyzer
+  try:
+    yaws = [float(y) for y in _YAWS.value]
+  except ValueError:
+    raise app.UsageError(f"--yaw_degrees takes numbers, got {_YAWS.value}") from None
+  try:
+    loaded = runner.load_model(_FLAME_MODEL.value, _REFERENCE.value)
+    with FaceAnalyzer() as analyzer:
+      embedding, counts = embedding_builder.build_embedding(loaded.model, _SIZE.value, yaws,
+                                                            analyzer)
+    landmarks_io.save_mediapipe_embedding(embedding, _OUTPUT.value)
+  except (JFlameError, OSError) as err:
+    logging.error("%s", err)
+    return 2
+  print(f"{embedding.num_landmarks} landmarks embedded on {loaded.model.name}; faces found per "
+        f"view {counts}; written to {_OUTPUT.value}")
+  if loaded.embedding is not None:
+    report = embedding_builder.compare(embedding, loaded.embedding, loaded.model)
+    print(json.dumps(report, indent=2))
+    if _REPORT.value:
+      with open(_REPORT.value, "w") as handle:
+        json.dump(report, handle, indent=2)
+  return 0
+
+
+def run():
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  run()

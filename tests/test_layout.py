@@ -1,0 +1,215 @@
+"""The house rules: one installed top-level package, imports that point one way, settings that
+refuse nonsense, and a model variant read from data rather than from a file name."""
+
+import ast
+import dataclasses
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jflame import flame_io
+from jflame.config import FitConfig, FitMode, LearningRates, Regularization, Schedule
+from jflame.errors import ConfigError, ModelFileError
+from jflame.landmarks import LandmarkWeights
+from tests.conftest import PROJECT_ROOT, random_flame_arrays
+
+PACKAGE = PROJECT_ROOT / "jflame"
+# Modules that run on the device or describe the model: no files, no host libraries.
+DEVICE_MODULES = ("camera", "config", "fit", "flame", "init", "landmarks", "losses",
+                  "observation", "optim", "rotation", "render")
+HOST_ONLY_IMPORTS = ("cv2", "mediapipe", "trimesh", "PIL", "onnxruntime", "absl.flags",
+                     "jflame.preprocess", "jflame.output", "jflame.runner", "jflame.engine",
+                     "jflame.dataset", "jflame.initializers")
+# The only modules that may use the optional ONNX layer.
+ENCODER_USERS = ("jflame/runner.py", "jflame/engine.py")
+
+
+def _imports(path: Path):
+  """Every module name a file imports (absolute), at any depth (function-level imports too)."""
+  tree = ast.parse(path.read_text(), str(path))
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      yield from (alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      yield node.module
+      yield from (f"{node.module}.{alias.name}" for alias in node.names)
+
+
+def _package_files():
+  return sorted(PACKAGE.rglob("*.py")) + sorted((PROJECT_ROOT / "initializers").glob("*.py"))
+
+
+def _is_or_under(name: str, prefix: str) -> bool:
+  return name == prefix or name.startswith(prefix + ".")
+
+
+def test_wheel_has_exactly_one_top_level_package(tmp_path):
+  """Built as a user's pip would build it: `jflame` is the only import package, the encoders
+  are `jflame.initializers`, the commands `jflame.cli`, and tools/ is not installed."""
+  pytest.importorskip("setuptools", minversion="77")
+  pytest.importorskip("wheel")
+  source = tmp_path / "source"
+  tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+  for name in tracked:
+    if (PROJECT_ROOT / name).is_file():
+      (source / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(PROJECT_ROOT / name, source / name)
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                  "-q", "-w", str(tmp_path / "dist"), str(source)], check=True,
+                 capture_output=True, timeout=300)
+  wheel, = (tmp_path / "dist").glob("jflame-*.whl")
+  names = zipfile.ZipFile(wheel).namelist()
+  top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(
+      (".dist-info", ".data"))}
+  assert top_level == {"jflame"}, top_level
+  assert "jflame/initializers/deca.py" in names and "jflame/cli/fit.py" in names
+  assert "jflame/data/mediapipe_face.npz" in names
+  assert not any(name.startswith(("tools/", "tests/", "initializers/")) for name in names)
+  entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+  scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+  assert "jflame-fit = jflame.cli.fit:run" in scripts
+
+
+def test_imports_point_one_way():
+  problems = []
+  for path in _package_files():
+    relative = path.relative_to(PROJECT_ROOT).as_posix()
+    for name in _imports(path):
+      if _is_or_under(name, "tools") or _is_or_under(name, "initializers"):
+        problems.append(f"{relative} imports {name} (use jflame.* names; tools/ is scripts)")
+      if (_is_or_under(name, "jflame.initializers") and not relative.startswith(
+          ("initializers/", "jflame/cli/")) and relative not in ENCODER_USERS):
+        problems.append(f"{relative} imports the optional encoder layer ({name})")
+      if _is_or_under(name, "absl.flags") and not relative.startswith("jflame/cli/"):
+        problems.append(f"{relative} defines or reads flags outside jflame/cli ({name})")
+  assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("module", DEVICE_MODULES)
+def test_device_modules_touch_no_files_or_host_libraries(module):
+  paths = [PACKAGE / f"{module}.py"] if (PACKAGE / f"{module}.py").exists() else sorted(
+      (PACKAGE / module).glob("*.py"))
+  assert paths
+  for path in paths:
+    source = path.read_text()
+    bad = [name for name in _imports(path) if any(_is_or_under(name, h) for h in
+                                                   HOST_ONLY_IMPORTS)]
+    bad += [name for name in _imports(path) if name.startswith("jflame.") and
+            name.split(".")[1].endswith("_io")]
+    assert not bad, f"{path.name} imports {bad}"
+    for call in ("np.load(", "open(", ".read_bytes(", ".write_bytes(", "np.save"):
+      assert call not in source, f"{path.name} touches files ({call})"
+
+
+def test_public_api_is_what_the_readme_uses():
+  import jflame
+  for name in jflame.__all__:
+    assert getattr(jflame, name) is not None, name
+  readme = (PROJECT_ROOT / "README.md").read_text()
+  example = readme.split("```python", 1)[1].split("```", 1)[0]
+  imported = [line for line in example.splitlines() if "import" in line]
+  assert imported and all(line.startswith(("import jflame", "from jflame import ", "import jax"))
+                          for line in imported), imported
+  # `import jflame` stays light: no MediaPipe, OpenCV or trimesh until they are used.
+  probe = subprocess.run(
+      [sys.executable, "-c", "import sys, jflame; jflame.FitConfig; jflame.fit_batch; "
+       "print(sorted(m for m in ('mediapipe', 'cv2', 'trimesh') if m in sys.modules))"],
+      capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
+  assert probe.stdout.strip() == "[]", probe.stdout
+
+
+# --- Settings that refuse nonsense -------------------------------------------------------------
+
+BAD_SETTINGS = [
+    ("mode", "photometic"), ("mode", None), ("num_shape", 0), ("num_shape", 2.5),
+    ("num_expression", -1), ("num_expression", True), ("rigid_iterations", -1),
+    ("full_iterations", 1.5), ("init_rounds", -2), ("init_num_shape", -1),
+    ("init_num_expression", "3"), ("vmap_chunk", -1), ("albedo_per_channel", 0),
+    ("landmark_scale", 0.0), ("landmark_scale", float("nan")), ("landmark_robust_scale", -1.0),
+    ("photometric_robust_scale", 0), ("photometric_weight", -0.1), ("fov_degrees", 0.0),
+    ("fov_degrees", 180.0), ("fit_shape", "yes"), ("landmark_regions", ("eyes", "cheeks")),
+    ("landmark_regions", ()), ("regularization", Regularization(shape=-0.1)),
+    ("regularization", {"shape": 0.1}), ("region_weights", LandmarkWeights(eyes=-1.0)),
+    ("rigid_rates", LearningRates(camera_rotation=Schedule(0.0))),
+    ("full_rates", LearningRates(jaw=Schedule(0.01, -0.01))),
+    ("full_rates", LearningRates(jaw=0.01)), ("raster", None),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_SETTINGS, ids=[f"{f}={v!r}" for f, v in BAD_SETTINGS])
+def test_every_setting_refuses_nonsense_naming_the_field(field, value):
+  with pytest.raises(ConfigError, match=rf"FitConfig\.{field}"):
+    FitConfig(**{field: value})
+
+
+def test_every_field_is_covered_by_the_validation_tests():
+  covered = {field for field, _ in BAD_SETTINGS}
+  assert covered == {field.name for field in dataclasses.fields(FitConfig)}
+
+
+def test_mode_is_an_enum_that_accepts_its_names():
+  assert FitConfig(mode="photometric").mode is FitMode.PHOTOMETRIC
+  assert FitConfig(mode="photometric").photometric and not FitConfig().photometric
+  assert FitConfig().mode == "landmark"
+  with pytest.raises(ConfigError, match="'landmark', 'photometric'"):
+    FitConfig(mode="Photometric")
+  hash(FitConfig(landmark_regions=["eyes", "lips"]))  # a list is stored as a hashable tuple
+
+
+def test_coefficient_counts_are_checked_against_the_model():
+  from jflame import runner, synthetic
+  model, embedding = synthetic.synthetic_flame("small")
+  loaded = runner.LoadedModel(model, embedding, model.name)
+  with pytest.raises(ConfigError, match=rf"num_expression is 50 .* has {model.num_expression}"):
+    runner.prepare_fit_model(loaded, FitConfig(num_shape=10, num_expression=50))
+
+
+# --- The model's variant is data -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flame_size_arrays():
+  """Random arrays with FLAME's exact topology (not FLAME: numbers are meaningless)."""
+  return random_flame_arrays(num_vertices=5023, num_faces=9976, num_shape=300,
+                             num_expression=100)
+
+
+def test_variant_of_the_synthetic_model():
+  from jflame import synthetic
+  model, _ = synthetic.synthetic_flame("small")
+  assert model.variant == "synthetic" and model.is_synthetic
+
+
+def test_variant_from_an_official_file_name_needs_flame_topology(tmp_path, flame_size_arrays):
+  official = tmp_path / "generic_model.pkl"
+  flame_io.save_flame_pkl(flame_size_arrays, official)
+  assert flame_io.load_flame(official).variant == "flame2020"
+  open_model = tmp_path / "flame2023_Open.pkl"
+  shutil.copy(official, open_model)
+  assert flame_io.load_flame(open_model).variant == "flame2023_open"
+  renamed = tmp_path / "my_head.pkl"
+  shutil.copy(official, renamed)
+  assert flame_io.load_flame(renamed).variant == "unknown"
+  assert flame_io.load_flame(renamed, variant="flame2020").variant == "flame2020"
+  # A small model under an official name is not FLAME whatever it is called.
+  impostor = tmp_path / "sub" / "generic_model.pkl"
+  impostor.parent.mkdir()
+  flame_io.save_flame_pkl(random_flame_arrays(), impostor)
+  assert flame_io.load_flame(impostor).variant == "unknown"
+  with pytest.raises(ModelFileError, match="unknown FLAME variant"):
+    flame_io.load_flame(official, variant="flame2021")
+
+
+def test_variant_travels_with_a_converted_file(tmp_path, flame_size_arrays):
+  official = tmp_path / "generic_model.pkl"
+  flame_io.save_flame_pkl(flame_size_arrays, official)
+  converted = tmp_path / "anything.npz"
+  flame_io.save_flame_npz(flame_io.load_flame(official), converted)
+  assert flame_io.load_flame(converted).variant == "flame2020"
+  with np.load(converted) as data:
+    assert str(data["variant"]) == "flame2020"
