@@ -31,3 +31,7 @@ class InputError(JFlameError):
 
 class ConfigError(JFlameError):
   """Settings that do not fit together."""
+
+
+class OutputError(JFlameError):
+  """The output folder cannot be used: not a folder, not writable, or held by another run."""

@@ -1,53 +1,25 @@
-"""The main job: a list of photographs in, per-image FLAME fits out.
-
-Host and device stages alternate per batch: preprocess (MediaPipe, optionally in worker
-processes) -> one compiled fit of the whole padded batch -> writers. Every batch has the same
-shape, so the fit compiles once per run. A bad image becomes a status line in the manifest,
-never an exception that ends the run, and finished results are never overwritten unless asked.
-"""
+"""What a run needs before its first image: the model and its embedding, the device-side fit
+model, the optional albedo space and encoders. The run itself is `jflame.engine`."""
 
 import dataclasses
-import datetime
-import platform
-import time
-from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Optional
 
-from absl import logging
 import jax
 import numpy as np
+from absl import logging
 
-from jflame import flame_io, landmarks, landmarks_io, output, sharding
+from jflame import flame_io, landmarks, landmarks_io
 from jflame.albedo_io import load_texture_albedo
 from jflame.assets import find_asset
 from jflame.config import FitConfig
 from jflame.errors import ConfigError, ModelFileError
-from jflame.fit import FitModel, fit_batch, fitted_meshes, make_fit_model
+from jflame.fit import FitModel, make_fit_model
 from jflame.flame import FlameModel
-from jflame.initializers.initial_guess import initial_guess_for_batch
-from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
 
 FLAME_FILE_NAMES = ("generic_model.npz", "flame2023.npz", "generic_model.pkl", "flame2023.pkl",
                     "flame2023_Open.pkl")
 EMBEDDING_FILE_NAMES = ("mediapipe_landmark_embedding.npz",)
 TEXTURE_FILE_NAMES = ("FLAME_albedo_from_BFM.npz", "FLAME_texture.npz")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-  """Host-side settings of a run (the device-side ones are in FitConfig)."""
-  output_dir: Path
-  batch_size: int = 16
-  crop_size: int = 256
-  workers: int = 1
-  overwrite: bool = False
-  mesh_format: str = "obj"
-  write_overlay: bool = True
-  deca_model: Optional[str] = None
-  mica_model: Optional[str] = None
-  texture_model: Optional[str] = None
-  texture_components: int = 50
-  texture_size: int = 256
 
 
 @dataclasses.dataclass
@@ -82,7 +54,7 @@ def load_model(flame_path: Optional[str] = None, embedding_path: Optional[str] =
                      f"{model.name} ({model.variant}) with {embedding_file.name}")
 
 
-def load_albedo(loaded: LoadedModel, options: RunOptions):
+def load_albedo(loaded: LoadedModel, options):
   """The FLAME texture space for photometric fitting when the user has one (flag, then the
   search folders), else None (the fit then uses the built-in Laplacian basis). A FLAME UV map
   means nothing on the synthetic head, so there a texture file is refused if given and
@@ -110,7 +82,7 @@ def prepare_fit_model(loaded: LoadedModel, config: FitConfig, albedo=None) -> Fi
                         region[np.asarray(embedding.landmark_indices)], config, albedo)
 
 
-def load_encoders(loaded: LoadedModel, options: RunOptions):
+def load_encoders(loaded: LoadedModel, options):
   """DECA and MICA encoders (ONNX) when the user has them, else None each. Their coefficients
   are FLAME 2020's, so with any other head model they are not used (and a given path is an
   error rather than a silent mismatch)."""
@@ -131,133 +103,6 @@ def load_encoders(loaded: LoadedModel, options: RunOptions):
   return deca, mica
 
 
-def _chunks(items: Sequence, size: int):
-  for start in range(0, len(items), size):
-    yield items[start:start + size]
-
-
 def take(tree, slot: int):
   """One image of a batched pytree (every leaf indexed on its leading axis)."""
   return jax.tree.map(lambda x: x[slot], tree)
-
-
-class Run:
-  """One run over a list of images: preprocess -> fit -> write, a batch at a time. Call
-  `fit(paths, names)`; it returns the manifest (also written to the output folder)."""
-
-  def __init__(self, loaded: LoadedModel, config: FitConfig, options: RunOptions,
-               progress: Optional[Callable[[int], None]] = None):
-    self.loaded, self.config, self.options = loaded, config, options
-    self.progress = progress or (lambda count: None)
-    self.mesh = sharding.batch_mesh() if len(jax.local_devices()) > 1 else None
-    if self.mesh is not None and options.batch_size % self.mesh.size:
-      raise ConfigError(f"--batch_size {options.batch_size} must be a multiple of the "
-                        f"{self.mesh.size} local devices the batch is split over.")
-    albedo = load_albedo(loaded, options) if config.photometric else None
-    self.fit_model = sharding.replicate(prepare_fit_model(loaded, config, albedo), self.mesh)
-    self.encoders = load_encoders(loaded, options)
-    self.images: List[dict] = []
-    self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0)
-
-  def fit(self, paths: Sequence[Path], names: Sequence[str]):
-    """Fits every image; returns the manifest dict (also written to the output folder)."""
-    started = datetime.datetime.now(datetime.timezone.utc)
-    out = Path(self.options.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = []
-    for path, name in zip(paths, names):
-      if not self.options.overwrite and output.result_is_finished(out, name):
-        self.images.append(dict(name=name, source=str(path), status="skipped",
-                                message="a finished result exists (pass --overwrite to redo)"))
-        self.progress(1)
-      else:
-        todo.append((path, name))
-    chunks = list(_chunks(todo, self.options.batch_size))
-    with Preprocessor(self.options.crop_size, workers=self.options.workers) as preprocessor:
-      pending = preprocessor.prepare_iter(*zip(*chunks[0])) if chunks else None
-      for index in range(len(chunks)):
-        start = time.perf_counter()
-        records = list(pending)
-        self.timings["preprocess_s"] += time.perf_counter() - start
-        if index + 1 < len(chunks):
-          # With worker processes the next chunk is preprocessed while this one is fitted.
-          pending = preprocessor.prepare_iter(*zip(*chunks[index + 1]))
-        self._write_batch(records, *self._fit_batch(records))
-    manifest = self._manifest(started)
-    output.write_manifest(out / "run_summary.json", manifest)
-    return manifest
-
-  def _fit_batch(self, records: List[PreparedImage]):
-    """The device part of one batch: (FitResult, FittedMeshes) as host arrays."""
-    options, config = self.options, self.config
-    start = time.perf_counter()
-    observations = stack_observations(records, options.batch_size, options.crop_size)
-    guess = None
-    if any(encoder is not None for encoder in self.encoders):
-      guess = initial_guess_for_batch(records, options.batch_size, *self.encoders,
-                                      num_shape=config.num_shape,
-                                      num_expression=config.num_expression)
-    results = fit_batch(self.fit_model, sharding.shard_batch(observations, self.mesh), config,
-                        sharding.shard_batch(guess, self.mesh))
-    meshes = fitted_meshes(self.loaded.model, self.fit_model, results, config, options.crop_size)
-    results, meshes = jax.device_get((results, meshes))
-    elapsed = time.perf_counter() - start
-    if self.timings["first_fit_s"] is None:
-      self.timings["first_fit_s"] = elapsed  # includes compilation
-    else:
-      self.timings["fit_s"] += elapsed
-    return results, meshes
-
-  def _write_batch(self, records: List[PreparedImage], results, meshes):
-    start = time.perf_counter()
-    for slot, record in enumerate(records):
-      self.images.append(self._write(record, take(results, slot), take(meshes, slot)))
-      self.progress(1)
-    self.timings["write_s"] += time.perf_counter() - start
-
-  def _write(self, record: PreparedImage, result, meshes) -> dict:
-    """Writes one image's files; returns its manifest entry."""
-    entry = dict(name=record.name, source=str(record.source) if record.source else None,
-                 status=record.status, message=record.message, num_faces=record.num_faces)
-    if not record.ok:
-      return entry
-    if not bool(result.fitted):
-      entry.update(status="fit_failed",
-                   message="the optimisation diverged (non-finite loss or gradient); the last "
-                           "finite values were discarded and nothing was written")
-      return entry
-    out = Path(self.options.output_dir)
-    albedo = self.fit_model.albedo
-    arrays = output.result_record(
-        record, result, model_name=self.loaded.model.name, mode=self.config.mode.value,
-        crop_size=self.options.crop_size, landmark_indices=self.fit_model.landmark_indices,
-        albedo_name=albedo.name if albedo is not None else None)
-    files = []
-    if self.options.mesh_format:
-      mesh_path = out / f"{record.name}.{self.options.mesh_format}"
-      output.save_mesh(mesh_path, meshes.vertices, self.loaded.model.faces,
-                       header=f"jflame fit of {record.name}; model: {self.loaded.model.name}")
-      files.append(mesh_path.name)
-    if self.options.write_overlay:
-      files += output.write_pictures(out, record, arrays, meshes, self.loaded.model.faces)
-    # The parameters file goes last: its presence with status ok marks the result finished.
-    output.save_parameters(out / f"{record.name}.npz", arrays)
-    files.insert(0, f"{record.name}.npz")
-    entry.update(landmark_error_px=arrays["landmark_error_px"],
-                 landmark_error_relative=arrays["landmark_error_relative"], files=files)
-    return entry
-
-  def _manifest(self, started) -> dict:
-    counts = {}
-    for image in self.images:
-      counts[image["status"]] = counts.get(image["status"], 0) + 1
-    return dict(
-        jflame_run=1, started=started.isoformat(),
-        finished=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        model=self.loaded.description, model_variant=self.loaded.model.variant,
-        synthetic_model=self.loaded.model.is_synthetic,
-        embedding=self.loaded.embedding.name, device=str(jax.devices()[0]),
-        python=platform.python_version(), jax=jax.__version__,
-        config=dataclasses.asdict(self.config),
-        options={k: str(v) for k, v in dataclasses.asdict(self.options).items()},
-        timings=self.timings, counts=counts, images=self.images)

@@ -4,16 +4,16 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import skimage.data
 
-from jflame import landmarks, landmarks_io, runner
+from jflame import engine, landmarks, landmarks_io, runner, sinks, sources
 from jflame.config import FitConfig
 from jflame.errors import InputError, ModelFileError
-from jflame.preprocess import list_images, unique_names
 from tests.conftest import PROJECT_ROOT, shared_photos
 
 
@@ -27,11 +27,17 @@ def _write_rgb(path, rgb):
   return path
 
 
-def _run(loaded, inputs, output_dir, **options):
-  config = FitConfig()
-  paths = list_images(inputs)
-  run = runner.Run(loaded, config, runner.RunOptions(output_dir=output_dir, **options))
-  return run.fit(paths, unique_names(paths))
+def _run(loaded, inputs, output_dir, config=FitConfig(), mesh_format="obj", pictures=True,
+         **options):
+  """The engine as jflame-fit drives it; returns the run_summary.json it wrote."""
+  inputs = [str(entry) for entry in (inputs if isinstance(inputs, list) else [inputs])]
+  output_dir = Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  sink = sinks.FilesSink(output_dir, loaded.model.faces, loaded.model.name, mesh_format,
+                         pictures)
+  engine.Engine(loaded, config, engine.EngineOptions(**options), sink).run(
+      sources.list_sources(inputs, exclude_folder=output_dir))
+  return json.loads((output_dir / "run_summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +57,10 @@ def _entry(manifest, name):
 
 def test_real_photograph_fits_within_two_percent_of_face_size(astronaut_run):
   _, output_dir, manifest = astronaut_run
-  entry = _entry(manifest, "astronaut")
+  entry = _entry(manifest, "astronaut.png")
   assert entry["status"] == "ok"
   assert manifest["synthetic_model"] is True and "SYNTHETIC" in manifest["model"]
-  with np.load(output_dir / "astronaut.npz") as result:
+  with np.load(output_dir / "astronaut.png.npz") as result:
     assert float(result["landmark_error_relative"]) < 0.02
     assert str(result["status"]) == "ok" and "SYNTHETIC" in str(result["model"])
     # Fitted landmarks mapped back to the photo agree with the detections there too.
@@ -72,7 +78,7 @@ def test_original_camera_projects_onto_the_photo(astronaut_run, loaded_model):
   from jflame import flame
   from jflame.camera import Camera, project
   _, output_dir, _ = astronaut_run
-  with np.load(output_dir / "astronaut.npz") as result:
+  with np.load(output_dir / "astronaut.png.npz") as result:
     params = flame.FlameParams(**{k: jnp.asarray(result[k]) for k in (
         "shape", "expression", "global_rotation", "neck_rotation", "jaw_rotation",
         "left_eye_rotation", "right_eye_rotation")})
@@ -90,25 +96,26 @@ def test_original_camera_projects_onto_the_photo(astronaut_run, loaded_model):
 def test_outputs_are_complete(astronaut_run, loaded_model):
   import trimesh
   _, output_dir, manifest = astronaut_run
-  mesh = trimesh.load(output_dir / "astronaut.obj", process=False)
+  mesh = trimesh.load(output_dir / "astronaut.png.obj", process=False)
   assert mesh.vertices.shape == (loaded_model.model.num_vertices, 3)
   assert len(mesh.faces) == loaded_model.model.faces.shape[0]
-  overlay = cv2.imread(str(output_dir / "astronaut_overlay.png"))
+  overlay = cv2.imread(str(output_dir / "astronaut.png_overlay.png"))
   assert overlay.shape == (512, 512, 3)
   photo = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
   changed = np.any(overlay != photo, axis=2)
   assert changed[150:300, 180:320].mean() > 0.1 and changed[400:, :100].mean() < 0.01
   on_disk = json.loads((output_dir / "run_summary.json").read_text())
   assert on_disk["counts"] == manifest["counts"] == {"ok": 1, "unreadable": 1, "no_face": 1}
-  assert set(_entry(manifest, "astronaut")["files"]) == {
-      "astronaut.npz", "astronaut.obj", "astronaut_overlay.png"}
-  leftovers = [p.name for p in output_dir.iterdir() if p.name.startswith(".")]
+  assert set(_entry(manifest, "astronaut.png")["files"]) == {
+      "astronaut.png.npz", "astronaut.png.obj", "astronaut.png_overlay.png"}
+  leftovers = [p.name for p in output_dir.iterdir()
+               if p.name.startswith(".") and p.name != ".jflame.lock"]
   assert not leftovers  # atomic writes leave no temporary files behind
 
 
 def test_bad_images_get_a_status_and_no_files(astronaut_run):
   _, output_dir, manifest = astronaut_run
-  corrupt, coffee = _entry(manifest, "corrupt"), _entry(manifest, "coffee")
+  corrupt, coffee = _entry(manifest, "corrupt.jpg"), _entry(manifest, "coffee.png")
   assert corrupt["status"] == "unreadable" and "corrupt.jpg" in corrupt["message"]
   assert coffee["status"] == "no_face"
   assert not list(output_dir.glob("corrupt*")) and not list(output_dir.glob("coffee*"))
@@ -118,21 +125,20 @@ def test_finished_results_are_never_overwritten(astronaut_run, loaded_model, tmp
   folder, output_dir, _ = astronaut_run
   copy = tmp_path / "out"
   shutil.copytree(output_dir, copy)
-  before = (copy / "astronaut.npz").read_bytes()
-  broken = tmp_path / "broken"
-  broken.mkdir()
-  (broken / "astronaut.png").write_bytes(b"not a png any more")
-  again = _run(loaded_model, broken, copy, batch_size=4)
-  assert _entry(again, "astronaut")["status"] == "skipped"
-  forced = _run(loaded_model, broken, copy, batch_size=4, overwrite=True)
-  assert _entry(forced, "astronaut")["status"] == "unreadable"
-  assert (copy / "astronaut.npz").read_bytes() == before
+  before = (copy / "astronaut.png.npz").read_bytes()
+  again = _run(loaded_model, folder / "astronaut.png", copy, batch_size=4)
+  assert again["this_run"] == {"skipped": 1}
+  assert _entry(again, "astronaut.png")["status"] == "ok"  # the earlier record carries forward
+  (folder / "astronaut.png").write_bytes(b"not a png any more")
+  forced = _run(loaded_model, folder / "astronaut.png", copy, batch_size=4)
+  assert _entry(forced, "astronaut.png")["status"] == "unreadable"
+  assert (copy / "astronaut.png.npz").read_bytes() == before
 
 
 def test_missing_inputs_and_models_say_what_to_do(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(InputError, match="No image files found"):
-    list_images(tmp_path / "empty")
+    sources.list_sources([str(tmp_path / "empty")])
   with pytest.raises(ModelFileError, match=r"absent\.pkl.*WORKSPACE\.md"):
     runner.load_model(str(tmp_path / "absent.pkl"), None)
 
@@ -154,7 +160,7 @@ def test_command_exit_codes(tmp_path):
 
 def test_shared_photographs_fit(loaded_model, tmp_path):
   photos = shared_photos()
-  manifest = _run(loaded_model, [str(p) for p in photos], tmp_path, batch_size=8)
+  manifest = _run(loaded_model, [str(p) for p in photos], tmp_path / "out", batch_size=8)
   for image in manifest["images"]:
     assert image["status"] == "ok", image
     assert image["landmark_error_relative"] < 0.02, image
@@ -165,21 +171,19 @@ def test_photometric_mode_writes_render_overlay_and_comparison(loaded_model, tmp
   folder.mkdir()
   _write_rgb(folder / "astronaut.png", skimage.data.astronaut())
   config = FitConfig(mode="photometric", rigid_iterations=30, full_iterations=30)
-  run = runner.Run(loaded_model, config, runner.RunOptions(output_dir=tmp_path / "out",
-                                                           batch_size=1))
-  manifest = run.fit(list_images(folder), ["astronaut"])
-  entry = _entry(manifest, "astronaut")
+  manifest = _run(loaded_model, folder, tmp_path / "out", config, batch_size=1)
+  entry = _entry(manifest, "astronaut.png")
   assert entry["status"] == "ok"
-  assert set(entry["files"]) >= {"astronaut_overlay.png", "astronaut_compare.png"}
-  with np.load(tmp_path / "out" / "astronaut.npz") as result:
+  assert set(entry["files"]) >= {"astronaut.png_overlay.png", "astronaut.png_compare.png"}
+  with np.load(tmp_path / "out" / "astronaut.png.npz") as result:
     assert result["sh_lighting"].shape == (9, 3) and result["texture"].ndim == 1
     assert "Laplacian" in str(result["albedo_model"])
     assert float(result["photometric_error"]) < 0.15
-  compare = cv2.imread(str(tmp_path / "out" / "astronaut_compare.png"))
+  compare = cv2.imread(str(tmp_path / "out" / "astronaut.png_compare.png"))
   assert compare.shape == (256, 768, 3)
   render = compare[:, 256:512]
   assert (render.sum(axis=2) > 0).mean() > 0.2  # the head is drawn
-  overlay = cv2.imread(str(tmp_path / "out" / "astronaut_overlay.png"))
+  overlay = cv2.imread(str(tmp_path / "out" / "astronaut.png_overlay.png"))
   photo = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
   changed = np.any(np.abs(overlay.astype(int) - photo) > 8, axis=2)
   # The fitted render resembles the face, so only part of it differs visibly from the photo.

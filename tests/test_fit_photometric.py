@@ -128,10 +128,11 @@ def test_uv_texture_space_drives_the_photometric_fit(scene, tmp_path):
 
 def test_a_flame_texture_file_is_refused_for_the_synthetic_head(tmp_path):
   from jflame import runner
+  from jflame.engine import EngineOptions
   from jflame.errors import ConfigError
   model, embedding = synthetic.synthetic_flame("small", seed=0)
   _texture_space_file(tmp_path / "FLAME_texture.npz", model)
   loaded = runner.LoadedModel(model, embedding, model.name)
-  options = runner.RunOptions(output_dir=tmp_path, texture_model=str(tmp_path / "FLAME_texture.npz"))
+  options = EngineOptions(texture_model=str(tmp_path / "FLAME_texture.npz"))
   with pytest.raises(ConfigError, match="synthetic"):
     runner.load_albedo(loaded, options)

@@ -439,14 +439,18 @@ def test_encoder_guess_drives_the_fit_and_is_refused_for_other_head_models(model
   import jax.numpy as jnp
   from jflame import runner, synthetic
   from jflame.config import FitConfig
+  from jflame.engine import EngineOptions
   from jflame.errors import ConfigError
   from jflame.fit import fit_batch
   from jflame.preprocess import stack_observations
   model, embedding = synthetic.synthetic_flame("small")
   loaded = runner.LoadedModel(model, embedding, model.name)
-  options = runner.RunOptions(output_dir=tmp_path, mica_model=str(models["mica"]))
-  with pytest.raises(ConfigError, match="FLAME 2020"):
-    runner.Run(loaded, FitConfig(num_shape=20, num_expression=10), options)
+  options = EngineOptions(mica_model=str(models["mica"]))
+  with pytest.raises(ConfigError, match="FLAME 2020.*--flame_variant"):
+    runner.load_encoders(loaded, options)
+  # The variant, not the file name, decides: the same model stated as FLAME 2020 takes them.
+  as_2020 = runner.LoadedModel(model.replace(variant="flame2020"), embedding, "renamed.pkl")
+  assert runner.load_encoders(as_2020, options)[1] is not None
   config = FitConfig(num_shape=20, num_expression=10, rigid_iterations=3, full_iterations=3,
                      fit_shape=False)
   mica = MicaEncoder.load(str(models["mica"]))

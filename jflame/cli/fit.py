@@ -1,110 +1,94 @@
-"""jflame-fit: fit FLAME to every face photograph in a file, folder or glob.
+"""jflame-fit: fit FLAME to every face photograph in files, folders, globs or list files.
 
   jflame-fit --input photos/ --output results/ [--flame_model generic_model.npz]
              [--embedding mediapipe_landmark_embedding.npz] [--batch_size 16] [--mode landmark]
 
-Writes per image <name>.npz (parameters, cameras, landmarks, crop transform, losses),
-<name>.obj (mesh) and <name>_overlay.png (fit over the photo), plus run_summary.json. Exits
-non-zero only when nothing could be fitted.
+Per image it writes <name>.npz (parameters, cameras, landmarks, crop transform, losses, source,
+quality), a mesh and <name>_overlay.png, where <name> is the image's path relative to its input
+folder with "/" as "__" (sub/a.jpg -> sub__a.jpg). manifest.jsonl records every image as it is
+written; run_summary.json sums up every run into the folder. A rerun skips images whose result
+was made from the same file, refits those whose file changed, and fits the rest.
+
+Exit status: 0 when at least one image has a fitted result, 1 when none could be fitted, 2 for
+a usage problem (a bad flag, no input found, a missing model file, an output folder that cannot
+be written or that another run is using). Ctrl-C or SIGTERM stops after the batch in hand; what
+was written stays, and a rerun finishes the rest.
 """
 
 import sys
+from pathlib import Path
 
-from absl import app, flags, logging
-from tqdm import tqdm
+from absl import flags
 
-from jflame.config import FitConfig
-from jflame.errors import JFlameError
+from jflame.cli import common
 
-_INPUT = flags.DEFINE_list("input", None, "Image file(s), folder(s) or glob pattern(s).")
-_OUTPUT = flags.DEFINE_string("output", "jflame_output", "Output folder.")
-_FLAME_MODEL = flags.DEFINE_string(
-    "flame_model", None, "FLAME model (.pkl or .npz). Default: $JFLAME_HOME or ~/.cache/jflame, "
-    "else the built-in SYNTHETIC model (not FLAME; for trying jflame out).")
-_FLAME_VARIANT = flags.DEFINE_enum(
-    "flame_variant", None, ["flame2020", "flame2023", "flame2023_open"],
-    "Which FLAME release --flame_model is, when its file name does not say (FLAME 2020 and 2023 "
-    "share their topology, so the arrays cannot tell). DECA/MICA need flame2020.")
-_EMBEDDING = flags.DEFINE_string(
-    "embedding", None, "MediaPipe landmark embedding (.npz) for a real FLAME model.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images fitted at once (one compiled "
-                                   "program; the last batch is padded).")
-_CROP_SIZE = flags.DEFINE_integer("crop_size", 256, "Side of the aligned face crop, pixels.")
-_MODE = flags.DEFINE_enum("mode", "landmark", ["landmark", "photometric"], "Fitting mode.")
-_RIGID_ITERATIONS = flags.DEFINE_integer("rigid_iterations", 200, "Stage 1 (camera) steps.")
-_FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", 200, "Stage 2 (all groups) steps.")
-_NUM_SHAPE = flags.DEFINE_integer("num_shape", 100, "Shape coefficients fitted.")
-_NUM_EXPRESSION = flags.DEFINE_integer("num_expression", 50, "Expression coefficients fitted.")
-_WORKERS = flags.DEFINE_integer("workers", 1, "Preprocessing worker processes.")
+_INPUT = flags.DEFINE_list("input", None, "Image file(s), folder(s), glob pattern(s) or list "
+                           "files (.txt: one path per line).")
+_OUTPUT = flags.DEFINE_string("output", "jflame_output", "Output folder (created if missing; "
+                              "must not be an input folder).")
+_RECURSIVE = flags.DEFINE_bool("recursive", False, "Search input folders recursively.")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Preprocessing worker processes, 1..64.",
+                                lower_bound=1, upper_bound=64)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo images that already have a finished "
-                               "result in the output folder.")
+                               "result made from the same file.")
 _MESH_FORMAT = flags.DEFINE_enum("mesh_format", "obj", ["obj", "ply", ""], "Mesh file format "
                                  "('' writes none).")
-_DECA_MODEL = flags.DEFINE_string(
-    "deca_model", None, "DECA encoder exported to ONNX (optional initialiser; FLAME 2020 only). "
-    "Default: deca_encoder.onnx in $JFLAME_HOME or ~/.cache/jflame when present.")
-_MICA_MODEL = flags.DEFINE_string(
-    "mica_model", None, "MICA identity encoder exported to ONNX (optional initialiser; FLAME "
-    "2020 only). Default: mica.onnx in $JFLAME_HOME or ~/.cache/jflame when present.")
-_TEXTURE_MODEL = flags.DEFINE_string(
-    "texture_model", None, "FLAME texture space (FLAME_albedo_from_BFM.npz or FLAME_texture.npz) "
-    "for --mode=photometric. Default: found in $JFLAME_HOME or ~/.cache/jflame, else the built-in "
-    "Laplacian albedo basis.")
-_TEXTURE_COMPONENTS = flags.DEFINE_integer("texture_components", 50,
-                                           "Texture-space components fitted.")
-_TEXTURE_SIZE = flags.DEFINE_integer("texture_size", 256, "Texture resolution used in fitting "
-                                     "(must divide the file's; smaller is faster).")
 _OVERLAY = flags.DEFINE_bool(
     "overlay", True, "Write the overlay picture(s). Drawing on the full-size photo re-reads it, "
     "which can cost more than a landmark fit: --nooverlay for the fastest runs.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic model (used when no FLAME file).")
 
 
-def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:
-    # Progress and results go to stdout; log lines only for warnings and errors unless asked
-    # for with --verbosity=0 (JAX's backend probing is noise on a normal run).
-    logging.set_verbosity(logging.WARNING)
-  from jflame import runner  # heavy imports after flag parsing, so --help is instant
-  from jflame.preprocess import list_images, unique_names
+def main(argv) -> int:
+  if len(argv) > 1:
+    return common.usage_error(f"unexpected arguments {argv[1:]}; name inputs with --input.")
+  common.quiet_logging()
   if not _INPUT.value:
-    raise app.UsageError("--input is required (a file, folder or glob).")
-  config = FitConfig(num_shape=_NUM_SHAPE.value, num_expression=_NUM_EXPRESSION.value,
-                     rigid_iterations=_RIGID_ITERATIONS.value,
-                     full_iterations=_FULL_ITERATIONS.value, mode=_MODE.value)
-  options = runner.RunOptions(output_dir=_OUTPUT.value, batch_size=_BATCH_SIZE.value,
-                              crop_size=_CROP_SIZE.value, workers=_WORKERS.value,
-                              overwrite=_OVERWRITE.value, mesh_format=_MESH_FORMAT.value,
-                              deca_model=_DECA_MODEL.value, mica_model=_MICA_MODEL.value,
-                              texture_model=_TEXTURE_MODEL.value,
-                              texture_components=_TEXTURE_COMPONENTS.value,
-                              texture_size=_TEXTURE_SIZE.value, write_overlay=_OVERLAY.value)
+    return common.usage_error("--input is required (a file, folder, glob or list file).")
+  # Heavy imports after flag parsing, so --help and usage errors are instant.
+  from tqdm import tqdm
+  from jflame import engine, output_folder, sinks, sources
+  from jflame.errors import JFlameError
+  output = Path(_OUTPUT.value).expanduser()
   try:
-    paths = list_images(_INPUT.value)
-    loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value, _SEED.value,
-                               _FLAME_VARIANT.value)
-  except JFlameError as err:
-    logging.error("%s", err)
-    return 2
-  print(f"model: {loaded.description}", flush=True)
-  try:
-    with tqdm(total=len(paths), unit="image", desc="jflame-fit") as bar:
-      run = runner.Run(loaded, config, options, progress=bar.update)
-      manifest = run.fit(paths, unique_names(paths))
-  except JFlameError as err:  # a run-wide problem (e.g. an encoder file); images are per-item
-    logging.error("%s", err)
-    return 2
-  counts = manifest["counts"]
-  print(f"done: {counts} -> {options.output_dir}/run_summary.json")
-  for image in manifest["images"]:
-    if image["status"] not in ("ok", "skipped"):
-      print(f"  {image['name']}: {image['status']}: {image['message']}")
-  return 0 if counts.get("ok", 0) + counts.get("skipped", 0) > 0 else 1
+    sources.check_output_not_an_input(_INPUT.value, output, _RECURSIVE.value)
+    inputs = sources.list_sources(_INPUT.value, _RECURSIVE.value, exclude_folder=output)
+    with output_folder.claim_output_folder(output) as folder:
+      cache = common.enable_compilation_cache()
+      loaded = common.load_model()
+      config = common.fit_config()
+      print(f"model: {loaded.description}", flush=True)
+      sink = sinks.FilesSink(folder, loaded.model.faces, loaded.model.name,
+                             _MESH_FORMAT.value, _OVERLAY.value)
+      options = common.engine_options(_WORKERS.value, overwrite=_OVERWRITE.value,
+                                      landmarks_only=not config.photometric)
+      with tqdm(total=len(inputs), unit="image", desc="jflame-fit") as bar:
+        run = engine.Engine(loaded, config, options, sink, progress=bar.update)
+        try:
+          summary = run.run(inputs)
+        except KeyboardInterrupt:
+          bar.close()
+          print(f"interrupted: the finished results are kept in {folder}; run the same "
+                "command again to finish the rest.", file=sys.stderr)
+          return 130
+  except JFlameError as error:
+    return common.usage_error(str(error))
+  return _report(summary, folder, cache)
+
+
+def _report(summary, folder, cache) -> int:
+  from jflame import manifest
+  entries = manifest.read_entries(folder)
+  counts = manifest.count_statuses(entries.values())
+  print(f"done: this run {summary['this_run']}; the folder holds {counts} -> "
+        f"{folder / manifest.SUMMARY_NAME}" + (f" (compilation cache: {cache})" if cache else ""))
+  for entry in entries.values():
+    if entry["status"] != "ok":
+      print(f"  {entry['name']}: {entry['status']}: {entry.get('message', '')}")
+  return common.EXIT_OK if counts.get("ok", 0) else common.EXIT_NOTHING_FITTED
 
 
 def run():
-  app.run(lambda argv: sys.exit(main(argv)))
+  common.run_command(main, __name__, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""What the jflame commands share: the model, fit and engine flags (with their ranges), the
+flag parser (usage problems exit 2 with one line, --help lists the command's flags), the
+persistent compilation cache, and turning flags into settings.
+
+Exit status of every command: 0 when something was fitted (or everything was already done),
+1 when nothing could be fitted, 2 for a usage problem (bad flag, no input found, missing model
+file, unusable output folder, another run holding it).
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from absl import app, flags, logging
+
+EXIT_OK, EXIT_NOTHING_FITTED, EXIT_USAGE = 0, 1, 2
+MAX_BATCH_SIZE = 4096
+# The rasterizer and the crop arrays are sized for heads of a few hundred pixels; 1024 keeps a
+# photometric batch of 16 within a few GiB.
+MIN_CROP_SIZE, MAX_CROP_SIZE = 64, 1024
+MAX_ITERATIONS = 100_000
+
+FLAME_MODEL = flags.DEFINE_string(
+    "flame_model", None, "FLAME model (.pkl or .npz). Default: $JFLAME_HOME or ~/.cache/jflame, "
+    "else the built-in SYNTHETIC model (not FLAME; for trying jflame out).")
+FLAME_VARIANT = flags.DEFINE_enum(
+    "flame_variant", None, ["flame2020", "flame2023", "flame2023_open"],
+    "Which FLAME release --flame_model is, when its file name does not say (FLAME 2020 and 2023 "
+    "share their topology, so the arrays cannot tell). DECA/MICA need flame2020.")
+EMBEDDING = flags.DEFINE_string(
+    "embedding", None, "MediaPipe landmark embedding (.npz) for a real FLAME model.")
+SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic model (used when no FLAME file).")
+MODE = flags.DEFINE_enum("mode", "landmark", ["landmark", "photometric"], "Fitting mode.")
+BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 16, f"Most images fitted at once, 1..{MAX_BATCH_SIZE} (one compiled program per "
+    "batch bucket: fewer images use the smallest power of two that holds them).",
+    lower_bound=1, upper_bound=MAX_BATCH_SIZE)
+CROP_SIZE = flags.DEFINE_integer(
+    "crop_size", 256, f"Side of the aligned face crop in pixels, {MIN_CROP_SIZE}..{MAX_CROP_SIZE}.",
+    lower_bound=MIN_CROP_SIZE, upper_bound=MAX_CROP_SIZE)
+RIGID_ITERATIONS = flags.DEFINE_integer("rigid_iterations", 200, "Stage 1 (camera) steps.",
+                                        lower_bound=0, upper_bound=MAX_ITERATIONS)
+FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", 200, "Stage 2 (all groups) steps.",
+                                       lower_bound=0, upper_bound=MAX_ITERATIONS)
+NUM_SHAPE = flags.DEFINE_integer("num_shape", 100, "Shape coefficients fitted (at most the "
+                                 "model's).", lower_bound=1, upper_bound=10_000)
+NUM_EXPRESSION = flags.DEFINE_integer("num_expression", 50, "Expression coefficients fitted "
+                                      "(at most the model's).", lower_bound=1,
+                                      upper_bound=10_000)
+DECA_MODEL = flags.DEFINE_string(
+    "deca_model", None, "DECA encoder exported to ONNX (optional initialiser; FLAME 2020 only). "
+    "Default: deca_encoder.onnx in $JFLAME_HOME or ~/.cache/jflame when present.")
+MICA_MODEL = flags.DEFINE_string(
+    "mica_model", None, "MICA identity encoder exported to ONNX (optional initialiser; FLAME "
+    "2020 only). Default: mica.onnx in $JFLAME_HOME or ~/.cache/jflame when present.")
+TEXTURE_MODEL = flags.DEFINE_string(
+    "texture_model", None, "FLAME texture space (FLAME_albedo_from_BFM.npz or FLAME_texture.npz) "
+    "for --mode=photometric. Default: found in $JFLAME_HOME or ~/.cache/jflame, else the built-in "
+    "Laplacian albedo basis.")
+TEXTURE_COMPONENTS = flags.DEFINE_integer("texture_components", 50,
+                                          "Texture-space components fitted.", lower_bound=1,
+                                          upper_bound=1000)
+TEXTURE_SIZE = flags.DEFINE_integer("texture_size", 256, "Texture resolution used in fitting "
+                                    "(must divide the file's; smaller is faster).",
+                                    lower_bound=8, upper_bound=4096)
+COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "Keep compiled fitting programs on disk (in "
+    "$JFLAME_HOME/compilation_cache or ~/.cache/jflame/compilation_cache) so the next run with "
+    "the same shapes starts without compiling.")
+
+
+def compilation_cache_folder() -> Path:
+  home = os.environ.get("JFLAME_HOME")
+  base = Path(home).expanduser() if home else Path.home() / ".cache" / "jflame"
+  return base / "compilation_cache"
+
+
+def enable_compilation_cache() -> Optional[str]:
+  """Turns on JAX's persistent compilation cache unless --nocompilation_cache; returns the
+  folder (None when off or when it cannot be created)."""
+  if not COMPILATION_CACHE.value:
+    return None
+  import jax
+  folder = compilation_cache_folder()
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    logging.warning("compilation cache off: cannot create %s (%s)", folder, error)
+    return None
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  # Cache every program: the fits compile in seconds, which is all a short run costs.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return str(folder)
+
+
+def fit_config():
+  """The FitConfig the flags describe."""
+  from jflame.config import FitConfig
+  return FitConfig(num_shape=NUM_SHAPE.value, num_expression=NUM_EXPRESSION.value,
+                   rigid_iterations=RIGID_ITERATIONS.value,
+                   full_iterations=FULL_ITERATIONS.value, mode=MODE.value)
+
+
+def engine_options(workers: int, **extra):
+  from jflame.engine import EngineOptions
+  return EngineOptions(batch_size=BATCH_SIZE.value, crop_size=CROP_SIZE.value, workers=workers,
+                       deca_model=DECA_MODEL.value, mica_model=MICA_MODEL.value,
+                       texture_model=TEXTURE_MODEL.value,
+                       texture_components=TEXTURE_COMPONENTS.value,
+                       texture_size=TEXTURE_SIZE.value, **extra)
+
+
+def load_model():
+  from jflame import runner
+  return runner.load_model(FLAME_MODEL.value, EMBEDDING.value, SEED.value, FLAME_VARIANT.value)
+
+
+def usage_error(message: str) -> int:
+  """One line on stderr for a usage problem; returns the exit status."""
+  program = Path(sys.argv[0]).name
+  sys.stderr.write(f"{program}: {message}\n")
+  return EXIT_USAGE
+
+
+def _help_text(module_name: str, doc: str) -> str:
+  listed = [flags.FLAGS.module_help(module_name), flags.FLAGS.module_help(__name__)]
+  return doc.strip() + "\n\nFlags:\n" + "\n".join(text for text in listed if text) + (
+      "\n\n--helpfull lists absl's own flags too (logging, verbosity).\n")
+
+
+def run_command(main: Callable, module_name: str, doc: str):
+  """Runs an absl command: --help prints the command's flags with their defaults and ranges
+  and exits 0; a bad flag exits 2 with one line; SIGTERM ends the run like Ctrl-C (what is
+  finished stays committed)."""
+  argv = sys.argv
+  if any(arg in ("-h", "--help", "-help", "-?") for arg in argv[1:]):
+    flags.FLAGS.mark_as_parsed()
+    sys.stdout.write(_help_text(module_name, doc))
+    sys.exit(EXIT_OK)
+
+  def parse(arguments):
+    try:
+      return flags.FLAGS(arguments)
+    except flags.Error as error:
+      sys.exit(usage_error(f"{error}. Pass --help to list the flags."))
+
+  def terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+  signal.signal(signal.SIGTERM, terminate)
+  app.run(lambda arguments: sys.exit(main(arguments)), argv=argv, flags_parser=parse)
+
+
+def quiet_logging():
+  """Progress and results go to stdout; log lines only for warnings and errors unless asked
+  for with --verbosity (JAX's backend probing is noise on a normal run)."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

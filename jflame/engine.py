@@ -1,0 +1,387 @@
+"""The pipeline every front end shares: sources -> prepare -> fit -> write.
+
+    sources (streamed) ──► skip what the output already holds for the same source
+        ──► prepare: host workers, a few batches ahead (bounded)
+        ──► fit: one compiled program per batch bucket, dispatched asynchronously
+        ──► write: a writer thread behind a bounded queue, into a `Sink`
+            (per-image files for jflame-fit, Parquet shards for jflame-annotate)
+
+The batch is the unit of work from prepare to write. Batches are padded to a bucket: the
+smallest power of two that holds them, up to the batch size, so one photo does not pay for a
+batch of 16 and a run compiles at most one program per bucket it uses. Every input gets exactly
+one entry: ok, or a status and a message that say what happened.
+"""
+
+import dataclasses
+import datetime
+import platform
+import queue
+import threading
+import time
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from jflame import output, quality, sharding
+from jflame.config import FitConfig
+from jflame.errors import ConfigError
+from jflame.fit import FitModel, FittedMeshes, FitResult, fit_batch, fitted_meshes
+from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
+from jflame.runner import LoadedModel, load_albedo, load_encoders, prepare_fit_model, take
+from jflame.sources import Source, SourceFacts, content_hash
+
+STATUS_SKIPPED = "skipped"
+STATUS_FIT_FAILED = "fit_failed"
+FIT_FAILED_MESSAGE = ("the optimisation diverged (non-finite loss or gradient); the last finite "
+                      "values were discarded and nothing was written")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+  """Host-side settings of a run (the device-side ones are in FitConfig).
+
+  Attributes:
+    batch_size: most images fitted at once (one compiled program per bucket up to it).
+    crop_size: side of the aligned face crop, pixels.
+    workers: preprocessing processes (1: in this process).
+    prefetch: batches prepared ahead of the one being fitted.
+    overwrite: redo images whose finished result matches their source.
+    deca_model, mica_model: optional ONNX encoder files.
+    texture_model, texture_components, texture_size: photometric albedo settings.
+    landmarks_only: skip what landmark fitting does not use in preprocessing.
+  """
+  batch_size: int = 16
+  crop_size: int = 256
+  workers: int = 1
+  prefetch: int = 2
+  overwrite: bool = False
+  deca_model: Optional[str] = None
+  mica_model: Optional[str] = None
+  texture_model: Optional[str] = None
+  texture_components: int = 50
+  texture_size: int = 256
+  landmarks_only: bool = False
+
+
+def bucket_size(count: int, batch_size: int, multiple: int = 1) -> int:
+  """The padded size of a batch of `count` images: the smallest power of two >= count (and a
+  multiple of `multiple`, the device count), at most `batch_size`."""
+  size = 1
+  while size < count:
+    size *= 2
+  size = max(size, multiple)
+  size = -(-size // multiple) * multiple
+  return min(size, batch_size)
+
+
+@dataclasses.dataclass
+class FittedImage:
+  """One image after the fit, what a Sink writes.
+
+  Attributes:
+    record: the preprocessing record (status ok or a failure).
+    entry: the manifest entry / table row scalars: name, source facts, status, message,
+      quality and timings.
+    result: this image's FitResult (host arrays), None unless the fit succeeded.
+    meshes: this image's FittedMeshes, None unless the fit succeeded.
+    arrays: `output.result_record` of a successful fit, else None.
+  """
+  record: PreparedImage
+  entry: dict
+  result: Optional[FitResult] = None
+  meshes: Optional[FittedMeshes] = None
+  arrays: Optional[dict] = None
+
+  @property
+  def ok(self) -> bool:
+    return self.entry["status"] == "ok"
+
+
+class Sink:
+  """Where fitted images go. Called from the writer thread only (plus `committed` before the
+  run starts and `close` after it ends)."""
+
+  def committed(self) -> Mapping[str, Mapping]:
+    """name -> entry of every image already finished in the output (with source facts)."""
+    raise NotImplementedError
+
+  def write(self, images: Sequence[FittedImage]) -> None:
+    """Writes one batch of images; each is finished (durably recorded) on return or after the
+    next `flush`."""
+    raise NotImplementedError
+
+  def flush(self) -> None:
+    """Commits whatever `write` has buffered."""
+
+  def close(self, summary: Mapping) -> None:
+    """Ends the run: flushes and writes the run's summary."""
+
+
+def source_entry(source: Source, facts: Optional[SourceFacts]) -> dict:
+  return dict(name=source.name, source=str(source.path),
+              source_size=facts.size if facts else None,
+              source_mtime_ns=facts.mtime_ns if facts else None, source_hash=None)
+
+
+def needs_fit(source: Source, facts: Optional[SourceFacts], previous: Optional[Mapping],
+              overwrite: bool) -> Optional[str]:
+  """Why `source` must be fitted (a reason string), or None when the output already holds its
+  result: a previous entry from the same file (path, size and modification time; if those
+  changed, the same content hash)."""
+  if previous is None:
+    return "new"
+  if overwrite:
+    return "--overwrite"
+  if facts is None:
+    return None  # gone or unreadable now: keep what was recorded when it could be read
+  if previous.get("source") != str(source.path):
+    return f"the name now belongs to another file ({previous.get('source')} before)"
+  if (previous.get("source_size"), previous.get("source_mtime_ns")) == (facts.size,
+                                                                          facts.mtime_ns):
+    return None
+  recorded_hash = previous.get("source_hash")
+  if recorded_hash and recorded_hash == content_hash(source.path):
+    return None  # touched, not changed
+  return "the file changed since it was fitted"
+
+
+def _describe(record: PreparedImage, source: Source, result, meshes, context) -> FittedImage:
+  """A record and its fit (this image's slices) as a FittedImage with its entry."""
+  entry = source_entry(source, SourceFacts.of(source.path))
+  for key in ("source_size", "source_mtime_ns", "source_hash"):
+    value = getattr(record, key, None)
+    if value is not None:
+      entry[key] = value
+  entry.update(status=record.status, message=record.message, num_faces=record.num_faces,
+               image_width=record.image_width, image_height=record.image_height)
+  if not record.ok:
+    return FittedImage(record=record, entry=entry)
+  if not bool(result.fitted):
+    entry.update(status=STATUS_FIT_FAILED, message=FIT_FAILED_MESSAGE)
+    return FittedImage(record=record, entry=entry)
+  arrays = output.result_record(
+      record, result, model_name=context["model_name"], mode=context["mode"],
+      crop_size=context["crop_size"], landmark_indices=context["landmark_indices"],
+      albedo_name=context["albedo_name"])
+  measures = quality.fit_quality(arrays["landmark_error_relative"], arrays["shape"],
+                                 arrays["expression"], arrays["full_loss_history"])
+  entry.update(landmark_error_px=arrays["landmark_error_px"], **measures.as_dict())
+  arrays.update({key: entry[key] for key in ("source", "source_size", "source_mtime_ns",
+                                              "source_hash") if entry[key] is not None})
+  arrays.update(measures.as_dict())
+  return FittedImage(record=record, entry=entry, result=result, meshes=meshes, arrays=arrays)
+
+
+class _Writer(threading.Thread):
+  """The writer thread: takes batches of FittedImages from a bounded queue into the sink.
+  An error stops it and is re-raised in the main thread at the next hand-over."""
+
+  def __init__(self, sink: Sink, depth: int, on_written: Callable[[List[FittedImage]], None]):
+    super().__init__(name="jflame-writer", daemon=True)
+    self.sink, self.on_written = sink, on_written
+    self.queue: "queue.Queue" = queue.Queue(maxsize=max(depth, 1))
+    self.error: Optional[BaseException] = None
+    self.write_seconds = 0.0
+
+  def run(self):
+    while True:
+      images = self.queue.get()
+      if images is None:
+        return
+      if self.error is not None:
+        continue  # drain, so the main thread never blocks on a full queue
+      try:
+        start = time.perf_counter()
+        self.sink.write(images)
+        self.write_seconds += time.perf_counter() - start
+        self.on_written(images)
+      except BaseException as error:  # pylint: disable=broad-except
+        self.error = error
+
+  def put(self, images: List[FittedImage]):
+    self.check()
+    self.queue.put(images)
+
+  def check(self):
+    if self.error is not None:
+      raise self.error
+
+  def finish(self):
+    self.queue.put(None)
+    self.join()
+    self.check()
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+  batch = []
+  for item in items:
+    batch.append(item)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+class Engine:
+  """One run: `run(sources)` fits what the sink does not hold yet and returns the summary.
+
+  Args:
+    loaded: the model and its embedding (runner.load_model).
+    config: the fit settings.
+    options: host settings.
+    sink: where results go.
+    progress: called with the number of inputs settled (skipped, written) as they settle.
+  """
+
+  def __init__(self, loaded: LoadedModel, config: FitConfig, options: EngineOptions,
+               sink: Sink, progress: Optional[Callable[[int], None]] = None):
+    if options.batch_size < 1:
+      raise ConfigError(f"batch_size must be >= 1, got {options.batch_size}.")
+    self.loaded, self.config, self.options, self.sink = loaded, config, options, sink
+    self.progress = progress or (lambda count: None)
+    self.mesh = sharding.batch_mesh() if len(jax.local_devices()) > 1 else None
+    self.devices = 1 if self.mesh is None else self.mesh.size
+    if options.batch_size % self.devices:
+      raise ConfigError(f"--batch_size {options.batch_size} must be a multiple of the "
+                        f"{self.devices} local devices the batch is split over.")
+    albedo = load_albedo(loaded, options) if config.photometric else None
+    self.fit_model: FitModel = sharding.replicate(prepare_fit_model(loaded, config, albedo),
+                                                  self.mesh)
+    self.encoders = load_encoders(loaded, options)
+    self.context = dict(model_name=loaded.model.name, mode=config.mode.value,
+                        crop_size=options.crop_size,
+                        landmark_indices=np.asarray(self.fit_model.landmark_indices),
+                        albedo_name=(self.fit_model.albedo.name
+                                     if self.fit_model.albedo is not None else None))
+    self.counts: Dict[str, int] = {}
+    self.buckets_used: set = set()
+    self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0,
+                        wall_s=0.0)
+
+  # --- what to do ---------------------------------------------------------------------------
+
+  def _todo(self, sources: Iterable[Source], committed: Mapping[str, Mapping]
+            ) -> Iterator[Source]:
+    for source in sources:
+      reason = needs_fit(source, SourceFacts.of(source.path), committed.get(source.name),
+                         self.options.overwrite)
+      if reason is None:
+        self._count(STATUS_SKIPPED)
+        self.progress(1)
+        continue
+      if reason not in ("new",):
+        logging.info("%s: refitting: %s", source.name, reason)
+      yield source
+
+  def _count(self, status: str, amount: int = 1):
+    self.counts[status] = self.counts.get(status, 0) + amount
+
+  # --- the device part ------------------------------------------------------------------------
+
+  def _fit(self, records: List[PreparedImage]):
+    """Dispatches the fit of one batch (asynchronously); returns device arrays."""
+    options, config = self.options, self.config
+    size = bucket_size(len(records), options.batch_size, self.devices)
+    self.buckets_used.add(size)
+    observations = stack_observations(records, size, options.crop_size)
+    guess = None
+    if any(encoder is not None for encoder in self.encoders):
+      from jflame.initializers.initial_guess import initial_guess_for_batch
+      guess = initial_guess_for_batch(records, size, *self.encoders,
+                                      num_shape=config.num_shape,
+                                      num_expression=config.num_expression)
+    results = fit_batch(self.fit_model, sharding.shard_batch(observations, self.mesh), config,
+                        sharding.shard_batch(guess, self.mesh))
+    meshes = fitted_meshes(self.loaded.model, self.fit_model, results, config,
+                           options.crop_size)
+    return results, meshes
+
+  def _settle(self, sources: List[Source], records: List[PreparedImage], results, meshes,
+              started: float) -> List[FittedImage]:
+    results, meshes = jax.device_get((results, meshes))
+    elapsed = time.perf_counter() - started
+    if self.timings["first_fit_s"] is None:
+      self.timings["first_fit_s"] = elapsed  # includes compilation
+    else:
+      self.timings["fit_s"] += elapsed
+    images = []
+    for slot, (source, record) in enumerate(zip(sources, records)):
+      images.append(_describe(record, source, take(results, slot), take(meshes, slot),
+                              self.context))
+      images[-1].entry["fit_ms"] = 1000.0 * elapsed / len(records)
+    return images
+
+  # --- the run --------------------------------------------------------------------------------
+
+  def run(self, sources: Iterable[Source]) -> dict:
+    started_at = datetime.datetime.now(datetime.timezone.utc)
+    wall = time.perf_counter()
+    committed = self.sink.committed()
+    writer = _Writer(self.sink, depth=2, on_written=self._written)
+    writer.start()
+    interrupted = None
+    try:
+      self._pipeline(self._todo(sources, committed), writer)
+    except BaseException as error:  # KeyboardInterrupt, SystemExit from SIGTERM, disk full
+      interrupted = error
+      raise
+    finally:
+      try:
+        writer.finish()
+      finally:
+        self.timings["write_s"] = writer.write_seconds
+        self.timings["wall_s"] = time.perf_counter() - wall
+        summary = self._summary(started_at, interrupted)
+        self.sink.close(summary)
+        self.summary = summary
+    return summary
+
+  def _written(self, images: List[FittedImage]):
+    for image in images:
+      self._count(image.entry["status"])
+    self.progress(len(images))
+
+  def _pipeline(self, todo: Iterator[Source], writer: _Writer):
+    options = self.options
+    batches = _batches(todo, options.batch_size)
+    with Preprocessor(options.crop_size, workers=options.workers) as preprocessor:
+      pending = []  # (sources, record iterator), oldest first, at most prefetch + 1
+
+      def submit():
+        batch = next(batches, None)
+        if batch is not None:
+          pending.append((batch, preprocessor.prepare_iter([s.path for s in batch],
+                                                           [s.name for s in batch])))
+
+      for _ in range(max(options.prefetch, 0) + 1):
+        submit()
+      in_flight = None  # the batch on the device: (sources, records, results, meshes, start)
+      while pending:
+        batch, records_iter = pending.pop(0)
+        start = time.perf_counter()
+        records = list(records_iter)
+        self.timings["preprocess_s"] += time.perf_counter() - start
+        submit()
+        started = time.perf_counter()
+        results, meshes = self._fit(records)
+        if in_flight is not None:
+          writer.put(self._settle(*in_flight))
+        in_flight = (batch, records, results, meshes, started)
+      if in_flight is not None:
+        writer.put(self._settle(*in_flight))
+
+  def _summary(self, started_at, interrupted) -> dict:
+    return dict(
+        jflame_run=2, started=started_at.isoformat(),
+        finished=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        interrupted=None if interrupted is None else type(interrupted).__name__,
+        model=self.loaded.description, model_variant=self.loaded.model.variant,
+        synthetic_model=self.loaded.model.is_synthetic, embedding=self.loaded.embedding.name,
+        device=str(jax.devices()[0]), python=platform.python_version(), jax=jax.__version__,
+        config=dataclasses.asdict(self.config), options=dataclasses.asdict(self.options),
+        batch_buckets=sorted(self.buckets_used), timings=self.timings,
+        this_run=dict(self.counts))
+

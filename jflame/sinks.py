@@ -1,0 +1,151 @@
+"""Where the engine's results go.
+
+* `FilesSink` (jflame-fit): per image `<name>.npz` (parameters, cameras, landmarks, source,
+  quality), a mesh and pictures, and the folder's `manifest.jsonl` appended batch by batch;
+  `run_summary.json` at the end.
+* `DatasetSink` (jflame-annotate): rows in Parquet shards committed atomically (see
+  `jflame.dataset`), optional meshes and pictures, the same manifest summary.
+"""
+
+import hashlib
+from pathlib import Path
+from typing import List, Mapping, Sequence
+
+import numpy as np
+
+from jflame import dataset, manifest, output
+from jflame.engine import FittedImage, Sink
+
+OVERLAY_POLICIES = ("none", "sample", "failures", "all")
+SAMPLE_ONE_IN = 500
+
+
+def _entry_with_files(image: FittedImage, files: List[str]) -> dict:
+  entry = dict(image.entry)
+  if files:
+    entry["files"] = files
+  return entry
+
+
+class FilesSink(Sink):
+  """Per-image files in one folder (what `jflame-fit` writes).
+
+  Args:
+    folder: the output folder (claimed by `output_folder.claim_output_folder`).
+    faces: (F, 3) the model's triangles, for meshes and pictures.
+    model_name: written into mesh headers.
+    mesh_format: "obj", "ply" or "" for none.
+    pictures: write `<name>_overlay.png` (and `_compare.png` in photometric mode).
+  """
+
+  def __init__(self, folder, faces, model_name: str, mesh_format: str = "obj",
+               pictures: bool = True):
+    self.folder = Path(folder)
+    self.faces = np.asarray(faces)
+    self.model_name, self.mesh_format, self.pictures = model_name, mesh_format, pictures
+    self._entries = manifest.read_entries(self.folder)
+
+  def committed(self) -> Mapping[str, Mapping]:
+    finished = {}
+    for name, entry in self._entries.items():
+      # An ok entry counts only while its parameters file is still there.
+      if entry.get("status") != "ok" or (self.folder / f"{name}.npz").is_file():
+        finished[name] = entry
+    return finished
+
+  def write(self, images: Sequence[FittedImage]) -> None:
+    entries = []
+    for image in images:
+      entries.append(_entry_with_files(image, self._write_files(image) if image.ok else []))
+    manifest.append_entries(self.folder, entries)
+    for entry in entries:
+      self._entries[entry["name"]] = entry
+
+  def _write_files(self, image: FittedImage) -> List[str]:
+    name = image.record.name
+    files = []
+    if self.mesh_format:
+      mesh_path = self.folder / f"{name}.{self.mesh_format}"
+      output.save_mesh(mesh_path, image.meshes.vertices, self.faces,
+                       header=f"jflame fit of {image.entry['source']}; model: {self.model_name}")
+      files.append(mesh_path.name)
+    if self.pictures:
+      files += output.write_pictures(self.folder, image.record, image.arrays, image.meshes,
+                                     self.faces)
+    # The parameters file goes last: its presence marks the result finished.
+    output.save_parameters(self.folder / f"{name}.npz", image.arrays)
+    return [f"{name}.npz"] + files
+
+  def close(self, summary: Mapping) -> None:
+    entries = list(self._entries.values())
+    manifest.write_summary(self.folder, dict(summary, counts=manifest.count_statuses(entries),
+                                             images=entries))
+
+
+def wants_overlay(policy: str, name: str, ok: bool, suspect: bool) -> bool:
+  """Whether a dataset row gets a picture: never, all, failures (failed or suspect fits), or
+  a sample (about 1 in SAMPLE_ONE_IN, chosen by the name's hash so reruns pick the same ones)
+  plus every suspect fit, the worst ones."""
+  if policy == "none":
+    return False
+  if policy == "all":
+    return True
+  if policy == "failures":
+    return not ok or suspect
+  digest = int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"),
+                                          digest_size=4).digest(), "little")
+  return suspect or digest % SAMPLE_ONE_IN == 0
+
+
+class DatasetSink(Sink):
+  """Rows in Parquet shards (what `jflame-annotate` writes), see `jflame.dataset`.
+
+  Args:
+    folder: the dataset folder (claimed).
+    faces: (F, 3) the model's triangles.
+    model_name: for mesh headers.
+    settings: what produced the rows (model, variant, mode, fit settings); a folder holds
+      rows of one set of settings only.
+    rows_per_shard: rows buffered before a shard is committed.
+    meshes: also write `meshes/<name>.obj` per fitted image.
+    overlays: one of OVERLAY_POLICIES.
+  """
+
+  def __init__(self, folder, faces, model_name: str, settings: Mapping,
+               rows_per_shard: int = 1000, meshes: bool = False, overlays: str = "sample"):
+    if overlays not in OVERLAY_POLICIES:
+      raise ValueError(f"overlays must be one of {OVERLAY_POLICIES}, got {overlays!r}")
+    self.folder = Path(folder)
+    self.faces = np.asarray(faces)
+    self.model_name = model_name
+    self.meshes, self.overlays = meshes, overlays
+    self.writer = dataset.ShardWriter(self.folder, settings, rows_per_shard)
+
+  def committed(self) -> Mapping[str, Mapping]:
+    return self.writer.committed_sources()
+
+  def write(self, images: Sequence[FittedImage]) -> None:
+    rows = []
+    for image in images:
+      files = []
+      if image.ok and self.meshes:
+        path = self.folder / "meshes" / f"{image.record.name}.obj"
+        output.save_mesh(path, image.meshes.vertices, self.faces,
+                         header=f"jflame fit of {image.entry['source']}; model: "
+                                f"{self.model_name}")
+        files.append(f"meshes/{path.name}")
+      if image.ok and wants_overlay(self.overlays, image.record.name, True,
+                                    bool(image.entry.get("suspect"))):
+        files += [f"pictures/{name}" for name in output.write_pictures(
+            self.folder / "pictures", image.record, image.arrays, image.meshes, self.faces)]
+      rows.append(dataset.row_of(image.entry, image.arrays, files))
+    self.writer.add(rows)
+
+  def flush(self) -> None:
+    self.writer.commit()
+
+  def close(self, summary: Mapping) -> None:
+    self.writer.commit()
+    counts = self.writer.status_counts()
+    manifest.write_summary(self.folder, dict(summary, counts=counts,
+                                             shards=self.writer.shard_names()))
