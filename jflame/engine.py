@@ -226,21 +226,21 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 class Engine:
-  """One run: `run(sources)` fits what the sink does not hold yet and returns the summary.
+  """Fits runs of sources: `run(sources, sink)` fits what the sink does not hold yet and
+  returns the summary. Building one loads the device-side model and the optional encoders.
 
   Args:
     loaded: the model and its embedding (runner.load_model).
     config: the fit settings.
     options: host settings.
-    sink: where results go.
     progress: called with the number of inputs settled (skipped, written) as they settle.
   """
 
   def __init__(self, loaded: LoadedModel, config: FitConfig, options: EngineOptions,
-               sink: Sink, progress: Optional[Callable[[int], None]] = None):
+               progress: Optional[Callable[[int], None]] = None):
     if options.batch_size < 1:
       raise ConfigError(f"batch_size must be >= 1, got {options.batch_size}.")
-    self.loaded, self.config, self.options, self.sink = loaded, config, options, sink
+    self.loaded, self.config, self.options = loaded, config, options
     self.progress = progress or (lambda count: None)
     self.mesh = sharding.batch_mesh() if len(jax.local_devices()) > 1 else None
     self.devices = 1 if self.mesh is None else self.mesh.size
@@ -316,11 +316,17 @@ class Engine:
 
   # --- the run --------------------------------------------------------------------------------
 
-  def run(self, sources: Iterable[Source]) -> dict:
+  @property
+  def landmark_indices(self) -> np.ndarray:
+    """(K,) the MediaPipe landmark of each fitted point."""
+    return self.context["landmark_indices"]
+
+  def run(self, sources: Iterable[Source], sink: Sink) -> dict:
     started_at = datetime.datetime.now(datetime.timezone.utc)
     wall = time.perf_counter()
-    committed = self.sink.committed()
-    writer = _Writer(self.sink, depth=2, on_written=self._written)
+    self.counts = {}
+    committed = sink.committed()
+    writer = _Writer(sink, depth=2, on_written=self._written)
     writer.start()
     interrupted = None
     try:
@@ -335,8 +341,7 @@ class Engine:
         self.timings["write_s"] = writer.write_seconds
         self.timings["wall_s"] = time.perf_counter() - wall
         summary = self._summary(started_at, interrupted)
-        self.sink.close(summary)
-        self.summary = summary
+        sink.close(summary)
     return summary
 
   def _written(self, images: List[FittedImage]):

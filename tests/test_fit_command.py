@@ -35,8 +35,8 @@ def _run(loaded, inputs, output_dir, config=FitConfig(), mesh_format="obj", pict
   output_dir.mkdir(parents=True, exist_ok=True)
   sink = sinks.FilesSink(output_dir, loaded.model.faces, loaded.model.name, mesh_format,
                          pictures)
-  engine.Engine(loaded, config, engine.EngineOptions(**options), sink).run(
-      sources.list_sources(inputs, exclude_folder=output_dir))
+  engine.Engine(loaded, config, engine.EngineOptions(**options)).run(
+      sources.list_sources(inputs, exclude_folder=output_dir), sink)
   return json.loads((output_dir / "run_summary.json").read_text())
 
 

@@ -62,9 +62,9 @@ def main(argv) -> int:
       options = common.engine_options(_WORKERS.value, overwrite=_OVERWRITE.value,
                                       landmarks_only=not config.photometric)
       with tqdm(total=len(inputs), unit="image", desc="jflame-fit") as bar:
-        run = engine.Engine(loaded, config, options, sink, progress=bar.update)
+        run = engine.Engine(loaded, config, options, progress=bar.update)
         try:
-          summary = run.run(inputs)
+          summary = run.run(inputs, sink)
         except KeyboardInterrupt:
           bar.close()
           print(f"interrupted: the finished results are kept in {folder}; run the same "

@@ -1,0 +1,133 @@
+"""jflame-annotate: fit FLAME to a whole dataset of photographs into a columnar store.
+
+  jflame-annotate --input photos/ --output annotations/ [--mode landmark] [--batch_size 64]
+                  [--workers N] [--overlays sample] [--meshes] [--num_shards 8 --shard_index 3]
+
+--input takes folders (searched recursively), glob patterns and list files (.txt, one path per
+line, read as a stream). Every input gets exactly one row in Parquet shards under
+<output>/shards, committed atomically every --rows_per_shard rows and listed in
+<output>/index.json; read them with `jflame.dataset.open(output)`. The format is documented in
+docs/FORMAT.md. A rerun of the same command finishes what is missing: committed rows are kept
+(an input is redone only if its file changed), and a kill at any moment loses at most the rows
+not yet committed. A second run into the same output is refused while the first holds it.
+
+With --num_shards N (job arrays: Slurm, Kubernetes) each task fits the inputs whose name hashes
+to its --shard_index and writes <output>/part-<index>-of-<N>; `jflame.dataset.open(output)`
+reads all parts. Under jax.distributed the process index and count are the defaults.
+
+Exit status: 0 when the dataset holds at least one fitted row, 1 when none, 2 for a usage
+problem.
+"""
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from absl import flags
+
+from jflame.cli import common
+
+_INPUT = flags.DEFINE_list("input", None, "Folder(s) (recursive), glob pattern(s) or list "
+                           "file(s) (.txt, one image path per line).")
+_OUTPUT = flags.DEFINE_string("output", None, "Dataset folder (created if missing).")
+_WORKERS = flags.DEFINE_integer("workers", None, "Preprocessing worker processes (default: all "
+                                "cores but one).", lower_bound=1, upper_bound=256)
+_ROWS_PER_SHARD = flags.DEFINE_integer("rows_per_shard", 1000, "Rows per Parquet shard: a "
+                                       "kill loses at most this many.", lower_bound=1,
+                                       upper_bound=1_000_000)
+_MESHES = flags.DEFINE_bool("meshes", False, "Also write meshes/<name>.obj per fitted image.")
+_OVERLAYS = flags.DEFINE_enum("overlays", "sample", ["none", "sample", "failures", "all"],
+                              "Pictures of the fit: none; a sample of about 1 in 500 plus every "
+                              "suspect fit; failures (suspect fits); all.")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Split the input over this many tasks "
+                                   "(default: the JAX process count, else 1).", lower_bound=1)
+_SHARD_INDEX = flags.DEFINE_integer("shard_index", None, "This task's part, 0..num_shards-1 "
+                                    "(default: the JAX process index, else 0).", lower_bound=0)
+
+
+def _shard_of(name: str, count: int) -> int:
+  digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+  return int.from_bytes(digest, "little") % count
+
+
+def _task_split():
+  """(shard index, shard count) from the flags, else from jax.distributed, else (0, 1)."""
+  count, index = _NUM_SHARDS.value, _SHARD_INDEX.value
+  if count is None and index is None:
+    import jax
+    try:
+      return jax.process_index(), jax.process_count()
+    except RuntimeError:
+      return 0, 1
+  count = count or 1
+  index = index or 0
+  if index >= count:
+    raise ValueError(f"--shard_index {index} must be below --num_shards {count}")
+  return index, count
+
+
+def dataset_settings(loaded, config, crop_size, landmark_indices) -> dict:
+  """What the rows of a dataset mean: one dataset folder, one set of these."""
+  import dataclasses
+  return dict(model=loaded.model.name, model_variant=loaded.model.variant,
+              embedding=loaded.embedding.name, mode=config.mode.value,
+              config=dataclasses.asdict(config), crop_size=crop_size,
+              landmark_indices=[int(i) for i in landmark_indices])
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    return common.usage_error(f"unexpected arguments {argv[1:]}; name inputs with --input.")
+  common.quiet_logging()
+  if not _INPUT.value or not _OUTPUT.value:
+    return common.usage_error("--input and --output are required.")
+  from tqdm import tqdm
+  from jflame import engine, output_folder, sinks, sources
+  from jflame.errors import JFlameError
+  try:
+    index, count = _task_split()
+  except ValueError as error:
+    return common.usage_error(str(error))
+  output = Path(_OUTPUT.value).expanduser()
+  folder_name = output if count == 1 else output / f"part-{index:04d}-of-{count:04d}"
+  workers = _WORKERS.value or max(1, (os.cpu_count() or 2) - 1)
+  try:
+    sources.check_output_not_an_input(_INPUT.value, output, recursive=True)
+    stream = sources.iter_sources(_INPUT.value, recursive=True, exclude_folder=output)
+    if count > 1:
+      stream = (source for source in stream if _shard_of(source.name, count) == index)
+    with output_folder.claim_output_folder(folder_name) as folder:
+      cache = common.enable_compilation_cache()
+      loaded = common.load_model()
+      config = common.fit_config()
+      print(f"model: {loaded.description}", flush=True)
+      options = common.engine_options(workers, landmarks_only=not config.photometric)
+      with tqdm(unit="image", desc="jflame-annotate", smoothing=0.1) as bar:
+        run = engine.Engine(loaded, config, options, progress=bar.update)
+        sink = sinks.DatasetSink(
+            folder, loaded.model.faces, loaded.model.name,
+            dataset_settings(loaded, config, options.crop_size, run.landmark_indices),
+            rows_per_shard=_ROWS_PER_SHARD.value, meshes=_MESHES.value,
+            overlays=_OVERLAYS.value)
+        try:
+          summary = run.run(stream, sink)
+        except KeyboardInterrupt:
+          bar.close()
+          print(f"interrupted: every committed shard is kept in {folder}; run the same command "
+                "again to finish the rest.", file=sys.stderr)
+          return 130
+  except JFlameError as error:
+    return common.usage_error(str(error))
+  counts = sink.writer.status_counts()
+  print(f"done: this run {summary['this_run']}; the dataset holds {counts} -> {folder}"
+        + (f" (compilation cache: {cache})" if cache else ""))
+  return common.EXIT_OK if counts.get("ok", 0) else common.EXIT_NOTHING_FITTED
+
+
+def run():
+  common.run_command(main, __name__, __doc__)
+
+
+if __name__ == "__main__":
+  run()
