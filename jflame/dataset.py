@@ -20,6 +20,7 @@ whose source changed is refitted; the new row supersedes the old one, which the 
 
 import datetime
 import json
+import uuid
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -145,7 +146,7 @@ class ShardWriter:
     index = read_index(self.folder)
     if index is None:
       index = dict(format=FORMAT_NAME, version=FORMAT_VERSION, settings=self.settings,
-                   created=_now(), shards=[])
+                   created=_now(), dataset_id=uuid.uuid4().hex, shards=[])
     elif _settings_json(index.get("settings", {})) != _settings_json(self.settings):
       raise ConfigError(
           f"{self.folder} holds a dataset made with other settings "
@@ -207,7 +208,8 @@ class ShardWriter:
     written_at = datetime.datetime.now(datetime.timezone.utc)
     supersedes = []
     for position, row in enumerate(rows):
-      row["row_uid"] = f"{name}#{position}"
+      # Unique across the parts of a split run too: each part has its own dataset_id.
+      row["row_uid"] = f"{self.index['dataset_id'][:12]}/{name}#{position}"
       row["written_at"] = written_at
       previous = self._current.get(row["id"])
       if previous is not None:
@@ -249,18 +251,31 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
+def dataset_folders(folder) -> List[Path]:
+  """The dataset folders under `folder`: itself, or the parts a split run wrote
+  (part-<index>-of-<count>, see jflame-annotate --num_shards)."""
+  folder = Path(folder)
+  if (folder / INDEX_NAME).is_file():
+    return [folder]
+  return sorted(part.parent for part in folder.glob(f"part-*-of-*/{INDEX_NAME}"))
+
+
 def open(folder) -> pads.Dataset:  # pylint: disable=redefined-builtin
-  """The current rows of a dataset folder as a pyarrow dataset (one row per input).
+  """The current rows of a dataset folder (or of all the parts of a split run) as a pyarrow
+  dataset: one row per input.
 
   Raises:
     InputError: the folder holds no jflame dataset.
   """
-  index = read_index(folder)
-  if index is None:
+  folders = dataset_folders(folder)
+  if not folders:
     raise InputError(f"{folder}: no {INDEX_NAME}; not a jflame dataset folder.")
-  paths = [str(Path(folder) / SHARD_FOLDER / shard["name"]) for shard in index["shards"]]
+  paths, superseded = [], []
+  for part in folders:
+    index = read_index(part)
+    paths += [str(part / SHARD_FOLDER / shard["name"]) for shard in index["shards"]]
+    superseded += [uid for shard in index["shards"] for uid in shard.get("supersedes", [])]
   rows = pads.dataset(paths, format="parquet", schema=SCHEMA)
-  superseded = [uid for shard in index["shards"] for uid in shard.get("supersedes", [])]
   if superseded:
     rows = rows.filter(~pc.field("row_uid").isin(superseded))
   return rows
@@ -268,10 +283,10 @@ def open(folder) -> pads.Dataset:  # pylint: disable=redefined-builtin
 
 def settings(folder) -> dict:
   """The settings a dataset folder was made with (model, mode, fit settings, landmarks)."""
-  index = read_index(folder)
-  if index is None:
+  folders = dataset_folders(folder)
+  if not folders:
     raise InputError(f"{folder}: no {INDEX_NAME}; not a jflame dataset folder.")
-  return index["settings"]
+  return read_index(folders[0])["settings"]
 
 
 def flame_params(row: Mapping):

@@ -14,6 +14,7 @@ one entry: ok, or a status and a message that say what happened.
 
 import dataclasses
 import datetime
+import itertools
 import platform
 import queue
 import threading
@@ -282,8 +283,11 @@ class Engine:
   # --- the device part ------------------------------------------------------------------------
 
   def _fit(self, records: List[PreparedImage]):
-    """Dispatches the fit of one batch (asynchronously); returns device arrays."""
+    """Dispatches the fit of one batch (asynchronously); returns device arrays, or (None, None)
+    when no record of the batch was prepared (corrupt files, no faces)."""
     options, config = self.options, self.config
+    if not any(record.ok for record in records):
+      return None, None
     size = bucket_size(len(records), options.batch_size, self.devices)
     self.buckets_used.add(size)
     observations = stack_observations(records, size, options.crop_size)
@@ -301,9 +305,13 @@ class Engine:
 
   def _settle(self, sources: List[Source], records: List[PreparedImage], results, meshes,
               started: float) -> List[FittedImage]:
+    if results is None:  # nothing in the batch could be fitted: no device work was done
+      return [_describe(record, source, None, None, self.context)
+              for source, record in zip(sources, records)]
     results, meshes = jax.device_get((results, meshes))
     elapsed = time.perf_counter() - started
-    if self.timings["first_fit_s"] is None:
+    first = self.timings["first_fit_s"] is None
+    if first:
       self.timings["first_fit_s"] = elapsed  # includes compilation
     else:
       self.timings["fit_s"] += elapsed
@@ -311,7 +319,8 @@ class Engine:
     for slot, (source, record) in enumerate(zip(sources, records)):
       images.append(_describe(record, source, take(results, slot), take(meshes, slot),
                               self.context))
-      images[-1].entry["fit_ms"] = 1000.0 * elapsed / len(records)
+      # The first batch of a run also compiles: its time says nothing about the fit.
+      images[-1].entry["fit_ms"] = None if first else 1000.0 * elapsed / len(records)
     return images
 
   # --- the run --------------------------------------------------------------------------------
@@ -352,6 +361,10 @@ class Engine:
   def _pipeline(self, todo: Iterator[Source], writer: _Writer):
     options = self.options
     batches = _batches(todo, options.batch_size)
+    first = next(batches, None)
+    if first is None:
+      return  # nothing to do: no workers started, nothing compiled
+    batches = itertools.chain([first], batches)
     with Preprocessor(options.crop_size, workers=options.workers) as preprocessor:
       pending = []  # (sources, record iterator), oldest first, at most prefetch + 1
 

@@ -2,6 +2,8 @@
 model, the optional albedo space and encoders. The run itself is `jflame.engine`."""
 
 import dataclasses
+import hashlib
+from pathlib import Path
 from typing import Optional
 
 import jax
@@ -10,9 +12,9 @@ from absl import logging
 
 from jflame import flame_io, landmarks, landmarks_io
 from jflame.albedo_io import load_texture_albedo
-from jflame.assets import find_asset
+from jflame.assets import find_asset, search_folders
 from jflame.config import FitConfig
-from jflame.errors import ConfigError, ModelFileError
+from jflame.errors import ConfigError, JFlameError, ModelFileError
 from jflame.fit import FitModel, make_fit_model
 from jflame.flame import FlameModel
 
@@ -36,8 +38,7 @@ def load_model(flame_path: Optional[str] = None, embedding_path: Optional[str] =
   states the FLAME release when the file does not show it (see flame_io.detect_variant)."""
   path = find_asset(flame_path, FLAME_FILE_NAMES, "FLAME model")
   if path is None:
-    from jflame import synthetic  # only needed without a real model
-    model, embedding = synthetic.synthetic_flame("flame", seed=seed)
+    model, embedding = synthetic_model(seed)
     return LoadedModel(model, embedding,
                        f"{model.name} (no FLAME model file given or found in $JFLAME_HOME or "
                        "~/.cache/jflame; see WORKSPACE.md)")
@@ -52,6 +53,39 @@ def load_model(flame_path: Optional[str] = None, embedding_path: Optional[str] =
   landmarks.check_embedding_fits(embedding, model.faces.shape[0], str(embedding_file))
   return LoadedModel(model, embedding,
                      f"{model.name} ({model.variant}) with {embedding_file.name}")
+
+
+def _synthetic_fingerprint() -> str:
+  """Changes whenever the code or data the synthetic model is generated from changes."""
+  package = Path(__file__).resolve().parent
+  digest = hashlib.blake2b(digest_size=8)
+  for path in sorted((package / "synthetic").glob("*.py")) + [
+      package / "data" / "mediapipe_face.npz", package / "flame_io.py"]:
+    digest.update(path.read_bytes())
+  return digest.hexdigest()
+
+
+def synthetic_model(seed: int = 0):
+  """The synthetic FLAME-size head and its embedding. Generating it takes seconds, so the
+  result is kept under $JFLAME_HOME (or ~/.cache/jflame)/synthetic, keyed by the generating
+  code; a missing, stale or unreadable copy is simply generated again."""
+  folder = search_folders()[0] / "synthetic"
+  stem = folder / f"synthetic-flame-seed{seed}-{_synthetic_fingerprint()}"
+  model_path, embedding_path = Path(f"{stem}.npz"), Path(f"{stem}-embedding.npz")
+  if model_path.is_file() and embedding_path.is_file():
+    try:
+      return (flame_io.load_flame(model_path),
+              landmarks_io.load_mediapipe_embedding(embedding_path))
+    except JFlameError as error:
+      logging.warning("regenerating the synthetic model: %s", error)
+  from jflame import synthetic  # only needed without a real model
+  model, embedding = synthetic.synthetic_flame("flame", seed=seed)
+  try:
+    flame_io.save_flame_npz(model, model_path)
+    landmarks_io.save_mediapipe_embedding(embedding, embedding_path)
+  except OSError as error:  # a read-only home: generate every time
+    logging.info("synthetic model not cached: %s", error)
+  return model, embedding
 
 
 def load_albedo(loaded: LoadedModel, options):
