@@ -168,3 +168,16 @@ def test_hundred_thousand_rows_take_seconds(tmp_path):
   expected = with_pictures[np.argsort(-errors[with_pictures], kind="stable")][:12]
   assert worst == [f"img{i:06d}.jpg" for i in expected]
   assert len(page) < 2_000_000  # thumbnails only for the galleries
+
+
+def test_progress_total_is_counted_for_folders_never_for_list_files(tmp_path):
+  """jflame-annotate's progress bar: a total (and so an ETA) where listing is cheap."""
+  from jflame import sources
+  for name in ("a.png", "b.jpg", "notes.md"):
+    (tmp_path / name).write_bytes(b"")
+  listing = tmp_path / "list.txt"
+  listing.write_text("a.png\nb.jpg\n")
+  folder_inputs = [str(tmp_path / "*.png"), str(tmp_path / "b.jpg")]
+  assert sources.cheap_count(folder_inputs, sources.iter_sources(folder_inputs)) == 2
+  assert sources.cheap_count([str(listing)], iter([1, 2])) is None
+  assert sources.cheap_count(["x"], iter(range(10_000)), seconds=0.0) is None  # too slow
