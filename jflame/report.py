@@ -44,6 +44,8 @@ TOP_REASONS = 8
 PICTURE_PATTERN = r"(?i)\.(png|jpe?g)$"
 HISTOGRAM_BINS = 40
 MAX_TIME_BINS = 60
+MAX_LINE_POINTS = 1000
+PAUSE_FACTOR = 3.0  # a gap between commits this many times the usual one is a pause
 
 
 def write_report(folder, gallery_size: int = GALLERY_SIZE, seed: int = 0) -> Path:
@@ -280,63 +282,80 @@ def histogram_svg(values: np.ndarray, title: str, x_label: str,
           f'<p class="note">{notes}</p></figure>')
 
 
-def _time_bin_minutes(times_ms: np.ndarray) -> float:
-  """The width of the throughput chart's bars: at most MAX_TIME_BINS bars over the span, and no
-  narrower than the usual time between shard commits (narrower bars would only show the
-  commits, alternately full and empty)."""
-  span = (times_ms[-1] - times_ms[0]) / 60000.0
-  gaps = np.diff(times_ms) / 60000.0
-  wanted = max(span / MAX_TIME_BINS, float(np.median(gaps)) if gaps.size else 0.0)
-  for minutes in (1, 2, 5, 10, 15, 30, 60, 120, 240, 360, 720, 1440):
+def commit_intervals(times_ms: np.ndarray) -> np.ndarray:
+  """(start, end) minutes of the time each commit's rows were made in, from the first start.
+
+  A shard's rows were made between the previous commit and its own, so they are spread over
+  that interval; a gap much longer than usual (a pause between runs) and the first commit get
+  the usual (median) interval instead.
+  """
+  minutes = (times_ms - times_ms[0]) / 60000.0
+  gaps = np.diff(minutes)
+  usual = float(np.median(gaps))
+  spans = np.concatenate([[usual], np.where(gaps <= PAUSE_FACTOR * usual, gaps, usual)])
+  starts = minutes - spans
+  return np.stack([starts, minutes], axis=1) - starts[0]
+
+
+def _time_bin_minutes(span: float) -> float:
+  """A round width for the rate's bars: at most MAX_TIME_BINS bars over `span` minutes."""
+  wanted = span / MAX_TIME_BINS
+  for minutes in (0.25, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 240, 360, 720, 1440):
     if minutes >= wanted:
       return float(minutes)
   return 1440.0 * math.ceil(wanted / 1440.0)
 
 
+def _made_by(intervals: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """(minutes, rows made by then): the corners of the cumulative curve, each commit's rows
+  spread evenly over its interval (the intervals follow one another, so it is one line)."""
+  total = np.cumsum(rows).astype(np.float64)
+  before = np.concatenate([[0.0], total[:-1]])
+  return intervals.reshape(-1), np.stack([before, total], axis=1).reshape(-1)
+
+
 def throughput_svgs(times_ms: np.ndarray, rows: np.ndarray) -> str:
-  """Rows committed per minute (bars) and in total (a step line) against the time since the
-  first commit."""
+  """Rows committed per minute (bars) and in total (a line) over the run's time."""
   if times_ms.size < 2:
     if times_ms.size == 1:
       return (f'<p class="note">All {int(rows.sum()):,} rows were committed at once '
               f'({_clock(times_ms[0])}): one shard commit, no curve to draw.</p>')
     return '<p class="note">No rows committed yet.</p>'
-  minutes = (times_ms - times_ms[0]) / 60000.0
-  hours = minutes[-1] > 180
-  scale, unit = (60.0, "hours") if hours else (1.0, "minutes")
-  x_label = f"{unit} since the first commit ({_clock(times_ms[0])})"
-  width = _time_bin_minutes(times_ms)
-  bins = max(int(math.ceil(minutes[-1] / width + 1e-9)), 1)
-  per_bin = np.bincount(np.minimum((minutes / width).astype(np.int64), bins - 1), weights=rows,
-                        minlength=bins)
-  rate = per_bin / width
+  intervals = commit_intervals(times_ms)
+  span = float(intervals[-1, 1])
+  scale, unit = (60.0, "hours") if span > 180 else (1.0, "minutes")
+  origin = times_ms[0] - 60000.0 * (intervals[0, 1] - intervals[0, 0])
+  x_label = f"{unit} since {_clock(origin)}"
+  width = _time_bin_minutes(span)
+  bins = max(int(math.ceil(span / width - 1e-9)), 1)
+  minutes, made = _made_by(intervals, rows)
+  rate = np.diff(np.interp(np.arange(bins + 1) * width, minutes, made)) / width
   end = bins * width / scale
   bars = _Plot((0.0, end), (0.0, max(float(rate.max()), 1e-9) * 1.08))
   bars.axes(x_label, "rows per minute", _ticks(0, end), _ticks(0, bars.y1))
   for number, value in enumerate(rate):
-    if value:
+    if value > 1e-9:
       x, right, y = bars.x(number * width / scale), bars.x((number + 1) * width / scale), \
           bars.y(value)
       bars.parts.append(f'<rect class="bar" x="{x + 0.5:.1f}" y="{y:.1f}" '
                         f'width="{max(right - x - 1, 0.5):.1f}" height="{bars.y(0) - y:.1f}">'
                         f'<title>{value:.1f} rows/min</title></rect>')
-  total = np.cumsum(rows)
-  line = _Plot((0.0, minutes[-1] / scale), (0.0, float(total[-1]) * 1.05))
+  if minutes.size > MAX_LINE_POINTS:  # thousands of shards: the page needs no more points
+    moments = np.linspace(0.0, span, MAX_LINE_POINTS)
+    minutes, made = moments, np.interp(moments, minutes, made)
+  line = _Plot((0.0, span / scale), (0.0, float(made[-1]) * 1.05))
   line.axes(x_label, "rows committed", _ticks(0, line.x1), _ticks(0, line.y1))
-  points = [(line.x(0), line.y(0))]
-  for t, before, after in zip(minutes / scale, np.concatenate([[0], total[:-1]]), total):
-    points += [(line.x(t), line.y(before)), (line.x(t), line.y(after))]
-  line.parts.append('<polyline class="line" points="'
-                    + " ".join(f"{x:.1f},{y:.1f}" for x, y in points) + '"/>')
+  line.parts.append('<polyline class="line" points="' + " ".join(
+      f"{line.x(t / scale):.1f},{line.y(n):.1f}" for t, n in zip(minutes, made)) + '"/>')
   return ('<div class="charts">'
           f'<figure><figcaption>Rows committed per minute ({_number(width)}-minute bars)'
           f'</figcaption>{bars.svg("rows committed per minute")}</figure>'
           f'<figure><figcaption>Rows committed in total</figcaption>'
           f'{line.svg("rows committed in total")}</figure></div>'
-          f'<p class="note">From the shards\' commit times (<code>written_at</code>): '
-          f'{times_ms.size:,} commits; a shard commits every <code>rows_per_shard</code> rows, '
-          'so the curve is as fine as the shards. Superseded rows (refitted inputs) are '
-          'not counted.</p>')
+          f'<p class="note">From the shards\' commit times (<code>written_at</code>), '
+          f'{times_ms.size:,} commits: a shard\'s rows are spread over the time since the '
+          'commit before it (a pause between runs shows as a gap). Superseded rows '
+          '(refitted inputs) are not counted.</p>')
 
 
 def _clock(millis) -> str:

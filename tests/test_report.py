@@ -137,14 +137,17 @@ def test_one_row(tmp_path):
   assert _gallery_ids(_section(page, "<h3>Worst fits", "<h3>Random fits")) == ["only.png"]
 
 
-def test_throughput_bins_span_the_commits():
+def test_throughput_spreads_each_shard_over_its_interval():
   minute = 60000
   times = np.array([0, 2, 4, 6, 40, 42]) * minute + 1_700_000_000_000
   rows = np.full(times.size, 1000)
-  assert report._time_bin_minutes(times) == 2.0  # pylint: disable=protected-access
+  # Every shard took the usual 2 minutes, the one after the pause too; the first starts at -2.
+  assert report.commit_intervals(times).tolist() == [[0, 2], [2, 4], [4, 6], [6, 8], [40, 42],
+                                                     [42, 44]]
   charts = report.throughput_svgs(times, rows)
   assert charts.count("<svg") == 2 and "rows per minute" in charts
-  assert "500.0 rows/min" in charts  # 1000 rows in a 2-minute bar
+  rates = re.findall(r"<title>([\d.]+) rows/min</title>", charts)
+  assert rates and set(rates) == {"500.0"}  # 1000 rows in 2 minutes, in 1-minute bars
 
 
 def test_hundred_thousand_rows_take_seconds(tmp_path):
