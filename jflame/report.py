@@ -141,10 +141,9 @@ def gallery_indices(table: pa.Table, count: int, seed: int) -> Tuple[np.ndarray,
   """(worst, sample): rows with pictures, the fitted ones with the highest landmark error
   (highest first), and a random sample of the others."""
   with_pictures = picture_rows(table)
-  errors = _floats(table["landmark_error_relative"])[with_pictures]
-  fitted = with_pictures[_ok_mask(table)[with_pictures] & np.isfinite(errors)]
-  fitted_errors = _floats(table["landmark_error_relative"])[fitted]
-  worst = fitted[np.argsort(-fitted_errors, kind="stable")[:count]]
+  errors = _floats(table["landmark_error_relative"])
+  fitted = with_pictures[_ok_mask(table)[with_pictures] & np.isfinite(errors[with_pictures])]
+  worst = fitted[np.argsort(-errors[fitted], kind="stable")[:count]]
   rest = np.setdiff1d(with_pictures, worst)
   rng = np.random.default_rng(seed)
   sample = rng.choice(rest, size=min(count, rest.size), replace=False) if rest.size else rest
@@ -373,25 +372,30 @@ body { margin: 0; color: var(--ink); background: #fff; line-height: 1.45;
        font: 14px/1.45 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; }
 main { max-width: 1140px; margin: 0 auto; padding: 28px 28px 60px; }
 h1 { font-size: 24px; margin: 0 0 4px; }
-h2 { font-size: 18px; margin: 36px 0 12px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
+h2 { font-size: 18px; margin: 36px 0 12px; padding-bottom: 6px;
+     border-bottom: 1px solid var(--line); }
 h3 { font-size: 14px; margin: 18px 0 6px; }
 .sub, .note { color: var(--muted); }
 .note { font-size: 12.5px; margin: 4px 0 0; }
+.charts + .note { margin-top: 10px; }
 code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(150px, 1fr)); gap: 12px;
          margin-top: 18px; }
-.card { border: 1px solid var(--line); border-radius: 8px; padding: 12px 14px; background: var(--soft); }
+.card { border: 1px solid var(--line); border-radius: 8px; padding: 12px 14px;
+        background: var(--soft); }
 .card .value { font-size: 22px; font-weight: 600; }
 .card .what { color: var(--muted); font-size: 12.5px; }
 .good { color: var(--ok); } .bad { color: var(--bad); } .warn { color: var(--warn); }
 table { border-collapse: collapse; width: 100%; font-size: 13px; }
-th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid var(--line);
+         vertical-align: top; }
 th { background: var(--soft); font-weight: 600; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.msg { color: var(--muted); padding-left: 28px; word-break: break-word; }
 .share { display: inline-block; height: 8px; background: var(--bar); border-radius: 2px;
          vertical-align: middle; }
-.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(460px, 1fr)); gap: 18px 28px; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(460px, 1fr));
+          gap: 18px 28px; }
 figure { margin: 0; }
 figcaption { font-weight: 600; margin-bottom: 4px; }
 svg.chart { width: 100%; height: auto; display: block; }
@@ -404,14 +408,16 @@ svg .line { fill: none; stroke: var(--bar); stroke-width: 2; }
 .empty { color: var(--muted); border: 1px dashed var(--line); border-radius: 8px; padding: 24px;
          text-align: center; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 14px; }
-.tile { border: 1px solid var(--line); border-radius: 8px; overflow: hidden; background: var(--soft); }
+.tile { border: 1px solid var(--line); border-radius: 8px; overflow: hidden;
+        background: var(--soft); }
 .tile img { display: block; width: 100%; aspect-ratio: 1; object-fit: contain; background: #fff; }
 .tile .missing { aspect-ratio: 1; display: flex; align-items: center; justify-content: center;
                  color: var(--muted); font-size: 12px; background: #fff; }
 .tile .caption { padding: 6px 8px 8px; font-size: 12px; }
 .tile .id { font-weight: 600; word-break: break-all; }
 .tile .reason { color: var(--bad); }
-dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; margin: 0; font-size: 13px; }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; margin: 0;
+           font-size: 13px; }
 dl.facts dt { color: var(--muted); } dl.facts dd { margin: 0; word-break: break-word; }
 """
 
@@ -430,7 +436,7 @@ def _percent(part: int, whole: int) -> str:
 
 def _header(folder: Path, settings: Mapping) -> str:
   facts = [("folder", str(folder.resolve())),
-           ("written", datetime.datetime.now(datetime.timezone.utc).strftime(
+           ("report written", datetime.datetime.now(datetime.timezone.utc).strftime(
                "%Y-%m-%d %H:%M UTC"))]
   for key in ("model", "model_variant", "embedding", "mode", "crop_size"):
     if settings.get(key) is not None:
