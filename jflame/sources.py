@@ -20,6 +20,7 @@ import glob
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -28,6 +29,7 @@ from jflame.errors import InputError
 # Lower-case suffixes that folder and glob listings pick up.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
+COUNT_SECONDS = 2.0  # the most a progress bar's total may cost (see `cheap_count`)
 _NAME_LIMIT = 180  # bytes; leaves room for suffixes such as "_overlay.png" under 255
 _UNSAFE = re.compile(r"[^\w.\-+=,@~ ()\[\]]", re.UNICODE)
 
@@ -208,6 +210,32 @@ def iter_sources(inputs: Sequence[str], recursive: bool = False,
         continue
       yield Source(path=path, name=name_from_parts(_relative_parts(path, root)),
                    root=str(root))
+
+
+def is_list_input(entry) -> bool:
+  """Whether an input entry is a list file (read as a stream), as `iter_sources` takes it."""
+  path = Path(entry).expanduser()
+  return not path.is_dir() and _is_list_file(path) and path.is_file()
+
+
+def cheap_count(inputs: Sequence[str], stream: Iterable, seconds: float = COUNT_SECONDS
+                ) -> Optional[int]:
+  """How many items `stream` (a fresh stream of the sources of `inputs`) yields, when that is
+  cheap to know: for a progress bar's total and ETA.
+
+  None when an input is a list file (a list of 10^7 paths is read once, as the run goes, not
+  twice) or when the listing takes longer than `seconds` (a huge folder tree or a slow network
+  file system; the bar then shows the rate without a total). Folders and patterns are listed
+  by names only, which for ordinary folders costs far less than the run.
+  """
+  if any(is_list_input(entry) for entry in inputs):
+    return None
+  deadline = time.monotonic() + seconds
+  total = 0
+  for total, _ in enumerate(stream, 1):
+    if total % 256 == 0 and time.monotonic() > deadline:
+      return None
+  return total
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -15,6 +15,13 @@ With --num_shards N (job arrays: Slurm, Kubernetes) each task fits the inputs wh
 to its --shard_index and writes <output>/part-<index>-of-<N>; `jflame.dataset.open(output)`
 reads all parts. Under jax.distributed the process index and count are the defaults.
 
+At the end (also after a run that had nothing left to do) <output>/report.html is written: one
+self-contained page with status counts, quality histograms, throughput and a gallery of the
+worst and of random fits (`jflame.report`; --noreport skips it). The progress bar shows
+images/s; it shows a total and an ETA when the inputs are folders or patterns that list within
+a couple of seconds, never for list files, which are streamed (see `sources.cheap_count`).
+Skipped inputs (already in the dataset) count as progress too.
+
 Exit status: 0 when the dataset holds at least one fitted row, 1 when none, 2 for a usage
 problem.
 """
@@ -40,6 +47,8 @@ _MESHES = flags.DEFINE_bool("meshes", False, "Also write meshes/<name>.obj per f
 _OVERLAYS = flags.DEFINE_enum("overlays", "sample", ["none", "sample", "failures", "all"],
                               "Pictures of the fit: none; a sample of about 1 in 500 plus every "
                               "suspect fit; failures (suspect fits); all.")
+_REPORT = flags.DEFINE_bool("report", True, "Write <output>/report.html at the end: status "
+                            "counts, quality histograms, throughput, worst and random fits.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Split the input over this many tasks "
                                    "(default: the JAX process count, else 1).", lower_bound=1)
 _SHARD_INDEX = flags.DEFINE_integer("shard_index", None, "This task's part, 0..num_shards-1 "
@@ -67,6 +76,28 @@ def _task_split():
   return index, count
 
 
+def _progress_bar(total):
+  """A tqdm bar in images/s (never s/image), with a total and an ETA when `total` is known."""
+  from tqdm import tqdm
+  if total is None:
+    form = "{desc}: {n_fmt} images [{elapsed}, {rate_noinv_fmt}{postfix}]"
+  else:
+    form = ("{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining} left, "
+            "{rate_noinv_fmt}{postfix}]")
+  return tqdm(total=total, unit="image", desc="jflame-annotate", smoothing=0.1, bar_format=form)
+
+
+def _write_report(folder):
+  """report.html in `folder`, or None with a warning: a report that fails costs the page, never
+  the dataset that was just committed."""
+  from jflame import report
+  try:
+    return report.write_report(folder)
+  except Exception as error:  # pylint: disable=broad-except
+    print(f"warning: report.html not written: {error!r}", file=sys.stderr)
+    return None
+
+
 def dataset_settings(loaded, config, crop_size, landmark_indices) -> dict:
   """What the rows of a dataset mean: one dataset folder, one set of these."""
   import dataclasses
@@ -82,7 +113,6 @@ def main(argv) -> int:
   common.quiet_logging()
   if not _INPUT.value or not _OUTPUT.value:
     return common.usage_error("--input and --output are required.")
-  from tqdm import tqdm
   from jflame import engine, output_folder, sinks, sources
   from jflame.errors import JFlameError
   try:
@@ -94,16 +124,22 @@ def main(argv) -> int:
   workers = _WORKERS.value or max(1, (os.cpu_count() or 2) - 1)
   try:
     sources.check_output_not_an_input(_INPUT.value, output, recursive=True)
-    stream = sources.iter_sources(_INPUT.value, recursive=True, exclude_folder=output)
-    if count > 1:
-      stream = (source for source in stream if _shard_of(source.name, count) == index)
+
+    def source_stream():
+      stream = sources.iter_sources(_INPUT.value, recursive=True, exclude_folder=output)
+      if count > 1:
+        stream = (source for source in stream if _shard_of(source.name, count) == index)
+      return stream
+
+    total = sources.cheap_count(_INPUT.value, source_stream())
+    stream = source_stream()
     with output_folder.claim_output_folder(folder_name) as folder:
       cache = common.enable_compilation_cache()
       loaded = common.load_model()
       config = common.fit_config()
       print(f"model: {loaded.description}", flush=True)
       options = common.engine_options(workers, landmarks_only=not config.photometric)
-      with tqdm(unit="image", desc="jflame-annotate", smoothing=0.1) as bar:
+      with _progress_bar(total) as bar:
         run = engine.Engine(loaded, config, options, progress=bar.update)
         sink = sinks.DatasetSink(
             folder, loaded.model.faces, loaded.model.name,
@@ -117,10 +153,12 @@ def main(argv) -> int:
           print(f"interrupted: every committed shard is kept in {folder}; run the same command "
                 "again to finish the rest.", file=sys.stderr)
           return 130
+      page = _write_report(folder) if _REPORT.value else None
   except JFlameError as error:
     return common.usage_error(str(error))
   counts = sink.writer.status_counts()
   print(f"done: this run {summary['this_run']}; the dataset holds {counts} -> {folder}"
+        + (f"; report: {page}" if page else "")
         + (f" (compilation cache: {cache})" if cache else ""))
   return common.EXIT_OK if counts.get("ok", 0) else common.EXIT_NOTHING_FITTED
 

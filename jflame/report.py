@@ -1,0 +1,649 @@
+"""report.html: one self-contained page about a dataset folder, for people to look at.
+
+    path = jflame.report.write_report("annotations/")      # -> annotations/report.html
+
+The page shows the status counts (with the most common messages of each failure status), the
+most common suspect reasons, histograms of the quality measures of the fitted rows (landmark
+error in % of face size, shape and expression prior sigma, convergence), the throughput over
+time (rows committed per minute and in total, from the shards' `written_at`), the last run's
+summary (run_summary.json) and two galleries: the worst fits and a random sample, as small JPEG
+thumbnails of the rows' pictures.
+
+Self-contained: no external CSS, scripts, fonts or images; charts are inline SVG, thumbnails are
+base64 data URIs (a thumbnail links to its full-size picture by a relative path, which works
+while the page sits in its folder). Every string from the data is escaped. The table is read
+column by column with pyarrow; Python objects are built only for the gallery's rows, so a
+dataset of millions of rows costs a few column reads.
+"""
+
+import base64
+import datetime
+import html
+import json
+import math
+import urllib.parse
+from pathlib import Path
+from typing import List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jflame import dataset, quality
+from jflame.atomic import write_text
+from jflame.manifest import SUMMARY_NAME
+
+REPORT_NAME = "report.html"
+COLUMNS = ("id", "status", "message", "landmark_error_relative", "shape_prior_sigma",
+           "expression_prior_sigma", "convergence", "suspect", "suspect_reason", "fit_ms",
+           "files", "written_at")
+GALLERY_SIZE = 12
+THUMBNAIL_SIZE = 256
+TOP_MESSAGES = 5
+TOP_REASONS = 8
+PICTURE_PATTERN = r"(?i)\.(png|jpe?g)$"
+HISTOGRAM_BINS = 40
+MAX_TIME_BINS = 60
+MAX_LINE_POINTS = 1000
+PAUSE_FACTOR = 3.0  # a gap between commits this many times the usual one is a pause
+
+
+def write_report(folder, gallery_size: int = GALLERY_SIZE, seed: int = 0) -> Path:
+  """Writes <folder>/report.html (atomically) about the dataset in `folder`; returns its path.
+
+  A folder without an index yet (a run that committed nothing) gets a page that says so.
+
+  Args:
+    folder: a jflame dataset folder (see `jflame.dataset`).
+    gallery_size: pictures in each gallery (worst fits, random sample).
+    seed: the random sample's seed (the same dataset gives the same page).
+  """
+  folder = Path(folder)
+  index = dataset.read_index(folder)
+  table = _read_rows(folder) if index is not None else dataset.SCHEMA.empty_table().select(
+      list(COLUMNS))
+  page = _page(folder, table, (index or {}).get("settings", {}), _read_summary(folder),
+               gallery_size, seed)
+  path = folder / REPORT_NAME
+  write_text(path, page)
+  return path
+
+
+def _read_rows(folder: Path) -> pa.Table:
+  """The current rows' report columns, chunks merged (one chunk per shard otherwise)."""
+  return dataset.open(folder).to_table(columns=list(COLUMNS)).combine_chunks()
+
+
+def _read_summary(folder: Path) -> Optional[dict]:
+  path = folder / SUMMARY_NAME
+  try:
+    summary = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None  # no run finished yet, or a file from elsewhere: the page does without
+  return summary if isinstance(summary, dict) else None
+
+
+# --- numbers from the table -----------------------------------------------------------------
+
+def _floats(column) -> np.ndarray:
+  """A float column as float64 with nulls as NaN."""
+  return pc.fill_null(pc.cast(column, pa.float64()), math.nan).to_numpy()
+
+
+def _ok_mask(table: pa.Table) -> np.ndarray:
+  return pc.fill_null(pc.equal(table["status"], "ok"), False).to_numpy(zero_copy_only=False)
+
+
+def status_counts(table: pa.Table) -> List[Tuple[str, int]]:
+  """(status, rows), ok first, then the most common."""
+  counts = pc.value_counts(pc.fill_null(table["status"], "(none)"))
+  pairs = list(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+  return sorted(pairs, key=lambda pair: (pair[0] != "ok", -pair[1], pair[0]))
+
+
+def top_messages(table: pa.Table, status: str, count: int = TOP_MESSAGES
+                 ) -> Tuple[List[Tuple[str, int]], int]:
+  """The `count` most common messages of the rows with `status`, and how many rows the other
+  messages have."""
+  rows = table.filter(pc.fill_null(pc.equal(table["status"], status), False))
+  messages = pc.value_counts(pc.fill_null(rows["message"], ""))
+  order = np.argsort(-messages.field("counts").to_numpy(), kind="stable")[:count]
+  top = messages.take(pa.array(order, pa.int64())) if len(order) else messages.slice(0, 0)
+  pairs = list(zip(top.field("values").to_pylist(), top.field("counts").to_pylist()))
+  return pairs, rows.num_rows - sum(n for _, n in pairs)
+
+
+def suspect_reasons(table: pa.Table, count: int = TOP_REASONS) -> List[Tuple[str, int]]:
+  """The most common reasons of suspect fits, each reason of a row counted on its own and with
+  its measured number written as '…' (the limit stays), so that equal reasons group."""
+  mask = pc.and_(pc.fill_null(table["suspect"], False),
+                 pc.fill_null(pc.equal(table["status"], "ok"), False))
+  reasons = pc.list_flatten(pc.split_pattern(
+      pc.fill_null(table["suspect_reason"].filter(mask), ""), "; "))
+  reasons = reasons.filter(pc.greater(pc.utf8_length(reasons), 0))
+  general = pc.replace_substring_regex(reasons, r"\d+(\.\d+)?", "…", max_replacements=1)
+  counts = pc.value_counts(general)
+  pairs = zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())
+  return sorted(pairs, key=lambda pair: (-pair[1], pair[0]))[:count]
+
+
+def picture_rows(table: pa.Table) -> np.ndarray:
+  """Indices of the rows with at least one picture (png/jpeg) in `files`, ascending."""
+  files = table["files"].combine_chunks() if isinstance(table["files"], pa.ChunkedArray) else \
+      table["files"]
+  parents = pc.list_parent_indices(files).to_numpy()
+  is_picture = pc.fill_null(pc.match_substring_regex(pc.list_flatten(files), PICTURE_PATTERN),
+                            False).to_numpy(zero_copy_only=False)
+  return np.unique(parents[is_picture]).astype(np.int64)
+
+
+def gallery_indices(table: pa.Table, count: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(worst, sample): rows with pictures, the fitted ones with the highest landmark error
+  (highest first), and a random sample of the others."""
+  with_pictures = picture_rows(table)
+  errors = _floats(table["landmark_error_relative"])
+  fitted = with_pictures[_ok_mask(table)[with_pictures] & np.isfinite(errors[with_pictures])]
+  worst = fitted[np.argsort(-errors[fitted], kind="stable")[:count]]
+  rest = np.setdiff1d(with_pictures, worst)
+  rng = np.random.default_rng(seed)
+  sample = rng.choice(rest, size=min(count, rest.size), replace=False) if rest.size else rest
+  return worst, np.asarray(sample, np.int64)
+
+
+def commit_times(table: pa.Table) -> Tuple[np.ndarray, np.ndarray]:
+  """(times in ms since the epoch, rows committed then), sorted by time: one point per shard
+  commit, since a shard's rows share its `written_at`."""
+  millis = pc.drop_null(pc.cast(table["written_at"], pa.int64()))
+  counts = pc.value_counts(millis)
+  times = counts.field("values").to_numpy().astype(np.int64)
+  rows = counts.field("counts").to_numpy().astype(np.int64)
+  order = np.argsort(times)
+  return times[order], rows[order]
+
+
+# --- charts (inline SVG) ---------------------------------------------------------------------
+
+_WIDTH, _HEIGHT = 520, 250
+_LEFT, _RIGHT, _TOP, _BOTTOM = 58, 16, 14, 46
+
+
+def _nice_step(span: float, count: int) -> float:
+  """A round tick step (1, 2, 2.5 or 5 times a power of ten) giving about `count` ticks."""
+  raw = max(span, 1e-12) / max(count, 1)
+  magnitude = 10.0 ** math.floor(math.log10(raw))
+  for multiple in (1.0, 2.0, 2.5, 5.0, 10.0):
+    if multiple * magnitude >= raw:
+      return multiple * magnitude
+  return 10.0 * magnitude
+
+
+def _ticks(low: float, high: float, count: int = 5) -> np.ndarray:
+  step = _nice_step(high - low, count)
+  return np.arange(math.ceil(low / step - 1e-9), math.floor(high / step + 1e-9) + 1) * step
+
+
+def _number(value: float) -> str:
+  """A short label for a tick or statistic."""
+  if value == 0:
+    return "0"
+  if abs(value) >= 10000:
+    return f"{value:,.0f}"
+  if abs(value) >= 100:
+    return f"{value:.0f}"
+  return f"{value:.3g}"
+
+
+class _Plot:
+  """Maps data to the pixels of one chart and draws its axes."""
+
+  def __init__(self, x_range, y_range):
+    self.x0, self.x1 = x_range
+    self.y0, self.y1 = y_range
+    self.parts: List[str] = []
+
+  def x(self, value: float) -> float:
+    span = (self.x1 - self.x0) or 1.0
+    return _LEFT + (value - self.x0) / span * (_WIDTH - _LEFT - _RIGHT)
+
+  def y(self, value: float) -> float:
+    span = (self.y1 - self.y0) or 1.0
+    return _HEIGHT - _BOTTOM - (value - self.y0) / span * (_HEIGHT - _TOP - _BOTTOM)
+
+  def axes(self, x_label: str, y_label: str, x_ticks, y_ticks) -> None:
+    bottom, right = _HEIGHT - _BOTTOM, _WIDTH - _RIGHT
+    for tick in y_ticks:
+      y = self.y(tick)
+      self.parts.append(f'<line class="grid" x1="{_LEFT}" x2="{right}" y1="{y:.1f}" '
+                        f'y2="{y:.1f}"/><text class="tick" x="{_LEFT - 6}" y="{y + 4:.1f}" '
+                        f'text-anchor="end">{_number(tick)}</text>')
+    for tick in x_ticks:
+      x = self.x(tick)
+      self.parts.append(f'<line class="axis" x1="{x:.1f}" x2="{x:.1f}" y1="{bottom}" '
+                        f'y2="{bottom + 4}"/><text class="tick" x="{x:.1f}" y="{bottom + 17}" '
+                        f'text-anchor="middle">{_number(tick)}</text>')
+    self.parts.append(
+        f'<line class="axis" x1="{_LEFT}" x2="{right}" y1="{bottom}" y2="{bottom}"/>'
+        f'<text class="label" x="{(_LEFT + right) / 2:.1f}" y="{_HEIGHT - 6}" '
+        f'text-anchor="middle">{html.escape(x_label)}</text>'
+        f'<text class="label" transform="translate(14 {(_TOP + bottom) / 2:.1f}) rotate(-90)" '
+        f'text-anchor="middle">{html.escape(y_label)}</text>')
+
+  def svg(self, title: str) -> str:
+    return (f'<svg class="chart" viewBox="0 0 {_WIDTH} {_HEIGHT}" role="img">'
+            f'<title>{html.escape(title)}</title>'
+            + "".join(self.parts) + "</svg>")
+
+
+def _histogram_upper(values: np.ndarray, limit: Optional[float]) -> float:
+  """The histogram's right end: the largest value, or past a long tail its 99th percentile
+  (what lies beyond goes into the last bar), and always past the suspect limit."""
+  top = float(np.max(values))
+  cap = float(np.percentile(values, 99))
+  upper = top if top <= 1.5 * cap else cap
+  if limit is not None:
+    upper = max(upper, 1.25 * limit)
+  step = _nice_step(upper, 5)
+  return max(step * math.ceil(upper / step - 1e-9), step)
+
+
+def histogram_svg(values: np.ndarray, title: str, x_label: str,
+                  limit: Optional[float] = None, unit: str = "") -> str:
+  """An SVG histogram of finite non-negative values, the suspect limit as a dashed line."""
+  values = values[np.isfinite(values)]
+  if values.size == 0:
+    return f'<div class="empty">{html.escape(title)}: no fitted rows.</div>'
+  upper = _histogram_upper(values, limit)
+  low = min(0.0, float(np.min(values)))
+  counts, edges = np.histogram(np.clip(values, low, upper), HISTOGRAM_BINS, range=(low, upper))
+  overflow = int(np.sum(values > upper))
+  plot = _Plot((low, upper), (0.0, max(float(counts.max()), 1.0) * 1.08))
+  y_ticks = [t for t in _ticks(0, plot.y1) if t == int(t)]
+  plot.axes(x_label, "fitted rows", _ticks(low, upper), y_ticks)
+  for number, (count, left, right) in enumerate(zip(counts, edges[:-1], edges[1:])):
+    if count:
+      css = "bar over" if overflow and number == len(counts) - 1 else "bar"
+      x, y = plot.x(left), plot.y(count)
+      plot.parts.append(f'<rect class="{css}" x="{x + 0.5:.1f}" y="{y:.1f}" '
+                        f'width="{max(plot.x(right) - x - 1, 0.5):.1f}" '
+                        f'height="{plot.y(0) - y:.1f}"><title>{_number(left)}–'
+                        f'{_number(right)}: {count}</title></rect>')
+  if limit is not None:
+    x = plot.x(limit)
+    plot.parts.append(f'<line class="limit" x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" '
+                      f'y2="{_HEIGHT - _BOTTOM}"/><text class="limit-label" x="{x + 4:.1f}" '
+                      f'y="{_TOP + 10}">suspect &gt; {_number(limit)}{_e(unit)}</text>')
+  notes = (f"n = {values.size:,} · median {_number(float(np.median(values)))} · "
+           f"90th percentile {_number(float(np.percentile(values, 90)))} · "
+           f"max {_number(float(values.max()))}")
+  if overflow:
+    notes += f" · {overflow:,} above {_number(upper)} in the last bar (darker)"
+  return (f'<figure><figcaption>{html.escape(title)}</figcaption>{plot.svg(title)}'
+          f'<p class="note">{notes}</p></figure>')
+
+
+def commit_intervals(times_ms: np.ndarray) -> np.ndarray:
+  """(start, end) minutes of the time each commit's rows were made in, from the first start.
+
+  A shard's rows were made between the previous commit and its own, so they are spread over
+  that interval; a gap much longer than usual (a pause between runs) and the first commit get
+  the usual (median) interval instead.
+  """
+  minutes = (times_ms - times_ms[0]) / 60000.0
+  gaps = np.diff(minutes)
+  usual = float(np.median(gaps))
+  spans = np.concatenate([[usual], np.where(gaps <= PAUSE_FACTOR * usual, gaps, usual)])
+  starts = minutes - spans
+  return np.stack([starts, minutes], axis=1) - starts[0]
+
+
+def _time_bin_minutes(span: float) -> float:
+  """A round width for the rate's bars: at most MAX_TIME_BINS bars over `span` minutes."""
+  wanted = span / MAX_TIME_BINS
+  for minutes in (0.25, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 240, 360, 720, 1440):
+    if minutes >= wanted:
+      return float(minutes)
+  return 1440.0 * math.ceil(wanted / 1440.0)
+
+
+def _made_by(intervals: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """(minutes, rows made by then): the corners of the cumulative curve, each commit's rows
+  spread evenly over its interval (the intervals follow one another, so it is one line)."""
+  total = np.cumsum(rows).astype(np.float64)
+  before = np.concatenate([[0.0], total[:-1]])
+  return intervals.reshape(-1), np.stack([before, total], axis=1).reshape(-1)
+
+
+def throughput_svgs(times_ms: np.ndarray, rows: np.ndarray) -> str:
+  """Rows committed per minute (bars) and in total (a line) over the run's time."""
+  if times_ms.size < 2:
+    if times_ms.size == 1:
+      return (f'<p class="note">All {int(rows.sum()):,} rows were committed at once '
+              f'({_clock(times_ms[0])}): one shard commit, no curve to draw.</p>')
+    return '<p class="note">No rows committed yet.</p>'
+  intervals = commit_intervals(times_ms)
+  span = float(intervals[-1, 1])
+  scale, unit = (60.0, "hours") if span > 180 else (1.0, "minutes")
+  origin = times_ms[0] - 60000.0 * (intervals[0, 1] - intervals[0, 0])
+  x_label = f"{unit} since {_clock(origin)}"
+  width = _time_bin_minutes(span)
+  bins = max(int(math.ceil(span / width - 1e-9)), 1)
+  minutes, made = _made_by(intervals, rows)
+  rate = np.diff(np.interp(np.arange(bins + 1) * width, minutes, made)) / width
+  end = bins * width / scale
+  bars = _Plot((0.0, end), (0.0, max(float(rate.max()), 1e-9) * 1.08))
+  bars.axes(x_label, "rows per minute", _ticks(0, end), _ticks(0, bars.y1))
+  for number, value in enumerate(rate):
+    if value > 1e-9:
+      x, right, y = bars.x(number * width / scale), bars.x((number + 1) * width / scale), \
+          bars.y(value)
+      bars.parts.append(f'<rect class="bar" x="{x + 0.5:.1f}" y="{y:.1f}" '
+                        f'width="{max(right - x - 1, 0.5):.1f}" height="{bars.y(0) - y:.1f}">'
+                        f'<title>{value:.1f} rows/min</title></rect>')
+  if minutes.size > MAX_LINE_POINTS:  # thousands of shards: the page needs no more points
+    moments = np.linspace(0.0, span, MAX_LINE_POINTS)
+    minutes, made = moments, np.interp(moments, minutes, made)
+  line = _Plot((0.0, span / scale), (0.0, float(made[-1]) * 1.05))
+  line.axes(x_label, "rows committed", _ticks(0, line.x1), _ticks(0, line.y1))
+  line.parts.append('<polyline class="line" points="' + " ".join(
+      f"{line.x(t / scale):.1f},{line.y(n):.1f}" for t, n in zip(minutes, made)) + '"/>')
+  return ('<div class="charts">'
+          f'<figure><figcaption>Rows committed per minute ({_number(width)}-minute bars)'
+          f'</figcaption>{bars.svg("rows committed per minute")}</figure>'
+          f'<figure><figcaption>Rows committed in total</figcaption>'
+          f'{line.svg("rows committed in total")}</figure></div>'
+          f'<p class="note">From the shards\' commit times (<code>written_at</code>), '
+          f'{times_ms.size:,} commits: a shard\'s rows are spread over the time since the '
+          'commit before it (a pause between runs shows as a gap). Superseded rows '
+          '(refitted inputs) are not counted.</p>')
+
+
+def _clock(millis) -> str:
+  moment = datetime.datetime.fromtimestamp(int(millis) / 1000.0, datetime.timezone.utc)
+  return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+# --- the page --------------------------------------------------------------------------------
+
+_STYLE = """
+:root { --ink: #1f2328; --muted: #656d76; --line: #d0d7de; --soft: #f6f8fa; --ok: #1a7f37;
+        --bad: #cf222e; --warn: #9a6700; --bar: #4c78a8; --bar-dark: #23446b; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--ink); background: #fff; line-height: 1.45;
+       font: 14px/1.45 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; }
+main { max-width: 1140px; margin: 0 auto; padding: 28px 28px 60px; }
+h1 { font-size: 24px; margin: 0 0 4px; }
+h2 { font-size: 18px; margin: 36px 0 12px; padding-bottom: 6px;
+     border-bottom: 1px solid var(--line); }
+h3 { font-size: 14px; margin: 18px 0 6px; }
+.sub, .note { color: var(--muted); }
+.note { font-size: 12.5px; margin: 4px 0 0; }
+.charts + .note { margin-top: 10px; }
+code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(150px, 1fr)); gap: 12px;
+         margin-top: 18px; }
+.card { border: 1px solid var(--line); border-radius: 8px; padding: 12px 14px;
+        background: var(--soft); }
+.card .value { font-size: 22px; font-weight: 600; }
+.card .what { color: var(--muted); font-size: 12.5px; }
+.good { color: var(--ok); } .bad { color: var(--bad); } .warn { color: var(--warn); }
+table { border-collapse: collapse; width: 100%; font-size: 13px; }
+th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid var(--line);
+         vertical-align: top; }
+th { background: var(--soft); font-weight: 600; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.msg { color: var(--muted); padding-left: 28px; word-break: break-word; }
+.share { display: inline-block; height: 8px; background: var(--bar); border-radius: 2px;
+         vertical-align: middle; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(460px, 1fr));
+          gap: 18px 28px; }
+figure { margin: 0; }
+figcaption { font-weight: 600; margin-bottom: 4px; }
+svg.chart { width: 100%; height: auto; display: block; }
+svg .grid { stroke: #eaeef2; } svg .axis { stroke: #8c959f; }
+svg .tick { font-size: 11px; fill: var(--muted); } svg .label { font-size: 12px; fill: var(--ink); }
+svg .bar { fill: var(--bar); } svg .bar.over { fill: var(--bar-dark); }
+svg .limit { stroke: var(--bad); stroke-width: 1.5; stroke-dasharray: 5 4; }
+svg .limit-label { font-size: 11px; fill: var(--bad); }
+svg .line { fill: none; stroke: var(--bar); stroke-width: 2; }
+.empty { color: var(--muted); border: 1px dashed var(--line); border-radius: 8px; padding: 24px;
+         text-align: center; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 14px; }
+.tile { border: 1px solid var(--line); border-radius: 8px; overflow: hidden;
+        background: var(--soft); }
+.tile img { display: block; width: 100%; aspect-ratio: 1; object-fit: contain; background: #fff; }
+.tile .missing { aspect-ratio: 1; display: flex; align-items: center; justify-content: center;
+                 color: var(--muted); font-size: 12px; background: #fff; }
+.tile .caption { padding: 6px 8px 8px; font-size: 12px; }
+.tile .id { font-weight: 600; word-break: break-all; }
+.tile .reason { color: var(--bad); }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; margin: 0;
+           font-size: 13px; }
+dl.facts dt { color: var(--muted); } dl.facts dd { margin: 0; word-break: break-word; }
+"""
+
+
+def _e(value) -> str:
+  return html.escape("" if value is None else str(value))
+
+
+def _duration(milliseconds: float) -> str:
+  return f"{milliseconds:.0f} ms" if milliseconds < 1000 else f"{milliseconds / 1000:.1f} s"
+
+
+def _percent(part: int, whole: int) -> str:
+  return f"{100.0 * part / whole:.1f}%" if whole else "–"
+
+
+def _header(folder: Path, settings: Mapping) -> str:
+  facts = [("folder", str(folder.resolve())),
+           ("report written", datetime.datetime.now(datetime.timezone.utc).strftime(
+               "%Y-%m-%d %H:%M UTC"))]
+  for key in ("model", "model_variant", "embedding", "mode", "crop_size"):
+    if settings.get(key) is not None:
+      facts.append((key.replace("_", " "), settings[key]))
+  return ("<h1>jflame dataset report</h1>" + _facts(facts))
+
+
+def _facts(facts: Sequence[Tuple[str, object]]) -> str:
+  """A two-column list of (name, value), the values escaped; None values left out."""
+  return '<dl class="facts">' + "".join(
+      f"<dt>{_e(key)}</dt><dd>{_e(value)}</dd>" for key, value in facts if value is not None
+  ) + "</dl>"
+
+
+def _cards(table: pa.Table, counts: Sequence[Tuple[str, int]]) -> str:
+  total = table.num_rows
+  ok = dict(counts).get("ok", 0)
+  ok_mask = _ok_mask(table)
+  suspect = int(np.sum(ok_mask & pc.fill_null(table["suspect"], False).to_numpy(
+      zero_copy_only=False)))
+  errors = 100.0 * _floats(table["landmark_error_relative"])[ok_mask]
+  errors = errors[np.isfinite(errors)]
+  fit_ms = _floats(table["fit_ms"])[ok_mask]
+  fit_ms = fit_ms[np.isfinite(fit_ms)]
+  cards = [(f"{total:,}", "rows (one per input)", ""),
+           (f"{ok:,}", f"fitted (ok) · {_percent(ok, total)}", "good" if ok else ""),
+           (f"{suspect:,}", f"suspect fits · {_percent(suspect, ok)} of fitted",
+            "warn" if suspect else ""),
+           (f"{total - ok:,}", f"not fitted · {_percent(total - ok, total)}",
+            "bad" if total - ok else ""),
+           (f"{np.median(errors):.2f}%" if errors.size else "–",
+            "median landmark error (of face size)", ""),
+           (_duration(float(np.median(fit_ms))) if fit_ms.size else "–",
+            "median fit time per image", "")]
+  return '<div class="cards">' + "".join(
+      f'<div class="card"><div class="value {css}">{value}</div><div class="what">{what}</div>'
+      f"</div>" for value, what, css in cards) + "</div>"
+
+
+def _status_section(table: pa.Table, counts: Sequence[Tuple[str, int]]) -> str:
+  total = table.num_rows
+  if not total:
+    return '<h2>Status</h2><div class="empty">The dataset holds no rows yet.</div>'
+  rows = []
+  for status, count in counts:
+    width = 120.0 * count / total
+    rows.append(f'<tr><td><b class="{"good" if status == "ok" else "bad"}">{_e(status)}</b>'
+                f'</td><td class="n">{count:,}</td><td class="n">{_percent(count, total)}</td>'
+                f'<td><span class="share" style="width:{width:.1f}px"></span></td></tr>')
+    if status == "ok":
+      continue
+    messages, others = top_messages(table, status)
+    for message, number in messages:
+      rows.append(f'<tr><td class="msg" colspan="1">{_e(message) or "(no message)"}</td>'
+                  f'<td class="n">{number:,}</td><td class="n">{_percent(number, total)}</td>'
+                  "<td></td></tr>")
+    if others:
+      rows.append(f'<tr><td class="msg">… other messages</td><td class="n">{others:,}</td>'
+                  f'<td class="n">{_percent(others, total)}</td><td></td></tr>')
+  return ('<h2>Status</h2><table><tr><th>status / most common messages</th>'
+          '<th class="n">rows</th><th class="n">share</th><th></th></tr>'
+          + "".join(rows) + "</table>")
+
+
+def _reasons_table(table: pa.Table) -> str:
+  reasons = suspect_reasons(table)
+  if not reasons:
+    return '<p class="note">No suspect fits.</p>'
+  fitted = int(np.sum(_ok_mask(table)))
+  rows = "".join(f'<tr><td>{_e(reason)}</td><td class="n">{count:,}</td>'
+                 f'<td class="n">{_percent(count, fitted)}</td></tr>' for reason, count in reasons)
+  return ('<h3>Most common suspect reasons</h3><table><tr><th>reason (… is the measured value)'
+          '</th><th class="n">fits</th><th class="n">of fitted</th></tr>' + rows + "</table>"
+          '<p class="note">A fit can have several reasons.</p>')
+
+
+def _quality_section(table: pa.Table) -> str:
+  ok = _ok_mask(table)
+
+  def column(name):
+    return _floats(table[name])[ok]
+
+  charts = [
+      histogram_svg(100.0 * column("landmark_error_relative"), "Landmark error",
+                    "mean landmark error, % of face size",
+                    100.0 * quality.MAX_RELATIVE_LANDMARK_ERROR, "%"),
+      histogram_svg(column("shape_prior_sigma"), "Shape prior",
+                    "RMS of shape coefficients, standard deviations", quality.MAX_PRIOR_SIGMA,
+                    " σ"),
+      histogram_svg(column("expression_prior_sigma"), "Expression prior",
+                    "RMS of expression coefficients, standard deviations",
+                    quality.MAX_PRIOR_SIGMA, " σ"),
+      histogram_svg(100.0 * column("convergence"), "Convergence",
+                    "loss decrease over the last tenth of iterations, %",
+                    100.0 * quality.MAX_FINAL_DECREASE, "%")]
+  return ('<h2>Quality of the fits</h2><div class="charts">' + "".join(charts) + "</div>"
+          + _reasons_table(table))
+
+
+def _run_section(summary: Optional[Mapping], times_ms: np.ndarray, rows: np.ndarray) -> str:
+  parts = ["<h2>Throughput</h2>", throughput_svgs(times_ms, rows)]
+  if summary is None:
+    return "".join(parts)
+  timings = summary.get("timings") or {}
+  this_run = summary.get("this_run") or {}
+  done = sum(n for status, n in this_run.items() if status != "skipped")
+  wall = timings.get("wall_s")
+  facts = [("started", summary.get("started")), ("finished", summary.get("finished")),
+           ("interrupted", summary.get("interrupted")),
+           ("this run", ", ".join(f"{k}: {v:,}" for k, v in sorted(this_run.items())) or "–"),
+           ("wall time", f"{wall:.1f} s" if isinstance(wall, (int, float)) else None),
+           ("images per second",
+            f"{done / wall:.2f} (not counting skipped inputs)" if done and wall else None),
+           ("time in", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()
+                                 if k != "wall_s" and isinstance(v, (int, float))) or None),
+           ("device", summary.get("device")), ("model", summary.get("model")),
+           ("jax", summary.get("jax"))]
+  parts.append("<h3>Last run (run_summary.json)</h3>" + _facts(facts))
+  return "".join(parts)
+
+
+def _picture_of(files: Optional[Sequence[str]]) -> Optional[str]:
+  """The row's picture to show: its overlay, else its first picture."""
+  pictures = [name for name in files or () if name.lower().endswith((".png", ".jpg", ".jpeg"))]
+  overlays = [name for name in pictures if "_overlay." in name]
+  return (overlays or pictures or [None])[0]
+
+
+def _thumbnail(path: Path, size: int = THUMBNAIL_SIZE) -> Optional[str]:
+  """A JPEG data URI of the picture, at most `size` pixels on its longer side; None when it
+  cannot be read."""
+  import cv2  # only a page with pictures needs OpenCV
+  image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+  if image is None:
+    return None
+  height, width = image.shape[:2]
+  scale = size / max(height, width)
+  if scale < 1:
+    image = cv2.resize(image, (max(round(width * scale), 1), max(round(height * scale), 1)),
+                       interpolation=cv2.INTER_AREA)
+  ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+  return "data:image/jpeg;base64," + base64.b64encode(data.tobytes()).decode("ascii") if ok \
+      else None
+
+
+def _inside(folder: Path, relative: str) -> Optional[Path]:
+  """`folder / relative` when it stays inside the folder (file names come from the data)."""
+  path = (folder / relative).resolve()
+  try:
+    path.relative_to(folder.resolve())
+  except ValueError:
+    return None
+  return path
+
+
+def _tile(folder: Path, row: Mapping) -> str:
+  picture = _picture_of(row["files"])
+  path = _inside(folder, picture) if picture else None
+  source = _thumbnail(path) if path is not None else None
+  image = (f'<img src="{source}" alt="{_e(row["id"])}">' if source else
+           '<div class="missing">picture missing</div>')
+  if source:
+    image = f'<a href="{_e(urllib.parse.quote(picture))}">{image}</a>'
+  error = row["landmark_error_relative"]
+  lines = [f'<div class="id">{_e(row["id"])}</div>',
+           f"error {100.0 * error:.2f}% of face size" if error is not None and math.isfinite(
+               error) else f"status {_e(row['status'])}"]
+  if row["suspect"]:
+    lines.append(f'<div class="reason">{_e(row["suspect_reason"])}</div>')
+  return f'<div class="tile">{image}<div class="caption">{"".join(lines)}</div></div>'
+
+
+def _gallery(folder: Path, table: pa.Table, indices: np.ndarray, title: str, note: str,
+             empty: str) -> str:
+  if not indices.size:
+    return f'<h3>{_e(title)}</h3><div class="empty">{_e(empty)}</div>'
+  rows = table.take(pa.array(indices, pa.int64())).select(
+      ["id", "status", "landmark_error_relative", "suspect", "suspect_reason", "files"])
+  tiles = "".join(_tile(folder, row) for row in rows.to_pylist())
+  return (f'<h3>{_e(title)}</h3><p class="note">{note}</p><div class="gallery">{tiles}</div>')
+
+
+def _galleries(folder: Path, table: pa.Table, count: int, seed: int) -> str:
+  worst, sample = gallery_indices(table, count, seed)
+  with_pictures = picture_rows(table).size
+  return ("<h2>Pictures</h2>"
+          f'<p class="note">{with_pictures:,} of {table.num_rows:,} rows have a picture '
+          "(jflame-annotate <code>--overlays</code>); click a thumbnail for the full "
+          "picture.</p>"
+          + _gallery(folder, table, worst, "Worst fits",
+                     "Highest landmark error first, among the fitted rows with a picture.",
+                     "No fitted rows with pictures.")
+          + _gallery(folder, table, sample, "Random fits",
+                     "A random sample of the other rows with a picture.",
+                     "Every row with a picture is among the worst fits above."
+                     if with_pictures else "No rows with pictures."))
+
+
+def _page(folder: Path, table: pa.Table, settings: Mapping, summary: Optional[Mapping],
+          gallery_size: int, seed: int) -> str:
+  counts = status_counts(table)
+  times_ms, rows = commit_times(table)
+  body = (_header(folder, settings) + _cards(table, counts)
+          + _status_section(table, counts) + _quality_section(table)
+          + _run_section(summary, times_ms, rows)
+          + _galleries(folder, table, gallery_size, seed))
+  return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+          '<meta name="viewport" content="width=device-width, initial-scale=1">'
+          f"<title>jflame report: {_e(folder.resolve().name)}</title>"
+          f"<style>{_STYLE}</style></head><body><main>{body}</main></body></html>\n")
