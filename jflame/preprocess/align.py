@@ -51,7 +51,8 @@ def compose_affine(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
 
 def affine_scale(dst_from_src: np.ndarray) -> float:
   """Destination pixels per source pixel of a similarity (sqrt of |det|)."""
-  return float(np.sqrt(abs(np.linalg.det(np.asarray(dst_from_src, np.float64)[:, :2]))))
+  (a, b), (c, d) = np.asarray(dst_from_src, np.float64)[:, :2]
+  return float(np.sqrt(abs(a * d - b * c)))   # not np.linalg.det: see camera.invert_affine
 
 
 def warp_affine(image: np.ndarray, dst_from_src: np.ndarray, size: int,
@@ -185,7 +186,9 @@ def points_inside(points: np.ndarray, width: float, height: float) -> np.ndarray
 def inside_image_mask(crop_from_original: np.ndarray, crop_size: int, width: int,
                       height: int) -> np.ndarray:
   """(crop_size, crop_size) float32: 1 where a crop pixel's centre falls inside the original."""
-  centers = (np.stack(np.meshgrid(np.arange(crop_size), np.arange(crop_size)), axis=-1)
-             .reshape(-1, 2) + 0.5)
-  original = apply_affine(invert_affine(crop_from_original), centers)
-  return points_inside(original, width, height).reshape(crop_size, crop_size).astype(np.float32)
+  # Row and column centres broadcast against each other: no (S * S, 2) array of points.
+  centers = np.arange(crop_size) + 0.5
+  (a, b, tx), (c, d, ty) = invert_affine(crop_from_original)
+  x = a * centers[None, :] + b * centers[:, None] + tx
+  y = c * centers[None, :] + d * centers[:, None] + ty
+  return ((x >= 0) & (x <= width) & (y >= 0) & (y <= height)).astype(np.float32)
