@@ -1,5 +1,8 @@
 """Reading photographs in many formats, and listing a run's inputs."""
 
+import hashlib
+import warnings
+
 import cv2
 import numpy as np
 import pytest
@@ -7,8 +10,9 @@ import skimage.data
 from PIL import Image, ImageOps
 
 from jflame.errors import ImageReadError, InputError
-from jflame.preprocess.image_io import (apply_exif_orientation, deduplicate_names, list_images,
-                                        read_image, unique_names)
+from jflame.preprocess.align import block_average
+from jflame.preprocess.image_io import (apply_exif_orientation, decode_image, deduplicate_names,
+                                        list_images, read_image, read_source, unique_names)
 
 _ORIENTATION_TAG = 0x0112
 
@@ -206,4 +210,88 @@ def test_corrupt_file_that_fails_while_opening_is_an_image_read_error(tmp_path):
   path = tmp_path / "header_only.jpg"
   path.write_bytes(b"\xff\xd8\xff\xe0 definitely not a JPEG")
   with pytest.raises(ImageReadError, match="header_only.jpg"):
+    read_image(path)
+
+
+def test_read_source_records_size_mtime_and_content_hash(astronaut, tmp_path):
+  path = tmp_path / "astronaut.jpg"
+  Image.fromarray(astronaut).save(path, quality=90)
+  source = read_source(path)
+  data = path.read_bytes()
+  assert source.data == data and source.size == len(data) == path.stat().st_size
+  assert source.mtime_ns == path.stat().st_mtime_ns
+  assert source.content_hash == hashlib.sha256(data).hexdigest()
+  with pytest.raises(ImageReadError, match="does not exist"):
+    read_source(tmp_path / "missing.jpg")
+
+
+def test_opencv_jpeg_decode_equals_pillow_and_reduces_in_whole_blocks(astronaut, tmp_path):
+  path = tmp_path / "odd.jpg"
+  odd = np.ascontiguousarray(astronaut[:301, :203])   # odd sizes: reduced sides round up
+  Image.fromarray(odd).save(path, quality=90)
+  data = path.read_bytes()
+  with Image.open(path) as image:
+    pillow = np.asarray(image.convert("RGB"))
+  full = decode_image(data, str(path))
+  assert full.reduction == 1 and (full.width, full.height) == (203, 301)
+  np.testing.assert_array_equal(full.pixels, pillow)
+  for reduction in (2, 4, 8):
+    decoded = decode_image(data, str(path), max_reduction=reduction)
+    assert decoded.reduction == reduction and (decoded.width, decoded.height) == (203, 301)
+    expected = block_average(pillow, reduction)
+    assert decoded.pixels.shape == expected.shape
+    # Interior blocks only: the ragged last block is zero-padded by block_average.
+    interior = (slice(0, 301 // reduction), slice(0, 203 // reduction))
+    assert np.abs(decoded.pixels[interior].astype(float) - expected[interior]).mean() < 2.0
+
+
+def test_reduction_keeps_the_longer_side_and_skips_formats_opencv_does_not_take(astronaut,
+                                                                               tmp_path):
+  large = cv2.resize(astronaut, (1100, 700), interpolation=cv2.INTER_LINEAR)
+  for suffix, expected in ((".jpg", 2), (".png", 1)):   # 1100 / 4 < 512 <= 1100 / 2
+    path = tmp_path / f"large{suffix}"
+    Image.fromarray(large).save(path)
+    decoded = decode_image(path.read_bytes(), str(path), max_reduction=8, min_side=512)
+    assert decoded.reduction == expected, suffix
+    assert decoded.pixels.shape == (700 // expected, 1100 // expected, 3)
+  # CMYK JPEG goes through Pillow (full size), which converts it to RGB.
+  path = tmp_path / "cmyk.jpg"
+  Image.fromarray(astronaut).convert("CMYK").save(path, quality=95)
+  decoded = decode_image(path.read_bytes(), str(path), max_reduction=8)
+  assert decoded.reduction == 1 and decoded.pixels.shape == (512, 512, 3)
+  assert np.abs(decoded.pixels.astype(float) - astronaut).mean() < 6.0
+
+
+def test_reduced_jpeg_decode_applies_all_eight_exif_orientations(tmp_path):
+  # A smooth non-square picture with one bright corner, so every flip and turn shows.
+  rows, cols = np.mgrid[0:96, 0:160]
+  stored = np.stack([rows * 2, cols, 255 - cols], axis=-1).astype(np.uint8)
+  stored[:24, :24] = 255
+  for orientation in range(1, 9):
+    path = tmp_path / f"oriented{orientation}.jpg"
+    _save_with_orientation(stored, path, orientation, quality=95)
+    with Image.open(path) as image:
+      upright = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    np.testing.assert_array_equal(read_image(path), upright, err_msg=f"{orientation}")
+    decoded = decode_image(path.read_bytes(), str(path), max_reduction=2)
+    assert (decoded.width, decoded.height) == upright.shape[1::-1]
+    assert decoded.reduction == 2
+    difference = np.abs(decoded.pixels.astype(float) - block_average(upright, 2))
+    assert difference.mean() < 2.0, orientation
+
+
+def test_decompression_bomb_warning_becomes_a_note(astronaut, tmp_path, monkeypatch):
+  path = tmp_path / "big.png"
+  Image.fromarray(astronaut).save(path)
+  # 512 x 512 is over a limit of 200,000 pixels but under twice it (where Pillow refuses).
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")   # any warning reaching the caller fails the test
+    decoded = decode_image(path.read_bytes(), str(path))
+    np.testing.assert_array_equal(read_image(path), astronaut)
+  np.testing.assert_array_equal(decoded.pixels, astronaut)
+  assert len(decoded.notes) == 1 and "decompression-bomb" in decoded.notes[0]
+  assert str(path) in decoded.notes[0] and "512 x 512" in decoded.notes[0]
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+  with pytest.raises(ImageReadError, match="too large to decode safely"):
     read_image(path)
