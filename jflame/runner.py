@@ -173,7 +173,9 @@ class Run:
       else:
         todo.append((path, name))
     chunks = list(_chunks(todo, self.options.batch_size))
-    with Preprocessor(self.options.crop_size, workers=self.options.workers) as preprocessor:
+    # A landmark fit reads no mask: skip the segmentation and masks it would not use.
+    with Preprocessor(self.options.crop_size, workers=self.options.workers,
+                      landmarks_only=not self.config.photometric) as preprocessor:
       pending = preprocessor.prepare_iter(*zip(*chunks[0])) if chunks else None
       for index in range(len(chunks)):
         start = time.perf_counter()
