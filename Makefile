@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) tools/bench_forward.py
 	$(PY) tools/bench_fit.py
 	$(PY) tools/bench_render.py
+	$(PY) tools/bench_preprocess.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -28,7 +28,7 @@ _EXPORTS = {
     "load_flame": "jflame.flame_io",
     "synthetic_flame": "jflame.synthetic",
     "Preprocessor": "jflame.preprocess", "PreparedImage": "jflame.preprocess",
-    "stack_observations": "jflame.preprocess", "list_images": "jflame.preprocess",
+    "stack_observations": "jflame.preprocess", "list_sources": "jflame.sources",
     "read_image": "jflame.preprocess",
     "LoadedModel": "jflame.runner", "load_model": "jflame.runner",
     "prepare_fit_model": "jflame.runner", "take": "jflame.runner",

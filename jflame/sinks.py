@@ -7,6 +7,7 @@
   `jflame.dataset`), optional meshes and pictures, the same manifest summary.
 """
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import List, Mapping, Sequence
@@ -95,6 +96,13 @@ def wants_overlay(policy: str, name: str, ok: bool, suspect: bool) -> bool:
   digest = int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"),
                                           digest_size=4).digest(), "little")
   return suspect or digest % SAMPLE_ONE_IN == 0
+
+def dataset_settings(loaded, config, crop_size, landmark_indices) -> dict:
+  """What the rows of a dataset mean: one dataset folder, one set of these."""
+  return dict(model=loaded.model.name, model_variant=loaded.model.variant,
+              embedding=loaded.embedding.name, mode=config.mode.value,
+              config=dataclasses.asdict(config), crop_size=crop_size,
+              landmark_indices=[int(i) for i in landmark_indices])
 
 
 class DatasetSink(Sink):

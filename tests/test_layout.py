@@ -76,6 +76,14 @@ def test_wheel_has_exactly_one_top_level_package(tmp_path):
   assert "jflame-fit = jflame.cli.fit:run" in scripts
 
 
+def test_tests_never_import_command_modules():
+  """Importing a command defines its absl flags; two commands in one test process would
+  collide. Tests run commands as subprocesses."""
+  for path in sorted((PROJECT_ROOT / "tests").glob("*.py")):
+    bad = [name for name in _imports(path) if _is_or_under(name, "jflame.cli")]
+    assert not bad, f"{path.name} imports {bad}"
+
+
 def test_imports_point_one_way():
   problems = []
   for path in _package_files():

@@ -5,11 +5,12 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from jflame import sources
 from jflame.errors import ConfigError, ModelFileError
 from jflame.observation import Observation
 from jflame.preprocess import (STATUS_NO_FACE, STATUS_OK, STATUS_UNREADABLE, AnalyzerOptions,
-                               FaceAnalyzer, Preprocessor, list_images, prepare_image,
-                               prepare_images, stack_observations, unique_names)
+                               FaceAnalyzer, Preprocessor, prepare_image,
+                               prepare_images, stack_observations)
 
 CROP = 96
 
@@ -63,9 +64,11 @@ def test_parallel_path_returns_the_serial_records_in_order(tmp_path):
   Image.fromarray(skimage.data.coffee()).save(tmp_path / "x" / "coffee.png")
   (tmp_path / "x" / "broken.jpg").write_text("not a photo")
   Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(tmp_path / "y" / "astronaut.png")
-  paths = list_images([tmp_path / "x", tmp_path / "y"])
-  names = unique_names(paths)
-  assert names == ["astronaut", "broken", "coffee", "astronaut-2"]
+  found = sources.list_sources([str(tmp_path / "x"), str(tmp_path / "y")])
+  paths, names = [s.path for s in found], [s.name for s in found]
+  assert [name.split("~")[0] for name in names] == ["astronaut.png", "broken.jpg", "coffee.png",
+                                                    "astronaut.png"]
+  assert len(set(names)) == 4
   serial = prepare_images(paths, CROP, workers=1)
   progress = []
   # One pool for the run, used for two chunks; the second chunk is submitted before the first
@@ -75,8 +78,8 @@ def test_parallel_path_returns_the_serial_records_in_order(tmp_path):
     second = preprocessor.prepare_iter(paths[3:], names[3:])
     parallel = list(first) + preprocessor.prepare(paths[3:], names[3:],
                                                   progress=lambda r: progress.append(r.name))
-    assert [record.name for record in second] == ["astronaut-2"]
-  assert progress == ["astronaut-2"]
+    assert [record.name for record in second] == names[3:]
+  assert progress == names[3:]
   assert [record.name for record in serial] == names
   assert [record.status for record in serial] == [STATUS_OK, STATUS_UNREADABLE, STATUS_NO_FACE,
                                                    STATUS_OK]

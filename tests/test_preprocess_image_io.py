@@ -1,14 +1,19 @@
 """Reading photographs in many formats, and listing a run's inputs."""
 
+import hashlib
+import warnings
+
 import cv2
 import numpy as np
 import pytest
 import skimage.data
 from PIL import Image, ImageOps
 
+from jflame import sources
 from jflame.errors import ImageReadError, InputError
-from jflame.preprocess.image_io import (apply_exif_orientation, deduplicate_names, list_images,
-                                        read_image, unique_names)
+from jflame.preprocess.align import block_average
+from jflame.preprocess.image_io import (apply_exif_orientation, decode_image, deduplicate_names,
+                                        read_image, read_source)
 
 _ORIENTATION_TAG = 0x0112
 
@@ -160,44 +165,45 @@ def test_broken_files_raise_image_read_error_naming_file(astronaut, tmp_path):
     assert words in str(raised.value), str(raised.value)
 
 
-def test_list_images_folder_is_sorted_filtered_and_not_recursive(tmp_path):
+def _listed(inputs, recursive=False):
+  return [source.path.name for source in sources.list_sources(inputs, recursive)]
+
+
+def test_folders_are_sorted_filtered_and_searched_recursively_only_when_asked(tmp_path):
   for name in ("b.JPG", "a.png", "c.webp", "notes.txt", ".hidden.jpg", "._a.jpg"):
     (tmp_path / name).write_bytes(b"x")
   (tmp_path / "sub").mkdir()
   (tmp_path / "sub" / "d.jpg").write_bytes(b"x")
-  names = [path.name for path in list_images(tmp_path)]
-  assert names == ["a.png", "b.JPG", "c.webp"]
-  recursive = [path.name for path in list_images(tmp_path, recursive=True)]
-  assert recursive == ["a.png", "b.JPG", "c.webp", "d.jpg"]
+  assert _listed([str(tmp_path)]) == ["a.png", "b.JPG", "c.webp"]
+  assert _listed([str(tmp_path)], recursive=True) == ["a.png", "b.JPG", "c.webp", "d.jpg"]
 
 
-def test_list_images_file_glob_and_duplicates(tmp_path):
-  for name in ("x1.png", "x2.png", "y.png", "x3.txt"):
+def test_files_globs_and_duplicates(tmp_path):
+  for name in ("x1.png", "x2.png", "y.png", "x3.dat"):
     (tmp_path / name).write_bytes(b"x")
-  assert [p.name for p in list_images(str(tmp_path / "x*"))] == ["x1.png", "x2.png"]
+  assert _listed([str(tmp_path / "x*")]) == ["x1.png", "x2.png"]
   # A named file is taken whatever its extension; a path met twice is listed once.
-  listed = list_images([tmp_path / "x3.txt", tmp_path / "y.png", str(tmp_path / "y.png")])
-  assert [p.name for p in listed] == ["x3.txt", "y.png"]
+  assert _listed([str(tmp_path / "x3.dat"), str(tmp_path / "y.png"),
+                  str(tmp_path / "y.png")]) == ["x3.dat", "y.png"]
 
 
-def test_list_images_empty_inputs_raise_input_error(tmp_path):
+def test_empty_inputs_raise_input_error(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(InputError, match=f"No image files found; searched folder {empty}"):
-    list_images(empty)
+    sources.list_sources([str(empty)])
   (tmp_path / "readme.txt").write_text("no images here")
   with pytest.raises(InputError, match="No image files found.*folder"):
-    list_images(tmp_path)
+    sources.list_sources([str(tmp_path)])
   with pytest.raises(InputError, match="pattern"):
-    list_images(str(tmp_path / "*.jpg"))
+    sources.list_sources([str(tmp_path / "*.jpg")])
   with pytest.raises(InputError, match="no such file or folder"):
-    list_images(tmp_path / "absent")
+    sources.list_sources([str(tmp_path / "absent")])
 
 
-def test_names_are_unique_stems():
-  paths = ["a/face.jpg", "b/face.png", "c/face.jpg", "face-2.jpg", "other.png"]
-  assert unique_names(paths) == ["face", "face-3", "face-4", "face-2", "other"]
+def test_in_memory_names_are_made_unique():
   assert deduplicate_names(["image", "image"]) == ["image", "image-2"]
+  assert deduplicate_names(["face", "face", "face-2"]) == ["face", "face-3", "face-2"]
 
 
 def test_corrupt_file_that_fails_while_opening_is_an_image_read_error(tmp_path):
@@ -206,4 +212,88 @@ def test_corrupt_file_that_fails_while_opening_is_an_image_read_error(tmp_path):
   path = tmp_path / "header_only.jpg"
   path.write_bytes(b"\xff\xd8\xff\xe0 definitely not a JPEG")
   with pytest.raises(ImageReadError, match="header_only.jpg"):
+    read_image(path)
+
+
+def test_read_source_records_size_mtime_and_content_hash(astronaut, tmp_path):
+  path = tmp_path / "astronaut.jpg"
+  Image.fromarray(astronaut).save(path, quality=90)
+  source = read_source(path)
+  data = path.read_bytes()
+  assert source.data == data and source.size == len(data) == path.stat().st_size
+  assert source.mtime_ns == path.stat().st_mtime_ns
+  assert source.content_hash == hashlib.sha256(data).hexdigest()
+  with pytest.raises(ImageReadError, match="does not exist"):
+    read_source(tmp_path / "missing.jpg")
+
+
+def test_opencv_jpeg_decode_equals_pillow_and_reduces_in_whole_blocks(astronaut, tmp_path):
+  path = tmp_path / "odd.jpg"
+  odd = np.ascontiguousarray(astronaut[:301, :203])   # odd sizes: reduced sides round up
+  Image.fromarray(odd).save(path, quality=90)
+  data = path.read_bytes()
+  with Image.open(path) as image:
+    pillow = np.asarray(image.convert("RGB"))
+  full = decode_image(data, str(path))
+  assert full.reduction == 1 and (full.width, full.height) == (203, 301)
+  np.testing.assert_array_equal(full.pixels, pillow)
+  for reduction in (2, 4, 8):
+    decoded = decode_image(data, str(path), max_reduction=reduction)
+    assert decoded.reduction == reduction and (decoded.width, decoded.height) == (203, 301)
+    expected = block_average(pillow, reduction)
+    assert decoded.pixels.shape == expected.shape
+    # Interior blocks only: the ragged last block is zero-padded by block_average.
+    interior = (slice(0, 301 // reduction), slice(0, 203 // reduction))
+    assert np.abs(decoded.pixels[interior].astype(float) - expected[interior]).mean() < 2.0
+
+
+def test_reduction_keeps_the_longer_side_and_skips_formats_opencv_does_not_take(astronaut,
+                                                                               tmp_path):
+  large = cv2.resize(astronaut, (1100, 700), interpolation=cv2.INTER_LINEAR)
+  for suffix, expected in ((".jpg", 2), (".png", 1)):   # 1100 / 4 < 512 <= 1100 / 2
+    path = tmp_path / f"large{suffix}"
+    Image.fromarray(large).save(path)
+    decoded = decode_image(path.read_bytes(), str(path), max_reduction=8, min_side=512)
+    assert decoded.reduction == expected, suffix
+    assert decoded.pixels.shape == (700 // expected, 1100 // expected, 3)
+  # CMYK JPEG goes through Pillow (full size), which converts it to RGB.
+  path = tmp_path / "cmyk.jpg"
+  Image.fromarray(astronaut).convert("CMYK").save(path, quality=95)
+  decoded = decode_image(path.read_bytes(), str(path), max_reduction=8)
+  assert decoded.reduction == 1 and decoded.pixels.shape == (512, 512, 3)
+  assert np.abs(decoded.pixels.astype(float) - astronaut).mean() < 6.0
+
+
+def test_reduced_jpeg_decode_applies_all_eight_exif_orientations(tmp_path):
+  # A smooth non-square picture with one bright corner, so every flip and turn shows.
+  rows, cols = np.mgrid[0:96, 0:160]
+  stored = np.stack([rows * 2, cols, 255 - cols], axis=-1).astype(np.uint8)
+  stored[:24, :24] = 255
+  for orientation in range(1, 9):
+    path = tmp_path / f"oriented{orientation}.jpg"
+    _save_with_orientation(stored, path, orientation, quality=95)
+    with Image.open(path) as image:
+      upright = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    np.testing.assert_array_equal(read_image(path), upright, err_msg=f"{orientation}")
+    decoded = decode_image(path.read_bytes(), str(path), max_reduction=2)
+    assert (decoded.width, decoded.height) == upright.shape[1::-1]
+    assert decoded.reduction == 2
+    difference = np.abs(decoded.pixels.astype(float) - block_average(upright, 2))
+    assert difference.mean() < 2.0, orientation
+
+
+def test_decompression_bomb_warning_becomes_a_note(astronaut, tmp_path, monkeypatch):
+  path = tmp_path / "big.png"
+  Image.fromarray(astronaut).save(path)
+  # 512 x 512 is over a limit of 200,000 pixels but under twice it (where Pillow refuses).
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")   # any warning reaching the caller fails the test
+    decoded = decode_image(path.read_bytes(), str(path))
+    np.testing.assert_array_equal(read_image(path), astronaut)
+  np.testing.assert_array_equal(decoded.pixels, astronaut)
+  assert len(decoded.notes) == 1 and "decompression-bomb" in decoded.notes[0]
+  assert str(path) in decoded.notes[0] and "512 x 512" in decoded.notes[0]
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+  with pytest.raises(ImageReadError, match="too large to decode safely"):
     read_image(path)

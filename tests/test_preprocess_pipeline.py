@@ -1,5 +1,7 @@
 """MediaPipe analysis and `prepare_image` on real photographs."""
 
+import hashlib
+import warnings
 from pathlib import Path
 
 import cv2
@@ -12,8 +14,9 @@ from PIL import Image
 from jflame.camera import apply_affine, invert_affine
 from jflame.errors import ModelFileError
 from jflame.preprocess import (STATUS_NO_FACE, STATUS_OK, STATUS_UNREADABLE, AnalyzerOptions,
-                               FaceAnalyzer, prepare_image)
-from jflame.preprocess import masks
+                               FaceAnalyzer, Preprocessor, prepare_image, read_image,
+                               stack_observations)
+from jflame.preprocess import masks, pipeline
 from jflame.preprocess.align import warp_affine
 
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "photos"
@@ -258,6 +261,7 @@ def test_group_photo_picks_the_largest_face(analyzer, astronaut, large_on_left):
   canvas[150:534, small_x:small_x + 384] = small
   record = prepare_image(canvas, analyzer)
   assert record.ok and record.num_faces == 2
+  assert record.message == "2 faces; fitted the largest"
   nose = record.landmarks_original[1]
   assert large_x < nose[0] < large_x + 512
   box_width = record.detection_box[2] - record.detection_box[0]
@@ -293,3 +297,139 @@ def test_closed_analyzer_refuses_work(astronaut):
   face_analyzer.close()   # idempotent
   with pytest.raises(ValueError, match="closed"):
     face_analyzer.detect_faces(astronaut)
+
+
+# Agreement of the fast landmark path (reduced JPEG decode, no segmentation or masks) with the
+# full path (full-size decode, every step), in fractions of the face size (longer side of the
+# mesh's box). Measured on the six FFHQ photos as 1024-pixel q90 JPEGs: mean distance <= 0.23%,
+# largest <= 0.83%. Moving a photo by one pixel moves the landmarks as much (mean <= 0.33%,
+# largest <= 0.88%): this is the face mesh's own noise, not a bias of the fast path.
+FAST_PATH_MEAN_TOLERANCE = 0.004
+FAST_PATH_MAX_TOLERANCE = 0.012
+
+
+def _relative_landmark_distances(record, reference):
+  """(mean, max) landmark distance between two records over the reference's face size."""
+  points = reference.landmarks_original
+  face_size = np.max(points[:468].max(axis=0) - points[:468].min(axis=0))
+  distances = np.linalg.norm(record.landmarks_original - points, axis=1)
+  return distances.mean() / face_size, distances.max() / face_size
+
+
+def _fast_and_full_records(analyzer, pixels, path, monkeypatch):
+  """The landmarks_only record of `pixels` saved as a q90 JPEG, the reductions it was decoded
+  at, and the full record of the same JPEG decoded at full size."""
+  Image.fromarray(pixels).save(path, quality=90)
+  reductions = []
+  decode_image = pipeline.decode_image
+
+  def spying_decode(*args, **kwargs):
+    decoded = decode_image(*args, **kwargs)
+    reductions.append(decoded.reduction)
+    return decoded
+
+  with monkeypatch.context() as patch:
+    patch.setattr(pipeline, "decode_image", spying_decode)
+    fast = prepare_image(path, analyzer, landmarks_only=True)
+  return fast, reductions, prepare_image(read_image(path), analyzer)
+
+
+@pytest.mark.skipif(not FFHQ_PHOTOS, reason=f"FFHQ photos not found under {PHOTOS}")
+@pytest.mark.parametrize("photo", FFHQ_PHOTOS, ids=lambda path: path.stem)
+def test_landmark_path_agrees_with_the_full_path_on_real_photos(analyzer, photo, tmp_path,
+                                                                monkeypatch):
+  fast, reductions, full = _fast_and_full_records(
+      analyzer, read_image(photo), tmp_path / f"{photo.stem}.jpg", monkeypatch)
+  assert fast.ok and full.ok and fast.num_faces == full.num_faces == 1
+  # The faces are large: detection, window and crop all come from one half-size decode.
+  assert reductions == [2]
+  mean, largest = _relative_landmark_distances(fast, full)
+  assert mean < FAST_PATH_MEAN_TOLERANCE and largest < FAST_PATH_MAX_TOLERANCE, (mean, largest)
+  assert fast.face_mask is None and fast.foreground_mask is None
+  assert fast.crop.shape == full.crop.shape and fast.crop.dtype == np.uint8
+  np.testing.assert_array_equal(fast.landmark_weights, full.landmark_weights)
+
+
+def test_landmark_path_decodes_again_where_the_face_needs_it(analyzer, astronaut, tmp_path,
+                                                             monkeypatch):
+  # A 1024-pixel photo whose face is too small for a half-size window: detection runs on the
+  # half-size decode, the window and the crop on a full-size one.
+  large = cv2.resize(astronaut, (1024, 1024), interpolation=cv2.INTER_CUBIC)
+  fast, reductions, full = _fast_and_full_records(analyzer, large, tmp_path / "large.jpg",
+                                                  monkeypatch)
+  assert fast.ok and reductions == [2, 1]
+  mean, largest = _relative_landmark_distances(fast, full)
+  assert mean < FAST_PATH_MEAN_TOLERANCE and largest < FAST_PATH_MAX_TOLERANCE, (mean, largest)
+
+
+def test_landmarks_only_skips_the_masks_and_keeps_the_rest(analyzer, astronaut, astronaut_record):
+  record = prepare_image(astronaut, analyzer, crop_size=256, landmarks_only=True)
+  assert record.ok and record.face_mask is None and record.foreground_mask is None
+  for field in ("landmarks", "landmarks_original", "landmarks_z", "landmark_weights", "crop",
+                "crop_from_original", "detection_box"):
+    np.testing.assert_array_equal(getattr(record, field), getattr(astronaut_record, field))
+  observation = stack_observations([record, astronaut_record], 2, 256)
+  assert not observation.face_mask[0].any() and observation.face_mask[1].any()
+  np.testing.assert_array_equal(observation.landmarks[0], observation.landmarks[1])
+  with Preprocessor(256, landmarks_only=True) as preprocessor:
+    [again] = preprocessor.prepare([astronaut])
+  assert again.ok and again.face_mask is None
+  np.testing.assert_array_equal(again.landmarks, record.landmarks)
+
+
+def test_file_records_say_which_bytes_were_read(analyzer, astronaut, astronaut_record, tmp_path):
+  path = tmp_path / "astronaut.jpg"
+  Image.fromarray(astronaut).save(path, quality=90)
+  record = prepare_image(path, analyzer, landmarks_only=True)
+  data = path.read_bytes()
+  assert record.ok and record.source_size == len(data)
+  assert record.source_mtime_ns == path.stat().st_mtime_ns
+  assert record.source_hash == hashlib.sha256(data).hexdigest()
+  # Unreadable bytes are still recorded; a missing file and an array have none.
+  corrupt = tmp_path / "corrupt.jpg"
+  corrupt.write_bytes(data[:1000])
+  record = prepare_image(corrupt, analyzer)
+  assert record.status == STATUS_UNREADABLE and record.source_size == 1000
+  assert record.source_hash == hashlib.sha256(data[:1000]).hexdigest()
+  record = prepare_image(tmp_path / "missing.jpg", analyzer)
+  assert record.status == STATUS_UNREADABLE and record.source_hash is None
+  assert astronaut_record.source_size is None and astronaut_record.source_hash is None
+  assert astronaut_record.source_mtime_ns is None
+
+
+def test_decompression_bomb_warning_becomes_the_record_message(analyzer, astronaut, tmp_path,
+                                                               monkeypatch):
+  path = tmp_path / "astronaut.png"
+  Image.fromarray(astronaut).save(path)
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)   # 512 x 512 is over it
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    record = prepare_image(path, analyzer, landmarks_only=True)
+  assert record.status == STATUS_OK and "decompression-bomb" in record.message
+
+
+@pytest.mark.skipif(len(FFHQ_PHOTOS) < 2, reason=f"FFHQ photos not found under {PHOTOS}")
+def test_two_real_faces_side_by_side_say_so_and_fit_the_larger(analyzer):
+  left = cv2.resize(read_image(FFHQ_PHOTOS[0]), (512, 512), interpolation=cv2.INTER_AREA)
+  right = cv2.resize(read_image(FFHQ_PHOTOS[1]), (400, 400), interpolation=cv2.INTER_AREA)
+  canvas = np.zeros((512, 1024, 3), np.uint8)
+  canvas[:, :512] = left
+  canvas[56:456, 568:968] = right
+  record = prepare_image(canvas, analyzer, landmarks_only=True)
+  assert record.ok and record.num_faces == 2
+  assert record.message == "2 faces; fitted the largest"
+  assert np.all(record.landmarks_original[:, 0] < 512)
+
+
+def test_small_face_in_a_large_jpeg_is_searched_at_full_size(analyzer, astronaut,
+                                                             astronaut_record, tmp_path):
+  # As the tiled-search test above, from a JPEG: the quarter-size decode shows no face, so the
+  # full-size image (and its tiles) is searched.
+  photo = np.full((2000, 3000, 3), 90, np.uint8)
+  photo[600:1300, 1800:2500] = cv2.resize(astronaut, (700, 700), interpolation=cv2.INTER_AREA)
+  path = tmp_path / "group.jpg"
+  Image.fromarray(photo).save(path, quality=90)
+  record = prepare_image(path, analyzer, landmarks_only=True)
+  assert record.ok and record.num_faces == 1
+  expected_nose = np.array([1800.0, 600.0]) + astronaut_record.landmarks_original[1] * 700 / 512
+  assert np.linalg.norm(record.landmarks_original[1] - expected_nose) < 4

@@ -6,7 +6,6 @@ Writes the photo to <output>/input/astronaut.png and runs `jflame-fit` on it int
 the first line printed says which.
 """
 
-import sys
 from pathlib import Path
 
 from absl import flags

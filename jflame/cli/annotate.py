@@ -98,15 +98,6 @@ def _write_report(folder):
     return None
 
 
-def dataset_settings(loaded, config, crop_size, landmark_indices) -> dict:
-  """What the rows of a dataset mean: one dataset folder, one set of these."""
-  import dataclasses
-  return dict(model=loaded.model.name, model_variant=loaded.model.variant,
-              embedding=loaded.embedding.name, mode=config.mode.value,
-              config=dataclasses.asdict(config), crop_size=crop_size,
-              landmark_indices=[int(i) for i in landmark_indices])
-
-
 def main(argv) -> int:
   if len(argv) > 1:
     return common.usage_error(f"unexpected arguments {argv[1:]}; name inputs with --input.")
@@ -143,7 +134,7 @@ def main(argv) -> int:
         run = engine.Engine(loaded, config, options, progress=bar.update)
         sink = sinks.DatasetSink(
             folder, loaded.model.faces, loaded.model.name,
-            dataset_settings(loaded, config, options.crop_size, run.landmark_indices),
+            sinks.dataset_settings(loaded, config, options.crop_size, run.landmark_indices),
             rows_per_shard=_ROWS_PER_SHARD.value, meshes=_MESHES.value,
             overlays=_OVERLAYS.value)
         try:

@@ -1,8 +1,8 @@
 """Host-side preprocessing: photographs -> `PreparedImage` records -> batched `Observation`.
 
-    paths = list_images("photos/")
+    found = jflame.sources.list_sources(["photos/"])
     with Preprocessor(crop_size=256, workers=2) as preprocessor:
-      records = preprocessor.prepare(paths, unique_names(paths))
+      records = preprocessor.prepare([s.path for s in found], [s.name for s in found])
     observation = stack_observations(records[:batch_size], batch_size, crop_size=256)
 
 Nothing here runs inside jit.
@@ -10,8 +10,7 @@ Nothing here runs inside jit.
 
 from jflame.preprocess.align import DEFAULT_CROP_SCALE
 from jflame.preprocess.batch import stack_observations
-from jflame.preprocess.image_io import (IMAGE_EXTENSIONS, deduplicate_names, list_images,
-                                        read_image, unique_names)
+from jflame.preprocess.image_io import IMAGE_EXTENSIONS, deduplicate_names, read_image
 from jflame.preprocess.mediapipe_face import (NUM_LANDMARKS, AnalyzerOptions, FaceAnalyzer,
                                               FaceDetection)
 from jflame.preprocess.pipeline import (DEFAULT_CROP_SIZE, STATUS_ANALYSIS_FAILED, STATUS_NO_FACE,

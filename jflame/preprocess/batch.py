@@ -2,7 +2,8 @@
 
 The device program must always see the same shapes, so a batch has exactly `batch_size` slots:
 records fill the first slots in order, and failed records and padding slots hold zeros with
-`valid` False and all landmark weights zero.
+`valid` False and all landmark weights zero. Records prepared with `landmarks_only` have no face
+mask; theirs is zero (the landmark fit does not read it).
 """
 
 from typing import Sequence
@@ -50,7 +51,8 @@ def stack_observations(records: Sequence[PreparedImage], batch_size: int,
     landmarks[slot] = record.landmarks
     landmark_weights[slot] = record.landmark_weights
     image[slot] = record.crop.astype(np.float32) / 255.0
-    face_mask[slot] = record.face_mask
+    if record.face_mask is not None:   # None from landmarks_only preprocessing
+      face_mask[slot] = record.face_mask
     valid[slot] = True
   return Observation(landmarks=landmarks, landmark_weights=landmark_weights, image=image,
                      face_mask=face_mask, valid=valid)

@@ -1,14 +1,23 @@
 """Photograph -> `PreparedImage`: read, detect, landmark, align, mask (host side, never in jit).
 
 For one image:
-1. `read_image` (upright RGB uint8).
-2. Detect every face (`FaceAnalyzer.detect_faces`); choose the largest box.
+1. Read the file's bytes once (`read_source`: size, mtime, content hash for the record) and
+   decode them (`decode_image`; upright RGB uint8). A large JPEG is decoded at 1/2, 1/4 or 1/8
+   of its size for detection (`DETECTION_MIN_SIDE`), which costs a fraction of a full decode.
+2. Detect every face (`FaceAnalyzer.detect_faces`); choose the largest box. When a reduced image
+   shows no face, the full-size one is searched (tiles included) before giving up.
 3. Cut a square analysis window around the chosen face (`ANALYSIS_WINDOW_SCALE` box sizes,
-   `ANALYSIS_WINDOW_SIZE` pixels) and run the face mesh and the selfie segmentation on it. On the
-   window a small face in a group photo is as large as a portrait, and the mesh whose box
-   overlaps the detection box is taken, so the landmarks belong to the chosen face.
+   `ANALYSIS_WINDOW_SIZE` pixels) and run the face mesh (and, unless `landmarks_only`, the selfie
+   segmentation) on it. On the window a small face in a group photo is as large as a portrait,
+   and the mesh whose box overlaps the detection box is taken, so the landmarks belong to the
+   chosen face.
 4. Map the landmarks back to the original, frame the face in a levelled square crop
-   (`align.crop_from_landmarks`), warp image and segmentation into it, draw the face mask.
+   (`align.crop_from_landmarks`), warp the image (and segmentation) into it, draw the face mask
+   (not in `landmarks_only` mode: the landmark fit uses neither mask).
+
+The window and the crop are each cut from the coarsest decoded size that still has a source
+pixel per output pixel, so a reduced decode never upsamples what MediaPipe or the fit sees; a
+small face in a large JPEG is decoded again at the size it needs.
 
 `prepare_image` never raises for a problem of one image (unreadable file, no face, MediaPipe
 failure): the record's `status` and `message` say what happened. A `Preprocessor` does many for
@@ -31,11 +40,12 @@ from jflame.errors import ImageReadError
 from jflame.preprocess.align import (DEFAULT_CROP_SCALE, affine_scale, compose_affine,
                                      crop_from_landmarks, inside_image_mask, points_inside,
                                      square_window, warp_affine)
-from jflame.preprocess.image_io import deduplicate_names, read_image
+from jflame.preprocess.image_io import (MAX_REDUCTION, DecodedImage, decode_image,
+                                        deduplicate_names, read_source)
 from jflame.preprocess.masks import face_region_mask
 from jflame.preprocess.mediapipe_face import (MIN_LANDMARK_BOX_IOU, AnalyzerOptions, FaceAnalyzer,
-                                              box_iou, check_landmarker_task_path,
-                                              landmark_box)
+                                              FaceDetection, box_iou,
+                                              check_landmarker_task_path, landmark_box)
 
 STATUS_OK = "ok"
 STATUS_UNREADABLE = "unreadable"
@@ -48,6 +58,10 @@ DEFAULT_CROP_SIZE = 256
 # short-range detector. The window's resolution is well above the mesh's 192-pixel input.
 ANALYSIS_WINDOW_SCALE = 2.4
 ANALYSIS_WINDOW_SIZE = 384
+# Fewest pixels on the longer side of a reduced decode used for detection: the detector looks
+# at a 192-pixel copy, and a photo over 1024 pixels is shrunk to 1024 before it anyway
+# (`mediapipe_face.DETECTION_MAX_SIDE`), so this loses none of its reach.
+DETECTION_MIN_SIDE = 512
 
 ImageSource = Union[str, os.PathLike, np.ndarray]
 
@@ -80,6 +94,12 @@ class PreparedImage:
     face_mask: (S, S) float32 in [0, 1]: face oval minus eyes and mouth opening, zero where
       the crop lies outside the original (and times `foreground_mask` if asked for).
     foreground_mask: (S, S) float32 in [0, 1]: selfie-segmentation person probability.
+    source_size: the file's size in bytes (None for an array or a file that could not be read).
+    source_mtime_ns: its modification time in ns since the epoch, as read.
+    source_hash: hex SHA-256 (`jflame.sources.hash_bytes`) of exactly the bytes that were decoded.
+
+  `face_mask` and `foreground_mask` are None in `landmarks_only` mode. `message` is not empty on
+  an ok record when there is something to know: more than one face, or a very large image.
   """
   name: str
   source: Optional[Path]
@@ -98,6 +118,9 @@ class PreparedImage:
   landmark_weights: Optional[np.ndarray] = None
   face_mask: Optional[np.ndarray] = None
   foreground_mask: Optional[np.ndarray] = None
+  source_size: Optional[int] = None
+  source_mtime_ns: Optional[int] = None
+  source_hash: Optional[str] = None
 
   @property
   def ok(self) -> bool:
@@ -115,7 +138,8 @@ class PreparedImage:
 
 def prepare_image(source: ImageSource, analyzer: FaceAnalyzer, crop_size: int = DEFAULT_CROP_SIZE,
                   *, name: Optional[str] = None, crop_scale: float = DEFAULT_CROP_SCALE,
-                  level_eyes: bool = True, mask_with_foreground: bool = False) -> PreparedImage:
+                  level_eyes: bool = True, mask_with_foreground: bool = False,
+                  landmarks_only: bool = False) -> PreparedImage:
   """Preprocesses one photograph. Never raises for a problem of the image itself.
 
   Args:
@@ -126,82 +150,176 @@ def prepare_image(source: ImageSource, analyzer: FaceAnalyzer, crop_size: int = 
     crop_scale: crop side / longest side of the face mesh's box (see `align`).
     level_eyes: rotate the crop so the eyes are level.
     mask_with_foreground: multiply the face mask by the segmentation foreground.
+    landmarks_only: make only what a landmark fit needs (landmarks, weights, crop and its
+      transform): no selfie segmentation and no masks, which only the photometric fit uses
+      (`mask_with_foreground` is then moot).
 
   Returns:
     A `PreparedImage`; check `.ok`.
   """
   path = None if isinstance(source, np.ndarray) else Path(source)
   name = name if name is not None else ("image" if path is None else path.stem)
-  failed = functools.partial(PreparedImage, name=name, source=path)
+  make_record = functools.partial(PreparedImage, name=name, source=path)
   try:
-    image = read_image(path) if path is not None else _checked_array(source)
+    if path is None:
+      pixels = _Pixels(_decoded_array(source))
+    else:
+      source_file = read_source(path)
+      make_record = functools.partial(make_record, source_size=source_file.size,
+                                      source_mtime_ns=source_file.mtime_ns,
+                                      source_hash=source_file.content_hash)
+      pixels = _Pixels(decode_image(source_file.data, str(path), MAX_REDUCTION,
+                                    DETECTION_MIN_SIDE), source_file.data, str(path))
+    make_record = functools.partial(make_record, image_width=pixels.width,
+                                    image_height=pixels.height)
+    settings = _CropSettings(crop_size, crop_scale, level_eyes, mask_with_foreground,
+                             landmarks_only)
+    return _analyse(pixels, analyzer, settings, make_record, _label(path, name))
   except ImageReadError as error:
-    return failed(status=STATUS_UNREADABLE, message=str(error))
-  height, width = image.shape[:2]
-  failed = functools.partial(failed, image_width=width, image_height=height)
+    return make_record(status=STATUS_UNREADABLE, message=str(error))
+
+
+def _analyse(pixels: "_Pixels", analyzer: FaceAnalyzer, settings: "_CropSettings",
+             make_record: Callable[..., PreparedImage], label: str) -> PreparedImage:
+  """Steps 2-4 of the module docstring on decoded pixels; `make_record` makes a record with
+  the source facts already filled in. Raises ImageReadError only from a further decode."""
+  notes = list(pixels.notes)
   try:
-    detections = analyzer.detect_faces(image)
+    detections = _detect_faces(pixels, analyzer)
     if not detections:
-      return failed(status=STATUS_NO_FACE, message=(
-          f"{_label(path, name)}: the MediaPipe face detectors found no face (confidence >= "
+      return make_record(status=STATUS_NO_FACE, message=_joined(
+          f"{label}: the MediaPipe face detectors found no face (confidence >= "
           f"{analyzer.options.min_detection_confidence}; the smallest faces it finds are about "
-          "1/14 of the photo's longer side, 1/50 in photos over 2048 pixels)."))
+          "1/14 of the photo's longer side, 1/50 in photos over 2048 pixels).", notes))
     chosen = detections[0]
-    failed = functools.partial(failed, num_faces=len(detections), detection_box=chosen.box,
-                               detection_score=chosen.score)
-    window_from_original = square_window(chosen.center, ANALYSIS_WINDOW_SCALE * chosen.size,
-                                         ANALYSIS_WINDOW_SIZE)
-    window = warp_affine(image, window_from_original, ANALYSIS_WINDOW_SIZE)
+    if len(detections) > 1:
+      notes.insert(0, f"{len(detections)} faces; fitted the largest")
+    make_record = functools.partial(make_record, num_faces=len(detections),
+                                    detection_box=chosen.box, detection_score=chosen.score)
+    window_side = ANALYSIS_WINDOW_SCALE * chosen.size
+    window_from_original = square_window(chosen.center, window_side, ANALYSIS_WINDOW_SIZE)
+    window = pixels.warp(window_from_original, ANALYSIS_WINDOW_SIZE, window_side)
     mesh = _mesh_of_detected_face(analyzer.face_landmarks(window),
                                   _map_box(window_from_original, chosen.box))
     if mesh is None:
-      return failed(status=STATUS_NO_FACE, message=(
-          f"{_label(path, name)}: {len(detections)} face(s) detected, but the face mesh found no "
-          f"landmarks on the largest one (box {np.round(chosen.box).astype(int).tolist()})."))
-    foreground_window = analyzer.segment_foreground(window)
+      return make_record(status=STATUS_NO_FACE, message=_joined(
+          f"{label}: {len(detections)} face(s) detected, but the face mesh found no "
+          f"landmarks on the largest one (box {np.round(chosen.box).astype(int).tolist()}).",
+          notes))
+    foreground_window = (None if settings.landmarks_only
+                         else analyzer.segment_foreground(window))
   except RuntimeError as error:
-    return failed(status=STATUS_ANALYSIS_FAILED,
-                  message=f"{_label(path, name)}: MediaPipe failed on this image: {error}")
+    return make_record(status=STATUS_ANALYSIS_FAILED, message=_joined(
+        f"{label}: MediaPipe failed on this image: {error}", notes))
+  return make_record(status=STATUS_OK, message=_joined("", notes),
+                     **_framed(pixels, settings, mesh, window_from_original, foreground_window))
 
+
+def _framed(pixels: "_Pixels", settings: "_CropSettings", mesh: np.ndarray,
+            window_from_original: np.ndarray, foreground_window: Optional[np.ndarray]) -> dict:
+  """The crop-frame fields of an ok record, from the mesh (and segmentation) of the window."""
+  crop_size = settings.crop_size
+  width, height = pixels.width, pixels.height
   original_from_window = invert_affine(window_from_original)
   landmarks_original = apply_affine(original_from_window, mesh[:, :2])
-  crop_from_original = crop_from_landmarks(landmarks_original, crop_size, crop_scale, level_eyes)
+  crop_from_original = crop_from_landmarks(landmarks_original, crop_size, settings.crop_scale,
+                                           settings.level_eyes)
   landmarks = apply_affine(crop_from_original, landmarks_original)
   # Depth is scaled like x: window pixels -> original pixels -> crop pixels.
   landmarks_z = (mesh[:, 2] / affine_scale(window_from_original)
                  * affine_scale(crop_from_original))
   landmark_weights = (points_inside(landmarks, crop_size, crop_size)
                       & points_inside(landmarks_original, width, height))
-  inside = inside_image_mask(crop_from_original, crop_size, width, height)
-  foreground_mask = inside * warp_affine(
-      foreground_window, compose_affine(crop_from_original, original_from_window), crop_size)
-  face_mask = face_region_mask(landmarks, crop_size) * inside
-  if mask_with_foreground:
-    face_mask = face_mask * foreground_mask
-  return PreparedImage(
-      name=name, source=path, status=STATUS_OK, message="", image_width=width,
-      image_height=height, num_faces=len(detections), detection_box=chosen.box,
-      detection_score=chosen.score, crop_from_original=crop_from_original,
-      crop=warp_affine(image, crop_from_original, crop_size),
-      landmarks=landmarks.astype(np.float32), landmarks_original=landmarks_original,
-      landmarks_z=landmarks_z.astype(np.float32),
-      landmark_weights=landmark_weights.astype(np.float32),
-      face_mask=face_mask.astype(np.float32), foreground_mask=foreground_mask.astype(np.float32))
+  crop = pixels.warp(crop_from_original, crop_size,
+                     crop_size / affine_scale(crop_from_original))
+  face_mask = foreground_mask = None
+  if not settings.landmarks_only:
+    inside = inside_image_mask(crop_from_original, crop_size, width, height)
+    foreground_mask = (inside * warp_affine(
+        foreground_window, compose_affine(crop_from_original, original_from_window), crop_size)
+                       ).astype(np.float32)
+    face_mask = face_region_mask(landmarks, crop_size) * inside
+    if settings.mask_with_foreground:
+      face_mask = face_mask * foreground_mask
+    face_mask = face_mask.astype(np.float32)
+  return dict(crop_from_original=crop_from_original, crop=crop,
+              landmarks=landmarks.astype(np.float32), landmarks_original=landmarks_original,
+              landmarks_z=landmarks_z.astype(np.float32),
+              landmark_weights=landmark_weights.astype(np.float32), face_mask=face_mask,
+              foreground_mask=foreground_mask)
+
+
+def _detect_faces(pixels: "_Pixels", analyzer: FaceAnalyzer) -> List[FaceDetection]:
+  """Faces in original pixels, largest first: on the first decode, and when that is reduced and
+  shows none, again on the full-size image, whose tiled search reaches smaller faces."""
+  image, reduction = pixels.first
+  detections = analyzer.detect_faces(image)
+  if not detections and reduction > 1:
+    image, reduction = pixels.at(1)
+    detections = analyzer.detect_faces(image)
+  return [_scaled_detection(detection, reduction) for detection in detections]
+
+
+def _scaled_detection(detection: FaceDetection, factor: int) -> FaceDetection:
+  """A detection in a reduced image, in pixels of an image `factor` times larger."""
+  if factor == 1:
+    return detection
+  return FaceDetection(box=detection.box * factor, score=detection.score,
+                       keypoints=detection.keypoints * factor)
+
+
+def _joined(message: str, notes: Sequence[str]) -> str:
+  return "; ".join(part for part in [message, *notes] if part)
+
+
+class _Pixels:
+  """A photograph at the reductions asked for (see `image_io.DecodedImage`), each decoded once.
+
+  An in-memory array exists at reduction 1 only; a file's bytes are kept to decode it again at a
+  finer reduction (never a coarser one than the first decode: that one was chosen for detection).
+  """
+
+  def __init__(self, first: DecodedImage, data: Optional[bytes] = None, label: str = ""):
+    self.width, self.height, self.notes = first.width, first.height, first.notes
+    self.first = (first.pixels, first.reduction)
+    self._decoded = {first.reduction: first.pixels}
+    self._data, self._label = data, label
+
+  def at(self, reduction: int) -> Tuple[np.ndarray, int]:
+    """(pixels, reduction) at the coarsest decodable reduction <= `reduction`."""
+    if reduction not in self._decoded:
+      decoded = decode_image(self._data, self._label, max_reduction=reduction)
+      self._decoded[decoded.reduction] = decoded.pixels
+      reduction = decoded.reduction
+    return self._decoded[reduction], reduction
+
+  def warp(self, dst_from_original: np.ndarray, size: int, source_side: float) -> np.ndarray:
+    """`warp_affine` of the original onto (size, size), from the coarsest decode in which the
+    `source_side` original pixels under the output still span `size` pixels or more."""
+    reduction = self.first[1]
+    while reduction > 1 and source_side / reduction < size:
+      reduction //= 2
+    image, reduction = self.at(reduction)
+    original_from_reduced = np.array([[reduction, 0.0, 0.0], [0.0, reduction, 0.0]])
+    return warp_affine(image, compose_affine(dst_from_original, original_from_reduced), size)
 
 
 def _label(path: Optional[Path], name: str) -> str:
   return str(path) if path is not None else name
 
 
-def _checked_array(array: np.ndarray) -> np.ndarray:
-  """An in-memory source as RGB uint8 (H, W, 3), or ImageReadError saying what is wrong."""
+def _decoded_array(array: np.ndarray) -> DecodedImage:
+  """An in-memory source as full-size RGB uint8 (H, W, 3), or ImageReadError saying what is
+  wrong."""
   if array.dtype != np.uint8:
     raise ImageReadError(f"In-memory image has dtype {array.dtype}; pass uint8 RGB.")
   if array.ndim == 2:
     array = np.repeat(array[:, :, None], 3, axis=2)
   if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) == 0:
     raise ImageReadError(f"In-memory image has shape {array.shape}; pass (H, W, 3) RGB.")
-  return np.ascontiguousarray(array)
+  height, width = array.shape[:2]
+  return DecodedImage(pixels=np.ascontiguousarray(array), reduction=1, width=width,
+                      height=height)
 
 
 def _map_box(affine: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -219,17 +337,19 @@ def _mesh_of_detected_face(meshes: List[np.ndarray], box: np.ndarray) -> Optiona
 
 @dataclasses.dataclass(frozen=True)
 class _CropSettings:
-  """The per-image keyword settings of `prepare_image`, bundled to send to workers."""
+  """The per-image keyword settings of `prepare_image`, bundled (to send to workers, too)."""
   crop_size: int
   crop_scale: float
   level_eyes: bool
   mask_with_foreground: bool
+  landmarks_only: bool = False
 
   def prepare(self, job: Tuple[ImageSource, str], analyzer: FaceAnalyzer) -> PreparedImage:
     source, name = job
     return prepare_image(source, analyzer, self.crop_size, name=name, crop_scale=self.crop_scale,
                          level_eyes=self.level_eyes,
-                         mask_with_foreground=self.mask_with_foreground)
+                         mask_with_foreground=self.mask_with_foreground,
+                         landmarks_only=self.landmarks_only)
 
 
 class Preprocessor:
@@ -249,6 +369,9 @@ class Preprocessor:
         pending = preprocessor.prepare_iter(next_paths)   # overlaps with the fit below
         fit(stack_observations(records, batch_size, 256))
 
+  Settings are those of `prepare_image`; `landmarks_only=True` for a landmark-mode run skips
+  the selfie segmentation and the masks.
+
   Raises:
     ModelFileError: the analyzer could not be built: a missing `.task` file (from the
       constructor) or an invalid one (from the constructor, or with workers from the first
@@ -258,8 +381,9 @@ class Preprocessor:
   def __init__(self, crop_size: int = DEFAULT_CROP_SIZE, *, workers: int = 1,
                analyzer_options: AnalyzerOptions = AnalyzerOptions(),
                crop_scale: float = DEFAULT_CROP_SCALE, level_eyes: bool = True,
-               mask_with_foreground: bool = False):
-    self.settings = _CropSettings(crop_size, crop_scale, level_eyes, mask_with_foreground)
+               mask_with_foreground: bool = False, landmarks_only: bool = False):
+    self.settings = _CropSettings(crop_size, crop_scale, level_eyes, mask_with_foreground,
+                                  landmarks_only)
     self.workers = max(1, workers)
     self._analyzer = None
     self._pool = None
@@ -328,7 +452,8 @@ def prepare_images(sources: Sequence[ImageSource], crop_size: int = DEFAULT_CROP
                    names: Optional[Sequence[str]] = None,
                    progress: Optional[Callable[[PreparedImage], None]] = None,
                    crop_scale: float = DEFAULT_CROP_SCALE, level_eyes: bool = True,
-                   mask_with_foreground: bool = False) -> List[PreparedImage]:
+                   mask_with_foreground: bool = False,
+                   landmarks_only: bool = False) -> List[PreparedImage]:
   """Preprocesses many photographs in one go, in input order: a `Preprocessor` used once.
 
   For a run in several chunks, keep one `Preprocessor` instead (no restart per chunk).
@@ -340,7 +465,7 @@ def prepare_images(sources: Sequence[ImageSource], crop_size: int = DEFAULT_CROP
     analyzer_options: settings of the `FaceAnalyzer`(s).
     names: one per source; default: unique file stems ("image" for arrays).
     progress: called with each record as it completes, in input order.
-    crop_scale, level_eyes, mask_with_foreground: as in `prepare_image`.
+    crop_scale, level_eyes, mask_with_foreground, landmarks_only: as in `prepare_image`.
 
   Returns:
     One `PreparedImage` per source, in the same order.
@@ -351,8 +476,8 @@ def prepare_images(sources: Sequence[ImageSource], crop_size: int = DEFAULT_CROP
   sources = list(sources)
   with Preprocessor(crop_size, workers=min(workers, max(len(sources), 1)),
                     analyzer_options=analyzer_options, crop_scale=crop_scale,
-                    level_eyes=level_eyes, mask_with_foreground=mask_with_foreground
-                    ) as preprocessor:
+                    level_eyes=level_eyes, mask_with_foreground=mask_with_foreground,
+                    landmarks_only=landmarks_only) as preprocessor:
     return preprocessor.prepare(sources, names, progress)
 
 
