@@ -365,7 +365,8 @@ class Engine:
     if first is None:
       return  # nothing to do: no workers started, nothing compiled
     batches = itertools.chain([first], batches)
-    with Preprocessor(options.crop_size, workers=options.workers) as preprocessor:
+    with Preprocessor(options.crop_size, workers=options.workers,
+                      landmarks_only=options.landmarks_only) as preprocessor:
       pending = []  # (sources, record iterator), oldest first, at most prefetch + 1
 
       def submit():

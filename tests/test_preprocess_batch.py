@@ -69,7 +69,7 @@ def test_parallel_path_returns_the_serial_records_in_order(tmp_path):
   assert [name.split("~")[0] for name in names] == ["astronaut.png", "broken.jpg", "coffee.png",
                                                     "astronaut.png"]
   assert len(set(names)) == 4
-  serial = prepare_images(paths, CROP, workers=1)
+  serial = prepare_images(paths, CROP, workers=1, names=names)
   progress = []
   # One pool for the run, used for two chunks; the second chunk is submitted before the first
   # is collected, as a runner overlapping preprocessing with fitting would.

@@ -1,0 +1,136 @@
+"""Benchmark of dataset annotation end to end (jflame-annotate's engine and store).
+
+  python tools/bench_annotate.py [--images 512] [--workers 2] [--batch_size 64]
+                                 [--resume_rows 10000] [--json_out FILE]
+
+Makes a dataset of copies of ../shared/assets/photos (half JPEG quality 90, half PNG, each copy
+shifted a little so no two files are equal; skimage's astronaut when the shared photos are
+missing), then measures:
+* end to end: images/s of a full landmark-mode run (preprocessing in --workers processes, the
+  fit on this machine's device, Parquet shards), compile excluded by a warm-up run;
+* the preprocessing bound: images/s of the same preprocessing alone with the same workers;
+* per stage: the engine's own timings (fit and write seconds per image);
+* resume: the seconds a rerun needs to decide that a finished --resume_rows dataset has nothing
+  left to do (rows are written directly through the store, then the real command is timed).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from absl import app, flags
+
+import benchmarking  # tools/ is a folder of scripts: its own folder is on sys.path
+
+_IMAGES = flags.DEFINE_integer("images", 512, "Images in the generated dataset.")
+_WORKERS = flags.DEFINE_integer("workers", 2, "Preprocessing processes.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Fit batch size.")
+_RESUME_ROWS = flags.DEFINE_integer("resume_rows", 10_000, "Rows of the resume check.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write results as JSON here.")
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT.parent / "shared" / "assets" / "photos"
+
+
+def make_dataset(folder: Path, count: int) -> list:
+  photos = [cv2.imread(str(p)) for p in sorted(PHOTOS.glob("*.png"))]
+  if not photos:
+    import skimage.data
+    photos = [cv2.cvtColor(cv2.resize(skimage.data.astronaut(), (1024, 1024)),
+                           cv2.COLOR_RGB2BGR)]
+  paths = []
+  for index in range(count):
+    photo = np.roll(photos[index % len(photos)], index // len(photos), axis=1)
+    path = folder / f"{index:06d}.{'jpg' if index % 2 else 'png'}"
+    cv2.imwrite(str(path), photo, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    paths.append(path)
+  return paths
+
+
+def run_annotate(inputs: Path, output: Path, extra=()) -> float:
+  start = time.perf_counter()
+  subprocess.run([sys.executable, "-m", "jflame.cli.annotate", "--input", str(inputs),
+                  "--output", str(output), "--workers", str(_WORKERS.value), "--batch_size",
+                  str(_BATCH.value), "--overlays", "none", "--noreport", *extra],
+                 cwd=ROOT, check=True, capture_output=True,
+                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  return time.perf_counter() - start
+
+
+def preprocessing_rate(paths) -> float:
+  from jflame.preprocess import Preprocessor
+  with Preprocessor(256, workers=_WORKERS.value, landmarks_only=True) as preprocessor:
+    list(preprocessor.prepare_iter(paths[:8]))  # workers up
+    start = time.perf_counter()
+    records = list(preprocessor.prepare_iter(paths))
+    elapsed = time.perf_counter() - start
+  assert sum(r.ok for r in records) > 0.9 * len(records)
+  return len(paths) / elapsed
+
+
+def resume_check(folder: Path, rows: int) -> float:
+  """A finished dataset of `rows` rows over `rows` real files; returns the seconds the real
+  command takes to find nothing to do (process start, model load, listing, key columns)."""
+  from jflame import dataset, runner, sinks
+  from jflame.config import FitConfig
+  from jflame.engine import Engine, EngineOptions
+  inputs = folder / "inputs"
+  inputs.mkdir()
+  blob = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes()
+  for index in range(rows):
+    (inputs / f"{index:06d}.png").write_bytes(blob)
+  loaded = runner.load_model()
+  config = FitConfig()
+  engine = Engine(loaded, config, EngineOptions())
+  settings = sinks.dataset_settings(loaded, config, 256, engine.landmark_indices)
+  writer = dataset.ShardWriter(folder / "out", settings, rows_per_shard=1000)
+  for index in range(rows):
+    path = inputs / f"{index:06d}.png"
+    stat = path.stat()
+    writer.add([dict(id=path.name, source_path=str(path), source_size=stat.st_size,
+                     source_mtime_ns=stat.st_mtime_ns, status="no_face", message="")])
+  writer.commit()
+  return run_annotate(inputs, folder / "out")
+
+
+def main(argv):
+  del argv
+  scratch = Path(tempfile.mkdtemp(prefix="bench_annotate_"))
+  try:
+    (scratch / "data").mkdir()
+    paths = make_dataset(scratch / "data", _IMAGES.value)
+    warm = run_annotate(scratch / "data", scratch / "warm", ["--batch_size", "8"])  # compile
+    del warm
+    seconds = run_annotate(scratch / "data", scratch / "out")
+    summary = json.loads((scratch / "out" / "run_summary.json").read_text())
+    end_to_end = _IMAGES.value / seconds
+    bound = preprocessing_rate(paths)
+    timings = summary["timings"]
+    result = dict(
+        device=benchmarking.device_description(), images=_IMAGES.value,
+        workers=_WORKERS.value, batch_size=_BATCH.value, counts=summary["counts"],
+        end_to_end_images_per_s=end_to_end, end_to_end_wall_s=seconds,
+        engine_wall_s=timings["wall_s"], engine_images_per_s=_IMAGES.value / timings["wall_s"],
+        preprocessing_bound_images_per_s=bound,
+        end_to_end_share_of_bound=end_to_end / bound,
+        engine_share_of_bound=_IMAGES.value / timings["wall_s"] / bound,
+        fit_ms_per_image=1000 * (timings["fit_s"] + (timings["first_fit_s"] or 0))
+        / _IMAGES.value, write_ms_per_image=1000 * timings["write_s"] / _IMAGES.value,
+        resume_rows=_RESUME_ROWS.value,
+        resume_nothing_to_do_s=resume_check(scratch / "resume", _RESUME_ROWS.value))
+    print(json.dumps(result, indent=2))
+    if _JSON_OUT.value:
+      Path(_JSON_OUT.value).write_text(json.dumps(result, indent=2) + "\n")
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
