@@ -1,9 +1,8 @@
-"""Writers for fit results (host side): parameters (.npz), mesh (.obj), overlay picture (.png),
-and the run manifest (.json). Every file is written atomically, and a finished result is never
+"""Writers for fit results (host side): the result record, parameters (.npz), mesh (.obj/.ply)
+and pictures (.png); the manifest is `jflame.manifest`. Every file is written atomically, and a finished result is never
 replaced by the output of a failed attempt.
 """
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +10,7 @@ import cv2
 import numpy as np
 import trimesh
 
-from jflame.atomic import atomic_path, write_text
+from jflame.atomic import atomic_path
 from jflame.camera import apply_affine, invert_affine
 from jflame.rotation import matrix_to_axis_angle_np
 from scipy.spatial.transform import Rotation
@@ -61,7 +60,7 @@ def result_record(record, result, *, model_name: str, mode: str, crop_size: int,
   params = result.params
   arrays = dict(
       format_version=RESULT_FORMAT_VERSION, status="ok", name=record.name, model=model_name,
-      mode=str(mode), shape=params.shape, expression=params.expression,
+      mode=str(getattr(mode, "value", mode)), shape=params.shape, expression=params.expression,
       global_rotation=params.global_rotation, neck_rotation=params.neck_rotation,
       jaw_rotation=params.jaw_rotation, left_eye_rotation=params.left_eye_rotation,
       right_eye_rotation=params.right_eye_rotation,
@@ -225,29 +224,3 @@ def save_png(path, rgb):
     raise OSError(f"PNG encoding failed for {path}")
   with atomic_path(path) as tmp:
     tmp.write_bytes(data.tobytes())
-
-
-def result_is_finished(output_dir, name) -> bool:
-  """True when a previous run already wrote a complete, successful result for `name`."""
-  path = Path(output_dir) / f"{name}.npz"
-  if not path.is_file():
-    return False
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      return str(data["status"]) == "ok"
-  except Exception:  # a damaged file is not a finished result
-    return False
-
-
-def write_manifest(path, manifest: dict):
-  write_text(path, json.dumps(manifest, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value):
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  if isinstance(value, Path):
-    return str(value)
-  raise TypeError(f"cannot write {type(value).__name__} to JSON")

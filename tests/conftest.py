@@ -1,5 +1,6 @@
 """Shared test fixtures: where the team's real assets live, and a tiny random FLAME-format model."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,22 @@ def random_flame_arrays(seed=0, num_vertices=60, num_faces=80, num_shape=12, num
 @pytest.fixture
 def random_arrays():
   return random_flame_arrays()
+
+
+QUICK_FLAGS = ["--rigid_iterations", "3", "--full_iterations", "3"]
+
+
+@pytest.fixture(scope="module")
+def loaded_model():
+  """The model a user without FLAME files gets (the synthetic head, cached on disk)."""
+  from jflame import runner
+  return runner.load_model()
+
+
+@pytest.fixture(scope="module")
+def command_env(tmp_path_factory):
+  """Environment for running a command as a subprocess: its own JFLAME_HOME, so the
+  compilation cache is the test module's own (shared by its commands), and this checkout on
+  the path."""
+  home = tmp_path_factory.mktemp("jflame_home")
+  return dict(os.environ, JFLAME_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))

@@ -2,7 +2,6 @@
 shards that survive kills, resume that redoes only what changed, one run per folder, split
 runs, and memory that stays flat."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,24 +13,12 @@ import pyarrow.compute as pc
 import pytest
 import skimage.data
 
-from jflame import dataset, engine, output_folder, runner, sinks, sources
+from jflame import dataset, engine, output_folder, sinks, sources
 from jflame.config import FitConfig
 from jflame.errors import ConfigError
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, QUICK_FLAGS
 
 QUICK = FitConfig(rigid_iterations=3, full_iterations=3)
-QUICK_FLAGS = ["--rigid_iterations", "3", "--full_iterations", "3"]
-
-
-@pytest.fixture(scope="module")
-def loaded_model():
-  return runner.load_model()
-
-
-@pytest.fixture(scope="module")
-def command_env(tmp_path_factory):
-  home = tmp_path_factory.mktemp("jflame_home")
-  return dict(os.environ, JFLAME_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
 
 
 def _write(path, rgb):

@@ -15,26 +15,12 @@ import numpy as np
 import pytest
 import skimage.data
 
-from jflame import engine, manifest, output_folder, runner, sinks, sources
+from jflame import engine, manifest, output_folder, sinks, sources
 from jflame.config import FitConfig
 from jflame.errors import InputError, OutputError
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, QUICK_FLAGS
 
 QUICK = FitConfig(rigid_iterations=3, full_iterations=3)
-QUICK_FLAGS = ["--rigid_iterations", "3", "--full_iterations", "3"]
-
-
-@pytest.fixture(scope="module")
-def loaded_model():
-  return runner.load_model()
-
-
-@pytest.fixture(scope="module")
-def command_env(tmp_path_factory):
-  """Environment for the command: its own JFLAME_HOME (so the compilation cache is the test's,
-  shared by the commands of this module) and a known umask."""
-  home = tmp_path_factory.mktemp("jflame_home")
-  return dict(os.environ, JFLAME_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
 
 
 def _jflame_fit(args, env, timeout=600, **kwargs):
