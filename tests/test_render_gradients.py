@@ -9,13 +9,17 @@ centres; the scenes below check that margin before comparing (steps are 1e-7 m ~
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import enable_x64
+import pytest
 from jax.test_util import check_grads
 
 from jflame.camera import Camera, screen_space, to_camera_space
 from jflame.render import (AlbedoModel, Appearance, RasterSettings, face_adjacency, rasterize,
                            render_mesh, vertex_normals)
+from tests.precision import enable_x64
 from tests.test_render_reference import bumpy_head, reference_rasterize
+
+# Compared with float64 / NumPy references: full float32 matmul precision (GPUs default to TF32).
+pytestmark = pytest.mark.usefixtures("reference_precision")
 
 SIZE = 24
 
