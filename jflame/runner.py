@@ -11,13 +11,13 @@ import datetime
 import platform
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 from absl import logging
 import jax
 import numpy as np
 
-from jflame import flame_io, landmarks, landmarks_io, output, sharding
+from jflame import flame_io, landmarks, landmarks_io, sharding
 from jflame.albedo_io import load_texture_albedo
 from jflame.assets import find_asset
 from jflame.config import FitConfig
@@ -25,7 +25,13 @@ from jflame.errors import ConfigError, ModelFileError
 from jflame.fit import FitModel, fit_batch, fitted_meshes, make_fit_model
 from jflame.flame import FlameModel
 from jflame.initializers.initial_guess import initial_guess_for_batch
-from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
+
+if TYPE_CHECKING:
+  from jflame.preprocess import PreparedImage
+
+# The preprocessing (OpenCV, MediaPipe) and writer (OpenCV, trimesh) modules are imported where a
+# run uses them, so loading a model and preparing a fit (benchmarks, a bare accelerator image)
+# needs neither.
 
 FLAME_FILE_NAMES = ("generic_model.npz", "flame2023.npz", "generic_model.pkl", "flame2023.pkl",
                     "flame2023_Open.pkl")
@@ -162,6 +168,8 @@ class Run:
   def fit(self, paths: Sequence[Path], names: Sequence[str]):
     """Fits every image; returns the manifest dict (also written to the output folder)."""
     started = datetime.datetime.now(datetime.timezone.utc)
+    from jflame import output
+    from jflame.preprocess import Preprocessor
     out = Path(self.options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     todo = []
@@ -187,8 +195,9 @@ class Run:
     output.write_manifest(out / "run_summary.json", manifest)
     return manifest
 
-  def _fit_batch(self, records: List[PreparedImage]):
+  def _fit_batch(self, records: List["PreparedImage"]):
     """The device part of one batch: (FitResult, FittedMeshes) as host arrays."""
+    from jflame.preprocess import stack_observations
     options, config = self.options, self.config
     start = time.perf_counter()
     observations = stack_observations(records, options.batch_size, options.crop_size)
@@ -208,15 +217,16 @@ class Run:
       self.timings["fit_s"] += elapsed
     return results, meshes
 
-  def _write_batch(self, records: List[PreparedImage], results, meshes):
+  def _write_batch(self, records: List["PreparedImage"], results, meshes):
     start = time.perf_counter()
     for slot, record in enumerate(records):
       self.images.append(self._write(record, take(results, slot), take(meshes, slot)))
       self.progress(1)
     self.timings["write_s"] += time.perf_counter() - start
 
-  def _write(self, record: PreparedImage, result, meshes) -> dict:
+  def _write(self, record: "PreparedImage", result, meshes) -> dict:
     """Writes one image's files; returns its manifest entry."""
+    from jflame import output
     entry = dict(name=record.name, source=str(record.source) if record.source else None,
                  status=record.status, message=record.message, num_faces=record.num_faces)
     if not record.ok:
