@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-device device-check demo bench clean
 
 install: $(STAMP)
 
@@ -16,6 +16,19 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# The numerical suites (forward model, renderer, fits) with the machine's own python, for an
+# accelerator or any bare image with JAX, NumPy, SciPy, optax, flax, absl-py and pytest: no
+# MediaPipe, OpenCV or trimesh, no venv. The suites are listed in tests/conftest.py.
+DEVICE_PYTHON ?= python3
+test-device:
+	PYTHONPATH=. $(DEVICE_PYTHON) -m pytest -q -p no:cacheprovider -m device
+
+# Device tests + fit and render benchmarks as JSON under $(OUT) (~8 min on an H100; QUICK=1 for
+# small settings on a CPU). See docs/BENCHMARKS.md.
+OUT ?= device_check_out
+device-check:
+	OUT=$(OUT) PYTHON=$(DEVICE_PYTHON) bash tools/device_check.sh
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --output demo_output

@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the team's real assets live, and a tiny random FLAME-format model."""
+"""Shared test fixtures: where the team's real assets live, a tiny random FLAME-format model,
+and the numerics pin for tests that compare with float64 or NumPy references."""
 
 import os
 from pathlib import Path
@@ -6,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.precision import highest_matmul_precision
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The numerical suites that run on an accelerator (`make test-device`, `pytest -m device`): they
+# need JAX, NumPy, SciPy, optax, flax and absl only (no MediaPipe, OpenCV, trimesh or Pillow).
+DEVICE_SUITES = ("test_bare_image", "test_fit", "test_fit_photometric", "test_flame", "test_optim",
+                 "test_render_albedo", "test_render_gradients", "test_render_rasterize",
+                 "test_render_recovery", "test_render_reference", "test_render_shading",
+                 "test_solve", "test_synthetic")
 SHARED_ASSETS = PROJECT_ROOT.parent / "shared" / "assets"
 FLAME_FILE_NAMES = ("generic_model.pkl", "male_model.pkl", "female_model.pkl", "flame2023.pkl",
                     "flame2023_no_jaw.pkl", "flame2023_Open.pkl")
@@ -50,9 +59,24 @@ def random_flame_arrays(seed=0, num_vertices=60, num_faces=80, num_shape=12, num
       J=np.zeros((5, 3)))
 
 
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.path.stem in DEVICE_SUITES:
+      item.add_marker(pytest.mark.device)
+
+
 @pytest.fixture
 def random_arrays():
   return random_flame_arrays()
+
+
+@pytest.fixture
+def reference_precision():
+  """Full float32 matmul precision for the test (GPUs default to TF32). Modules that compare
+  with float64 or NumPy references use it for every test:
+  `pytestmark = pytest.mark.usefixtures("reference_precision")`."""
+  with highest_matmul_precision():
+    yield
 
 
 QUICK_FLAGS = ["--rigid_iterations", "3", "--full_iterations", "3"]

@@ -11,6 +11,10 @@ from scipy.spatial.transform import Rotation
 from jflame import flame, flame_io
 from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle_np
 from tests.conftest import random_flame_arrays
+from tests.precision import enable_x64
+
+# Compared with float64 / NumPy references: full float32 matmul precision (GPUs default to TF32).
+pytestmark = pytest.mark.usefixtures("reference_precision")
 
 
 def reference_forward(arrays, num_expression, shape, expression, pose):
@@ -128,7 +132,7 @@ def _to_float64(tree):
 def test_gradients_full_mesh_and_fast_path():
   arrays = random_flame_arrays(num_vertices=30, num_faces=40)
   rng = np.random.default_rng(5)
-  with jax.experimental.enable_x64():
+  with enable_x64():
     model = _to_float64(flame_io.flame_model_from_arrays(arrays, "test"))
     face_indices, barycentrics = _random_surface_points(model, 10, 6)
     rows = _to_float64(flame.make_surface_rows(model, face_indices, barycentrics))
@@ -155,7 +159,7 @@ def test_rodrigues_matches_scipy_and_is_smooth_at_zero():
                                Rotation.from_rotvec(vector).as_matrix(), atol=1e-6)
     np.testing.assert_allclose(
         matrix_to_axis_angle_np(Rotation.from_rotvec(vector).as_matrix()), vector, atol=1e-6)
-  with jax.experimental.enable_x64():
+  with enable_x64():
     # The rest pose is where fitting starts: gradients there must be finite and exact.
     zero = jnp.zeros(3, jnp.float64)
     jacobian = jax.jacfwd(axis_angle_to_matrix)(zero)

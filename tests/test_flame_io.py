@@ -9,6 +9,9 @@ from jflame import flame, flame_io
 from jflame.errors import ModelFileError, UnsafePickleError
 from tests.conftest import FLAME_FILE_NAMES, SHARED_ASSETS, real_flame_files
 
+# Compared with float64 / NumPy references: full float32 matmul precision (GPUs default to TF32).
+pytestmark = pytest.mark.usefixtures("reference_precision")
+
 
 def _vertices(model, seed=0):
   rng = np.random.default_rng(seed)

@@ -19,6 +19,9 @@ from jflame.errors import ModelFileError, UnsafePickleError
 from jflame.landmarks import LandmarkEmbedding, LandmarkWeights
 from tests.conftest import PROJECT_ROOT
 
+# Compared with float64 / NumPy references: full float32 matmul precision (GPUs default to TF32).
+pytestmark = pytest.mark.usefixtures("reference_precision")
+
 MIRROR = np.array([-1.0, 1.0, 1.0])
 
 

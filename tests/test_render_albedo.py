@@ -12,6 +12,9 @@ from jflame.render import (Appearance, albedo_texture, laplacian_albedo_model, p
 from jflame.render.albedo import DEFAULT_SKIN_RGB, graph_laplacian
 from tests.test_render_reference import icosphere
 
+# Compared with float64 / NumPy references: full float32 matmul precision (GPUs default to TF32).
+pytestmark = pytest.mark.usefixtures("reference_precision")
+
 # A unit quad split into two triangles, with UVs covering the whole texture; the UV faces
 # differ from the geometry faces (as FLAME's ft does from its f).
 QUAD_FACES = np.array([[0, 1, 2], [0, 2, 3]], np.int32)

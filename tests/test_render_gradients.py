@@ -9,13 +9,17 @@ centres; the scenes below check that margin before comparing (steps are 1e-7 m ~
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import enable_x64
+import pytest
 from jax.test_util import check_grads
 
 from jflame.camera import Camera, screen_space, to_camera_space
 from jflame.render import (AlbedoModel, Appearance, RasterSettings, face_adjacency, rasterize,
                            render_mesh, vertex_normals)
+from tests.precision import enable_x64
 from tests.test_render_reference import bumpy_head, reference_rasterize
+
+# Compared with float64 / NumPy references: full float32 matmul precision (GPUs default to TF32).
+pytestmark = pytest.mark.usefixtures("reference_precision")
 
 SIZE = 24
 
@@ -118,7 +122,8 @@ def test_silhouette_gradient_matches_the_area_derivative():
     return jnp.sum(rasterize(screen, faces, 40, 40).coverage)
 
   grad_fn = jax.jit(jax.grad(coverage_sum, argnums=(0, 1)))
-  area = 0.5 * abs(np.cross(base[1] - base[0], base[2] - base[0]))
+  edge_1, edge_2 = base[1] - base[0], base[2] - base[0]
+  area = 0.5 * abs(edge_1[0] * edge_2[1] - edge_1[1] * edge_2[0])  # np.cross of 2-D: deprecated
   for scale in (0.9, 1.0, 1.05):
     d_scale, d_shift = grad_fn(jnp.float32(scale), jnp.zeros(2, jnp.float32))
     np.testing.assert_allclose(d_scale, 2 * area * scale, rtol=0.03)

@@ -11,6 +11,9 @@ from jflame.render import (RasterSettings, antialias, face_adjacency, interpolat
                            interpolate_face_varying, rasterize)
 from tests.test_render_reference import icosphere, project, reference_rasterize
 
+# Compared with float64 / NumPy references: full float32 matmul precision (GPUs default to TF32).
+pytestmark = pytest.mark.usefixtures("reference_precision")
+
 # Three triangles at different depths that overlap each other and cross the image border.
 OVERLAP_SCREEN = np.array([
     [3.2, 4.1, 2.0], [40.3, 9.7, 2.5], [12.6, 30.9, 3.0],      # back, tilted in depth

@@ -7,9 +7,12 @@ forgive disagreements only for centres that lie on an edge.
 """
 
 import numpy as np
-import trimesh
+import pytest
 
 from jflame.camera import Camera, screen_space
+
+# Compared with float64 / NumPy references: full float32 matmul precision (GPUs default to TF32).
+pytestmark = pytest.mark.usefixtures("reference_precision")
 
 
 def reference_rasterize(screen_vertices, faces, height, width, near=1e-3):
@@ -53,10 +56,38 @@ def reference_rasterize(screen_vertices, faces, height, width, near=1e-3):
   return triangle_id, depth, barycentrics, edge_distance
 
 
+_GOLDEN = (1.0 + 5.0 ** 0.5) / 2.0
+_ICOSAHEDRON_VERTICES = np.array([
+    [-1, _GOLDEN, 0], [1, _GOLDEN, 0], [-1, -_GOLDEN, 0], [1, -_GOLDEN, 0], [0, -1, _GOLDEN],
+    [0, 1, _GOLDEN], [0, -1, -_GOLDEN], [0, 1, -_GOLDEN], [_GOLDEN, 0, -1], [_GOLDEN, 0, 1],
+    [-_GOLDEN, 0, -1], [-_GOLDEN, 0, 1]])
+_ICOSAHEDRON_FACES = np.array([
+    [0, 11, 5], [0, 5, 1], [0, 1, 7], [0, 7, 10], [0, 10, 11], [1, 5, 9], [5, 11, 4], [11, 10, 2],
+    [10, 7, 6], [7, 1, 8], [3, 9, 4], [3, 4, 2], [3, 2, 6], [3, 6, 8], [3, 8, 9], [4, 9, 5],
+    [2, 4, 11], [6, 2, 10], [8, 6, 7], [9, 8, 1]])
+
+
 def icosphere(subdivisions=2, radius=1.0):
-  """(V, 3) float64 vertices and (F, 3) int32 outward (counter-clockwise) faces."""
-  mesh = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
-  return np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int32)
+  """(V, 3) float64 vertices and (F, 3) int32 outward (counter-clockwise) faces.
+
+  The same mesh, vertex and face order as trimesh.creation.icosphere (checked below when trimesh
+  is installed), built here so the render tests run on an image without trimesh: each step
+  splits every face into four at its edge midpoints (numbered by edge, sorted by (second,
+  first) vertex as trimesh's row hash sorts them) and pushes the vertices onto the sphere.
+  """
+  vertices = _ICOSAHEDRON_VERTICES / np.linalg.norm(_ICOSAHEDRON_VERTICES, axis=1)[:, None]
+  faces = _ICOSAHEDRON_FACES
+  for _ in range(subdivisions):
+    edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    _, first, inverse = np.unique(edges[:, 1] * len(vertices) + edges[:, 0], return_index=True,
+                                  return_inverse=True)
+    mid = inverse.reshape(-1, 3) + len(vertices)
+    vertices = np.concatenate([vertices, vertices[edges[first]].mean(axis=1)])
+    vertices /= np.linalg.norm(vertices, axis=1)[:, None]
+    faces = np.column_stack([faces[:, 0], mid[:, 0], mid[:, 2], mid[:, 0], faces[:, 1], mid[:, 1],
+                             mid[:, 2], mid[:, 1], faces[:, 2], mid[:, 0], mid[:, 1],
+                             mid[:, 2]]).reshape(-1, 3)
+  return vertices * radius, faces.astype(np.int32)
 
 
 def bumpy_head(subdivisions=2):
@@ -87,3 +118,12 @@ def test_reference_rasterizer_on_a_hand_computed_triangle():
   np.testing.assert_array_equal(ids >= 0, xs + ys <= 4)
   np.testing.assert_allclose(depth[ids >= 0], 2.0)
   np.testing.assert_allclose(bary[0, 0], [0.75, 0.125, 0.125])
+
+
+def test_icosphere_is_trimeshs():
+  trimesh = pytest.importorskip("trimesh")
+  for subdivisions in range(4):
+    mesh = trimesh.creation.icosphere(subdivisions=subdivisions, radius=0.7)
+    vertices, faces = icosphere(subdivisions, 0.7)
+    np.testing.assert_array_equal(faces, mesh.faces)
+    np.testing.assert_allclose(vertices, mesh.vertices, atol=1e-12)

@@ -5,11 +5,15 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy.special import lpmv
 
 from jflame.render import (AlbedoModel, Appearance, neutral_lighting, render_mesh, sh_basis,
                            sh_lighting_from_deca, sh_shading, vertex_normals)
 from tests.test_render_reference import icosphere, project
+
+# Compared with float64 / NumPy references: full float32 matmul precision (GPUs default to TF32).
+pytestmark = pytest.mark.usefixtures("reference_precision")
 
 # (l, m) of each coefficient in the module's documented order.
 LM = [(0, 0), (1, -1), (1, 0), (1, 1), (2, -2), (2, -1), (2, 0), (2, 1), (2, 2)]

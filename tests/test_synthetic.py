@@ -10,6 +10,9 @@ from jflame import flame, flame_io, synthetic
 from jflame.synthetic import head as synthetic_head
 from jflame.landmarks_io import load_mediapipe_reference
 
+# Compared with float64 / NumPy references: full float32 matmul precision (GPUs default to TF32).
+pytestmark = pytest.mark.usefixtures("reference_precision")
+
 MIRROR = np.array([-1.0, 1.0, 1.0])
 
 

@@ -2,12 +2,14 @@
 compile time separately), and host preprocessing separately.
 
   python tools/bench_fit.py [--batch_sizes 1,16,64,256] [--rigid_iterations 200]
-                            [--full_iterations 200] [--flame_model PATH]
+                            [--full_iterations 200] [--flame_model PATH] [--mode photometric]
+                            [--tile_size N] [--tiles_per_step N]
 
 Fitting is timed on synthetic landmark observations (known faces projected by known cameras),
 so it measures the device program alone; preprocessing is timed on real photographs.
 """
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -32,6 +34,10 @@ _EMBEDDING = flags.DEFINE_string("embedding", None, "Embedding for a real FLAME 
 _CROP = flags.DEFINE_integer("crop_size", 256, "Crop size (and photometric render size).")
 _MODE = flags.DEFINE_enum("mode", "landmark", ["landmark", "photometric"], "Fitting mode.")
 _VMAP_CHUNK = flags.DEFINE_integer("vmap_chunk", 0, "FitConfig.vmap_chunk (0: whole batch).")
+_TILE_SIZE = flags.DEFINE_integer("tile_size", None,
+                                  "RasterSettings.tile_size (default: FitConfig's).")
+_TILES_PER_STEP = flags.DEFINE_integer("tiles_per_step", None,
+                                       "RasterSettings.tiles_per_step (0: per-backend default).")
 _PREPROCESS_IMAGES = flags.DEFINE_integer("preprocess_images", 24,
                                           "Photographs to preprocess (0 skips that part).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write results as JSON here.")
@@ -113,6 +119,10 @@ def main(argv):
   loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value)
   config = FitConfig(rigid_iterations=_RIGID.value, full_iterations=_FULL.value, mode=_MODE.value,
                      vmap_chunk=_VMAP_CHUNK.value)
+  raster = {name: flag.value for name, flag in (("tile_size", _TILE_SIZE),
+                                                ("tiles_per_step", _TILES_PER_STEP))
+            if flag.value is not None}
+  config = config.replace(raster=dataclasses.replace(config.raster, **raster))
   fit_model = runner.prepare_fit_model(loaded, config)
   print(f"model: {loaded.model.name}")
   print(f"device: {benchmarking.device_description()}")
@@ -120,7 +130,7 @@ def main(argv):
         f"iterations, "
         f"{config.num_shape} shape + {config.num_expression} expression, "
         f"{fit_model.landmark_indices.shape[0]} landmarks, crop {_CROP.value}, vmap_chunk "
-        f"{config.vmap_chunk}")
+        f"{config.vmap_chunk}, {config.raster}")
   rows, results = [], []
   for batch in map(int, _BATCH_SIZES.value):
     observations = synthetic_observations(loaded, batch, _CROP.value, seed=batch,
@@ -141,6 +151,7 @@ def main(argv):
   payload = dict(device=benchmarking.device_description(), model=loaded.model.name,
                  mode=config.mode, crop_size=_CROP.value,
                  rigid_iterations=config.rigid_iterations, full_iterations=config.full_iterations,
+                 vmap_chunk=config.vmap_chunk, raster=str(config.raster),
                  fit=results)
   if _PREPROCESS_IMAGES.value:
     payload["preprocess"] = bench_preprocessing(_PREPROCESS_IMAGES.value, _CROP.value)
