@@ -242,6 +242,16 @@ class Engine:
       raise ConfigError(f"batch_size must be >= 1, got {options.batch_size}.")
     self.loaded, self.config, self.options = loaded, config, options
     self.progress = progress or (lambda count: None)
+    self.counts: Dict[str, int] = {}
+    self.buckets_used: set = set()
+    self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0,
+                        wall_s=0.0)
+    self._load_device_side()
+
+  def _load_device_side(self):
+    """Builds what the fit needs on this process's devices: the batch mesh, the fit model,
+    the optional albedo space and encoders. (A driver that fits elsewhere skips this.)"""
+    loaded, config, options = self.loaded, self.config, self.options
     self.mesh = sharding.batch_mesh() if len(jax.local_devices()) > 1 else None
     self.devices = 1 if self.mesh is None else self.mesh.size
     if options.batch_size % self.devices:
@@ -256,10 +266,6 @@ class Engine:
                         landmark_indices=np.asarray(self.fit_model.landmark_indices),
                         albedo_name=(self.fit_model.albedo.name
                                      if self.fit_model.albedo is not None else None))
-    self.counts: Dict[str, int] = {}
-    self.buckets_used: set = set()
-    self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0,
-                        wall_s=0.0)
 
   # --- what to do ---------------------------------------------------------------------------
 
@@ -313,6 +319,15 @@ class Engine:
                               self.context))
       images[-1].entry["fit_ms"] = 1000.0 * elapsed / len(records)
     return images
+
+  def fit_batch(self, sources: List[Source], records: List[PreparedImage]
+                ) -> List[FittedImage]:
+    """Fits one batch of prepared records and waits for it: one FittedImage per source, in
+    order. The local pipeline splits this in two to overlap the device with the host; the Ray
+    engine's fit actors call it whole."""
+    started = time.perf_counter()
+    results, meshes = self._fit(records)
+    return self._settle(sources, records, results, meshes, started)
 
   # --- the run --------------------------------------------------------------------------------
 
