@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-ray demo bench clean
 
 install: $(STAMP)
 
@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# The Ray engine's tests (skipped by `make test` unless Ray is installed): adds the optional
+# `ray` extra to the venv, then runs them on a local two-CPU Ray cluster.
+test-ray: $(STAMP)
+	$(PY) -m pip install -q -e ".[ray,test]"
+	$(PY) -m pytest -q tests/test_ray_engine.py
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --output demo_output
