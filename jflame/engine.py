@@ -214,7 +214,8 @@ class _Writer(threading.Thread):
     self.check()
 
 
-def _batches(items: Iterable, size: int) -> Iterator[list]:
+def batches(items: Iterable, size: int) -> Iterator[list]:
+  """`items` in lists of `size` (the last one shorter), as they stream."""
   batch = []
   for item in items:
     batch.append(item)
@@ -366,12 +367,12 @@ class Engine:
 
   def _pipeline(self, todo: Iterator[Source], writer: _Writer):
     options = self.options
-    batches = _batches(todo, options.batch_size)
+    todo_batches = batches(todo, options.batch_size)
     with Preprocessor(options.crop_size, workers=options.workers) as preprocessor:
       pending = []  # (sources, record iterator), oldest first, at most prefetch + 1
 
       def submit():
-        batch = next(batches, None)
+        batch = next(todo_batches, None)
         if batch is not None:
           pending.append((batch, preprocessor.prepare_iter([s.path for s in batch],
                                                            [s.name for s in batch])))

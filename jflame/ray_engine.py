@@ -2,31 +2,34 @@
 cluster's CPUs, the fits in accelerator actors, the writing where the local engine writes.
 
     driver:  sources (streamed) ──► skip what the sink holds (the local engine's rules)
-    cluster: ray.data.from_items(path, name)            a chunk of the todo list
-               ──► map_batches(prepare_batch)            CPU tasks, PREPARE_BATCH images each
-               ──► map_batches(FitActor)                 actors, one per GPU (else per CPU),
-                                                          options.batch_size images per call
-    driver:  iter_batches ──► the writer thread ──► the same Sink
+    cluster: ray.data.from_items(paths, names)          a chunk of the todo list, one row
+                                                          (and block) per fit batch
+               ──► map(prepare_fit_batch)                CPU tasks, one per fit batch
+               ──► map(FitActor)                         actors, one per GPU (else one on a
+                                                          CPU), one fit batch per call
+    driver:  iter_rows ──► the writer thread ──► the same Sink
 
 Only the middle runs on the cluster. The driver keeps deciding what to fit and keeps writing,
 through `Engine.run` itself, so shards, index, resume and superseding are the local engine's by
 construction; each actor fits with a plain `Engine` built from the driver's own model, so a row
-is the row the local engine would write. Batches keep the order of the todo list (consecutive
-runs of batch_size), the batches the local engine forms.
+is the row the local engine would write. The driver forms the batches as the local engine
+does (consecutive runs of batch_size in todo order), so the actors fit the same batches with the
+same compiled programs and give the same numbers. Records and fitted images travel between the
+stages as pickles (lists of dataclasses of NumPy arrays).
 
-The worker nodes need jflame installed and the input files (and the output folder's parent
-only on the driver) at the same paths: a shared file system. The model travels from the driver
+The worker nodes need jflame installed and the input files at the same paths (a shared file
+system); the output folder is written by the driver only. The model travels from the driver
 in Ray's object store, so the FLAME files need only be on the driver; optional texture and
 encoder files are looked up on each actor's node.
 
 This is the only module besides jflame.cli that imports Ray (`pip install 'jflame[ray]'`).
 """
 
+import pickle
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
-import numpy as np
 import ray
 
 from jflame import engine, runner
@@ -36,9 +39,11 @@ from jflame.preprocess import AnalyzerOptions, FaceAnalyzer, prepare_image
 from jflame.preprocess.mediapipe_face import check_landmarker_task_path
 from jflame.sources import Source
 
-# Images per preprocessing task: small, so a chunk spreads over many CPUs, yet enough that a
-# task's overhead (milliseconds) is small beside the work (tens of milliseconds per image).
-PREPARE_BATCH = 4
+# Heap reserved per preprocessing task: a decoded photo and its warps plus MediaPipe's graphs.
+# It also keeps the stages apart: Ray Data fuses a task stage into the next actor stage when
+# their resource requests match (as a CPU-only fit's would), and preprocessing would then run
+# inside the few fit actors instead of over the whole cluster.
+PREPARE_MEMORY = 512 * 1024 ** 2
 # Todo items per Ray dataset: bounds what the driver holds for a list of millions. The fit
 # actors start anew for each chunk (a model build and, without a warm compilation cache, a
 # compile), so chunks are large.
@@ -52,17 +57,20 @@ def connect(address: Optional[str] = None, **init_args) -> None:
     ray.init(address=address, **init_args)
 
 
-def _objects(items: Sequence) -> np.ndarray:
-  """A column of Python objects (Ray Data pickles what Arrow cannot hold)."""
-  column = np.empty(len(items), dtype=object)
-  column[:] = list(items)
-  return column
+def _pack(items: Sequence) -> bytes:
+  """Records (dataclasses of arrays) as one pickle: Arrow holds bytes as they are, where a
+  column of objects makes Ray Data try an Arrow conversion first, fail and warn."""
+  return pickle.dumps(list(items), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _sources(row: dict) -> List[Source]:
+  return [Source(Path(str(path)), str(name)) for path, name in zip(row["paths"], row["names"])]
 
 
 # --- prepare: CPU tasks ------------------------------------------------------------------------
 
 # One FaceAnalyzer per Ray worker process, shared by every task that process runs (building one
-# takes about a second; a task takes a few images).
+# takes about a second).
 _analyzer: Optional[FaceAnalyzer] = None
 
 
@@ -73,24 +81,23 @@ def _process_analyzer() -> FaceAnalyzer:
   return _analyzer
 
 
-def prepare_batch(batch: dict, crop_size: int) -> dict:
-  """Ray Data stage: {path, name} -> the same plus `record` (PreparedImage) and `prepare_s`,
-  made as the local engine's Preprocessor makes them (the same defaults)."""
+def prepare_fit_batch(row: dict, crop_size: int) -> dict:
+  """Ray Data stage: one fit batch {paths, names} -> the same plus `records` (its
+  PreparedImages, made as the local engine's Preprocessor makes them: the same defaults) and
+  `prepare_s`."""
   analyzer = _process_analyzer()
-  records, seconds = [], []
-  for path, name in zip(batch["path"], batch["name"]):
-    start = time.perf_counter()
-    records.append(prepare_image(Path(str(path)), analyzer, crop_size, name=str(name)))
-    seconds.append(time.perf_counter() - start)
-  return dict(path=batch["path"], name=batch["name"], record=_objects(records),
-              prepare_s=np.asarray(seconds, np.float64))
+  start = time.perf_counter()
+  records = [prepare_image(source.path, analyzer, crop_size, name=source.name)
+             for source in _sources(row)]
+  return dict(paths=row["paths"], names=row["names"], records=_pack(records),
+              prepare_s=time.perf_counter() - start)
 
 
 # --- fit: accelerator actors -------------------------------------------------------------------
 
 class FitActor:
   """Ray Data stage (a callable class, so an actor pool): builds the device side once, as the
-  local engine does, then fits one batch per call.
+  local engine does, then fits one batch (one row) per call.
 
   Args:
     model: [ObjectRef of the driver's LoadedModel] (in a list, so Ray hands over the reference
@@ -106,13 +113,11 @@ class FitActor:
       runner.use_compilation_cache(compilation_cache)
     self.engine = Engine(ray.get(model[0]), config, options)
 
-  def __call__(self, batch: dict) -> dict:
-    sources = [Source(Path(str(path)), str(name))
-               for path, name in zip(batch["path"], batch["name"])]
-    images = self.engine.fit_batch(sources, list(batch["record"]))
+  def __call__(self, row: dict) -> dict:
+    images = self.engine.fit_batch(_sources(row), pickle.loads(row["records"]))
     for image in images:
       image.result = None  # no sink reads it; the entry and arrays hold what it writes
-    return dict(image=_objects(images), prepare_s=batch["prepare_s"])
+    return dict(images=_pack(images), prepare_s=row["prepare_s"])
 
 
 def fit_resources(fit_actors: Optional[int] = None):
@@ -153,33 +158,36 @@ class RayEngine(Engine):
                                                                         self.config))
     self._model_ref = None
 
-  def _dataset(self, chunk: List[Source]):
-    """The Ray dataset of one chunk: prepare tasks, then fit actors."""
+  def dataset_of(self, chunk: List[Source]):
+    """The Ray dataset of one chunk: a row per fit batch, prepared by a CPU task, fitted by an
+    actor."""
     options = self.options
-    items = [dict(path=str(source.path), name=source.name) for source in chunk]
-    data = ray.data.from_items(items, override_num_blocks=-(-len(items) // PREPARE_BATCH))
-    # Batches of consecutive todo items, as the local engine forms them: the same buckets,
-    # the same compiled programs, the same numbers.
-    data.context.execution_options.preserve_order = True
-    data = data.map_batches(prepare_batch, batch_size=PREPARE_BATCH, num_cpus=1,
-                            fn_kwargs=dict(crop_size=options.crop_size))
+    # The local engine's batches (consecutive todo items): the same buckets, the same
+    # compiled programs, the same numbers. A block each, so the tasks spread.
+    items = [dict(paths=[str(source.path) for source in batch],
+                  names=[source.name for source in batch])
+             for batch in engine.batches(chunk, options.batch_size)]
+    data = ray.data.from_items(items, override_num_blocks=len(items))
+    data.context.enable_progress_bars = False  # the command's own bar counts the images
+    data = data.map(prepare_fit_batch, num_cpus=1, memory=PREPARE_MEMORY,
+                    fn_kwargs=dict(crop_size=options.crop_size))
     resources, actors = fit_resources(self.fit_actors)
     if self._model_ref is None:
       self._model_ref = ray.put(self.loaded)
-    return data.map_batches(
-        FitActor, batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+    return data.map(
+        FitActor, compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_args=([self._model_ref], self.config, options, self.compilation_cache),
         **resources)
 
   def _fitted(self, chunk: List[Source]) -> Iterator[List[FittedImage]]:
-    for batch in self._dataset(chunk).iter_batches(batch_size=None, batch_format="numpy"):
-      images = list(batch["image"])
-      self.timings["preprocess_s"] += float(np.sum(batch["prepare_s"]))
+    for row in self.dataset_of(chunk).iter_rows():
+      images = pickle.loads(row["images"])
+      self.timings["preprocess_s"] += float(row["prepare_s"])
       self.timings["fit_s"] += sum(image.entry.get("fit_ms", 0.0) for image in images) / 1000
       yield images
 
   def _pipeline(self, todo: Iterator[Source], writer):
-    for chunk in engine._batches(todo, self.chunk_size):  # pylint: disable=protected-access
+    for chunk in engine.batches(todo, self.chunk_size):
       for images in self._fitted(chunk):
         writer.put(images)
 

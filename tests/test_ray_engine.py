@@ -93,6 +93,16 @@ def both_runs(cluster, loaded_model, photos, tmp_path_factory):
   return local, distributed, summary
 
 
+def test_preprocessing_and_fit_are_separate_stages(cluster, loaded_model, photos, capsys):
+  """Preprocessing runs as CPU tasks over the cluster, not inside the fit actors (Ray Data fuses
+  a task stage into the next actor stage when their resource requests match)."""
+  run = ray_engine.RayEngine(loaded_model, CONFIG, OPTIONS)
+  run.dataset_of(sources.list_sources([str(photos)])).explain()
+  physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+  assert "TaskPoolMapOperator[Map(prepare_fit_batch)]" in physical, physical
+  assert "ActorPoolMapOperator[Map(FitActor)]" in physical, physical
+
+
 def test_ray_rows_equal_the_local_engine_rows(both_runs):
   local, distributed, summary = both_runs
   expected, got = _rows(local), _rows(distributed)
