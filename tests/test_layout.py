@@ -108,14 +108,17 @@ def test_the_local_engine_needs_no_ray():
   assert probe.returncode == 0, probe.stderr
 
 
-def test_ray_engine_without_ray_says_what_to_install(tmp_path):
+@pytest.mark.parametrize("flags,says", [
+    (["--engine=ray"], "pip install 'jflame[ray]'"),
+    (["--ray_address=auto"], "--ray_address is for --engine=ray")])
+def test_ray_engine_usage_problems_say_what_to_do(tmp_path, flags, says):
   (tmp_path / "photos").mkdir()
   command = subprocess.run(
       [sys.executable, "-c", _NO_RAY + "from jflame.cli import annotate; annotate.run()",
-       "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out"), "--engine=ray"],
+       "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out")] + flags,
       capture_output=True, text=True, cwd=PROJECT_ROOT)
   assert command.returncode == 2, command.stderr
-  assert "pip install 'jflame[ray]'" in command.stderr
+  assert says in command.stderr
   assert not (tmp_path / "out").exists()
 
 

@@ -36,8 +36,9 @@ from jflame.cli import common
 _INPUT = flags.DEFINE_list("input", None, "Folder(s) (recursive), glob pattern(s) or list "
                            "file(s) (.txt, one image path per line).")
 _OUTPUT = flags.DEFINE_string("output", None, "Dataset folder (created if missing).")
-_WORKERS = flags.DEFINE_integer("workers", None, "Preprocessing worker processes (default: all "
-                                "cores but one).", lower_bound=1, upper_bound=256)
+_WORKERS = flags.DEFINE_integer("workers", None, "Preprocessing worker processes of the local "
+                                "engine (default: all cores but one).", lower_bound=1,
+                                upper_bound=256)
 _ROWS_PER_SHARD = flags.DEFINE_integer("rows_per_shard", 1000, "Rows per Parquet shard: a "
                                        "kill loses at most this many.", lower_bound=1,
                                        upper_bound=1_000_000)
@@ -47,14 +48,14 @@ _OVERLAYS = flags.DEFINE_enum("overlays", "sample", ["none", "sample", "failures
                               "suspect fit; failures (suspect fits); all.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Split the input over this many tasks "
                                    "(default: the JAX process count, else 1).", lower_bound=1)
+_SHARD_INDEX = flags.DEFINE_integer("shard_index", None, "This task's part, 0..num_shards-1 "
+                                    "(default: the JAX process index, else 0).", lower_bound=0)
 _ENGINE = flags.DEFINE_enum("engine", "local", ["local", "ray"], "local: this machine's "
                             "workers and devices; ray: preprocessing as CPU tasks over a Ray "
                             "cluster and the fits in GPU actors (pip install 'jflame[ray]').")
 _RAY_ADDRESS = flags.DEFINE_string("ray_address", None, "With --engine=ray: the cluster to join "
                                    "('auto', 'ray://head:10001'); default: $RAY_ADDRESS, else "
                                    "a Ray started on this machine.")
-_SHARD_INDEX = flags.DEFINE_integer("shard_index", None, "This task's part, 0..num_shards-1 "
-                                    "(default: the JAX process index, else 0).", lower_bound=0)
 
 
 def _shard_of(name: str, count: int) -> int:
@@ -113,6 +114,8 @@ def main(argv) -> int:
   if not _INPUT.value or not _OUTPUT.value:
     return common.usage_error("--input and --output are required.")
   ray_engine = None
+  if _RAY_ADDRESS.value and _ENGINE.value != "ray":
+    return common.usage_error("--ray_address is for --engine=ray.")
   if _ENGINE.value == "ray":
     ray_engine = _ray_engine()
     if ray_engine is None:
