@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-device device-check demo bench clean
+.PHONY: install test test-device device-check test-ray demo bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ test-device:
 OUT ?= device_check_out
 device-check:
 	OUT=$(OUT) PYTHON=$(DEVICE_PYTHON) bash tools/device_check.sh
+
+# The Ray engine's tests (skipped by `make test` unless Ray is installed): adds the optional
+# `ray` extra to the venv, then runs them on a local two-CPU Ray cluster.
+test-ray: $(STAMP)
+	$(PY) -m pip install -q -e ".[ray,test]"
+	$(PY) -m pytest -q tests/test_ray_engine.py
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --output demo_output

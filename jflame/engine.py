@@ -215,7 +215,8 @@ class _Writer(threading.Thread):
     self.check()
 
 
-def _batches(items: Iterable, size: int) -> Iterator[list]:
+def batches(items: Iterable, size: int) -> Iterator[list]:
+  """`items` in lists of `size` (the last one shorter), as they stream."""
   batch = []
   for item in items:
     batch.append(item)
@@ -243,6 +244,16 @@ class Engine:
       raise ConfigError(f"batch_size must be >= 1, got {options.batch_size}.")
     self.loaded, self.config, self.options = loaded, config, options
     self.progress = progress or (lambda count: None)
+    self.counts: Dict[str, int] = {}
+    self.buckets_used: set = set()
+    self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0,
+                        wall_s=0.0)
+    self._load_device_side()
+
+  def _load_device_side(self):
+    """Builds what the fit needs on this process's devices: the batch mesh, the fit model,
+    the optional albedo space and encoders. (A driver that fits elsewhere skips this.)"""
+    loaded, config, options = self.loaded, self.config, self.options
     self.mesh = sharding.batch_mesh() if len(jax.local_devices()) > 1 else None
     self.devices = 1 if self.mesh is None else self.mesh.size
     if options.batch_size % self.devices:
@@ -257,10 +268,6 @@ class Engine:
                         landmark_indices=np.asarray(self.fit_model.landmark_indices),
                         albedo_name=(self.fit_model.albedo.name
                                      if self.fit_model.albedo is not None else None))
-    self.counts: Dict[str, int] = {}
-    self.buckets_used: set = set()
-    self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0,
-                        wall_s=0.0)
 
   # --- what to do ---------------------------------------------------------------------------
 
@@ -323,6 +330,15 @@ class Engine:
       images[-1].entry["fit_ms"] = None if first else 1000.0 * elapsed / len(records)
     return images
 
+  def fit_batch(self, sources: List[Source], records: List[PreparedImage]
+                ) -> List[FittedImage]:
+    """Fits one batch of prepared records and waits for it: one FittedImage per source, in
+    order. The local pipeline splits this in two to overlap the device with the host; the Ray
+    engine's fit actors call it whole."""
+    started = time.perf_counter()
+    results, meshes = self._fit(records)
+    return self._settle(sources, records, results, meshes, started)
+
   # --- the run --------------------------------------------------------------------------------
 
   @property
@@ -360,17 +376,17 @@ class Engine:
 
   def _pipeline(self, todo: Iterator[Source], writer: _Writer):
     options = self.options
-    batches = _batches(todo, options.batch_size)
-    first = next(batches, None)
+    todo_batches = batches(todo, options.batch_size)
+    first = next(todo_batches, None)
     if first is None:
       return  # nothing to do: no workers started, nothing compiled
-    batches = itertools.chain([first], batches)
+    todo_batches = itertools.chain([first], todo_batches)
     with Preprocessor(options.crop_size, workers=options.workers,
                       landmarks_only=options.landmarks_only) as preprocessor:
       pending = []  # (sources, record iterator), oldest first, at most prefetch + 1
 
       def submit():
-        batch = next(batches, None)
+        batch = next(todo_batches, None)
         if batch is not None:
           pending.append((batch, preprocessor.prepare_iter([s.path for s in batch],
                                                            [s.name for s in batch])))

@@ -107,10 +107,22 @@ def load_albedo(loaded: LoadedModel, options):
                              options.texture_size, uv_path=uv_path)
 
 
+def _fitted_embedding(loaded: LoadedModel, config: FitConfig, reference):
+  """The embedding restricted to the landmark regions the fit uses."""
+  return landmarks.select_regions(loaded.embedding, config.landmark_regions, reference)
+
+
+def fitted_landmark_indices(loaded: LoadedModel, config: FitConfig) -> np.ndarray:
+  """(K,) the MediaPipe landmark of each fitted point, without building the fit model (for a
+  driver whose fits run elsewhere)."""
+  reference = landmarks_io.load_mediapipe_reference()
+  return np.asarray(_fitted_embedding(loaded, config, reference).landmark_indices)
+
+
 def prepare_fit_model(loaded: LoadedModel, config: FitConfig, albedo=None) -> FitModel:
   reference = landmarks_io.load_mediapipe_reference()
   region = landmarks.mediapipe_landmark_weights(reference, config.region_weights)
-  embedding = landmarks.select_regions(loaded.embedding, config.landmark_regions, reference)
+  embedding = _fitted_embedding(loaded, config, reference)
   return make_fit_model(loaded.model, np.asarray(embedding.face_indices),
                         np.asarray(embedding.barycentrics), np.asarray(embedding.landmark_indices),
                         region[np.asarray(embedding.landmark_indices)], config, albedo)
@@ -135,6 +147,14 @@ def load_encoders(loaded: LoadedModel, options):
     logging.info("DECA/MICA files found but not used: the model is %s, not flame2020", variant)
     return None, None
   return deca, mica
+
+
+def use_compilation_cache(folder: str) -> None:
+  """Keeps this process's compiled programs in `folder` (JAX's persistent cache)."""
+  jax.config.update("jax_compilation_cache_dir", folder)
+  # Cache every program: the fits compile in seconds, which is all a short run costs.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def take(tree, slot: int):

@@ -27,6 +27,8 @@ HOST_ONLY_IMPORTS = ("cv2", "mediapipe", "trimesh", "PIL", "onnxruntime", "absl.
                      "jflame.dataset", "jflame.initializers")
 # The only modules that may use the optional ONNX layer.
 ENCODER_USERS = ("jflame/runner.py", "jflame/engine.py")
+# The only module besides the commands that may import the optional Ray (jflame[ray]).
+RAY_USERS = ("jflame/ray_engine.py",)
 
 
 def _imports(path: Path):
@@ -96,7 +98,36 @@ def test_imports_point_one_way():
         problems.append(f"{relative} imports the optional encoder layer ({name})")
       if _is_or_under(name, "absl.flags") and not relative.startswith("jflame/cli/"):
         problems.append(f"{relative} defines or reads flags outside jflame/cli ({name})")
+      if _is_or_under(name, "ray") and not relative.startswith("jflame/cli/") and (
+          relative not in RAY_USERS):
+        problems.append(f"{relative} imports the optional Ray ({name})")
+      if _is_or_under(name, "jflame.ray_engine") and not relative.startswith("jflame/cli/"):
+        problems.append(f"{relative} imports the Ray engine ({name}); only commands may")
   assert not problems, "\n".join(problems)
+
+
+_NO_RAY = "import sys; sys.modules['ray'] = None  # as if Ray were not installed\n"
+
+
+def test_the_local_engine_needs_no_ray():
+  probe = subprocess.run(
+      [sys.executable, "-c", _NO_RAY + "import jflame.engine, jflame.sinks, jflame.cli.annotate"],
+      capture_output=True, text=True, cwd=PROJECT_ROOT)
+  assert probe.returncode == 0, probe.stderr
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--engine=ray"], "pip install 'jflame[ray]'"),
+    (["--ray_address=auto"], "--ray_address is for --engine=ray")])
+def test_ray_engine_usage_problems_say_what_to_do(tmp_path, flags, says):
+  (tmp_path / "photos").mkdir()
+  command = subprocess.run(
+      [sys.executable, "-c", _NO_RAY + "from jflame.cli import annotate; annotate.run()",
+       "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out")] + flags,
+      capture_output=True, text=True, cwd=PROJECT_ROOT)
+  assert command.returncode == 2, command.stderr
+  assert says in command.stderr
+  assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("module", DEVICE_MODULES)

@@ -2,6 +2,7 @@
 
   jflame-annotate --input photos/ --output annotations/ [--mode landmark] [--batch_size 64]
                   [--workers N] [--overlays sample] [--meshes] [--num_shards 8 --shard_index 3]
+                  [--engine ray [--ray_address auto]]
 
 --input takes folders (searched recursively), glob patterns and list files (.txt, one path per
 line, read as a stream). Every input gets exactly one row in Parquet shards under
@@ -22,6 +23,10 @@ images/s; it shows a total and an ETA when the inputs are folders or patterns th
 a couple of seconds, never for list files, which are streamed (see `sources.cheap_count`).
 Skipped inputs (already in the dataset) count as progress too.
 
+With --engine=ray (pip install 'jflame[ray]') the same run spreads over a Ray cluster:
+preprocessing as CPU tasks, the fits in actors with a GPU each (one per GPU), the rows written
+by this process into the same shards; the inputs must be at the same paths on every node.
+
 Exit status: 0 when the dataset holds at least one fitted row, 1 when none, 2 for a usage
 problem.
 """
@@ -38,8 +43,9 @@ from jflame.cli import common
 _INPUT = flags.DEFINE_list("input", None, "Folder(s) (recursive), glob pattern(s) or list "
                            "file(s) (.txt, one image path per line).")
 _OUTPUT = flags.DEFINE_string("output", None, "Dataset folder (created if missing).")
-_WORKERS = flags.DEFINE_integer("workers", None, "Preprocessing worker processes (default: all "
-                                "cores but one).", lower_bound=1, upper_bound=256)
+_WORKERS = flags.DEFINE_integer("workers", None, "Preprocessing worker processes of the local "
+                                "engine (default: all cores but one).", lower_bound=1,
+                                upper_bound=256)
 _ROWS_PER_SHARD = flags.DEFINE_integer("rows_per_shard", 1000, "Rows per Parquet shard: a "
                                        "kill loses at most this many.", lower_bound=1,
                                        upper_bound=1_000_000)
@@ -53,6 +59,12 @@ _NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Split the input over thi
                                    "(default: the JAX process count, else 1).", lower_bound=1)
 _SHARD_INDEX = flags.DEFINE_integer("shard_index", None, "This task's part, 0..num_shards-1 "
                                     "(default: the JAX process index, else 0).", lower_bound=0)
+_ENGINE = flags.DEFINE_enum("engine", "local", ["local", "ray"], "local: this machine's "
+                            "workers and devices; ray: preprocessing as CPU tasks over a Ray "
+                            "cluster and the fits in GPU actors (pip install 'jflame[ray]').")
+_RAY_ADDRESS = flags.DEFINE_string("ray_address", None, "With --engine=ray: the cluster to join "
+                                   "('auto', 'ray://head:10001'); default: $RAY_ADDRESS, else "
+                                   "a Ray started on this machine.")
 
 
 def _shard_of(name: str, count: int) -> int:
@@ -98,13 +110,39 @@ def _write_report(folder):
     return None
 
 
+def _ray_engine():
+  """jflame.ray_engine, or None when Ray is not installed."""
+  try:
+    from jflame import ray_engine
+  except ImportError as error:
+    if (error.name or "").split(".")[0] != "ray":
+      raise
+    return None
+  return ray_engine
+
+
+def _make_engine(loaded, config, options, progress, cache, ray_engine):
+  if ray_engine is None:
+    from jflame import engine
+    return engine.Engine(loaded, config, options, progress=progress)
+  ray_engine.connect(_RAY_ADDRESS.value)
+  return ray_engine.RayEngine(loaded, config, options, progress, compilation_cache=cache)
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     return common.usage_error(f"unexpected arguments {argv[1:]}; name inputs with --input.")
   common.quiet_logging()
   if not _INPUT.value or not _OUTPUT.value:
     return common.usage_error("--input and --output are required.")
-  from jflame import engine, output_folder, sinks, sources
+  ray_engine = None
+  if _RAY_ADDRESS.value and _ENGINE.value != "ray":
+    return common.usage_error("--ray_address is for --engine=ray.")
+  if _ENGINE.value == "ray":
+    ray_engine = _ray_engine()
+    if ray_engine is None:
+      return common.usage_error("--engine=ray needs Ray: pip install 'jflame[ray]'.")
+  from jflame import output_folder, sinks, sources
   from jflame.errors import JFlameError
   try:
     index, count = _task_split()
@@ -131,7 +169,7 @@ def main(argv) -> int:
       print(f"model: {loaded.description}", flush=True)
       options = common.engine_options(workers, landmarks_only=not config.photometric)
       with _progress_bar(total) as bar:
-        run = engine.Engine(loaded, config, options, progress=bar.update)
+        run = _make_engine(loaded, config, options, bar.update, cache, ray_engine)
         sink = sinks.DatasetSink(
             folder, loaded.model.faces, loaded.model.name,
             sinks.dataset_settings(loaded, config, options.crop_size, run.landmark_indices),

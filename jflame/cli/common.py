@@ -82,17 +82,14 @@ def enable_compilation_cache() -> Optional[str]:
   folder (None when off or when it cannot be created)."""
   if not COMPILATION_CACHE.value:
     return None
-  import jax
   folder = compilation_cache_folder()
   try:
     folder.mkdir(parents=True, exist_ok=True)
   except OSError as error:
     logging.warning("compilation cache off: cannot create %s (%s)", folder, error)
     return None
-  jax.config.update("jax_compilation_cache_dir", str(folder))
-  # Cache every program: the fits compile in seconds, which is all a short run costs.
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  from jflame import runner
+  runner.use_compilation_cache(str(folder))
   return str(folder)
 
 
