@@ -100,6 +100,13 @@ class FitConfig:
     vmap_chunk: 0 vectorises the whole batch; N vectorises N images at a time and runs the
       chunks in sequence inside the same program. On a CPU, photometric fitting is fastest
       with small chunks (each image's render stays in cache); on an accelerator use 0.
+    landmark_solver: "adam" (the optax stages above) or "lm": Levenberg-Marquardt on the same
+      landmark objective (jflame.solve) replaces the rigid stage and, in landmark mode, the full
+      stage too; photometric mode still runs its Adam full stage after it.
+    lm_iterations: Levenberg-Marquardt steps (fixed; converged images stop moving).
+    shared_focal: "lm" only: the valid images of a batch share one camera, and one focal
+      length is solved for all of them (jflame.solve.solve_shared_focal), starting from the
+      fov_degrees focal. From one image the focal length is weakly determined: keep False.
   """
   num_shape: int = 100
   num_expression: int = 50
@@ -124,6 +131,9 @@ class FitConfig:
   albedo_per_channel: int = 16
   raster: RasterSettings = RasterSettings(cull_backfaces=True)
   vmap_chunk: int = 0
+  landmark_solver: str = "adam"
+  lm_iterations: int = 10
+  shared_focal: bool = False
 
   def replace(self, **changes) -> "FitConfig":
     return dataclasses.replace(self, **changes)
