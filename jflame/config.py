@@ -104,9 +104,16 @@ class FitConfig:
       landmark objective (jflame.solve) replaces the rigid stage and, in landmark mode, the full
       stage too; photometric mode still runs its Adam full stage after it.
     lm_iterations: Levenberg-Marquardt steps (fixed; converged images stop moving).
-    shared_focal: "lm" only: the valid images of a batch share one camera, and one focal
+    lm_vmap_chunk: with landmark_solver "lm" and vmap_chunk 0, images vectorised at a time:
+      each image's Jacobian and normal matrix (~0.3 MB) stay in a CPU's cache in chunks of 16,
+      not over a whole batch of 256 (3x slower per image on the 2-core CPU). 0 vectorises the
+      whole batch (accelerators).
+    shared_focal: the valid images of a batch share one camera, and one focal
       length is solved for all of them (jflame.solve.solve_shared_focal), starting from the
       fov_degrees focal. From one image the focal length is weakly determined: keep False.
+    shared_focal_iterations: steps of that joint solve (the focal direction is poorly
+      conditioned, so it needs more than lm_iterations; the images are then fitted again with
+      the solved focal).
   """
   num_shape: int = 100
   num_expression: int = 50
@@ -131,9 +138,11 @@ class FitConfig:
   albedo_per_channel: int = 16
   raster: RasterSettings = RasterSettings(cull_backfaces=True)
   vmap_chunk: int = 0
-  landmark_solver: str = "adam"
-  lm_iterations: int = 10
+  landmark_solver: str = "lm"
+  lm_iterations: int = 5
+  lm_vmap_chunk: int = 16
   shared_focal: bool = False
+  shared_focal_iterations: int = 30
 
   def replace(self, **changes) -> "FitConfig":
     return dataclasses.replace(self, **changes)

@@ -386,8 +386,8 @@ def shared_focal_length(fit_model: FitModel, observations: Observation, config: 
 
   problems, params, x, active, focals = jax.vmap(start)(observations, guess)
   _, log_focal, _, members = solve.solve_shared_focal(
-      fit_model.landmark_rows, problems, params, x, jnp.log(focals[0]), config.lm_iterations,
-      active)
+      fit_model.landmark_rows, problems, params, x, jnp.log(focals[0]),
+      config.shared_focal_iterations, active)
   return jnp.exp(log_focal), members
 
 
@@ -455,14 +455,28 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
                    failed=failed, fitted=active & ~failed, **extra)
 
 
+def _chunked_vmap(function, inputs, chunk: int, batch: int):
+  """vmap over chunks of `chunk` images run one after another (`lax.map(batch_size=...)`
+  without its reshape(-1), which fails on zero-size outputs such as an empty loss history)."""
+  full = batch - batch % chunk
+  head = jax.tree.map(lambda x: x[:full].reshape((full // chunk, chunk) + x.shape[1:]), inputs)
+  out = jax.lax.map(jax.vmap(function), head)
+  out = jax.tree.map(lambda y: y.reshape((full,) + y.shape[2:]), out)
+  if full == batch:
+    return out
+  tail = jax.vmap(function)(jax.tree.map(lambda x: x[full:], inputs))
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def fit_batch(fit_model: FitModel, observations: Observation, config: FitConfig,
               guess: Optional[InitialGuess] = None):
   """Fits a batch of observations (leading axis B on every array) in one compiled program.
 
   `guess`, optional, holds initialiser estimates per slot (see initializers.initial_guess).
-  Images are vmapped, in chunks of `config.vmap_chunk` run one after another when it is set
-  (the results are the same either way). The program is compiled once per (batch size, crop
+  Images are vmapped, in chunks of `config.vmap_chunk` (or, for the "lm" solver,
+  `config.lm_vmap_chunk`) run one after another when it is set (the results are the same
+  either way). The program is compiled once per (batch size, crop
   size, config, model sizes, which guess fields are present); new values never recompile.
   """
   focal_length = None
@@ -474,6 +488,9 @@ def fit_batch(fit_model: FitModel, observations: Observation, config: FitConfig,
     return fit_one(fit_model, observation, config, one_guess, focal_length)
 
   batch = observations.valid.shape[0]
-  if not config.vmap_chunk or config.vmap_chunk >= batch:
+  chunk = config.vmap_chunk
+  if not chunk and config.landmark_solver == "lm":
+    chunk = config.lm_vmap_chunk
+  if not chunk or chunk >= batch:
     return jax.vmap(fit_slot)((observations, guess))
-  return jax.lax.map(fit_slot, (observations, guess), batch_size=config.vmap_chunk)
+  return _chunked_vmap(fit_slot, (observations, guess), chunk, batch)

@@ -73,7 +73,7 @@ class SolveInfo:
   Attributes:
     cost_history: (iterations,) objective after each iteration (the start value first).
     iterations: () int32 accepted steps.
-    converged: () True when the last steps changed the objective by less than the tolerance.
+    converged: () True when the last step changed the objective by less than the tolerance.
     failed: () True when the objective or its Jacobian was not finite at the start.
     damping: () final Levenberg-Marquardt damping mu.
   """
@@ -128,18 +128,25 @@ def _pixels_from_points(problem, points, camera, log_focal):
   return pinhole(points_cam, jnp.exp(log_focal), problem.principal_point)
 
 
+def _skinned(rows: SurfaceRows, params: FlameParams, identity, pose):
+  """Model-space points (K, 3) for identity (S + E,) and jaw/eye pose (9,), plus what the
+  identity Jacobian reuses: (points, rotations, joints, blended row transforms (R, 3, 4))."""
+  rotations = _joint_rotations(params, pose)
+  posed, joints = _posed_rows(rows, identity, rotations)
+  transforms = relative_joint_transforms(rotations, joints, rows.parents)
+  num_joints = transforms.shape[0]
+  blended = (rows.lbs_weights @ transforms.reshape(num_joints, 12)).reshape(-1, 3, 4)
+  # Elementwise 3x3 products (a batched dot becomes thousands of tiny matrix products).
+  rows_out = sum(blended[:, :, b] * posed[:, b, None] for b in range(3)) + blended[:, :, 3]
+  return combine_corners(rows, rows_out), rotations, joints, blended
+
+
 def landmark_pixels(rows: SurfaceRows, problem: LandmarkProblem, params: FlameParams, x,
                     log_focal):
   """(K, 2) projected landmarks of unknowns x (N,) (the other FlameParams fields from
   `params`), the same as `surface_points_forward` followed by the fit's pinhole projection."""
   n = rows.num_shape + rows.num_expression
-  rotations = _joint_rotations(params, x[n:n + 9])
-  posed, joints = _posed_rows(rows, x[:n], rotations)
-  transforms = relative_joint_transforms(rotations, joints, rows.parents)
-  num_joints = transforms.shape[0]
-  blended = (rows.lbs_weights @ transforms.reshape(num_joints, 12)).reshape(-1, 3, 4)
-  points = combine_corners(rows, jnp.sum(blended[:, :, :3] * posed[:, None, :], -1)
-                           + blended[:, :, 3])
+  points = _skinned(rows, params, x[:n], x[n:n + 9])[0]
   return _pixels_from_points(problem, points, x[n + 9:], log_focal)
 
 
@@ -150,12 +157,11 @@ def _identity_point_jacobian(rows: SurfaceRows, rotations, joints, blended):
   n = rows.num_shape + rows.num_expression
   num_joints = joints.shape[0]
   translation = lambda j: relative_joint_transforms(rotations, j, rows.parents)[:, :, 3]
-  d_translation = jax.jacfwd(translation)(joints)                       # (J, 3, J, 3)
-  joint_basis = rows.joint_basis.reshape(n, num_joints, 3)
-  d_joint_t = jnp.einsum("jaib,nib->nja", d_translation, joint_basis)   # (N, J, 3)
-  row_basis = rows.basis[:n].reshape(n, -1, 3)                          # (N, R, 3)
-  d_rows = (jnp.einsum("rab,nrb->ran", blended[:, :, :3], row_basis)
-            + jnp.einsum("rj,nja->ran", rows.lbs_weights, d_joint_t))   # (R, 3, N)
+  d_translation = jax.jacfwd(translation)(joints).reshape(num_joints * 3, num_joints * 3)
+  d_joint_t = d_translation @ rows.joint_basis.T                        # (J * 3, N)
+  row_basis = rows.basis[:n].reshape(n, -1, 3).transpose(1, 2, 0)      # (R, 3, N)
+  d_rows = sum(blended[:, :, b, None] * row_basis[:, None, b, :] for b in range(3))
+  d_rows = d_rows + (rows.lbs_weights @ d_joint_t.reshape(num_joints, 3 * n)).reshape(-1, 3, n)
   num_rows = d_rows.shape[0]
   return combine_corners(rows, d_rows.reshape(num_rows, 3 * n)).reshape(-1, 3, n)
 
@@ -165,35 +171,34 @@ def residuals_and_jacobian(rows: SurfaceRows, problem: LandmarkProblem, params: 
   """Scaled landmark residuals r (K, 2) and their Jacobians: d r / d x (K, 2, N) and
   d r / d log focal (K, 2).
 
-  The identity columns come from the linear structure (`_identity_point_jacobian`, no
-  N-column forward pass); the 15 pose/camera columns and the focal column by forward mode.
+  Model-space point Jacobians come from the linear structure in the identity
+  (`_identity_point_jacobian`, no N-column forward pass) and by forward mode over the 9
+  jaw/eye unknowns; the camera and the projection are chained on by hand.
   """
   n = rows.num_shape + rows.num_expression
-  identity = x[:n]
-  rotations = _joint_rotations(params, x[n:n + 9])
-  posed, joints = _posed_rows(rows, identity, rotations)
-  transforms = relative_joint_transforms(rotations, joints, rows.parents)
-  num_joints = transforms.shape[0]
-  blended = (rows.lbs_weights @ transforms.reshape(num_joints, 12)).reshape(-1, 3, 4)
-  points = combine_corners(rows, jnp.sum(blended[:, :, :3] * posed[:, None, :], -1)
-                           + blended[:, :, 3])
-
-  def scaled(tail):  # residuals as a function of [pose (15), log focal], identity held fixed
-    return (landmark_pixels(rows, problem, params, jnp.concatenate([identity, tail[:-1]]),
-                            tail[-1]) - problem.targets) * problem.pixel_scale
-
-  tail = jnp.concatenate([x[n:], log_focal[None]])
-  residual = scaled(tail)
-  d_tail = jax.jacfwd(scaled)(tail)                                      # (K, 2, 16)
-  camera = x[n + 9:]
+  identity, pose, camera = x[:n], x[n:n + 9], x[n + 9:]
+  points, rotations, joints, blended = _skinned(rows, params, identity, pose)
+  d_pose = jax.jacfwd(lambda q: _skinned(rows, params, identity, q)[0])(pose)   # (K, 3, 9)
+  d_identity = _identity_point_jacobian(rows, rotations, joints, blended)       # (K, 3, S+E)
+  rotate = lambda delta: points @ _camera_rotation(problem, delta).T
+  rotated = rotate(camera[:3])
+  d_rotation = jax.jacfwd(rotate)(camera[:3])                                   # (K, 3, 3)
   rotation = _camera_rotation(problem, camera[:3])
-  points_cam = points @ rotation.T + camera[3:]
-  project = lambda p: pinhole(p[None], jnp.exp(log_focal), problem.principal_point)[0]
-  d_pixel = jax.vmap(jax.jacfwd(project))(points_cam)                    # (K, 2, 3)
-  d_points = _identity_point_jacobian(rows, rotations, joints, blended)  # (K, 3, N_id)
-  d_identity = jnp.einsum("kac,cd,kdn->kan", d_pixel, rotation, d_points) * problem.pixel_scale
-  jacobian = jnp.concatenate([d_identity, d_tail[..., :-1]], axis=-1)
-  return residual, jacobian, d_tail[..., -1]
+  points_cam = rotated + camera[3:]
+  focal = jnp.exp(log_focal)
+  pixels = pinhole(points_cam, focal, problem.principal_point)
+  project = lambda p: pinhole(p[None], focal, problem.principal_point)[0]
+  d_pixel = jax.vmap(jax.jacfwd(project))(points_cam) * problem.pixel_scale    # (K, 2, 3)
+  to_pixels = jnp.einsum("kac,cd->kad", d_pixel, rotation)  # model space -> pixels (K, 2, 3)
+
+  def chain(matrix, columns):  # (K, 2, 3) x (K, 3, M) -> (K, 2, M), elementwise over rows
+    return sum(matrix[:, :, c, None] * columns[:, None, c, :] for c in range(3))
+
+  jacobian = jnp.concatenate([chain(to_pixels, d_identity), chain(to_pixels, d_pose),
+                              chain(d_pixel, d_rotation), d_pixel], axis=-1)
+  residual = (pixels - problem.targets) * problem.pixel_scale
+  # pinhole is linear in the focal length: d pixels / d log f = pixels - principal point.
+  return residual, jacobian, (pixels - problem.principal_point) * problem.pixel_scale
 
 
 def _weight_total(problem):
@@ -231,6 +236,8 @@ def _held(problem, a, b):
   a = jnp.where(free[:, None] & free[None, :], a, 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0))
   return a, jnp.where(free, b, 0.0)
 
+
+_EPS = float(jnp.finfo(jnp.float32).eps)
 
 # Relative floor of the Marquardt scaling, so an unknown that no landmark sees (an eye without
 # iris points) still gets a damped, finite step.
@@ -286,7 +293,9 @@ def solve_landmarks(rows: SurfaceRows, problem: LandmarkProblem, params: FlamePa
     log_focal: () log of the focal length in pixels.
     iterations: fixed number of steps (a static int).
     active: () False holds the image still (padding, failed preprocessing).
-    tolerance: an image stops once a step lowers f by less than tolerance * f.
+    tolerance: `converged` reports a last step that lowered f by less than tolerance * f (or
+      whose model promised that little). An image stops moving once its model promises less
+      than float32 resolution; inactive and failed images never move.
   Returns:
     (x (N,), SolveInfo).
   """
@@ -295,7 +304,7 @@ def solve_landmarks(rows: SurfaceRows, problem: LandmarkProblem, params: FlamePa
   dtype = x.dtype
 
   def step(carry, _):
-    x, cost, system, mu, nu, moving, count = carry
+    x, cost, system, mu, nu, moving, count, _ = carry
     a, b = _held(problem, *system[:2])
     factor, scale = _damped_factor(a, mu)
     dx = -_damped_solve(factor, scale, b)
@@ -306,21 +315,24 @@ def solve_landmarks(rows: SurfaceRows, problem: LandmarkProblem, params: FlamePa
     decrease = cost - trial_cost
     gain = decrease / jnp.maximum(predicted, 1e-30)
     accepted = moving & trial_ok & (decrease > 0)
-    # Converged: an accepted step that barely helped, or a model that promises next to nothing.
-    small = (accepted & (decrease <= tolerance * cost)) | (moving & (predicted <= tolerance * cost))
+    # Converged: a step that barely helped, or a model that promises next to nothing.
+    settled = (accepted & (decrease <= tolerance * cost)) | (predicted <= tolerance * cost)
+    # Stop moving once the model cannot change f by one float32 step: what is left is
+    # rounding, and a batch must give what its images give alone (not stop one step apart).
+    done = predicted <= _EPS * cost
     new_mu, new_nu = _nielsen(mu, nu, gain, accepted)
     keep = lambda new, old: jax.tree.map(lambda u, v: jnp.where(accepted, u, v), new, old)
     carry = (keep(trial, x), keep(trial_cost, cost), keep(trial_system, system),
-             jnp.where(moving, new_mu, mu), jnp.where(moving, new_nu, nu), moving & ~small,
-             count + accepted.astype(jnp.int32))
+             jnp.where(moving, new_mu, mu), jnp.where(moving, new_nu, nu), moving & ~done,
+             count + accepted.astype(jnp.int32), settled | done)
     return carry, keep(trial_cost, cost)
 
   carry = (x, cost, system, jnp.asarray(initial_damping, dtype), jnp.asarray(2.0, dtype), moving,
-           jnp.asarray(0, jnp.int32))
-  (x, _, _, mu, _, moving_end, count), history = jax.lax.scan(step, carry, None,
-                                                               length=iterations)
+           jnp.asarray(0, jnp.int32), jnp.asarray(False))
+  (x, _, _, mu, _, _, count, settled), history = jax.lax.scan(step, carry, None,
+                                                              length=iterations)
   info = SolveInfo(cost_history=history, iterations=count,
-                   converged=jnp.asarray(active) & ok & ~moving_end,
+                   converged=jnp.asarray(active) & ok & settled,
                    failed=jnp.asarray(active) & ~ok, damping=mu)
   return x, info
 

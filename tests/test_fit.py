@@ -86,7 +86,8 @@ def test_recovers_expression_pose_and_camera_with_known_shape(small_model):
   guess = InitialGuess(estimated=np.ones(4, bool), shape=np.stack([p.shape for p in params]))
   result = fit_batch(_fit_model(model, embedding, config), observation, config, guess)
   untrained = fit_batch(_fit_model(model, embedding, config), observation,
-                        config.replace(rigid_iterations=0, full_iterations=0), guess)
+                        config.replace(rigid_iterations=0, full_iterations=0, lm_iterations=0),
+                        guess)
   np.testing.assert_allclose(result.params.shape, guess.shape, atol=1e-6)  # held fixed
   assert np.all(np.asarray(result.fitted))
   # 0.5 px of noise per coordinate: a perfect fit leaves ~0.63 px mean distance.
@@ -132,9 +133,10 @@ def test_fits_unknown_shape_to_the_noise_floor(small_model):
   fit_model = _fit_model(model, embedding, config)
   result = fit_batch(fit_model, observation, config)
   initial = fit_batch(fit_model, observation,
-                      config.replace(rigid_iterations=0, full_iterations=0))
+                      config.replace(rigid_iterations=0, full_iterations=0, lm_iterations=0))
   mean_face = fit_batch(fit_model, observation,
-                        config.replace(rigid_iterations=0, full_iterations=0, init_rounds=0))
+                        config.replace(rigid_iterations=0, full_iterations=0, lm_iterations=0,
+                                       init_rounds=0))
   assert np.all(np.asarray(result.landmark_error) < 1.0), result.landmark_error
   assert np.all(np.asarray(result.landmark_error) <= np.asarray(initial.landmark_error) + 1e-3)
   assert np.all(np.asarray(mean_face.landmark_error) > 2 * np.asarray(result.landmark_error))
