@@ -17,15 +17,14 @@ by Cholesky after a Jacobi scaling (unit diagonal, so float32 copes with unknown
 radians and coefficients alike). A step is kept when f falls, with Nielsen's damping update.
 
 Everything is written for ONE image and vmapped; the loop has a fixed length, and an image
-that has converged, failed or is inactive keeps its values (a mask, not a data-dependent shape).
+that has converged (to float32 resolution), failed or is inactive keeps its values (a mask, not
+a data-dependent shape); a rejected step leaves an image where it was.
 
 The focal length is one more unknown (as log focal): weakly determined by one image (depth
 trades against focal length), so `solve_landmarks` holds it fixed unless asked; across images
 known to share one camera, `solve_shared_focal` solves one focal length for all of them by a
 Schur complement on the per-image normal equations.
 """
-
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,7 @@ from flax import struct
 from jflame import losses
 from jflame.camera import pinhole
 from jflame.flame import (FlameParams, SurfaceRows, combine_corners, pose_feature,
-                          posed_joint_locations, relative_joint_transforms)
+                          relative_joint_transforms)
 from jflame.rotation import axis_angle_to_matrix
 
 # Unknowns after the identity coefficients: jaw, left eye, right eye, camera rotation delta,

@@ -39,7 +39,7 @@ _VMAP_CHUNK = flags.DEFINE_integer("vmap_chunk", 0, "FitConfig.vmap_chunk (0: wh
 _PREPROCESS_IMAGES = flags.DEFINE_integer("preprocess_images", 24,
                                           "Photographs to preprocess (0 skips that part).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write results as JSON here.")
-_SOLVERS = flags.DEFINE_list("landmark_solvers", ["adam"],
+_SOLVERS = flags.DEFINE_list("landmark_solvers", ["lm", "adam"],
                              "FitConfig.landmark_solver values to time side by side.")
 _LM_ITERATIONS = flags.DEFINE_integer("lm_iterations", None,
                                       "FitConfig.lm_iterations (default: the config's).")
