@@ -17,6 +17,9 @@ from jflame.landmarks import REGION_NAMES, LandmarkWeights
 from jflame.render.rasterize import RasterSettings
 
 
+LANDMARK_SOLVERS = ("adam", "lm")
+
+
 class FitMode(str, enum.Enum):
   """What the fit matches: detected landmarks only, or landmarks plus the photo's colours
   (through jflame's rasterizer). A str enum, so "landmark" and FitMode.LANDMARK compare equal
@@ -147,6 +150,20 @@ class FitConfig:
     vmap_chunk: 0 vectorises the whole batch; N vectorises N images at a time and runs the
       chunks in sequence inside the same program. On a CPU, photometric fitting is fastest
       with small chunks (each image's render stays in cache); on an accelerator use 0.
+    landmark_solver: "adam" (the optax stages above) or "lm": Levenberg-Marquardt on the same
+      landmark objective (jflame.solve) replaces the rigid stage and, in landmark mode, the full
+      stage too; photometric mode still runs its Adam full stage after it.
+    lm_iterations: Levenberg-Marquardt steps (fixed; converged images stop moving).
+    lm_vmap_chunk: with landmark_solver "lm" and vmap_chunk 0, images vectorised at a time:
+      each image's Jacobian and normal matrix (~0.3 MB) stay in a CPU's cache in chunks of 16,
+      not over a whole batch of 256 (3x slower per image on the 2-core CPU). 0 vectorises the
+      whole batch (accelerators).
+    shared_focal: the valid images of a batch share one camera, and one focal
+      length is solved for all of them (jflame.solve.solve_shared_focal), starting from the
+      fov_degrees focal. From one image the focal length is weakly determined: keep False.
+    shared_focal_iterations: steps of that joint solve (the focal direction is poorly
+      conditioned, so it needs more than lm_iterations; the images are then fitted again with
+      the solved focal).
   """
   num_shape: int = 100
   num_expression: int = 50
@@ -171,6 +188,11 @@ class FitConfig:
   albedo_per_channel: int = 16
   raster: RasterSettings = RasterSettings(cull_backfaces=True)
   vmap_chunk: int = 0
+  landmark_solver: str = "lm"
+  lm_iterations: int = 5
+  lm_vmap_chunk: int = 16
+  shared_focal: bool = False
+  shared_focal_iterations: int = 30
 
   def __post_init__(self):
     """Refuses settings that cannot mean anything, naming the field and what it accepts
@@ -182,7 +204,8 @@ class FitConfig:
       value = getattr(self, field)
       _require(_is_int(value) and value >= 1, field, "an integer >= 1", value)
     for field in ("rigid_iterations", "full_iterations", "init_rounds", "init_num_shape",
-                  "init_num_expression", "vmap_chunk"):
+                  "init_num_expression", "vmap_chunk", "lm_iterations", "lm_vmap_chunk",
+                  "shared_focal_iterations"):
       value = getattr(self, field)
       _require(_is_int(value) and value >= 0, field, "an integer >= 0", value)
     _require(_is_int(self.albedo_per_channel) and self.albedo_per_channel >= 1,
@@ -195,6 +218,10 @@ class FitConfig:
     _require(_is_number(self.fov_degrees) and 0 < self.fov_degrees < 180, "fov_degrees",
              "a number of degrees in (0, 180)", self.fov_degrees)
     _require(isinstance(self.fit_shape, bool), "fit_shape", "True or False", self.fit_shape)
+    _require(isinstance(self.shared_focal, bool), "shared_focal", "True or False",
+             self.shared_focal)
+    _require(self.landmark_solver in LANDMARK_SOLVERS, "landmark_solver",
+             f"one of {list(LANDMARK_SOLVERS)}", self.landmark_solver)
     for field, rates in (("rigid_rates", self.rigid_rates), ("full_rates", self.full_rates)):
       _require(isinstance(rates, LearningRates), field, "a LearningRates", rates)
       rates.validate(field)

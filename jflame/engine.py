@@ -166,8 +166,12 @@ def _describe(record: PreparedImage, source: Source, result, meshes, context) ->
       record, result, model_name=context["model_name"], mode=context["mode"],
       crop_size=context["crop_size"], landmark_indices=context["landmark_indices"],
       albedo_name=context["albedo_name"])
+  # The last stage that ran: Adam's full stage, or the landmark solve when it did all the work.
+  history = arrays["full_loss_history"]
+  if np.size(history) == 0:
+    history = arrays["rigid_loss_history"]
   measures = quality.fit_quality(arrays["landmark_error_relative"], arrays["shape"],
-                                 arrays["expression"], arrays["full_loss_history"])
+                                 arrays["expression"], history)
   entry.update(landmark_error_px=arrays["landmark_error_px"], **measures.as_dict())
   arrays.update({key: entry[key] for key in ("source", "source_size", "source_mtime_ns",
                                               "source_hash") if entry[key] is not None})

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from jflame import losses
+from jflame import losses, solve
 from jflame.camera import Camera, focal_length_from_fov, pinhole, project
 from jflame.config import FitConfig, LearningRates
 from jflame.errors import ConfigError
@@ -256,16 +256,19 @@ _GIVEN_SHAPE_PRIOR = 1e3
 
 
 def initial_variables(fit_model: FitModel, landmarks, weights, crop_size, config: FitConfig,
-                      guess: Optional[InitialGuess] = None):
+                      guess: Optional[InitialGuess] = None, focal_length=None):
   """Start for one image from its landmarks: a closed-form camera alternated with a
   regularised linear solve for shape and expression (see jflame.init).
 
   A `guess` (one image's slice of an InitialGuess) supplies a shape that is kept, an expression
-  that the solve starts from as its prior mean, and a jaw rotation. Returns (variables, base
-  rotation, principal point).
+  that the solve starts from as its prior mean, and a jaw rotation. `focal_length` (crop
+  pixels) replaces the config's field-of-view focal. Returns (variables, base rotation,
+  principal point).
   """
   rows = fit_model.landmark_rows
   focal = jnp.asarray(focal_length_from_fov(crop_size, config.fov_degrees), jnp.float32)
+  if focal_length is not None:
+    focal = jnp.asarray(focal_length, jnp.float32)
   principal_point = jnp.full((2,), crop_size / 2.0, jnp.float32)
   shape_prior = jnp.full(rows.num_shape, config.regularization.shape, jnp.float32)
   shape_mean = jnp.zeros(rows.num_shape, jnp.float32)
@@ -336,17 +339,75 @@ def _photometric_start(fit_model: FitModel, observation: Observation,
   return appearance.replace(texture=jnp.where(guess.estimated, texture, appearance.texture))
 
 
-def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
-            guess: Optional[InitialGuess] = None):
-  """Fits ONE image (vmap for a batch). `guess` holds this image's initialiser estimates; a
-  given shape is kept as the start (and held fixed when config.fit_shape is False)."""
-  crop_size = observation.crop_size
+def _landmark_start(fit_model: FitModel, observation: Observation, config: FitConfig,
+                    guess: Optional[InitialGuess], focal_length=None):
+  """Targets and finite start of one image: (landmarks, weights, is_detected, active,
+  init_failed, variables, base rotation, principal point)."""
   landmarks, weights, is_detected, active = _landmark_targets(fit_model, observation)
   variables, base_rotation, principal_point = initial_variables(
-      fit_model, landmarks, weights, crop_size, config, guess)
+      fit_model, landmarks, weights, observation.crop_size, config, guess, focal_length)
   variables, base_rotation, start_ok = _finite_start(variables, base_rotation, config)
-  init_failed = active & ~start_ok
-  active = active & start_ok
+  return (landmarks, weights, is_detected, active & start_ok, active & ~start_ok, variables,
+          base_rotation, principal_point)
+
+
+def landmark_problem(fit_model: FitModel, landmarks, weights, crop_size, config: FitConfig,
+                     base_rotation, principal_point) -> solve.LandmarkProblem:
+  """The landmark stage's objective for one image as a least-squares problem (the same
+  terms as the Adam stage: landmark_loss + the L2 regularisers)."""
+  rows = fit_model.landmark_rows
+  free = jnp.ones(rows.num_shape + rows.num_expression + solve.NUM_POSE_UNKNOWNS, bool)
+  if not config.fit_shape:
+    free = free.at[:rows.num_shape].set(False)
+  return solve.LandmarkProblem(
+      targets=landmarks, weights=weights, base_rotation=base_rotation,
+      principal_point=principal_point,
+      pixel_scale=jnp.asarray(config.landmark_scale / crop_size, jnp.float32),
+      robust_scale=jnp.asarray(config.landmark_robust_scale, jnp.float32),
+      prior=solve.landmark_priors(rows.num_shape, rows.num_expression, config.regularization),
+      free=free)
+
+
+def _lm_stage(fit_model: FitModel, variables: FitVariables, problem: solve.LandmarkProblem,
+              config: FitConfig, active):
+  """The landmark stage by Levenberg-Marquardt: (variables, cost history, failed)."""
+  x = solve.pack(variables.flame, variables.camera_rotation, variables.camera_translation)
+  x, info = solve.solve_landmarks(fit_model.landmark_rows, problem, variables.flame, x,
+                                  jnp.log(variables.focal_length), config.lm_iterations, active)
+  params, rotation, translation = solve.unpack(x, variables.flame)
+  return (variables.replace(flame=params, camera_rotation=rotation,
+                            camera_translation=translation), info.cost_history, info.failed)
+
+
+def shared_focal_length(fit_model: FitModel, observations: Observation, config: FitConfig,
+                        guess: Optional[InitialGuess] = None):
+  """One focal length (crop pixels, ()) for a batch of images known to share one camera,
+  solved jointly with every image's unknowns from the fov_degrees start
+  (jflame.solve.solve_shared_focal). Images must share the crop size; invalid ones are left
+  out. Returns (focal length, (B,) images that took part)."""
+  def start(observation, one_guess):
+    (landmarks, weights, _, active, _, variables, base_rotation,
+     principal_point) = _landmark_start(fit_model, observation, config, one_guess)
+    problem = landmark_problem(fit_model, landmarks, weights, observation.crop_size, config,
+                               base_rotation, principal_point)
+    x = solve.pack(variables.flame, variables.camera_rotation, variables.camera_translation)
+    return problem, variables.flame, x, active, variables.focal_length
+
+  problems, params, x, active, focals = jax.vmap(start)(observations, guess)
+  _, log_focal, _, members = solve.solve_shared_focal(
+      fit_model.landmark_rows, problems, params, x, jnp.log(focals[0]),
+      config.shared_focal_iterations, active)
+  return jnp.exp(log_focal), members
+
+
+def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
+            guess: Optional[InitialGuess] = None, focal_length=None):
+  """Fits ONE image (vmap for a batch). `guess` holds this image's initialiser estimates; a
+  given shape is kept as the start (and held fixed when config.fit_shape is False).
+  `focal_length` (crop pixels) replaces the config's field-of-view focal."""
+  crop_size = observation.crop_size
+  (landmarks, weights, is_detected, active, init_failed, variables, base_rotation,
+   principal_point) = _landmark_start(fit_model, observation, config, guess, focal_length)
 
   def data_loss(variables):
     predicted = _project_landmarks(fit_model, variables, base_rotation, principal_point)
@@ -368,15 +429,24 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
               + losses.l2(variables.appearance.texture, config.regularization.texture))
     return loss
 
-  variables, rigid_history, rigid_failed = run_stage(
-      data_loss, variables, config.rigid_rates, config.rigid_iterations, active)
   full_rates = config.full_rates
   if not config.fit_shape:
     full_rates = dataclasses.replace(full_rates, shape=None)
+  full_iterations = config.full_iterations
+  if config.landmark_solver == "lm":
+    # One solve replaces the landmark stages; photometric mode goes on with its Adam stage.
+    problem = landmark_problem(fit_model, landmarks, weights, crop_size, config, base_rotation,
+                               principal_point)
+    variables, rigid_history, rigid_failed = _lm_stage(fit_model, variables, problem, config,
+                                                       active)
+    full_iterations = full_iterations if photometric else 0
+  else:
+    variables, rigid_history, rigid_failed = run_stage(
+        data_loss, variables, config.rigid_rates, config.rigid_iterations, active)
   if photometric:
     variables = variables.replace(appearance=_photometric_start(fit_model, observation, guess))
   variables, full_history, full_failed = run_stage(
-      full_loss, variables, full_rates, config.full_iterations, active & ~rigid_failed)
+      full_loss, variables, full_rates, full_iterations, active & ~rigid_failed)
   predicted = _project_landmarks(fit_model, variables, base_rotation, principal_point)
   failed = init_failed | rigid_failed | full_failed
   extra = {}
@@ -394,24 +464,45 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
                    failed=failed, fitted=active & ~failed, **extra)
 
 
+def _chunked_vmap(function, inputs, chunk: int, batch: int):
+  """vmap over chunks of `chunk` images run one after another (`lax.map(batch_size=...)`
+  without its reshape(-1), which fails on zero-size outputs such as an empty loss history)."""
+  full = batch - batch % chunk
+  head = jax.tree.map(lambda x: x[:full].reshape((full // chunk, chunk) + x.shape[1:]), inputs)
+  out = jax.lax.map(jax.vmap(function), head)
+  out = jax.tree.map(lambda y: y.reshape((full,) + y.shape[2:]), out)
+  if full == batch:
+    return out
+  tail = jax.vmap(function)(jax.tree.map(lambda x: x[full:], inputs))
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def fit_batch(fit_model: FitModel, observations: Observation, config: FitConfig,
               guess: Optional[InitialGuess] = None):
   """Fits a batch of observations (leading axis B on every array) in one compiled program.
 
   `guess`, optional, holds initialiser estimates per slot (see jflame.init.InitialGuess).
-  Images are vmapped, in chunks of `config.vmap_chunk` run one after another when it is set
-  (the results are the same either way). The program is compiled once per (batch size, crop
+  Images are vmapped, in chunks of `config.vmap_chunk` (or, for the "lm" solver,
+  `config.lm_vmap_chunk`) run one after another when it is set (the results are the same
+  either way). The program is compiled once per (batch size, crop
   size, config, model sizes, which guess fields are present); new values never recompile.
   """
+  focal_length = None
+  if config.shared_focal:
+    focal_length, _ = shared_focal_length(fit_model, observations, config, guess)
+
   def fit_slot(inputs):
     observation, one_guess = inputs
-    return fit_one(fit_model, observation, config, one_guess)
+    return fit_one(fit_model, observation, config, one_guess, focal_length)
 
   batch = observations.valid.shape[0]
-  if not config.vmap_chunk or config.vmap_chunk >= batch:
+  chunk = config.vmap_chunk
+  if not chunk and config.landmark_solver == "lm":
+    chunk = config.lm_vmap_chunk
+  if not chunk or chunk >= batch:
     return jax.vmap(fit_slot)((observations, guess))
-  return jax.lax.map(fit_slot, (observations, guess), batch_size=config.vmap_chunk)
+  return _chunked_vmap(fit_slot, (observations, guess), chunk, batch)
 
 
 @struct.dataclass

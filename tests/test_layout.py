@@ -178,6 +178,8 @@ BAD_SETTINGS = [
     ("rigid_rates", LearningRates(camera_rotation=Schedule(0.0))),
     ("full_rates", LearningRates(jaw=Schedule(0.01, -0.01))),
     ("full_rates", LearningRates(jaw=0.01)), ("raster", None),
+    ("landmark_solver", "gauss-newton"), ("lm_iterations", -1), ("lm_vmap_chunk", 1.0),
+    ("shared_focal", 1), ("shared_focal_iterations", -5),
 ]
 
 

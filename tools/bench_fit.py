@@ -4,6 +4,10 @@ compile time separately), and host preprocessing separately.
   python tools/bench_fit.py [--batch_sizes 1,16,64,256] [--rigid_iterations 200]
                             [--full_iterations 200] [--flame_model PATH] [--mode photometric]
                             [--tile_size N] [--tiles_per_step N]
+                            [--landmark_solvers adam,lm] [--lm_iterations N]
+
+Several --landmark_solvers are timed side by side at each batch size (same process, same
+observations), so their ratio holds on a noisy machine.
 
 Fitting is timed on synthetic landmark observations (known faces projected by known cameras),
 so it measures the device program alone; preprocessing is timed on real photographs.
@@ -41,6 +45,10 @@ _TILES_PER_STEP = flags.DEFINE_integer("tiles_per_step", None,
 _PREPROCESS_IMAGES = flags.DEFINE_integer("preprocess_images", 24,
                                           "Photographs to preprocess (0 skips that part).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write results as JSON here.")
+_SOLVERS = flags.DEFINE_list("landmark_solvers", ["lm", "adam"],
+                             "FitConfig.landmark_solver values to time side by side.")
+_LM_ITERATIONS = flags.DEFINE_integer("lm_iterations", None,
+                                      "FitConfig.lm_iterations (default: the config's).")
 
 
 def synthetic_observations(loaded, count, crop_size, seed=0, photometric=False):
@@ -123,11 +131,13 @@ def main(argv):
                                                 ("tiles_per_step", _TILES_PER_STEP))
             if flag.value is not None}
   config = config.replace(raster=dataclasses.replace(config.raster, **raster))
+  if _LM_ITERATIONS.value is not None:
+    config = config.replace(lm_iterations=_LM_ITERATIONS.value)
   fit_model = runner.prepare_fit_model(loaded, config)
   print(f"model: {loaded.model.name}")
   print(f"device: {benchmarking.device_description()}")
   print(f"config: {config.mode} mode, {config.rigid_iterations} + {config.full_iterations} "
-        f"iterations, "
+        f"iterations (adam) or {config.lm_iterations} (lm), "
         f"{config.num_shape} shape + {config.num_expression} expression, "
         f"{fit_model.landmark_indices.shape[0]} landmarks, crop {_CROP.value}, vmap_chunk "
         f"{config.vmap_chunk}, {config.raster}")
@@ -135,23 +145,26 @@ def main(argv):
   for batch in map(int, _BATCH_SIZES.value):
     observations = synthetic_observations(loaded, batch, _CROP.value, seed=batch,
                                           photometric=config.photometric)
-    compile_s, per_call = benchmarking.time_compiled(
-        lambda obs: fit_batch(fit_model, obs, config).params, observations, repeats=3,
-        min_seconds=0.5)
-    result = fit_batch(fit_model, observations, config)
-    error = float(np.median(np.asarray(result.landmark_error)))
-    results.append(dict(batch=batch, per_image_ms=1000 * per_call / batch,
-                        images_per_s=batch / per_call, compile_s=compile_s,
-                        median_landmark_error_px=error))
-    rows.append((batch, f"{1000 * per_call / batch:.2f}", f"{batch / per_call:,.1f}",
-                 f"{compile_s:.1f}", f"{error:.2f}"))
-    print(rows[-1], flush=True)
+    for solver in _SOLVERS.value:
+      solver_config = config.replace(landmark_solver=solver)
+      compile_s, per_call = benchmarking.time_compiled(
+          lambda obs: fit_batch(fit_model, obs, solver_config).params, observations, repeats=3,
+          min_seconds=0.5)
+      result = fit_batch(fit_model, observations, solver_config)
+      error = float(np.median(np.asarray(result.landmark_error)))
+      results.append(dict(batch=batch, landmark_solver=solver,
+                          per_image_ms=1000 * per_call / batch, images_per_s=batch / per_call,
+                          compile_s=compile_s, median_landmark_error_px=error))
+      rows.append((batch, solver, f"{1000 * per_call / batch:.2f}", f"{batch / per_call:,.1f}",
+                   f"{compile_s:.1f}", f"{error:.2f}"))
+      print(rows[-1], flush=True)
   print(benchmarking.markdown_table(
-      ("batch", "ms / image", "images / s", "compile s", "median landmark error px"), rows))
+      ("batch", "solver", "ms / image", "images / s", "compile s", "median landmark error px"),
+      rows))
   payload = dict(device=benchmarking.device_description(), model=loaded.model.name,
                  mode=config.mode, crop_size=_CROP.value,
                  rigid_iterations=config.rigid_iterations, full_iterations=config.full_iterations,
-                 vmap_chunk=config.vmap_chunk, raster=str(config.raster),
+                 lm_iterations=config.lm_iterations,
                  fit=results)
   if _PREPROCESS_IMAGES.value:
     payload["preprocess"] = bench_preprocessing(_PREPROCESS_IMAGES.value, _CROP.value)
