@@ -1,5 +1,6 @@
 """Shared test fixtures: where the team's real assets live, and a tiny random FLAME-format model."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,31 @@ def random_flame_arrays(seed=0, num_vertices=60, num_faces=80, num_shape=12, num
 @pytest.fixture
 def random_arrays():
   return random_flame_arrays()
+
+
+@functools.lru_cache(maxsize=None)
+def connection_regions() -> dict:
+  """MediaPipe's own region sets (its face-mesh connection lists), independent of jflame's
+  reference file; the refined model's 10 iris points are 468..477 (centres 468 and 473)."""
+  from mediapipe.python.solutions import face_mesh_connections as mp
+
+  def points(edges):
+    return frozenset(i for edge in edges for i in edge)
+  return dict(iris=frozenset(range(468, 478)),
+              eyes=points(mp.FACEMESH_LEFT_EYE | mp.FACEMESH_RIGHT_EYE),
+              lips=points(mp.FACEMESH_LIPS),
+              brows=points(mp.FACEMESH_LEFT_EYEBROW | mp.FACEMESH_RIGHT_EYEBROW),
+              nose=points(mp.FACEMESH_NOSE), face_oval=points(mp.FACEMESH_FACE_OVAL))
+
+
+def expected_region_weights(weights, regions=None) -> dict:
+  """{MediaPipe index: weight} of the landmarks in `regions` (default all six) under the
+  LandmarkWeights `weights`, written out from MediaPipe's sets: a landmark in several regions
+  takes the first one's weight (iris, eyes, lips, brows, nose, face oval)."""
+  sets = connection_regions()
+  expected = {}
+  for region, members in sets.items():
+    for index in members:
+      expected.setdefault(index, getattr(weights, region))
+  wanted = set().union(*(sets[r] for r in (regions or sets)))
+  return {index: weight for index, weight in expected.items() if index in wanted}

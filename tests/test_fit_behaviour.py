@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from jax.experimental import enable_x64
 from jax.test_util import check_grads
-from mediapipe.python.solutions import face_mesh_connections as mp_connections
 from scipy.spatial.transform import Rotation
 
 import jflame
@@ -26,6 +25,7 @@ from jflame.fit import fit_batch, make_fit_model
 from jflame.init import InitialGuess
 from jflame.landmarks import LandmarkWeights
 from jflame.observation import Observation
+from tests.conftest import connection_regions, expected_region_weights
 
 NUM_SHAPE, NUM_EXPRESSION = 10, 5
 HIDDEN_SHAPE, HIDDEN_EXPRESSION = 9, 4  # components the landmarks cannot see
@@ -33,31 +33,6 @@ BATCH = 4
 CONFIG = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION, rigid_iterations=40,
                    full_iterations=60)
 START_ONLY = CONFIG.replace(rigid_iterations=0, full_iterations=0)
-
-# MediaPipe's own region sets (its face-mesh connection lists), independent of jflame's
-# reference file; the refined model's 10 iris points are 468..477 (centres 468 and 473).
-_CONNECTION_REGIONS = dict(
-    iris=set(range(468, 478)),
-    eyes={i for edge in mp_connections.FACEMESH_LEFT_EYE | mp_connections.FACEMESH_RIGHT_EYE
-          for i in edge},
-    lips={i for edge in mp_connections.FACEMESH_LIPS for i in edge},
-    brows={i for edge in mp_connections.FACEMESH_LEFT_EYEBROW |
-           mp_connections.FACEMESH_RIGHT_EYEBROW for i in edge},
-    nose={i for edge in mp_connections.FACEMESH_NOSE for i in edge},
-    face_oval={i for edge in mp_connections.FACEMESH_FACE_OVAL for i in edge})
-
-
-def expected_region_weights(weights: LandmarkWeights, regions=tuple(_CONNECTION_REGIONS)):
-  """{MediaPipe index: weight} of the landmarks in `regions`, written out from MediaPipe's sets:
-  a landmark in several regions takes the first one's weight (iris, eyes, lips, brows, nose,
-  face oval)."""
-  expected = {}
-  for region in _CONNECTION_REGIONS:
-    for index in _CONNECTION_REGIONS[region]:
-      expected.setdefault(index, getattr(weights, region))
-  wanted = set().union(*(_CONNECTION_REGIONS[r] for r in regions))
-  return {index: weight for index, weight in expected.items() if index in wanted}
-
 
 @pytest.fixture(scope="module")
 def head():
@@ -171,7 +146,7 @@ def test_a_heavily_weighted_region_is_followed_closely(head):
   _, detected = _scene(head, seed=11)
   base = _fit_model(head)
   indices = np.asarray(base.landmark_indices)
-  nose = np.isin(indices, sorted(_CONNECTION_REGIONS["nose"] - _CONNECTION_REGIONS["lips"]))
+  nose = np.isin(indices, sorted(connection_regions()["nose"] - connection_regions()["lips"]))
   detected = detected.copy()
   detected[:, indices[nose]] += np.array([6.0, -4.0], np.float32)
   strong_nose = _fit(_fit_model(head, weights=np.where(nose, 10.0, 0.1)), detected)
@@ -227,7 +202,7 @@ def test_the_robust_fit_undoes_most_of_an_outliers_pull_on_the_start(head):
   _, detected = _scene(head, seed=12, count=1)
   fit_model = _fit_model(head)
   indices = np.asarray(fit_model.landmark_indices)
-  oval = sorted(_CONNECTION_REGIONS["face_oval"])
+  oval = sorted(connection_regions()["face_oval"])
   # Five neighbouring contour points on one cheek: the five rightmost in the image.
   cheek = [oval[i] for i in np.argsort(detected[0, oval, 0])[-5:]]
   scenes = np.repeat(detected, BATCH, axis=0)
