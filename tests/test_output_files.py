@@ -202,6 +202,7 @@ def photometric_run(tmp_path_factory):
   return out, result
 
 
+@pytest.mark.slow
 def test_mode_flag_makes_a_photometric_fit(photometric_run):
   """--mode photometric reaches the fit: appearance is fitted and written, and pictures of the
   render are written next to the result."""
@@ -213,6 +214,7 @@ def test_mode_flag_makes_a_photometric_fit(photometric_run):
   assert len(list(out.rglob("*compare*.png"))) == 1 and len(list(out.rglob("*overlay*.png"))) == 1
 
 
+@pytest.mark.slow
 def test_obj_mesh_is_the_fitted_model_in_metres(photometric_run, synthetic_head):
   """The .obj holds the forward model at the written parameters, axis by axis, in metres."""
   model, _ = synthetic_head
@@ -225,6 +227,7 @@ def test_obj_mesh_is_the_fitted_model_in_metres(photometric_run, synthetic_head)
                                err_msg=f"axis {'xyz'[axis]}")
 
 
+@pytest.mark.slow
 def test_written_render_is_the_renderers_output(photometric_run, synthetic_head):
   """The comparison picture's render panel is the renderer's image of the written fit (mesh,
   camera, albedo coefficients and SH lighting), at the right brightness; its third panel is that
@@ -256,3 +259,21 @@ def test_written_render_is_the_renderers_output(photometric_run, synthetic_head)
   colour = np.clip(render / np.maximum(alpha, 1e-6)[..., None], 0, 1) * 255.0
   expected_blend = crop * (1 - weight) + colour * weight
   assert np.abs(blended - expected_blend)[covered].mean() < 2.0
+
+
+# --- tools/demo.py ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_demo_script_fits_the_astronaut(tmp_path):
+  """`make demo`'s script runs: it writes the astronaut photo, fits it with the synthetic head
+  (saying so first), and leaves a successful result and its overlay in the output folder."""
+  out = tmp_path / "demo"
+  done = run_command(["--output", out, "--rigid_iterations", 20, "--full_iterations", 20],
+                     tmp_path, script=("tools/demo.py",))
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert done.stdout.splitlines()[0].startswith("model: SYNTHETIC")
+  assert (out / "input" / "astronaut.png").is_file()
+  (result,) = load_results(out).values()
+  assert str(result["status"]) == "ok" and tuple(result["image_size"]) == (512, 512)
+  assert float(result["landmark_error_relative"]) < 0.02, result["landmark_error_relative"]
+  assert len(list(out.rglob("*overlay*.png"))) == 1
