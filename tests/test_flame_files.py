@@ -150,7 +150,8 @@ def test_jflame_fit_with_a_flame_file_and_an_embedding(flame_size_files, tmp_pat
   done = run_command(["--input", photos, "--output", out,
                       "--flame_model", folder / "generic_model.pkl",
                       "--embedding", folder / "mediapipe_landmark_embedding.npz",
-                      "--batch_size", 1, "--rigid_iterations", 60, "--full_iterations", 60], tmp_path)
+                      "--batch_size", 1, "--rigid_iterations", 60, "--full_iterations", 60],
+                     tmp_path)
   assert done.returncode == 0, done.stdout + done.stderr
   assert "SYNTHETIC" not in done.stdout and "generic_model.pkl" in done.stdout
   (result,) = load_results(out).values()

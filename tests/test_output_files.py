@@ -133,7 +133,8 @@ def test_every_batch_is_fitted_and_each_result_is_its_photos(five_photo_run):
   for name, (image, transform) in variants.items():
     result = results[sizes[name]]
     assert str(result["status"]) == "ok"
-    assert float(result["landmark_error_relative"]) < 0.02, (name, result["landmark_error_relative"])
+    error = float(result["landmark_error_relative"])
+    assert error < 0.02, (name, error)
     fitted = result["landmarks_fitted_original"]
     expected = transform(reference)
     scale = np.sqrt(np.prod(np.ptp(expected, axis=0)))
