@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-device device-check test-ray demo bench clean
+.PHONY: install test test-device device-check test-ray demo bench mutation clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ bench: $(STAMP)
 	$(PY) tools/bench_fit.py
 	$(PY) tools/bench_render.py
 	$(PY) tools/bench_preprocess.py
+
+# Re-make issue 13's wrong changes one at a time; each must fail its tests (docs/TESTING.md).
+# On demand only, not in CI: about 15 minutes on 2 cores.
+mutation: $(STAMP)
+	$(PY) tools/mutation_check.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

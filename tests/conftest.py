@@ -1,6 +1,7 @@
 """Shared test fixtures: where the team's real assets live, a tiny random FLAME-format model,
 and the numerics pin for tests that compare with float64 or NumPy references."""
 
+import functools
 import os
 from pathlib import Path
 
@@ -96,3 +97,31 @@ def command_env(tmp_path_factory):
   the path."""
   home = tmp_path_factory.mktemp("jflame_home")
   return dict(os.environ, JFLAME_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+
+
+@functools.lru_cache(maxsize=None)
+def connection_regions() -> dict:
+  """MediaPipe's own region sets (its face-mesh connection lists), independent of jflame's
+  reference file; the refined model's 10 iris points are 468..477 (centres 468 and 473)."""
+  from mediapipe.python.solutions import face_mesh_connections as mp
+
+  def points(edges):
+    return frozenset(i for edge in edges for i in edge)
+  return dict(iris=frozenset(range(468, 478)),
+              eyes=points(mp.FACEMESH_LEFT_EYE | mp.FACEMESH_RIGHT_EYE),
+              lips=points(mp.FACEMESH_LIPS),
+              brows=points(mp.FACEMESH_LEFT_EYEBROW | mp.FACEMESH_RIGHT_EYEBROW),
+              nose=points(mp.FACEMESH_NOSE), face_oval=points(mp.FACEMESH_FACE_OVAL))
+
+
+def expected_region_weights(weights, regions=None) -> dict:
+  """{MediaPipe index: weight} of the landmarks in `regions` (default all six) under the
+  LandmarkWeights `weights`, written out from MediaPipe's sets: a landmark in several regions
+  takes the first one's weight (iris, eyes, lips, brows, nose, face oval)."""
+  sets = connection_regions()
+  expected = {}
+  for region, members in sets.items():
+    for index in members:
+      expected.setdefault(index, getattr(weights, region))
+  wanted = set().union(*(sets[r] for r in (regions or sets)))
+  return {index: weight for index, weight in expected.items() if index in wanted}

@@ -81,7 +81,11 @@ def _take(tree, i):
 
 def test_recovers_expression_pose_and_camera_with_known_shape(small_model):
   model, embedding = small_model
-  config = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION, fit_shape=False)
+  # 400 full steps: at the default 200, one of these faces (a 0.16 rad jaw) is not yet
+  # converged and sat within 10% of three limits below (jaw error 0.046, expression correlation
+  # 0.85, vertex error 0.40 of the start); converged, every value has a wide margin.
+  config = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION, fit_shape=False,
+                     full_iterations=400)
   params, cameras, observation = _scene(model, embedding, 4, seed=1)
   observation = _with_crop(observation)
   guess = InitialGuess(estimated=np.ones(4, bool), shape=np.stack([p.shape for p in params]))
@@ -152,7 +156,9 @@ def test_fits_unknown_shape_to_the_noise_floor(small_model):
     start = _centred_error_mm(
         _face_points_cam(model, embedding, _take(mean_face.params, i),
                          _take(mean_face.camera, i)), truth)
-    assert fitted < 0.5 * start, (i, fitted, start)
+    # Measured: 0.29 and 0.43 (more iterations or less noise do not lower it: it is the
+    # identity/expression trade-off); the mean face scores 1.
+    assert fitted < 0.6 * start, (i, fitted, start)
 
 
 SHORT_CONFIG = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION, rigid_iterations=40,

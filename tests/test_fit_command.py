@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import skimage.data
 
-from jflame import engine, landmarks, landmarks_io, runner, sinks, sources
+from jflame import engine, runner, sinks, sources
 from jflame.config import FitConfig
 from jflame.errors import InputError, ModelFileError
-from tests.conftest import PROJECT_ROOT, shared_photos
+from jflame.landmarks import LandmarkWeights
+from tests.conftest import PROJECT_ROOT, expected_region_weights, shared_photos
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +86,19 @@ def test_original_camera_projects_onto_the_photo(astronaut_run, loaded_model):
     camera = Camera(**{k: jnp.asarray(result[f"original_camera_{k}"], jnp.float32) for k in (
         "rotation", "translation", "focal_length", "principal_point")})
     vertices, _ = flame.flame_forward(loaded_model.model, params)
-    embedding = landmarks.select_regions(loaded_model.embedding, FitConfig().landmark_regions,
-                                        landmarks_io.load_mediapipe_reference())
-    np.testing.assert_array_equal(embedding.landmark_indices, result["landmark_indices"])
-    points = embedding.points(vertices, loaded_model.model.faces)
+    # The expected landmarks come from MediaPipe's own region sets, not from the function the
+    # runner selects them with.
+    expected = sorted(expected_region_weights(LandmarkWeights()))
+    assert sorted(result["landmark_indices"].tolist()) == expected
+    # The synthetic embedding is exact: MediaPipe landmark i is model vertex i (i < 468) or sits
+    # on an iris disc; take the embedding's row for each written landmark index.
+    embedding = loaded_model.embedding
+    rows = [int(np.flatnonzero(np.asarray(embedding.landmark_indices) == i)[0])
+            for i in result["landmark_indices"]]
+    points = embedding.replace(face_indices=embedding.face_indices[np.asarray(rows)],
+                               barycentrics=embedding.barycentrics[np.asarray(rows)],
+                               landmark_indices=embedding.landmark_indices[np.asarray(rows)]
+                               ).points(vertices, loaded_model.model.faces)
     np.testing.assert_allclose(project(camera, points), result["landmarks_fitted_original"],
                                atol=0.05)
 

@@ -88,13 +88,22 @@ def test_recovers_lighting_albedo_and_pose(scene):
 
 def test_photometric_term_moves_the_fit(scene):
   """Same landmarks, different photo: the photometric stage must react to the pixels (a fit
-  that ignored the image would give identical geometry)."""
-  fit_model, observation, config, _ = scene
+  that ignored the image would give identical geometry). The directional light, which neither
+  the landmarks nor the start (ambient light matched to the photo's mean colour) can tell, is
+  found from the shading alone, in both the photo and a darker copy of it."""
+  fit_model, observation, config, truths = scene
   darker = observation.replace(image=observation.image * 0.6)
   bright = fit_batch(fit_model, observation, config)
   dark = fit_batch(fit_model, darker, config)
   ratio = np.asarray(dark.appearance.lighting[:, 0]) / np.asarray(bright.appearance.lighting[:, 0])
   np.testing.assert_allclose(ratio, 0.6, atol=0.12)
+  for fitted in (bright, dark):
+    for i, (_, _, appearance) in enumerate(truths):
+      light = np.asarray(fitted.appearance.lighting[i, 1:4]).ravel()
+      true_light = np.asarray(appearance.lighting[1:4]).ravel()
+      cosine = light @ true_light / max(np.linalg.norm(light) * np.linalg.norm(true_light), 1e-12)
+      angle = np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+      assert angle < 40.0, (i, angle)  # about 20-25 degrees when the photo drives the fit
 
 
 def _texture_space_file(path, model, size=32, components=6, seed=0):

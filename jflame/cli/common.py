@@ -40,9 +40,17 @@ BATCH_SIZE = flags.DEFINE_integer(
 CROP_SIZE = flags.DEFINE_integer(
     "crop_size", 256, f"Side of the aligned face crop in pixels, {MIN_CROP_SIZE}..{MAX_CROP_SIZE}.",
     lower_bound=MIN_CROP_SIZE, upper_bound=MAX_CROP_SIZE)
-RIGID_ITERATIONS = flags.DEFINE_integer("rigid_iterations", 200, "Stage 1 (camera) steps.",
-                                        lower_bound=0, upper_bound=MAX_ITERATIONS)
-FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", 200, "Stage 2 (all groups) steps.",
+LANDMARK_SOLVER = flags.DEFINE_enum(
+    "landmark_solver", "lm", ["lm", "adam"], "The landmark stage: lm (Levenberg-Marquardt, "
+    "converges in a few steps; docs/ACCURACY.md) or adam (the --rigid/--full_iterations "
+    "stages). Photometric mode runs its Adam stage after either.")
+LM_ITERATIONS = flags.DEFINE_integer("lm_iterations", 5, "Levenberg-Marquardt steps.",
+                                     lower_bound=0, upper_bound=1000)
+RIGID_ITERATIONS = flags.DEFINE_integer("rigid_iterations", 200, "Adam stage 1 (camera) steps "
+                                        "(--landmark_solver adam).", lower_bound=0,
+                                        upper_bound=MAX_ITERATIONS)
+FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", 200, "Adam stage 2 (all groups) steps "
+                                       "(--landmark_solver adam, or photometric mode).",
                                        lower_bound=0, upper_bound=MAX_ITERATIONS)
 NUM_SHAPE = flags.DEFINE_integer("num_shape", 100, "Shape coefficients fitted (at most the "
                                  "model's).", lower_bound=1, upper_bound=10_000)
@@ -98,7 +106,8 @@ def fit_config():
   from jflame.config import FitConfig
   return FitConfig(num_shape=NUM_SHAPE.value, num_expression=NUM_EXPRESSION.value,
                    rigid_iterations=RIGID_ITERATIONS.value,
-                   full_iterations=FULL_ITERATIONS.value, mode=MODE.value)
+                   full_iterations=FULL_ITERATIONS.value, mode=MODE.value,
+                   landmark_solver=LANDMARK_SOLVER.value, lm_iterations=LM_ITERATIONS.value)
 
 
 def engine_options(workers: int, **extra):
