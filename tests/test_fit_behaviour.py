@@ -21,7 +21,7 @@ import jflame
 from jflame import flame, losses, synthetic
 from jflame.camera import FRONTAL_ROTATION, Camera, project
 from jflame.config import FitConfig
-from jflame.fit import fit_batch, make_fit_model
+from jflame.fit import fit_batch
 from jflame.init import InitialGuess
 from jflame.landmarks import LandmarkWeights
 from jflame.observation import Observation

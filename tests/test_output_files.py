@@ -149,8 +149,8 @@ def test_every_batch_is_fitted_and_each_result_is_its_photos(five_photo_run):
 
 def test_flags_reach_the_configuration_and_the_files(five_photo_run):
   """--num_shape, --num_expression, --landmark_solver adam with --rigid/--full_iterations,
-  --crop_size, --mesh_format ply and --nooverlay each show in what is written; the fitted landmarks are MediaPipe's 162 feature
-  points."""
+  --crop_size, --mesh_format ply and --nooverlay each show in what is written; the fitted
+  landmarks are MediaPipe's 162 feature points."""
   _, out, results = five_photo_run
   expected_indices = sorted(expected_region_weights(LandmarkWeights()))
   for result in results.values():

@@ -11,7 +11,6 @@ import pytest
 import skimage.data
 
 from jflame import dataset, engine, runner, sinks, sources
-from jflame.cli.annotate import dataset_settings
 from jflame.config import FitConfig
 from tests.conftest import PROJECT_ROOT
 
@@ -70,7 +69,7 @@ def photos(tmp_path_factory):
 def _sink(folder, loaded, run):
   return sinks.DatasetSink(
       folder, loaded.model.faces, loaded.model.name,
-      dataset_settings(loaded, CONFIG, OPTIONS.crop_size, run.landmark_indices),
+      sinks.dataset_settings(loaded, CONFIG, OPTIONS.crop_size, run.landmark_indices),
       rows_per_shard=100, overlays="none")
 
 
