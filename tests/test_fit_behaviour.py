@@ -32,7 +32,11 @@ HIDDEN_SHAPE, HIDDEN_EXPRESSION = 9, 4  # components the landmarks cannot see
 BATCH = 4
 CONFIG = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION, rigid_iterations=40,
                    full_iterations=60)
-START_ONLY = CONFIG.replace(rigid_iterations=0, full_iterations=0)
+START_ONLY = CONFIG.replace(rigid_iterations=0, full_iterations=0, lm_iterations=0)
+# The landmark stage is Levenberg-Marquardt by default and Adam on request: the robust loss and
+# the priors are written once for each (jflame.solve, jflame.losses / fit._regularization), so
+# their tests run both.
+SOLVERS = ("lm", "adam")
 
 @pytest.fixture(scope="module")
 def head():
@@ -194,7 +198,8 @@ def test_landmark_loss_is_a_weighted_mean_in_reference_crop_pixels():
   np.testing.assert_allclose(value, expected, rtol=1e-5)
 
 
-def test_the_robust_fit_undoes_most_of_an_outliers_pull_on_the_start(head):
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_the_robust_fit_undoes_most_of_an_outliers_pull_on_the_start(head, solver):
   """The Charbonnier penalty bounds an outlier's pull. Five face-oval detections moved 60 or
   180 px off drag the closed-form start (a least-squares solve) along with them; the robust
   stages then pull the rest of the face most of the way back to the clean fit (a quadratic loss
@@ -215,7 +220,8 @@ def test_the_robust_fit_undoes_most_of_an_outliers_pull_on_the_start(head):
     moved = result.landmarks_2d[1:, others] - result.landmarks_2d[:1, others]
     return np.linalg.norm(moved, axis=-1).mean(axis=1)
 
-  start, fitted = shift(_fit(fit_model, scenes, START_ONLY)), shift(_fit(fit_model, scenes))
+  start = shift(_fit(fit_model, scenes, START_ONLY))
+  fitted = shift(_fit(fit_model, scenes, CONFIG.replace(landmark_solver=solver)))
   assert np.all(start > 1.0), start                 # the start is dragged along
   assert np.all(fitted < 0.5 * start), (fitted, start)
 
@@ -237,7 +243,8 @@ def test_crop_size_does_not_change_the_fit(head):
 
 # --- Priors and initial guesses ---------------------------------------------------------------
 
-def test_priors_pull_an_unconstrained_coefficient_to_zero(head):
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_priors_pull_an_unconstrained_coefficient_to_zero(head, solver):
   """The L2 priors: a shape and an expression component that no landmark sees, started away
   from zero by a guess, are pulled back to zero by their priors alone (without priors nothing
   would move them)."""
@@ -251,7 +258,7 @@ def test_priors_pull_an_unconstrained_coefficient_to_zero(head):
   np.testing.assert_allclose(start.params.shape[:, HIDDEN_SHAPE], 0.04, atol=1e-6)
   np.testing.assert_allclose(start.params.expression[:, HIDDEN_EXPRESSION],
                              expression[:, HIDDEN_EXPRESSION], atol=1e-5)
-  result = _fit(fit_model, detected, CONFIG, guess)
+  result = _fit(fit_model, detected, CONFIG.replace(landmark_solver=solver), guess)
   assert np.all(np.abs(result.params.shape[:, HIDDEN_SHAPE]) < 0.25 * 0.04), \
       result.params.shape[:, HIDDEN_SHAPE]
   assert np.all(np.abs(result.params.expression[:, HIDDEN_EXPRESSION]) <
