@@ -82,6 +82,10 @@ class TrackConfig:
     photometric_iterations: photometric mode: steps of the photometric stage after the two
       landmark stages.
     photometric_rates: its learning rates.
+    segment_chunk: segments vectorised at a time, the chunks run in sequence in the same
+      program (0: all at once). On a CPU a whole long clip's per-iteration data falls out of
+      cache (measured: 452 frames cost 7x what 116 do when all are vectorised); on an
+      accelerator use 0.
   """
   fit: FitConfig = TRACK_FIT
   segment_length: int = 32
@@ -97,13 +101,14 @@ class TrackConfig:
   agreement: float = 100.0
   photometric_iterations: int = 40
   photometric_rates: LearningRates = PHOTOMETRIC_RATES
+  segment_chunk: int = 4
 
   def __post_init__(self):
     def require(ok, field, allowed, value):
       if not ok:
         raise ConfigError(f"TrackConfig.{field} must be {allowed}, got {value!r}.")
     require(isinstance(self.fit, FitConfig), "fit", "a FitConfig", self.fit)
-    for field in ("segment_length", "overlap", "photometric_iterations"):
+    for field in ("segment_length", "overlap", "photometric_iterations", "segment_chunk"):
       value = getattr(self, field)
       require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, field,
                "an integer >= 0", value)
@@ -132,12 +137,12 @@ class TrackConfig:
 
 
 def segment_count(num_frames: int, config: TrackConfig) -> int:
-  """Segments that cover `num_frames`, rounded up to a bucket (powers of two up to 8, then
-  multiples of 8) so that clip lengths share compiled programs."""
+  """Segments that cover `num_frames`, rounded up to a bucket (exact below 16, then steps of an
+  eighth of the power of two below: at most 1/8 of the segments are padding), so that clip
+  lengths share compiled programs (about four per doubling of the length)."""
   needed = max(1, math.ceil(max(num_frames - config.overlap, 1) / config.stride))
-  if needed <= 8:
-    return 1 << (needed - 1).bit_length()
-  return 8 * math.ceil(needed / 8)
+  step = 1 << max(needed.bit_length() - 4, 0)
+  return step * math.ceil(needed / step)
 
 
 def padded_length(num_segments: int, config: TrackConfig) -> int:
@@ -456,7 +461,13 @@ def clip_loss(fit_model: FitModel, variables: FitVariables, targets: ClipTargets
         segment_variables, segment_targets)
     return jnp.sum(per_frame) + temporal_penalty(segment_variables, config)
 
-  per_segment = jax.vmap(segment, in_axes=(_shared_axes(variables, 0), 0))(variables, targets)
+  if not config.segment_chunk or config.segment_chunk >= targets.valid.shape[0]:
+    per_segment = jax.vmap(segment, in_axes=(_shared_axes(variables, 0), 0))(variables, targets)
+  else:
+    per_segment = jax.lax.map(
+        lambda inputs: segment(_with_shared(inputs[0], variables), inputs[1]),
+        (_map_per_frame(lambda x: x, variables, drop_shared=True), targets),
+        batch_size=config.segment_chunk)
   frames_with_data = jnp.maximum(jnp.sum(targets.valid), 1.0)
   loss = ((jnp.sum(per_segment) + agreement_penalty(variables, config)) / frames_with_data
           + losses.l2(variables.flame.shape, fit_config.regularization.shape))
