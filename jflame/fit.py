@@ -136,7 +136,8 @@ class FitResult:
   photometric_error: Optional[jax.Array] = None
 
 
-def _camera(variables: FitVariables, base_rotation, principal_point) -> Camera:
+def fitted_camera(variables: FitVariables, base_rotation, principal_point) -> Camera:
+  """The one-image variables' camera (delta rotation composed with its base) as a Camera."""
   rotation = axis_angle_to_matrix(variables.camera_rotation) @ base_rotation
   return Camera(rotation=matrix_to_axis_angle(rotation),
                 translation=variables.camera_translation,
@@ -152,7 +153,8 @@ def _pixels(variables: FitVariables, principal_point, points_cam):
   return pinhole(points_cam, variables.focal_length, principal_point)
 
 
-def _project_landmarks(fit_model: FitModel, variables, base_rotation, principal_point):
+def project_landmarks(fit_model: FitModel, variables, base_rotation, principal_point):
+  """(K, 2) crop pixels of the embedded landmarks for one image's variables (fast path)."""
   points, _ = surface_points_forward(fit_model.landmark_rows, variables.flame)
   return _pixels(variables, principal_point, _to_camera(variables, base_rotation, points))
 
@@ -205,7 +207,8 @@ def initial_appearance(albedo: AlbedoModel, image, mask) -> Appearance:
   return neutral.replace(lighting=neutral.lighting * gain[None, :] / _LIGHT_UNIT)
 
 
-def _regularization(flame_params: FlameParams, config: FitConfig):
+def regularization(flame_params: FlameParams, config: FitConfig):
+  """The L2 priors of one face's coefficients (config.regularization weights)."""
   weights = config.regularization
   return (losses.l2(flame_params.shape, weights.shape)
           + losses.l2(flame_params.expression, weights.expression)
@@ -299,7 +302,7 @@ def initial_variables(fit_model: FitModel, landmarks, weights, crop_size, config
   return variables, rotation, principal_point
 
 
-def _landmark_targets(fit_model: FitModel, observation: Observation):
+def landmark_targets(fit_model: FitModel, observation: Observation):
   """Detected landmarks in the embedding's order, their fitting weights (detection times
   region weight), which of them were detected, and whether the image has enough of them to
   fit. A non-finite detection is a missing landmark, not a lost image."""
@@ -343,7 +346,7 @@ def _landmark_start(fit_model: FitModel, observation: Observation, config: FitCo
                     guess: Optional[InitialGuess], focal_length=None):
   """Targets and finite start of one image: (landmarks, weights, is_detected, active,
   init_failed, variables, base rotation, principal point)."""
-  landmarks, weights, is_detected, active = _landmark_targets(fit_model, observation)
+  landmarks, weights, is_detected, active = landmark_targets(fit_model, observation)
   variables, base_rotation, principal_point = initial_variables(
       fit_model, landmarks, weights, observation.crop_size, config, guess, focal_length)
   variables, base_rotation, start_ok = _finite_start(variables, base_rotation, config)
@@ -410,7 +413,7 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
    principal_point) = _landmark_start(fit_model, observation, config, guess, focal_length)
 
   def data_loss(variables):
-    predicted = _project_landmarks(fit_model, variables, base_rotation, principal_point)
+    predicted = project_landmarks(fit_model, variables, base_rotation, principal_point)
     return losses.landmark_loss(predicted, landmarks, weights, crop_size, config.landmark_scale,
                                 config.landmark_robust_scale)
 
@@ -423,7 +426,7 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
                                    config.photometric_robust_scale)
 
   def full_loss(variables):
-    loss = data_loss(variables) + _regularization(variables.flame, config)
+    loss = data_loss(variables) + regularization(variables.flame, config)
     if photometric:
       loss = (loss + config.photometric_weight * photometric_loss(variables)
               + losses.l2(variables.appearance.texture, config.regularization.texture))
@@ -447,7 +450,7 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
     variables = variables.replace(appearance=_photometric_start(fit_model, observation, guess))
   variables, full_history, full_failed = run_stage(
       full_loss, variables, full_rates, full_iterations, active & ~rigid_failed)
-  predicted = _project_landmarks(fit_model, variables, base_rotation, principal_point)
+  predicted = project_landmarks(fit_model, variables, base_rotation, principal_point)
   failed = init_failed | rigid_failed | full_failed
   extra = {}
   if photometric:
@@ -457,7 +460,7 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
                  photometric_error=losses.masked_mean_abs(rendered.image, observation.image,
                                                           observation.face_mask))
   return FitResult(params=variables.flame,
-                   camera=_camera(variables, base_rotation, principal_point),
+                   camera=fitted_camera(variables, base_rotation, principal_point),
                    landmarks_2d=predicted,
                    landmark_error=losses.landmark_error(predicted, landmarks, is_detected),
                    rigid_loss_history=rigid_history, full_loss_history=full_history,

@@ -108,6 +108,22 @@ def landmark_basis(rows):
   return template, basis.reshape(-1, 3, num_identity)
 
 
+def identity_normal_equations(template, basis, landmarks, weights, rotation, translation,
+                              focal_length, principal_point, pixel_scale):
+  """The data term of `solve_identity` for ONE image as normal equations (N, N), (N,): its
+  quadratic approximation is c^T normal c / 2 - rhs^T c + const (no prior). Perspective is
+  linearised by holding each landmark's depth at its current value."""
+  depth = jnp.maximum((template @ rotation.T + translation)[:, 2], 1e-3)
+  gain = pixel_scale * focal_length / depth                                     # (K,)
+  design = gain[:, None, None] * jnp.einsum("ab,kbn->kan", rotation[:2], basis)  # (K, 2, N)
+  projected_template = (template @ rotation[:2].T + translation[:2]) * gain[:, None]
+  target = (landmarks - principal_point) * pixel_scale - projected_template      # (K, 2)
+  w = weights / jnp.maximum(jnp.sum(weights), 1e-9)
+  normal = jnp.einsum("k,kan,kam->nm", w, design, design)
+  rhs = jnp.einsum("k,kan,ka->n", w, design, target)
+  return normal, rhs
+
+
 def solve_identity(template, basis, landmarks, weights, rotation, translation, focal_length,
                    principal_point, pixel_scale, prior_weights, prior_mean):
   """Shape and expression coefficients for a fixed camera by one regularised linear solve.
@@ -117,14 +133,11 @@ def solve_identity(template, basis, landmarks, weights, rotation, translation, f
   of stage 2's: (1 / 2 sum w) sum_k w_k |r_k|^2 + sum_n prior_n (c_n - mean_n)^2, with
   residuals in pixels scaled by `pixel_scale` (the fit's reference crop size over the actual).
   """
-  depth = jnp.maximum((template @ rotation.T + translation)[:, 2], 1e-3)
-  gain = pixel_scale * focal_length / depth                                     # (K,)
-  design = gain[:, None, None] * jnp.einsum("ab,kbn->kan", rotation[:2], basis)  # (K, 2, N)
-  projected_template = (template @ rotation[:2].T + translation[:2]) * gain[:, None]
-  target = (landmarks - principal_point) * pixel_scale - projected_template      # (K, 2)
-  w = weights / jnp.maximum(jnp.sum(weights), 1e-9)
-  normal = jnp.einsum("k,kan,kam->nm", w, design, design) + 2.0 * jnp.diag(prior_weights)
-  rhs = jnp.einsum("k,kan,ka->n", w, design, target) + 2.0 * prior_weights * prior_mean
+  normal, rhs = identity_normal_equations(template, basis, landmarks, weights, rotation,
+                                          translation, focal_length, principal_point,
+                                          pixel_scale)
+  normal = normal + 2.0 * jnp.diag(prior_weights)
+  rhs = rhs + 2.0 * prior_weights * prior_mean
   return jnp.linalg.solve(normal, rhs)
 
 

@@ -34,7 +34,7 @@ CONFIG = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION, rigid_ite
                    full_iterations=60)
 START_ONLY = CONFIG.replace(rigid_iterations=0, full_iterations=0, lm_iterations=0)
 # The landmark stage is Levenberg-Marquardt by default and Adam on request: the robust loss and
-# the priors are written once for each (jflame.solve, jflame.losses / fit._regularization), so
+# the priors are written once for each (jflame.solve, jflame.losses / fit.regularization), so
 # their tests run both.
 SOLVERS = ("lm", "adam")
 

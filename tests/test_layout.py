@@ -21,7 +21,7 @@ from tests.conftest import PROJECT_ROOT, random_flame_arrays
 PACKAGE = PROJECT_ROOT / "jflame"
 # Modules that run on the device or describe the model: no files, no host libraries.
 DEVICE_MODULES = ("camera", "config", "fit", "flame", "init", "landmarks", "losses",
-                  "observation", "optim", "rotation", "render")
+                  "observation", "optim", "rotation", "render", "track")
 HOST_ONLY_IMPORTS = ("cv2", "mediapipe", "trimesh", "PIL", "onnxruntime", "absl.flags",
                      "jflame.preprocess", "jflame.output", "jflame.runner", "jflame.engine",
                      "jflame.dataset", "jflame.initializers")

@@ -102,11 +102,11 @@ def _adam_objective(fit_model, problem, variables, x):
   independent of the solver's residual code."""
   params, rotation, translation = solve.unpack(x, variables.flame)
   v = variables.replace(flame=params, camera_rotation=rotation, camera_translation=translation)
-  predicted = fit._project_landmarks(fit_model, v, problem.base_rotation,
+  predicted = fit.project_landmarks(fit_model, v, problem.base_rotation,
                                      problem.principal_point)
   return (losses.landmark_loss(predicted, problem.targets, problem.weights, CROP,
                                CONFIG.landmark_scale, CONFIG.landmark_robust_scale)
-          + fit._regularization(params, CONFIG))
+          + fit.regularization(params, CONFIG))
 
 
 def _take(tree, i):
@@ -133,7 +133,7 @@ def test_jacobian_matches_forward_mode_and_central_differences(small):
       params, rotation, translation = solve.unpack(x, variables.flame)
       v = variables.replace(flame=params, camera_rotation=rotation,
                             camera_translation=translation, focal_length=jnp.exp(log_focal))
-      pixels = fit._project_landmarks(fit_model.replace(landmark_rows=rows), v,
+      pixels = fit.project_landmarks(fit_model.replace(landmark_rows=rows), v,
                                       problem.base_rotation, problem.principal_point)
       return (pixels - problem.targets) * problem.pixel_scale
 

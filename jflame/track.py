@@ -1,0 +1,598 @@
+"""Fitting a video clip: one identity for the whole clip, a smooth track of everything else.
+
+A clip is a batch whose frames share an identity and move smoothly. Its frames are cut into
+segments of fixed length that overlap by a few frames. The loss of ONE segment is written over
+its frames (vmap over frames for the per-frame terms, differences along the frame axis for the
+temporal priors) and `jax.vmap` evaluates every segment at once, so a long clip is one large
+batch, not a sequential loop. Shape, focal length and (photometric mode) albedo and lighting are
+single leaves shared by all segments; the per-frame leaves of neighbouring segments are pulled
+together where they overlap and cross-faded when the clip is assembled.
+
+The per-frame terms are fit.py's (Charbonnier landmark loss, L2 priors, photometric term).
+Camera rotations are small axis-angles on the left of ONE base rotation for the clip (the
+chordal mean of the per-frame closed-form starts), so differences between frames mean something.
+A frame without a face carries no data term: the temporal priors interpolate it.
+
+The fit is one compiled program per (segment count, segment length); `fit_clip` pads a clip to a
+bucket of segment counts, so clip lengths do not recompile one by one.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jflame import losses
+from jflame.camera import Camera, focal_length_from_fov, project
+from jflame.config import FULL_RATES, FitConfig, LearningRates, Schedule
+from jflame.errors import ConfigError
+from jflame.fit import (FitModel, FitVariables, fitted_appearance, fitted_camera,
+                        initial_appearance, landmark_targets, project_landmarks, regularization,
+                        render_fit, run_stage)
+from jflame.flame import FlameParams, surface_points_forward, vertices_of_batch
+from jflame.init import identity_normal_equations, initial_rigid_camera, landmark_basis
+from jflame.observation import Observation
+from jflame.render import Appearance
+from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
+
+
+@dataclasses.dataclass(frozen=True)
+class Smoothness:
+  """Weights of one order of temporal difference, per group: weight * squared difference between
+  neighbouring frames, summed over the group's values and averaged over frames. Units:
+  coefficients as they are, rotations in radians, camera translation in millimetres."""
+  expression: float = 0.0
+  jaw: float = 0.0
+  eyes: float = 0.0
+  rotation: float = 0.0
+  translation: float = 0.0
+
+
+# Fewer iterations than a single photo needs: the clip's joint start is close to its answer. The
+# shared shape gets ten times a photo's rate: every frame pulls on it, and the start's
+# linearisation leaves more to correct than 0.001 per step can in 150 steps. No
+# rigid stage: the start's cameras are already fitted, and the rigid stage's large first steps
+# only move them away (measured: landmark error 1.8 -> 2.7 px after 30 rigid steps).
+TRACK_FIT = FitConfig(rigid_iterations=0, full_iterations=150,
+                      full_rates=dataclasses.replace(FULL_RATES, shape=Schedule(0.01, 0.001)))
+# The photometric refinement moves every group but shape at rates a few times below stage 2's:
+# the landmark stages have done the large moves.
+PHOTOMETRIC_RATES = LearningRates(
+    expression=Schedule(0.003), jaw=Schedule(0.005), eyes=Schedule(0.005),
+    camera_rotation=Schedule(0.002), camera_translation=Schedule(0.0005),
+    texture=Schedule(0.03), lighting=Schedule(0.03), shape=Schedule(0.001))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackConfig:
+  """Settings of a clip fit (static: hashable, part of the compiled program).
+
+  Attributes:
+    fit: the per-frame settings (coefficient counts, iterations, rates, priors, mode).
+    segment_length: frames per segment.
+    overlap: frames shared by neighbouring segments (< segment_length).
+    velocity, acceleration: weights of first and second temporal differences.
+    agreement: weight of the squared difference between two segments' values of a frame they
+      share (same units as the temporal weights).
+    photometric_iterations: photometric mode: steps of the photometric stage after the two
+      landmark stages.
+    photometric_rates: its learning rates.
+    segment_chunk: segments vectorised at a time, the chunks run in sequence in the same
+      program (0: all at once). On a CPU a whole long clip's per-iteration data falls out of
+      cache (measured: 452 frames cost 7x what 116 do when all are vectorised); on an
+      accelerator use 0.
+  """
+  fit: FitConfig = TRACK_FIT
+  segment_length: int = 32
+  overlap: int = 4
+  # Measured on the synthetic clips of tests/test_track.py: these weights cut a static head's
+  # landmark jitter about 4x against independent fits while following 1 Hz motion; five times
+  # stronger ones pull fast real head turns off their landmarks (the Charbonnier data term
+  # gives way beyond 2 px, the quadratic priors do not).
+  velocity: Smoothness = Smoothness(expression=0.04, jaw=4.0, eyes=0.2, rotation=4.0,
+                                    translation=0.01)
+  acceleration: Smoothness = Smoothness(expression=0.4, jaw=40.0, eyes=1.0, rotation=100.0,
+                                        translation=0.2)
+  agreement: float = 100.0
+  photometric_iterations: int = 40
+  photometric_rates: LearningRates = PHOTOMETRIC_RATES
+  segment_chunk: int = 4
+
+  def __post_init__(self):
+    def require(ok, field, allowed, value):
+      if not ok:
+        raise ConfigError(f"TrackConfig.{field} must be {allowed}, got {value!r}.")
+    require(isinstance(self.fit, FitConfig), "fit", "a FitConfig", self.fit)
+    for field in ("segment_length", "overlap", "photometric_iterations", "segment_chunk"):
+      value = getattr(self, field)
+      require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, field,
+               "an integer >= 0", value)
+    require(self.segment_length >= 2, "segment_length", "an integer >= 2", self.segment_length)
+    require(self.overlap < self.segment_length, "overlap", "smaller than segment_length",
+            self.overlap)
+    for name in ("velocity", "acceleration"):
+      smoothness = getattr(self, name)
+      require(isinstance(smoothness, Smoothness), name, "a Smoothness", smoothness)
+      for group in dataclasses.fields(smoothness):
+        value = getattr(smoothness, group.name)
+        require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                f"{name}.{group.name}", "a number >= 0", value)
+    require(isinstance(self.agreement, (int, float)) and math.isfinite(self.agreement)
+            and self.agreement >= 0, "agreement", "a number >= 0", self.agreement)
+    require(isinstance(self.photometric_rates, LearningRates), "photometric_rates",
+            "a LearningRates", self.photometric_rates)
+    self.photometric_rates.validate("photometric_rates")
+
+  @property
+  def stride(self) -> int:
+    return self.segment_length - self.overlap
+
+  def replace(self, **changes) -> "TrackConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def segment_count(num_frames: int, config: TrackConfig) -> int:
+  """Segments that cover `num_frames`, rounded up to a bucket (exact below 16, then steps of an
+  eighth of the power of two below: at most 1/8 of the segments are padding), so that clip
+  lengths share compiled programs (about four per doubling of the length)."""
+  needed = max(1, math.ceil(max(num_frames - config.overlap, 1) / config.stride))
+  step = 1 << max(needed.bit_length() - 4, 0)
+  return step * math.ceil(needed / step)
+
+
+def padded_length(num_segments: int, config: TrackConfig) -> int:
+  """Frames covered by `num_segments` segments."""
+  return num_segments * config.stride + config.overlap
+
+
+def _segment_index(num_segments: int, config: TrackConfig) -> np.ndarray:
+  """(G, L) frame index of every segment slot."""
+  return (np.arange(num_segments)[:, None] * config.stride
+          + np.arange(config.segment_length)[None, :])
+
+
+def _blend_weights(config: TrackConfig) -> np.ndarray:
+  """(L,) cross-fade weights: a frame shared by two segments takes (j+1)/(O+1) of the later one
+  and the rest of the earlier one at overlap position j."""
+  weights = np.ones(config.segment_length, np.float32)
+  ramp = (np.arange(config.overlap) + 1.0) / (config.overlap + 1.0)
+  if config.overlap:
+    weights[:config.overlap] = ramp
+    weights[-config.overlap:] = 1.0 - ramp
+  return weights
+
+
+def frames_from_segments(tree, config: TrackConfig):
+  """Per-segment leaves (G, L, ...) -> per-frame leaves (G * stride + overlap, ...), cross-faded
+  where segments overlap."""
+  first = jax.tree.leaves(tree)[0]
+  num_segments = first.shape[0]
+  index = jnp.asarray(_segment_index(num_segments, config))
+  weights = jnp.broadcast_to(jnp.asarray(_blend_weights(config)), index.shape)
+  length = padded_length(num_segments, config)
+  total = jnp.zeros(length).at[index].add(weights)
+
+  def assemble(x):
+    w = weights.reshape(weights.shape + (1,) * (x.ndim - 2))
+    summed = jnp.zeros((length,) + x.shape[2:], x.dtype).at[index].add(w * x)
+    return summed / total.reshape((length,) + (1,) * (x.ndim - 2))
+  return jax.tree.map(assemble, tree)
+
+
+def _shared_axes(variables: FitVariables, axis):
+  """in_axes for vmap over frames or segments: shape, focal length and appearance are shared
+  (None), every other leaf is mapped over `axis`."""
+  flame = jax.tree.map(lambda _: axis, variables.flame).replace(shape=None)
+  return FitVariables(flame=flame, camera_rotation=axis, camera_translation=axis,
+                      focal_length=None, appearance=None)
+
+
+def _map_per_frame(fn, variables: FitVariables, drop_shared: bool = False):
+  """`fn` applied to the per-frame leaves; shared leaves kept (or set to None)."""
+  return jax.tree.map(lambda axis, x: (None if drop_shared else x) if axis is None else fn(x),
+                      _shared_axes(variables, 0), variables, is_leaf=lambda x: x is None)
+
+
+def _with_shared(frame: FitVariables, variables: FitVariables) -> FitVariables:
+  """One frame's per-frame leaves completed with the clip's shared ones."""
+  return frame.replace(flame=frame.flame.replace(shape=variables.flame.shape),
+                       focal_length=variables.focal_length, appearance=variables.appearance)
+
+
+def _per_frame_leaves(variables: FitVariables):
+  """(group, values, scale) of every smoothed per-frame quantity (translation in mm)."""
+  flame = variables.flame
+  eyes = jnp.concatenate([flame.left_eye_rotation, flame.right_eye_rotation], axis=-1)
+  return (("expression", flame.expression, 1.0), ("jaw", flame.jaw_rotation, 1.0),
+          ("eyes", eyes, 1.0), ("rotation", variables.camera_rotation, 1.0),
+          ("translation", variables.camera_translation, 1000.0))
+
+
+def temporal_penalty(variables: FitVariables, config: TrackConfig):
+  """Sum of weighted squared first and second differences over ONE segment's frames (per-frame
+  leaves (L, ...))."""
+  total = 0.0
+  for group, values, scale in _per_frame_leaves(variables):
+    first = jnp.diff(values * scale, axis=0)
+    second = jnp.diff(first, axis=0)
+    total = (total + getattr(config.velocity, group) * jnp.sum(first * first)
+             + getattr(config.acceleration, group) * jnp.sum(second * second))
+  return total
+
+
+def agreement_penalty(variables: FitVariables, config: TrackConfig):
+  """Squared difference of neighbouring segments' values of the frames they share (leaves
+  (G, L, ...)), times the agreement weight."""
+  overlap = config.overlap
+  if not overlap or variables.camera_rotation.shape[0] < 2:
+    return 0.0
+  total = 0.0
+  for _, values, scale in _per_frame_leaves(variables):
+    gap = (values[:-1, -overlap:] - values[1:, :overlap]) * scale
+    total = total + jnp.sum(gap * gap)
+  return config.agreement * total
+
+
+@struct.dataclass
+class ClipTargets:
+  """What the fit matches in each frame slot (leading axis T, or (G, L) inside segments).
+
+  Attributes:
+    landmarks, weights, is_detected: `fit.landmark_targets` of each frame: (T, K, 2), (T, K),
+      (T, K).
+    valid: (T,) the frame has a face with enough landmarks.
+    image, face_mask: photometric mode: (T, S, S, 3) and (T, S, S); else None.
+  """
+  landmarks: jax.Array
+  weights: jax.Array
+  is_detected: jax.Array
+  valid: jax.Array
+  image: Optional[jax.Array] = None
+  face_mask: Optional[jax.Array] = None
+
+
+@struct.dataclass
+class TrackResult:
+  """The fitted clip (leading axis T, the clip's frames).
+
+  Attributes:
+    params: per-frame FLAME parameters; `shape` is the clip's one identity repeated per frame.
+    camera: per-frame camera in crop pixels (one focal length for the clip).
+    landmarks_2d: (T, K, 2) fitted landmarks in crop pixels.
+    landmark_error: (T,) mean distance to the detected landmarks, crop pixels (0 where none).
+    tracked: (T,) the frame had a face and was fitted; elsewhere the values are interpolated
+      (between tracked frames) or held (before the first, after the last).
+    failed: () True when the loss or a gradient became non-finite.
+    rigid_loss_history, full_loss_history: (iterations,) clip loss per step of each stage.
+    photometric_loss_history: photometric mode: (iterations,) of the photometric stage.
+    appearance: photometric mode: the clip's albedo coefficients and SH lighting.
+    photometric_error: photometric mode: (T,) mean absolute colour error over the face mask.
+  """
+  params: FlameParams
+  camera: Camera
+  landmarks_2d: jax.Array
+  landmark_error: jax.Array
+  tracked: jax.Array
+  failed: jax.Array
+  rigid_loss_history: jax.Array
+  full_loss_history: jax.Array
+  photometric_loss_history: Optional[jax.Array] = None
+  appearance: Optional[Appearance] = None
+  photometric_error: Optional[jax.Array] = None
+
+
+def _chordal_mean(rotations, weights):
+  """The rotation nearest (Frobenius) to the weighted mean of (T, 3, 3) rotation matrices."""
+  mean = jnp.einsum("t,tab->ab", weights, rotations)
+  u, _, vt = jnp.linalg.svd(mean)
+  fix = jnp.diag(jnp.asarray([1.0, 1.0, 0.0])) + jnp.diag(
+      jnp.asarray([0.0, 0.0, 1.0])) * jnp.linalg.det(u @ vt)
+  return u @ fix @ vt
+
+
+def _gap_filled(tree, valid):
+  """Per-frame leaves (T, ...) with every frame without a face replaced by the linear
+  interpolation of the nearest frames with one (held at the ends)."""
+  frames = valid.shape[0]
+  index = jnp.arange(frames)
+  before = jax.lax.cummax(jnp.where(valid, index, -1))
+  after = jax.lax.cummin(jnp.where(valid, index, frames), reverse=True)
+  before_ok, after_ok = before >= 0, after < frames
+  before = jnp.where(before_ok, before, after)
+  after = jnp.where(after_ok, after, before)
+  before, after = jnp.clip(before, 0, frames - 1), jnp.clip(after, 0, frames - 1)
+  span = jnp.maximum(after - before, 1)
+  alpha = jnp.where(after > before, (index - before) / span, 0.0)
+
+  def fill(x):
+    a = alpha.reshape((frames,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+    return (1.0 - a) * x[before] + a * x[after]
+  return jax.tree.map(fill, tree)
+
+
+def joint_identity_solve(normals, rhs, valid, prior_weights, num_shape: int):
+  """One shape for every frame and an expression per frame, by one regularised linear solve.
+
+  Minimises sum_f [c_f^T N_f c_f / 2 - b_f^T c_f + expression prior] + T shape prior over
+  frames with a face, where c_f = (shape, expression_f): each frame's expression is eliminated
+  (Schur complement), which leaves an S x S system for the shared shape.
+
+  Args:
+    normals, rhs: (T, N, N), (T, N) per-frame `init.identity_normal_equations`, N = S + E.
+    valid: (T,) frames with a face.
+    prior_weights: (N,) L2 weight of each coefficient (the fit's regularisation).
+    num_shape: S.
+  Returns:
+    (shape (S,), expressions (T, E)).
+  """
+  count = jnp.maximum(jnp.sum(valid), 1.0)
+  scale = valid.astype(normals.dtype)
+  normals = normals * scale[:, None, None]
+  rhs = rhs * scale[:, None]
+  a_ss, a_se = normals[:, :num_shape, :num_shape], normals[:, :num_shape, num_shape:]
+  a_ee = normals[:, num_shape:, num_shape:] + 2.0 * jnp.diag(prior_weights[num_shape:])
+  b_s, b_e = rhs[:, :num_shape], rhs[:, num_shape:]
+  # M_f^-1 [A_es, b_e] for every frame in one batched solve.
+  eliminated = jnp.linalg.solve(a_ee, jnp.concatenate(
+      [jnp.swapaxes(a_se, 1, 2), b_e[:, :, None]], axis=2))
+  system = (jnp.sum(a_ss - a_se @ eliminated[:, :, :num_shape], axis=0)
+            + 2.0 * count * jnp.diag(prior_weights[:num_shape]))
+  target = jnp.sum(b_s - jnp.einsum("tse,te->ts", a_se, eliminated[:, :, num_shape]), axis=0)
+  shape = jnp.linalg.solve(system, target)
+  expressions = eliminated[:, :, num_shape] - eliminated[:, :, :num_shape] @ shape
+  return shape, expressions
+
+
+# A small pull of the linearised jaw towards rest keeps the start's solve well conditioned.
+_JAW_INIT_PRIOR = 1e-3
+
+
+def _jaw_basis(rows):
+  """(K, 3, 3) derivative of the rest-pose landmarks with respect to the jaw's axis-angle."""
+  zeros = FlameParams.zeros(rows.num_shape, rows.num_expression)
+
+  def points(jaw):
+    return surface_points_forward(rows, zeros.replace(jaw_rotation=jaw))[0]
+  return jax.jacfwd(points)(jnp.zeros(3, jnp.float32))
+
+
+def initial_clip_variables(fit_model: FitModel, targets: ClipTargets, crop_size: int,
+                           config: FitConfig):
+  """The clip's start, weight-free like a photo's (see jflame.init) but with one identity:
+  closed-form per-frame cameras alternated with `joint_identity_solve`; then one base rotation
+  for the clip (chordal mean) with per-frame deltas, and frames without a face filled from their
+  neighbours.
+
+  Returns:
+    (variables with per-frame leaves (T, ...) and a shared shape and focal length, base
+    rotation (3, 3), principal point (2,)).
+  """
+  rows = fit_model.landmark_rows
+  num_shape, num_expression = rows.num_shape, rows.num_expression
+  focal = jnp.asarray(focal_length_from_fov(crop_size, config.fov_degrees), jnp.float32)
+  principal_point = jnp.full((2,), crop_size / 2.0, jnp.float32)
+  pixel_scale = config.landmark_scale / crop_size
+  template, basis = landmark_basis(rows)
+  # The jaw moves the lips and chin as much as expression does: linearised at the rest pose it
+  # joins the solve as three more per-frame columns, so it is not mistaken for expression.
+  basis = jnp.concatenate([basis, _jaw_basis(rows)], axis=2)
+  solved_shape = min(config.init_num_shape, num_shape)
+  solved_expression = min(config.init_num_expression, num_expression)
+  columns = np.r_[np.arange(solved_shape), num_shape + np.arange(solved_expression),
+                  num_shape + num_expression + np.arange(3)]
+  prior_weights = jnp.asarray(np.r_[np.full(solved_shape, config.regularization.shape),
+                                    np.full(solved_expression, config.regularization.expression),
+                                    np.full(3, max(config.regularization.jaw, _JAW_INIT_PRIOR))],
+                              jnp.float32)
+  frames = targets.valid.shape[0]
+  coefficients = jnp.zeros((frames, num_shape + num_expression + 3), jnp.float32)
+
+  def cameras(coefficients):
+    return jax.vmap(lambda c, landmarks, weights: initial_rigid_camera(
+        template + basis @ c, landmarks, weights, focal, principal_point))(
+            coefficients, targets.landmarks, targets.weights)
+
+  rotations, translations = cameras(coefficients)
+  for _ in range(config.init_rounds):
+    normals, rhs = jax.vmap(lambda c, landmarks, weights, rotation, translation:
+                            identity_normal_equations(
+                                template, basis[:, :, columns], landmarks, weights, rotation,
+                                translation, focal, principal_point, pixel_scale))(
+        coefficients, targets.landmarks, targets.weights, rotations, translations)
+    shape, expressions = joint_identity_solve(normals, rhs, targets.valid, prior_weights,
+                                              solved_shape)
+    solved = jnp.concatenate([jnp.broadcast_to(shape, (frames, solved_shape)), expressions],
+                             axis=1)
+    coefficients = coefficients.at[:, columns].set(solved)
+    rotations, translations = cameras(coefficients)
+  valid_weight = targets.valid.astype(jnp.float32) / jnp.maximum(jnp.sum(targets.valid), 1.0)
+  base = _chordal_mean(rotations, valid_weight)
+  deltas = jax.vmap(lambda r: matrix_to_axis_angle(r @ base.T))(rotations)
+  flame = jax.vmap(lambda c: FlameParams.zeros(config.num_shape, config.num_expression).replace(
+      shape=c[:num_shape], expression=c[num_shape:num_shape + num_expression],
+      jaw_rotation=c[num_shape + num_expression:]))(coefficients)
+  per_frame = FitVariables(flame=flame, camera_rotation=deltas,
+                           camera_translation=translations,
+                           focal_length=jnp.broadcast_to(focal, (frames,)))
+  per_frame = _gap_filled(jax.lax.stop_gradient(per_frame), targets.valid)
+  ok = jnp.all(jnp.isfinite(coefficients)) & _finite(per_frame)
+  return (per_frame.replace(flame=per_frame.flame.replace(shape=coefficients[0, :num_shape]),
+                            focal_length=focal), base, principal_point, ok)
+
+
+def _finite(tree):
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _frame_loss(fit_model, frame, target, base_rotation, principal_point, crop_size,
+                config: FitConfig, photometric: bool):
+  """ONE frame's data term (zero without a face) and its priors without the shape prior (the
+  clip's shape prior is counted once)."""
+  predicted = project_landmarks(fit_model, frame, base_rotation, principal_point)
+  data = losses.landmark_loss(predicted, target.landmarks, target.weights, crop_size,
+                              config.landmark_scale, config.landmark_robust_scale)
+  if photometric:
+    rendered = render_fit(fit_model, frame, base_rotation, principal_point, crop_size,
+                          config.raster)
+    data = data + config.photometric_weight * losses.photometric_loss(
+        rendered.image, target.image, target.face_mask, config.photometric_robust_scale)
+  flame = frame.flame
+  prior = regularization(flame.replace(shape=jnp.zeros_like(flame.shape)), config)
+  return jnp.where(target.valid, data, 0.0) + prior
+
+
+def clip_loss(fit_model: FitModel, variables: FitVariables, targets: ClipTargets, base_rotation,
+              principal_point, crop_size: int, config: TrackConfig, photometric: bool):
+  """The clip's objective over segments (per-frame leaves and targets (G, L, ...)): per-frame
+  terms and temporal priors summed over segment slots and divided by the frames with a face,
+  plus the shape (and texture) prior once and the agreement of overlapping segments."""
+  fit_config = config.fit
+
+  def segment(segment_variables, segment_targets):
+    frame_loss = functools.partial(_frame_loss, fit_model, base_rotation=base_rotation,
+                                   principal_point=principal_point, crop_size=crop_size,
+                                   config=fit_config, photometric=photometric)
+    per_frame = jax.vmap(frame_loss, in_axes=(_shared_axes(segment_variables, 0), 0))(
+        segment_variables, segment_targets)
+    return jnp.sum(per_frame) + temporal_penalty(segment_variables, config)
+
+  if not config.segment_chunk or config.segment_chunk >= targets.valid.shape[0]:
+    per_segment = jax.vmap(segment, in_axes=(_shared_axes(variables, 0), 0))(variables, targets)
+  else:
+    per_segment = jax.lax.map(
+        lambda inputs: segment(_with_shared(inputs[0], variables), inputs[1]),
+        (_map_per_frame(lambda x: x, variables, drop_shared=True), targets),
+        batch_size=config.segment_chunk)
+  frames_with_data = jnp.maximum(jnp.sum(targets.valid), 1.0)
+  loss = ((jnp.sum(per_segment) + agreement_penalty(variables, config)) / frames_with_data
+          + losses.l2(variables.flame.shape, fit_config.regularization.shape))
+  if photometric:
+    loss = loss + losses.l2(variables.appearance.texture, fit_config.regularization.texture)
+  return loss
+
+
+def _frame_targets(fit_model: FitModel, observations: Observation, photometric: bool):
+  landmarks, weights, is_detected, valid = jax.vmap(
+      functools.partial(landmark_targets, fit_model))(observations)
+  extra = {}
+  if photometric:
+    extra = dict(image=observations.image, face_mask=observations.face_mask)
+  return ClipTargets(landmarks=landmarks, weights=weights, is_detected=is_detected, valid=valid,
+                     **extra)
+
+
+def _clip_appearance(fit_model: FitModel, targets: ClipTargets) -> Appearance:
+  """One start for the clip: the mean over frames with a face of each frame's start."""
+  starts = jax.vmap(functools.partial(initial_appearance, fit_model.albedo))(
+      targets.image, targets.face_mask)
+  weight = targets.valid.astype(jnp.float32) / jnp.maximum(jnp.sum(targets.valid), 1.0)
+  return jax.tree.map(lambda x: jnp.tensordot(weight, x, axes=1), starts)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "crop_size"))
+def track_padded(fit_model: FitModel, observations: Observation, config: TrackConfig,
+                 crop_size: int) -> TrackResult:
+  """Fits a clip already padded to `padded_length(G, config)` frames (padding frames have
+  `valid` False). Compiled once per (G, segment length, crop size, config)."""
+  fit_config = config.fit
+  photometric = fit_config.photometric
+  frames = observations.valid.shape[0]
+  num_segments = (frames - config.overlap) // config.stride
+  if padded_length(num_segments, config) != frames:
+    raise ConfigError(f"a clip of {frames} frames is not padded to whole segments; use "
+                      "fit_clip, which pads it.")
+  targets = _frame_targets(fit_model, observations, photometric)
+  variables, base_rotation, principal_point, start_ok = initial_clip_variables(
+      fit_model, targets, crop_size, fit_config)
+  index = jnp.asarray(_segment_index(num_segments, config))
+  per_frame_axes = _shared_axes(variables, 0)
+  segment_targets = jax.tree.map(lambda x: x[index], targets)
+  to_segments = functools.partial(_map_per_frame, lambda x: x[index])
+  to_frames = functools.partial(_map_per_frame, lambda x: frames_from_segments(x, config))
+  variables = to_segments(variables)
+  active = jnp.any(targets.valid) & start_ok
+
+  def loss_fn(photometric_term):
+    return lambda v: clip_loss(fit_model, v, segment_targets, base_rotation, principal_point,
+                               crop_size, config, photometric_term)
+
+  variables, rigid_history, rigid_failed = run_stage(
+      loss_fn(False), variables, fit_config.rigid_rates, fit_config.rigid_iterations, active)
+  full_rates = fit_config.full_rates
+  if not fit_config.fit_shape:
+    full_rates = dataclasses.replace(full_rates, shape=None)
+  variables, full_history, full_failed = run_stage(
+      loss_fn(False), variables, full_rates, fit_config.full_iterations, active & ~rigid_failed)
+  failed = rigid_failed | full_failed
+  extra = {}
+  if photometric:
+    variables = variables.replace(appearance=_clip_appearance(fit_model, targets))
+    rates = config.photometric_rates
+    if not fit_config.fit_shape:
+      rates = dataclasses.replace(rates, shape=None)
+    variables, photometric_history, photometric_failed = run_stage(
+        loss_fn(True), variables, rates, config.photometric_iterations, active & ~failed)
+    failed = failed | photometric_failed
+    extra = dict(photometric_loss_history=photometric_history,
+                 appearance=fitted_appearance(variables))
+  frame_variables = _map_per_frame(lambda x: _gap_filled(x, targets.valid), to_frames(variables))
+
+  def evaluate(frame, target):
+    predicted = project_landmarks(fit_model, frame, base_rotation, principal_point)
+    return (frame.flame.replace(shape=variables.flame.shape),
+            fitted_camera(frame, base_rotation, principal_point), predicted,
+            losses.landmark_error(predicted, target.landmarks, target.is_detected))
+
+  params, camera, predicted, error = jax.vmap(evaluate, in_axes=(per_frame_axes, 0))(
+      frame_variables, targets)
+  if photometric:
+    def colour_error(frame, target):
+      rendered = render_fit(fit_model, frame, base_rotation, principal_point, crop_size,
+                            fit_config.raster)
+      return losses.masked_mean_abs(rendered.image, target.image, target.face_mask)
+    # One frame's render at a time: a whole clip of renders need not fit in memory.
+    extra["photometric_error"] = jax.lax.map(
+        lambda inputs: colour_error(_with_shared(inputs[0], frame_variables), inputs[1]),
+        (_map_per_frame(lambda x: x, frame_variables, drop_shared=True), targets),
+        batch_size=8)
+  return TrackResult(params=params, camera=camera, landmarks_2d=predicted,
+                     landmark_error=error, tracked=targets.valid & ~failed, failed=failed,
+                     rigid_loss_history=rigid_history, full_loss_history=full_history, **extra)
+
+
+def pad_clip(observations: Observation, config: TrackConfig) -> Observation:
+  """A clip of T frames (host or device arrays) padded with empty frames to its bucket."""
+  frames = observations.valid.shape[0]
+  length = padded_length(segment_count(frames, config), config)
+
+  def pad(x):
+    x = np.asarray(x)
+    return np.concatenate([x, np.zeros((length - frames,) + x.shape[1:], x.dtype)])
+  return jax.tree.map(pad, observations)
+
+
+def fit_clip(fit_model: FitModel, observations: Observation, config: TrackConfig,
+             crop_size: int) -> TrackResult:
+  """Fits a clip of T frames (Observation with leading axis T; `crop_size` is the side of the
+  frame in which its landmarks are given). Returns the TrackResult of the T frames."""
+  frames = observations.valid.shape[0]
+  if frames == 0:
+    raise ConfigError("the clip has no frames")
+  result = track_padded(fit_model, pad_clip(observations, config), config, crop_size)
+  per_frame = ("params", "camera", "landmarks_2d", "landmark_error", "tracked",
+               "photometric_error")
+  return result.replace(**{name: jax.tree.map(lambda x: x[:frames], getattr(result, name))
+                           for name in per_frame if getattr(result, name) is not None})
+
+
+@jax.jit
+def clip_meshes(model, params: FlameParams, camera: Camera):
+  """Full meshes of a tracked clip (T leading) and their projections: ((T, V, 3) model space,
+  (T, V, 2) crop pixels)."""
+  vertices = vertices_of_batch(model, params)
+  return vertices, jax.vmap(project)(camera, vertices)

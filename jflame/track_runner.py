@@ -1,0 +1,174 @@
+"""The clip job: a video (or a folder of frames) in, one identity and a smooth FLAME track out.
+
+read + landmarks (host, MediaPipe tracking mode) -> one clip crop -> one compiled clip fit
+(jflame.track) -> writers (Parquet table, overlay video, plot, manifest). A frame without a face
+is marked, and its values come from the temporal priors between tracked frames, never invented
+silently.
+"""
+
+import dataclasses
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from jflame import output, track_output
+from jflame.camera import apply_affine, invert_affine
+from jflame.errors import InputError
+from jflame.preprocess.video import VideoLandmarker, clip_crop, clip_observations, open_clip
+from jflame.runner import LoadedModel, prepare_fit_model
+from jflame.track import TrackConfig, clip_meshes, fit_clip
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackOptions:
+  """Host-side settings of a clip job (the device-side ones are in TrackConfig)."""
+  output_dir: Path
+  crop_size: int = 256
+  max_frames: int = 0            # 0: every frame
+  write_overlay: bool = True
+  write_plot: bool = True
+  default_fps: float = 25.0      # for folders of frames
+
+
+def read_landmarks(source, max_frames: int = 0, default_fps: float = 25.0,
+                   progress: Optional[Callable[[int], None]] = None):
+  """Landmarks of every frame of a clip in tracking mode.
+
+  Returns:
+    (VideoInfo, landmarks (T, 478, 2) float32 frame pixels (zeros where none), found (T,)).
+  """
+  info, frames = open_clip(source, default_fps)
+  points, found = [], []
+  with VideoLandmarker() as landmarker:
+    for frame in frames:
+      detected = landmarker.landmarks(frame)
+      found.append(detected is not None)
+      points.append(detected if detected is not None else np.zeros((478, 2), np.float32))
+      if progress:
+        progress(1)
+      if max_frames and len(points) >= max_frames:
+        break
+  if not points:
+    raise InputError(f"{source}: no frames could be read.")
+  return info, np.stack(points), np.asarray(found, bool)
+
+
+def _frames(source, count: int, default_fps: float):
+  _, frames = open_clip(source, default_fps)
+  for index, frame in enumerate(frames):
+    if index >= count:
+      return
+    yield frame
+
+
+def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions, source,
+                progress: Optional[Callable[[int], None]] = None) -> dict:
+  """Tracks one clip and writes its files into `options.output_dir`; returns the manifest."""
+  started = datetime.datetime.now(datetime.timezone.utc)
+  out = Path(options.output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  timings = {}
+  clock = time.perf_counter()
+  info, landmarks, found = read_landmarks(source, options.max_frames, options.default_fps,
+                                          progress)
+  count = len(found)
+  timings["landmarks_s"] = time.perf_counter() - clock
+  manifest = dict(jflame_track=1, source=str(source), started=started.isoformat(),
+                  frames=count, fps=info.fps, frame_size=[info.width, info.height],
+                  model=loaded.description, model_variant=loaded.model.variant,
+                  synthetic_model=loaded.model.is_synthetic, device=str(jax.devices()[0]),
+                  python=platform.python_version(), jax=jax.__version__,
+                  config=dataclasses.asdict(config),
+                  options={k: str(v) for k, v in dataclasses.asdict(options).items()})
+  if not found.any():
+    manifest.update(status="no_face", message="MediaPipe found no face in any frame; nothing "
+                    "was fitted.", counts={track_output.STATUS_NO_FACE: count}, timings=timings)
+    track_output.write_manifest(out / "manifest.json", manifest)
+    return manifest
+
+  clock = time.perf_counter()
+  crop_size = options.crop_size
+  crop_from_frame = clip_crop(landmarks, found, crop_size)
+  frames = (list(_frames(source, count, options.default_fps)) if config.fit.photometric
+            else None)
+  observations = clip_observations(landmarks, found, crop_from_frame, crop_size, frames)
+  del frames
+  fit_model = prepare_fit_model(loaded, config.fit)
+  timings["prepare_s"] = time.perf_counter() - clock
+  clock = time.perf_counter()
+  result = jax.device_get(fit_clip(fit_model, observations, config, crop_size))
+  _, crop_pixels = jax.device_get(clip_meshes(loaded.model, result.params, result.camera))
+  timings["fit_s"] = time.perf_counter() - clock   # includes compiling on a first clip
+
+  clock = time.perf_counter()
+  tracked = np.asarray(result.tracked)
+  status = track_output.frame_statuses(tracked)
+  indices = np.asarray(fit_model.landmark_indices)
+  frame_from_crop = invert_affine(crop_from_frame)
+  scale = float(np.sqrt(abs(np.linalg.det(crop_from_frame[:, :2]))))
+  detected = landmarks[:, indices].astype(np.float64)
+  fitted = apply_affine(frame_from_crop, np.asarray(result.landmarks_2d, np.float64))
+  params, camera = result.params, result.camera
+  cameras = [output.camera_in_original_image(
+      {key: np.asarray(getattr(camera, key))[t] for key in output.CAMERA_FIELDS},
+      crop_from_frame) for t in range(count)]
+  times = np.arange(count) / info.fps
+  columns = dict(
+      frame=np.arange(count), time_s=times, status=status.astype(str),
+      expression=params.expression, jaw_rotation=params.jaw_rotation,
+      neck_rotation=params.neck_rotation, global_rotation=params.global_rotation,
+      left_eye_rotation=params.left_eye_rotation, right_eye_rotation=params.right_eye_rotation,
+      head_rotation_deg=track_output.head_rotation_degrees(np.asarray(camera.rotation)),
+      **{f"camera_{key}": np.asarray(getattr(camera, key)) for key in output.CAMERA_FIELDS},
+      **{f"frame_camera_{key}": np.stack([np.asarray(c[key], np.float64) for c in cameras])
+         for key in output.CAMERA_FIELDS},
+      landmarks_detected=np.where(found[:, None, None], detected, np.nan),
+      landmarks_fitted=fitted,
+      landmark_error_px=np.where(tracked, np.asarray(result.landmark_error) / scale, np.nan))
+  if result.photometric_error is not None:
+    columns["photometric_error"] = np.asarray(result.photometric_error)
+  shape = np.asarray(params.shape[0])
+  metadata = dict(format_version=track_output.TABLE_FORMAT_VERSION, model=loaded.model.name,
+                  mode=config.fit.mode.value, shape=shape.tolist(),
+                  landmark_indices=indices.tolist(), crop_from_frame=crop_from_frame.tolist(),
+                  crop_size=crop_size, fps=info.fps)
+  track_output.write_table(out / "track.parquet", columns,
+                           {key: json.dumps(value) for key, value in metadata.items()})
+  files = ["track.parquet"]
+  if options.write_plot:
+    track_output.plot_track(out / "track.png", times, status, columns["head_rotation_deg"],
+                            np.asarray(camera.translation), np.asarray(params.jaw_rotation),
+                            np.asarray(params.expression),
+                            np.nan_to_num(columns["landmark_error_px"]))
+    files.append("track.png")
+  timings["write_s"] = time.perf_counter() - clock
+  if options.write_overlay:
+    clock = time.perf_counter()
+    mesh_pixels = apply_affine(frame_from_crop, crop_pixels.reshape(-1, 2).astype(np.float64))
+    track_output.write_overlay_video(
+        out / "overlay.mp4", _frames(source, count, options.default_fps), info.fps,
+        mesh_pixels.reshape(crop_pixels.shape), np.asarray(loaded.model.faces), detected, fitted,
+        found)
+    files.append("overlay.mp4")
+    timings["overlay_s"] = time.perf_counter() - clock
+  counts = {name: int(np.sum(status == name)) for name in
+            (track_output.STATUS_TRACKED, track_output.STATUS_INTERPOLATED,
+             track_output.STATUS_NO_FACE)}
+  error = np.asarray(result.landmark_error)[tracked] / scale
+  manifest.update(
+      status="failed" if bool(result.failed) else "ok",
+      message=("the optimisation diverged (non-finite loss or gradient)" if bool(result.failed)
+               else ""),
+      finished=datetime.datetime.now(datetime.timezone.utc).isoformat(), counts=counts,
+      shape=shape.tolist(), crop_from_frame=crop_from_frame, crop_size=crop_size,
+      focal_length_frame_px=float(cameras[0]["focal_length"]),
+      landmark_error_px_median=float(np.median(error)) if error.size else None,
+      files=files + ["manifest.json"], timings=timings)
+  track_output.write_manifest(out / "manifest.json", manifest)
+  return manifest

@@ -1,0 +1,249 @@
+"""Clip fitting with known truth: smooth trajectories recovered, one shape, less jitter."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from jflame import flame, landmarks, landmarks_io, synthetic
+from jflame.camera import FRONTAL_ROTATION, Camera, project
+from jflame.config import FitConfig
+from jflame.errors import ConfigError
+from jflame.fit import fit_batch, make_fit_model
+from jflame.observation import Observation
+from jflame.track import (TRACK_FIT, Smoothness, TrackConfig, fit_clip, frames_from_segments,
+                          padded_length, segment_count)
+from jflame.track_output import frame_statuses, head_rotation_degrees
+from tests.conftest import shared_photos
+
+CROP = 256
+NUM_SHAPE, NUM_EXPRESSION = 20, 10
+FRAMES = 60
+CONFIG = TrackConfig(fit=TRACK_FIT.replace(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION))
+
+
+@pytest.fixture(scope="module")
+def small_model():
+  return synthetic.synthetic_flame("small", seed=0)
+
+
+def _fit_model(model, embedding, config):
+  region = landmarks.mediapipe_landmark_weights(landmarks_io.load_mediapipe_reference(),
+                                               config.region_weights)
+  indices = np.asarray(embedding.landmark_indices)
+  return make_fit_model(model, embedding.face_indices, embedding.barycentrics, indices,
+                        region[indices], config)
+
+
+def _trajectories(frames, moving=True):
+  """Smooth known motion at 25 frames/s (or a static head)."""
+  t = np.arange(frames) / 25.0 * float(moving)
+  expression = np.zeros((frames, NUM_EXPRESSION))
+  expression[:, 0] = 0.8 * np.sin(2 * np.pi * 0.7 * t)
+  expression[:, 1] = 0.6 * np.cos(2 * np.pi * 0.4 * t)
+  expression[:, 2] = 0.5 * np.sin(2 * np.pi * 1.1 * t + 1.0)
+  jaw = 0.12 + 0.1 * np.sin(2 * np.pi * 0.9 * t)
+  head = np.stack([0.1 * np.sin(2 * np.pi * 0.5 * t), 0.35 * np.sin(2 * np.pi * 0.3 * t),
+                   0.05 * np.sin(2 * np.pi * 0.2 * t)], axis=1)
+  return expression, jaw, head
+
+
+def _clip(model, embedding, frames, noise_px, seed, moving=True):
+  """Landmarks of the synthetic head with one identity moving along known trajectories."""
+  rng = np.random.default_rng(seed)
+  shape = rng.normal(size=NUM_SHAPE) * 0.8
+  expression, jaw, head = _trajectories(frames, moving)
+  observed = np.zeros((frames, 478, 2), np.float32)
+  indices = np.asarray(embedding.landmark_indices)
+  for i in range(frames):
+    params = flame.FlameParams.zeros(NUM_SHAPE, NUM_EXPRESSION).replace(
+        shape=jnp.asarray(shape, jnp.float32), expression=jnp.asarray(expression[i], jnp.float32),
+        jaw_rotation=jnp.asarray([jaw[i], 0.0, 0.0], jnp.float32))
+    rotation = (Rotation.from_rotvec(FRONTAL_ROTATION) * Rotation.from_rotvec(head[i])).as_rotvec()
+    camera = Camera(rotation=jnp.asarray(rotation, jnp.float32),
+                    translation=jnp.asarray([0.01 * np.sin(i / 25.0) * moving, 0.0, 0.75],
+                                            jnp.float32),
+                    focal_length=jnp.asarray(726.0, jnp.float32),
+                    principal_point=jnp.asarray([CROP / 2, CROP / 2], jnp.float32))
+    vertices, _ = flame.flame_forward(model, params)
+    observed[i, indices] = np.asarray(project(camera, embedding.points(vertices, model.faces)))
+  observed[:, indices] += rng.normal(scale=noise_px, size=(frames, len(indices), 2))
+  observation = Observation(
+      landmarks=observed, landmark_weights=np.ones((frames, 478), np.float32),
+      image=np.zeros((frames, 1, 1, 3), np.float32), face_mask=np.zeros((frames, 1, 1), np.float32),
+      valid=np.ones(frames, bool))
+  return shape, (expression, jaw, head), observation
+
+
+def _with_crop(observation, size=CROP):
+  count = observation.valid.shape[0]
+  return observation.replace(image=np.zeros((count, size, size, 3), np.float32),
+                             face_mask=np.zeros((count, size, size), np.float32))
+
+
+def _shape_error_mm(model, embedding, fitted, truth):
+  """Mean distance between the neutral faces (zero expression and pose) of two shapes under
+  the landmarks, after aligning centroid and scale (depth trades against size)."""
+  def face(shape):
+    params = flame.FlameParams.zeros(NUM_SHAPE, NUM_EXPRESSION).replace(
+        shape=jnp.asarray(shape, jnp.float32))
+    points = np.asarray(embedding.points(flame.flame_forward(model, params)[0], model.faces))
+    return points - points.mean(axis=0)
+  a, b = face(fitted), face(truth)
+  scale = np.sum(a * b) / np.sum(a * a)
+  return 1000 * np.linalg.norm(scale * a - b, axis=1).mean()
+
+
+def _head_rotations(camera_rotation):
+  return (Rotation.from_rotvec(FRONTAL_ROTATION).inv()
+          * Rotation.from_rotvec(np.asarray(camera_rotation))).as_rotvec()
+
+
+@pytest.fixture(scope="module")
+def moving_clip(small_model):
+  model, embedding = small_model
+  shape, truth, observation = _clip(model, embedding, FRAMES, noise_px=0.5, seed=1)
+  result = fit_clip(_fit_model(model, embedding, CONFIG.fit), observation, CONFIG, CROP)
+  return shape, truth, observation, jax.device_get(result)
+
+
+def test_recovers_smooth_trajectories(moving_clip):
+  _, (expression, jaw, head), _, result = moving_clip
+  assert not bool(result.failed) and np.all(result.tracked)
+  assert result.params.expression.shape == (FRAMES, NUM_EXPRESSION)
+  for k in range(3):
+    correlation = np.corrcoef(result.params.expression[:, k], expression[:, k])[0, 1]
+    assert correlation >= 0.9, (k, correlation)
+  assert np.corrcoef(result.params.jaw_rotation[:, 0], jaw)[0, 1] >= 0.9
+  fitted_head = _head_rotations(result.camera.rotation)
+  for axis in (0, 1):  # pitch and yaw; roll moves too little here to correlate meaningfully
+    assert np.corrcoef(fitted_head[:, axis], head[:, axis])[0, 1] >= 0.9, axis
+  # One identity and one focal length for the clip.
+  np.testing.assert_array_equal(result.params.shape, np.broadcast_to(result.params.shape[0],
+                                                                      result.params.shape.shape))
+  assert np.ptp(result.camera.focal_length) == 0.0
+  assert np.median(result.landmark_error) < 1.0, np.median(result.landmark_error)
+
+
+def test_shape_at_least_as_good_as_the_best_single_frame(small_model, moving_clip):
+  model, embedding = small_model
+  shape, _, observation, result = moving_clip
+  config = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION)
+  singles = fit_batch(_fit_model(model, embedding, config), _with_crop(observation), config)
+  single_errors = [_shape_error_mm(model, embedding, s, shape)
+                   for s in np.asarray(singles.params.shape)]
+  clip_error = _shape_error_mm(model, embedding, result.params.shape[0], shape)
+  # The best frame as a user would pick it: the one its own fit matches best.
+  best = int(np.argmin(np.asarray(singles.landmark_error)))
+  assert clip_error <= single_errors[best], (clip_error, single_errors[best],
+                                             np.median(single_errors))
+  assert clip_error <= np.median(single_errors)
+
+
+def test_static_head_jitters_three_times_less_than_independent_fits(small_model):
+  model, embedding = small_model
+  frames = 32
+  _, _, observation = _clip(model, embedding, frames, noise_px=1.0, seed=2, moving=False)
+  fit_model = _fit_model(model, embedding, CONFIG.fit)
+  tracked = fit_clip(fit_model, observation, CONFIG, CROP)
+  config = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION)
+  independent = fit_batch(_fit_model(model, embedding, config), _with_crop(observation), config)
+
+  def jitter(points):
+    return np.linalg.norm(np.diff(np.asarray(points), axis=0), axis=-1).mean()
+  ratio = jitter(independent.landmarks_2d) / jitter(tracked.landmarks_2d)
+  assert ratio >= 3.0, ratio
+
+
+def test_frames_without_a_face_are_interpolated(small_model, moving_clip):
+  model, embedding = small_model
+  _, _, observation, clean = moving_clip
+  gap = slice(20, 26)
+  valid = observation.valid.copy()
+  valid[gap] = False
+  valid[:2] = False
+  result = jax.device_get(fit_clip(_fit_model(model, embedding, CONFIG.fit),
+                                   observation.replace(valid=valid), CONFIG, CROP))
+  assert list(np.asarray(result.tracked)) == list(valid)
+  status = frame_statuses(result.tracked)
+  assert list(status[:3]) == ["no_face", "no_face", "tracked"]
+  assert set(status[gap]) == {"interpolated"}
+  # Inside the gap the values lie near the clean fit's (the motion is smooth).
+  jaw_gap = np.abs(result.params.jaw_rotation[gap, 0] - clean.params.jaw_rotation[gap, 0])
+  assert np.all(np.isfinite(result.params.expression)) and jaw_gap.max() < 0.05, jaw_gap
+
+
+def test_clip_lengths_share_a_compiled_bucket():
+  assert [segment_count(n, CONFIG) for n in (1, 32, 33, 60, 61, 120, 500)] == [1, 1, 2, 2, 3, 5,
+                                                                             18]
+  assert padded_length(2, CONFIG) == 60
+  # Cross-fading segments that agree gives back the frames.
+  frames = np.arange(padded_length(3, CONFIG), dtype=np.float32)
+  index = np.arange(3)[:, None] * CONFIG.stride + np.arange(CONFIG.segment_length)
+  np.testing.assert_allclose(frames_from_segments(jnp.asarray(frames[index]), CONFIG), frames,
+                             rtol=1e-6)
+
+
+def test_track_config_refuses_nonsense():
+  with pytest.raises(ConfigError, match="overlap"):
+    TrackConfig(overlap=32)
+  with pytest.raises(ConfigError, match="velocity.jaw"):
+    TrackConfig(velocity=Smoothness(jaw=-1.0))
+  assert head_rotation_degrees(np.asarray([FRONTAL_ROTATION])).tolist() == [[0.0, 0.0, 0.0]]
+
+
+def _warped_clip(photo, frames=60, size=512):
+  """A photo moved smoothly: in-plane rotation, scale and translation (a known camera roll,
+  distance and sideways motion of the head)."""
+  import cv2
+  t = np.linspace(0.0, 1.0, frames)
+  angle = 12.0 * np.sin(2 * np.pi * t)                   # degrees
+  scale = 1.0 + 0.15 * np.sin(np.pi * t)
+  shift = np.stack([30.0 * np.sin(2 * np.pi * t), 15.0 * np.cos(2 * np.pi * t)], axis=1)
+  height, width = photo.shape[:2]
+  zoom = size / max(height, width) * 0.8
+  out = []
+  for a, s, d in zip(angle, scale, shift):
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), a, s * zoom)
+    matrix[:, 2] += np.array([size / 2, size / 2]) - np.array([width / 2, height / 2]) + d
+    out.append(cv2.warpAffine(photo, matrix, (size, size), borderMode=cv2.BORDER_REPLICATE))
+  return out, angle, scale
+
+
+@pytest.mark.slow
+def test_real_photo_warped_smoothly(tmp_path, small_model):
+  """End to end on a real face: MediaPipe tracking, the clip fit, every output file."""
+  import cv2
+  import pyarrow.parquet as pq
+  from jflame import track_runner
+  from jflame.runner import LoadedModel
+  photo = cv2.cvtColor(cv2.imread(str(shared_photos()[0])), cv2.COLOR_BGR2RGB)
+  frames, angle, scale = _warped_clip(photo)
+  folder = tmp_path / "frames"
+  folder.mkdir()
+  for i, frame in enumerate(frames):
+    cv2.imwrite(str(folder / f"{i:04d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+  model, embedding = synthetic.synthetic_flame("flame", seed=0)
+  loaded = LoadedModel(model, embedding, "synthetic")
+  config = CONFIG.replace(fit=TRACK_FIT.replace(num_shape=50, num_expression=30))
+  options = track_runner.TrackOptions(output_dir=tmp_path / "out")
+  manifest = track_runner.track_video(loaded, config, options, folder)
+  assert manifest["status"] == "ok" and manifest["counts"]["tracked"] == 60
+  for name in ("track.parquet", "track.png", "overlay.mp4", "manifest.json"):
+    assert (tmp_path / "out" / name).stat().st_size > 0, name
+  table = pq.read_table(tmp_path / "out" / "track.parquet").to_pydict()
+  assert len(table["frame"]) == 60 and set(table["status"]) == {"tracked"}
+  # The photo's in-plane rotation is a roll of the head seen by the frame camera (OpenCV's
+  # positive angle, counter-clockwise on screen, is a positive roll about the head's z, which
+  # points at the camera); its zoom brings the head nearer.
+  roll = np.degrees(_head_rotations(np.asarray(table["frame_camera_rotation"]))[:, 2])
+  assert np.corrcoef(roll, angle)[0, 1] >= 0.9, np.corrcoef(roll, angle)[0, 1]
+  assert np.abs(roll - roll.mean() - (angle - angle.mean())).max() < 3.0
+  depth = np.asarray(table["frame_camera_translation"])[:, 2]
+  assert np.corrcoef(depth, 1.0 / scale)[0, 1] >= 0.9, np.corrcoef(depth, 1.0 / scale)[0, 1]
+  assert np.median(table["landmark_error_px"]) < 6.0
+  video = cv2.VideoCapture(str(tmp_path / "out" / "overlay.mp4"))
+  assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 60
