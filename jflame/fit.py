@@ -440,6 +440,12 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
     # One solve replaces the landmark stages; photometric mode goes on with its Adam stage.
     problem = landmark_problem(fit_model, landmarks, weights, crop_size, config, base_rotation,
                                principal_point)
+    if guess is not None and guess.shape is not None:
+      # An encoder's shape (MICA, the identity specialist) is kept as given: the solve would
+      # otherwise trade it for whatever one view's landmarks prefer within a few steps.
+      num_shape = fit_model.landmark_rows.num_shape
+      problem = problem.replace(free=problem.free.at[:num_shape].set(
+          problem.free[:num_shape] & ~guess.estimated))
     variables, rigid_history, rigid_failed = _lm_stage(fit_model, variables, problem, config,
                                                        active)
     full_iterations = full_iterations if photometric else 0

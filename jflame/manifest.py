@@ -58,11 +58,15 @@ def append_entries(folder, entries: Iterable[Mapping]) -> None:
     stream.flush()
 
 
+def write_json(path, data: Mapping) -> Path:
+  """Writes a JSON document (NumPy values allowed) atomically; returns its path."""
+  write_text(path, json.dumps(dict(data), indent=2, default=json_default) + "\n")
+  return Path(path)
+
+
 def write_summary(folder, summary: Mapping) -> Path:
   """Writes run_summary.json atomically; returns its path."""
-  path = Path(folder) / SUMMARY_NAME
-  write_text(path, json.dumps(dict(summary), indent=2, default=json_default) + "\n")
-  return path
+  return write_json(Path(folder) / SUMMARY_NAME, summary)
 
 
 def count_statuses(entries: Iterable[Mapping]) -> Dict[str, int]:

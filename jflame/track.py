@@ -38,7 +38,7 @@ from jflame.flame import FlameParams, surface_points_forward, vertices_of_batch
 from jflame.init import identity_normal_equations, initial_rigid_camera, landmark_basis
 from jflame.observation import Observation
 from jflame.render import Appearance
-from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
+from jflame.rotation import matrix_to_axis_angle
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,6 @@ from scipy.spatial.transform import Rotation
 
 from jflame.atomic import atomic_path
 from jflame.camera import FRONTAL_ROTATION
-from jflame.output import write_manifest  # noqa: F401 (the manifest writer)
 
 STATUS_TRACKED = "tracked"
 STATUS_INTERPOLATED = "interpolated"   # no face; values interpolated between tracked frames

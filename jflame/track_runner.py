@@ -20,6 +20,7 @@ import numpy as np
 from jflame import output, track_output
 from jflame.camera import apply_affine, invert_affine
 from jflame.errors import InputError
+from jflame.manifest import write_json
 from jflame.preprocess.video import VideoLandmarker, clip_crop, clip_observations, open_clip
 from jflame.runner import LoadedModel, prepare_fit_model
 from jflame.track import TrackConfig, clip_meshes, fit_clip
@@ -89,7 +90,7 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
   if not found.any():
     manifest.update(status="no_face", message="MediaPipe found no face in any frame; nothing "
                     "was fitted.", counts={track_output.STATUS_NO_FACE: count}, timings=timings)
-    track_output.write_manifest(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     return manifest
 
   clock = time.perf_counter()
@@ -170,5 +171,5 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
       focal_length_frame_px=float(cameras[0]["focal_length"]),
       landmark_error_px_median=float(np.median(error)) if error.size else None,
       files=files + ["manifest.json"], timings=timings)
-  track_output.write_manifest(out / "manifest.json", manifest)
+  write_json(out / "manifest.json", manifest)
   return manifest

@@ -1,6 +1,5 @@
 """Clip fitting with known truth: smooth trajectories recovered, one shape, less jitter."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
