@@ -85,7 +85,9 @@ def arcface_input_image(image: np.ndarray, landmarks) -> tuple:
   Returns:
     (blob (3, 112, 112) float32, (RGB - 127.5) / 127.5; aligned crop (112, 112, 3) uint8).
   """
-  aligned = warp_affine(np.asarray(image, np.uint8), arcface_transform(landmarks), ARCFACE_SIZE)
+  # insightface warps without a pre-filter, and MICA's ArcFace was trained on such crops.
+  aligned = warp_affine(np.asarray(image, np.uint8), arcface_transform(landmarks), ARCFACE_SIZE,
+                        prefilter=False)
   blob = (aligned.astype(np.float32) - 127.5) / 127.5
   return np.ascontiguousarray(blob.transpose(2, 0, 1)), aligned
 

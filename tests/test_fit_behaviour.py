@@ -259,8 +259,13 @@ def test_priors_pull_an_unconstrained_coefficient_to_zero(head, solver):
   np.testing.assert_allclose(start.params.expression[:, HIDDEN_EXPRESSION],
                              expression[:, HIDDEN_EXPRESSION], atol=1e-5)
   result = _fit(fit_model, detected, CONFIG.replace(landmark_solver=solver), guess)
-  assert np.all(np.abs(result.params.shape[:, HIDDEN_SHAPE]) < 0.25 * 0.04), \
-      result.params.shape[:, HIDDEN_SHAPE]
+  if solver == "lm":
+    # The LM stage keeps an encoder's shape as given (MICA is the identity specialist), so
+    # the guessed shape's hidden component stays; the expression's prior still acts.
+    np.testing.assert_allclose(result.params.shape[:, HIDDEN_SHAPE], 0.04, atol=1e-6)
+  else:
+    assert np.all(np.abs(result.params.shape[:, HIDDEN_SHAPE]) < 0.25 * 0.04), \
+        result.params.shape[:, HIDDEN_SHAPE]
   assert np.all(np.abs(result.params.expression[:, HIDDEN_EXPRESSION]) <
                 0.25 * np.abs(expression[:, HIDDEN_EXPRESSION])), \
       result.params.expression[:, HIDDEN_EXPRESSION]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from jflame import flame, fit, landmarks, losses, solve, synthetic
+from jflame import flame, fit, landmarks, landmarks_io, losses, solve, synthetic
 from jflame.camera import FRONTAL_ROTATION, Camera, project
 from jflame.config import FitConfig
 from jflame.observation import Observation
@@ -31,8 +31,9 @@ def x64():
 @pytest.fixture(scope="module")
 def small():
   model, embedding = synthetic.synthetic_flame("small", seed=0)
-  region = landmarks.mediapipe_landmark_weights(CONFIG.region_weights)
-  selected = landmarks.select_regions(embedding, CONFIG.landmark_regions)
+  reference = landmarks_io.load_mediapipe_reference()
+  region = landmarks.mediapipe_landmark_weights(reference, CONFIG.region_weights)
+  selected = landmarks.select_regions(embedding, CONFIG.landmark_regions, reference)
   indices = np.asarray(selected.landmark_indices)
   fit_model = fit.make_fit_model(model, selected.face_indices, selected.barycentrics, indices,
                                  region[indices], CONFIG)
@@ -74,7 +75,7 @@ def scene(model, embedding, count, seed, noise_px=0.5, focal=726.0, depth=(0.6, 
 
 def _start(fit_model, observation, config=CONFIG):
   """One image's problem and start, exactly as fit_one builds them."""
-  targets, weights, active, _, variables, base, principal = fit._landmark_start(
+  targets, weights, _, active, _, variables, base, principal = fit._landmark_start(
       fit_model, observation, config, None)
   problem = fit.landmark_problem(fit_model, targets, weights, observation.crop_size, config,
                                  base, principal)

@@ -56,7 +56,7 @@ def affine_scale(dst_from_src: np.ndarray) -> float:
 
 
 def warp_affine(image: np.ndarray, dst_from_src: np.ndarray, size: int,
-                interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+                interpolation: int = cv2.INTER_LINEAR, prefilter: bool = True) -> np.ndarray:
   """Resamples `image` onto a (size, size) grid through `dst_from_src`.
 
   Bilinear by default. Outside the source the result is zero (constant border, not replicate):
@@ -70,6 +70,8 @@ def warp_affine(image: np.ndarray, dst_from_src: np.ndarray, size: int,
     image: (H, W) or (H, W, C) array (uint8 or float32).
     dst_from_src: (2, 3) affine, continuous pixel coordinates.
     size: side of the output.
+    prefilter: area-average a shrink first (default). False samples the source directly, as
+      cv2.warpAffine does: for inputs a network was trained on that way (ArcFace/MICA crops).
 
   Returns:
     (size, size[, C]) array of image's dtype.
@@ -77,7 +79,7 @@ def warp_affine(image: np.ndarray, dst_from_src: np.ndarray, size: int,
   dst_from_src = np.asarray(dst_from_src, np.float64)
   height, width = image.shape[:2]
   output_shape = (size, size) + image.shape[2:]
-  shrink = 1.0 / affine_scale(dst_from_src)
+  shrink = 1.0 / affine_scale(dst_from_src) if prefilter else 1.0
   # Blocks of a whole number of pixels first: cheap, and the fractional rest is then small.
   factor = int(shrink) if shrink > _MAX_BILINEAR_SHRINK else 1
   # Source region under the output square, with a margin for the interpolation footprint.

@@ -20,7 +20,8 @@ import numpy as np
 from jflame.errors import ConfigError, ImageReadError, InputError
 from jflame.observation import Observation
 from jflame.preprocess.align import warp_affine
-from jflame.preprocess.image_io import list_images, read_image
+from jflame.preprocess.image_io import read_image
+from jflame.sources import list_sources
 from jflame.preprocess.masks import face_region_mask
 from jflame.preprocess.mediapipe_face import NUM_LANDMARKS
 
@@ -50,9 +51,11 @@ def open_clip(source: Union[str, Path], default_fps: float = 25.0) -> Tuple[Vide
   """
   path = Path(source)
   if path.is_dir():
-    files = list_images(path)
-    if not files:
-      raise InputError(f"{path} holds no image files; pass a video file or a folder of frames.")
+    try:
+      files = [source.path for source in list_sources([str(path)])]  # sorted by name
+    except InputError:
+      raise InputError(f"{path} holds no image files; pass a video file or a folder of "
+                       "frames.") from None
     first = read_image(files[0])
     info = VideoInfo(path, default_fps, len(files), first.shape[1], first.shape[0])
     return info, (read_image(file) for file in files)
