@@ -8,14 +8,19 @@ file, unusable output folder, another run holding it).
 """
 
 import os
-import signal
-import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-EXIT_OK, EXIT_NOTHING_FITTED, EXIT_USAGE = 0, 1, 2
+from jflame.cli.app import (EXIT_NOTHING_FITTED, EXIT_OK, EXIT_USAGE, run_command,
+                            usage_error)
+
+# The commands that use these flags reach the runner through this module too.
+__all__ = ["EXIT_NOTHING_FITTED", "EXIT_OK", "EXIT_USAGE", "run_command", "usage_error",
+           "compilation_cache_folder", "enable_compilation_cache", "engine_options",
+           "fit_config", "load_model", "quiet_logging"]
+
 MAX_BATCH_SIZE = 4096
 # The rasterizer and the crop arrays are sized for heads of a few hundred pixels; 1024 keeps a
 # photometric batch of 16 within a few GiB.
@@ -122,42 +127,6 @@ def engine_options(workers: int, **extra):
 def load_model():
   from jflame import runner
   return runner.load_model(FLAME_MODEL.value, EMBEDDING.value, SEED.value, FLAME_VARIANT.value)
-
-
-def usage_error(message: str) -> int:
-  """One line on stderr for a usage problem; returns the exit status."""
-  program = Path(sys.argv[0]).name
-  sys.stderr.write(f"{program}: {message}\n")
-  return EXIT_USAGE
-
-
-def _help_text(module_name: str, doc: str) -> str:
-  listed = [flags.FLAGS.module_help(module_name), flags.FLAGS.module_help(__name__)]
-  return doc.strip() + "\n\nFlags:\n" + "\n".join(text for text in listed if text) + (
-      "\n\n--helpfull lists absl's own flags too (logging, verbosity).\n")
-
-
-def run_command(main: Callable, module_name: str, doc: str):
-  """Runs an absl command: --help prints the command's flags with their defaults and ranges
-  and exits 0; a bad flag exits 2 with one line; SIGTERM ends the run like Ctrl-C (what is
-  finished stays committed)."""
-  argv = sys.argv
-  if any(arg in ("-h", "--help", "-help", "-?") for arg in argv[1:]):
-    flags.FLAGS.mark_as_parsed()
-    sys.stdout.write(_help_text(module_name, doc))
-    sys.exit(EXIT_OK)
-
-  def parse(arguments):
-    try:
-      return flags.FLAGS(arguments)
-    except flags.Error as error:
-      sys.exit(usage_error(f"{error}. Pass --help to list the flags."))
-
-  def terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-  signal.signal(signal.SIGTERM, terminate)
-  app.run(lambda arguments: sys.exit(main(arguments)), argv=argv, flags_parser=parse)
 
 
 def quiet_logging():

@@ -9,10 +9,11 @@ parameters over time) and manifest.json (the clip's shape, settings, counts, tim
 when no frame could be fitted, 2 for a usage problem.
 """
 
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from tqdm import tqdm
+
+from jflame.cli import app as cli_app
 
 _INPUT = flags.DEFINE_string("input", None, "A video file (anything OpenCV reads) or a folder of "
                              "ordered frames (sorted by name).")
@@ -70,7 +71,7 @@ def main(argv):
   from jflame import runner, track_runner  # heavy imports after flag parsing
   from jflame.errors import JFlameError
   if not _INPUT.value:
-    raise app.UsageError("--input is required (a video file or a folder of frames).")
+    return cli_app.usage_error("--input is required (a video file or a folder of frames).")
   crop_size = _CROP_SIZE.value or (128 if _MODE.value == "photometric" else 256)
   try:
     config = make_config()
@@ -98,7 +99,7 @@ def main(argv):
 
 
 def run():
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli_app.run_command(main, __name__, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""How every jflame command runs (no flags are defined here, so any command may use it):
+--help lists the command's flags (and the shared ones of jflame.cli.common when it uses them)
+with defaults and ranges and exits 0; a bad flag exits 2 with one line; SIGTERM stops a run like
+Ctrl-C, so what is finished stays committed.
+"""
+
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+from absl import app, flags
+
+EXIT_OK, EXIT_NOTHING_FITTED, EXIT_USAGE = 0, 1, 2
+
+
+def usage_error(message: str) -> int:
+  """One line on stderr for a usage problem; returns the exit status."""
+  program = Path(sys.argv[0]).name
+  sys.stderr.write(f"{program}: {message}\n")
+  return EXIT_USAGE
+
+
+def _help_text(module_name: str, doc: str) -> str:
+  listed = [flags.FLAGS.module_help(module_name)]
+  if "jflame.cli.common" in sys.modules:
+    listed.append(flags.FLAGS.module_help("jflame.cli.common"))
+  return doc.strip() + "\n\nFlags:\n" + "\n".join(text for text in listed if text) + (
+      "\n\n--helpfull lists absl's own flags too (logging, verbosity).\n")
+
+
+def run_command(main: Callable, module_name: str, doc: str):
+  """Runs an absl command: --help prints the command's flags with their defaults and ranges
+  and exits 0; a bad flag exits 2 with one line; SIGTERM ends the run like Ctrl-C (what is
+  finished stays committed)."""
+  argv = sys.argv
+  if any(arg in ("-h", "--help", "-help", "-?") for arg in argv[1:]):
+    flags.FLAGS.mark_as_parsed()
+    sys.stdout.write(_help_text(module_name, doc))
+    sys.exit(EXIT_OK)
+
+  def parse(arguments):
+    try:
+      return flags.FLAGS(arguments)
+    except flags.Error as error:
+      sys.exit(usage_error(f"{error}. Pass --help to list the flags."))
+
+  def terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+  signal.signal(signal.SIGTERM, terminate)
+  app.run(lambda arguments: sys.exit(main(arguments)), argv=argv, flags_parser=parse)
