@@ -494,6 +494,11 @@ def _clip_appearance(fit_model: FitModel, targets: ClipTargets) -> Appearance:
   return jax.tree.map(lambda x: jnp.tensordot(weight, x, axes=1), starts)
 
 
+def _shape_held(rates, fit_config):
+  """The rates of a stage, with shape frozen when the config holds it (fit_shape False)."""
+  return rates if fit_config.fit_shape else dataclasses.replace(rates, shape=None)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "crop_size"))
 def track_padded(fit_model: FitModel, observations: Observation, config: TrackConfig,
                  crop_size: int) -> TrackResult:
@@ -523,20 +528,16 @@ def track_padded(fit_model: FitModel, observations: Observation, config: TrackCo
 
   variables, rigid_history, rigid_failed = run_stage(
       loss_fn(False), variables, fit_config.rigid_rates, fit_config.rigid_iterations, active)
-  full_rates = fit_config.full_rates
-  if not fit_config.fit_shape:
-    full_rates = dataclasses.replace(full_rates, shape=None)
   variables, full_history, full_failed = run_stage(
-      loss_fn(False), variables, full_rates, fit_config.full_iterations, active & ~rigid_failed)
+      loss_fn(False), variables, _shape_held(fit_config.full_rates, fit_config),
+      fit_config.full_iterations, active & ~rigid_failed)
   failed = rigid_failed | full_failed
   extra = {}
   if photometric:
     variables = variables.replace(appearance=_clip_appearance(fit_model, targets))
-    rates = config.photometric_rates
-    if not fit_config.fit_shape:
-      rates = dataclasses.replace(rates, shape=None)
     variables, photometric_history, photometric_failed = run_stage(
-        loss_fn(True), variables, rates, config.photometric_iterations, active & ~failed)
+        loss_fn(True), variables, _shape_held(config.photometric_rates, fit_config),
+        config.photometric_iterations, active & ~failed)
     failed = failed | photometric_failed
     extra = dict(photometric_loss_history=photometric_history,
                  appearance=fitted_appearance(variables))

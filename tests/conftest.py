@@ -125,3 +125,15 @@ def expected_region_weights(weights, regions=None) -> dict:
       expected.setdefault(index, getattr(weights, region))
   wanted = set().union(*(sets[r] for r in (regions or sets)))
   return {index: weight for index, weight in expected.items() if index in wanted}
+
+
+def fit_model_over_embedding(model, embedding, config):
+  """A FitModel over every row of `embedding` (no region selection), with the config's region
+  weights: what the fit tests run on synthetic landmarks."""
+  from jflame import landmarks, landmarks_io
+  from jflame.fit import make_fit_model
+  region = landmarks.mediapipe_landmark_weights(landmarks_io.load_mediapipe_reference(),
+                                               config.region_weights)
+  indices = np.asarray(embedding.landmark_indices)
+  return make_fit_model(model, embedding.face_indices, embedding.barycentrics, indices,
+                        region[indices], config)

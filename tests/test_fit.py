@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from jflame import flame, landmarks, landmarks_io, synthetic
+from jflame import flame, synthetic
 from jflame.camera import FRONTAL_ROTATION, Camera, project, to_camera_space
 from jflame.config import FitConfig
-from jflame.fit import fit_batch, make_fit_model
+from jflame.fit import fit_batch
 from jflame.init import InitialGuess
 from jflame.observation import Observation
+from tests.conftest import fit_model_over_embedding
 
 CROP = 256
 NUM_SHAPE, NUM_EXPRESSION = 20, 10
@@ -22,14 +23,6 @@ NUM_SHAPE, NUM_EXPRESSION = 20, 10
 @pytest.fixture(scope="module")
 def small_model():
   return synthetic.synthetic_flame("small", seed=0)
-
-
-def _fit_model(model, embedding, config):
-  region = landmarks.mediapipe_landmark_weights(landmarks_io.load_mediapipe_reference(),
-                                               config.region_weights)
-  indices = np.asarray(embedding.landmark_indices)
-  return make_fit_model(model, embedding.face_indices, embedding.barycentrics, indices,
-                        region[indices], config)
 
 
 def _scene(model, embedding, count, seed, noise_px=0.5, shape_scale=0.8, expression_scale=0.6):
@@ -89,8 +82,8 @@ def test_recovers_expression_pose_and_camera_with_known_shape(small_model):
   params, cameras, observation = _scene(model, embedding, 4, seed=1)
   observation = _with_crop(observation)
   guess = InitialGuess(estimated=np.ones(4, bool), shape=np.stack([p.shape for p in params]))
-  result = fit_batch(_fit_model(model, embedding, config), observation, config, guess)
-  untrained = fit_batch(_fit_model(model, embedding, config), observation,
+  result = fit_batch(fit_model_over_embedding(model, embedding, config), observation, config, guess)
+  untrained = fit_batch(fit_model_over_embedding(model, embedding, config), observation,
                         config.replace(rigid_iterations=0, full_iterations=0, lm_iterations=0),
                         guess)
   np.testing.assert_allclose(result.params.shape, guess.shape, atol=1e-6)  # held fixed
@@ -135,7 +128,7 @@ def test_fits_unknown_shape_to_the_noise_floor(small_model):
   config = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION)
   params, cameras, observation = _scene(model, embedding, 2, seed=2, shape_scale=0.8)
   observation = _with_crop(observation)
-  fit_model = _fit_model(model, embedding, config)
+  fit_model = fit_model_over_embedding(model, embedding, config)
   result = fit_batch(fit_model, observation, config)
   initial = fit_batch(fit_model, observation,
                       config.replace(rigid_iterations=0, full_iterations=0, lm_iterations=0))
@@ -169,7 +162,7 @@ SHORT_CONFIG = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION, rig
 def batch_of_eight(small_model):
   """One compiled program (batch 8, short config) shared by the tests below."""
   model, embedding = small_model
-  fit_model = _fit_model(model, embedding, SHORT_CONFIG)
+  fit_model = fit_model_over_embedding(model, embedding, SHORT_CONFIG)
   _, _, observation = _scene(model, embedding, 8, seed=3)
   observation = _with_crop(observation)
   return fit_model, observation, fit_batch(fit_model, observation, SHORT_CONFIG)

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from jflame import flame, landmarks, landmarks_io, synthetic
+from jflame import flame, synthetic
 from jflame.camera import FRONTAL_ROTATION, Camera, project
 from jflame.config import FitConfig
 from jflame.errors import ConfigError
-from jflame.fit import fit_batch, make_fit_model
+from jflame.fit import fit_batch
 from jflame.observation import Observation
 from jflame.track import (TRACK_FIT, Smoothness, TrackConfig, fit_clip, frames_from_segments,
                           padded_length, segment_count)
 from jflame.track_output import frame_statuses, head_rotation_degrees
-from tests.conftest import shared_photos
+from tests.conftest import fit_model_over_embedding, shared_photos
 
 CROP = 256
 NUM_SHAPE, NUM_EXPRESSION = 20, 10
@@ -27,14 +27,6 @@ CONFIG = TrackConfig(fit=TRACK_FIT.replace(num_shape=NUM_SHAPE, num_expression=N
 @pytest.fixture(scope="module")
 def small_model():
   return synthetic.synthetic_flame("small", seed=0)
-
-
-def _fit_model(model, embedding, config):
-  region = landmarks.mediapipe_landmark_weights(landmarks_io.load_mediapipe_reference(),
-                                               config.region_weights)
-  indices = np.asarray(embedding.landmark_indices)
-  return make_fit_model(model, embedding.face_indices, embedding.barycentrics, indices,
-                        region[indices], config)
 
 
 def _trajectories(frames, moving=True):
@@ -105,7 +97,7 @@ def _head_rotations(camera_rotation):
 def moving_clip(small_model):
   model, embedding = small_model
   shape, truth, observation = _clip(model, embedding, FRAMES, noise_px=0.5, seed=1)
-  result = fit_clip(_fit_model(model, embedding, CONFIG.fit), observation, CONFIG, CROP)
+  result = fit_clip(fit_model_over_embedding(model, embedding, CONFIG.fit), observation, CONFIG, CROP)
   return shape, truth, observation, jax.device_get(result)
 
 
@@ -131,7 +123,7 @@ def test_shape_at_least_as_good_as_the_best_single_frame(small_model, moving_cli
   model, embedding = small_model
   shape, _, observation, result = moving_clip
   config = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION)
-  singles = fit_batch(_fit_model(model, embedding, config), _with_crop(observation), config)
+  singles = fit_batch(fit_model_over_embedding(model, embedding, config), _with_crop(observation), config)
   single_errors = [_shape_error_mm(model, embedding, s, shape)
                    for s in np.asarray(singles.params.shape)]
   clip_error = _shape_error_mm(model, embedding, result.params.shape[0], shape)
@@ -146,10 +138,10 @@ def test_static_head_jitters_three_times_less_than_independent_fits(small_model)
   model, embedding = small_model
   frames = 32
   _, _, observation = _clip(model, embedding, frames, noise_px=1.0, seed=2, moving=False)
-  fit_model = _fit_model(model, embedding, CONFIG.fit)
+  fit_model = fit_model_over_embedding(model, embedding, CONFIG.fit)
   tracked = fit_clip(fit_model, observation, CONFIG, CROP)
   config = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION)
-  independent = fit_batch(_fit_model(model, embedding, config), _with_crop(observation), config)
+  independent = fit_batch(fit_model_over_embedding(model, embedding, config), _with_crop(observation), config)
 
   def jitter(points):
     return np.linalg.norm(np.diff(np.asarray(points), axis=0), axis=-1).mean()
@@ -164,7 +156,7 @@ def test_frames_without_a_face_are_interpolated(small_model, moving_clip):
   valid = observation.valid.copy()
   valid[gap] = False
   valid[:2] = False
-  result = jax.device_get(fit_clip(_fit_model(model, embedding, CONFIG.fit),
+  result = jax.device_get(fit_clip(fit_model_over_embedding(model, embedding, CONFIG.fit),
                                    observation.replace(valid=valid), CONFIG, CROP))
   assert list(np.asarray(result.tracked)) == list(valid)
   status = frame_statuses(result.tracked)
