@@ -102,7 +102,10 @@ def _to_array(value, key):
     dense = np.zeros(shape, np.float64)
     data = np.asarray(state["data"], np.float64)
     if value.sparse_format == "coo":
-      np.add.at(dense, (np.asarray(state["row"]), np.asarray(state["col"])), data)
+      # scipy >= 1.13 pickles the indices as 'coords' (a tuple, one array per axis); older
+      # releases, like those that wrote FLAME's files, as 'row' and 'col'.
+      coords = state["coords"] if "coords" in state else (state["row"], state["col"])
+      np.add.at(dense, tuple(np.asarray(axis) for axis in coords), data)
       return dense
     indptr, indices = np.asarray(state["indptr"]), np.asarray(state["indices"])
     major = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))

@@ -10,6 +10,7 @@ the sparse matrix is a real scipy object pickled by the standard pickle module. 
 synthetic head's at FLAME's exact size and topology, without the label that marks them synthetic.
 """
 
+import copyreg
 import pickle
 import pickletools
 import sys
@@ -69,11 +70,7 @@ def _globals_in(data: bytes):
 # --- Reading pickles written by plain pickle and scipy ------------------------------------------
 
 @pytest.mark.parametrize("sparse", [
-    scipy.sparse.csc_matrix, scipy.sparse.csr_matrix,
-    pytest.param(scipy.sparse.coo_matrix, marks=pytest.mark.xfail(
-        strict=True, raises=ModelFileError,
-        reason="flame_io reads a pickled coo_matrix's 'row'/'col', but scipy >= 1.13 pickles "
-               "'coords' instead"))])
+    scipy.sparse.csc_matrix, scipy.sparse.csr_matrix, scipy.sparse.coo_matrix])
 @pytest.mark.parametrize("protocol", [0, 2])
 def test_reads_pickles_written_by_plain_pickle_and_scipy(monkeypatch, random_arrays, sparse,
                                                          protocol):
@@ -95,6 +92,30 @@ def test_reads_pickles_written_by_plain_pickle_and_scipy(monkeypatch, random_arr
                              atol=0)
   assert arrays["bs_style"] == "lbs" and arrays["bs_type"] == "lrotmin"
   assert "chumpy" not in sys.modules
+
+
+def test_reads_a_coo_regressor_pickled_by_an_older_scipy(monkeypatch, random_arrays):
+  """scipy before 1.13 pickled a coo_matrix's indices as 'row' and 'col' (newer ones as
+  'coords'); a file written then reads to the same regressor."""
+  dense = np.asarray(random_arrays["J_regressor"], np.float64)
+  rows, cols = np.nonzero(dense)
+
+  class OldCoo:  # pickles under scipy's old module and name, with the old state layout
+    def __reduce__(self):
+      state = {"_shape": dense.shape, "row": rows.astype(np.int32), "col": cols.astype(np.int32),
+               "data": dense[rows, cols], "has_canonical_format": True, "maxprint": 50}
+      return (copyreg._reconstructor, (type(self), object, None), state)
+
+  module = types.ModuleType("scipy.sparse.coo")
+  old_coo = type("coo_matrix", (OldCoo,), {"__module__": "scipy.sparse.coo",
+                                            "__qualname__": "coo_matrix"})
+  module.coo_matrix = old_coo
+  monkeypatch.setitem(sys.modules, "scipy.sparse.coo", module)
+  content = official_layout(random_arrays, _chumpy_module(monkeypatch), lambda _: old_coo())
+  data = pickle.dumps(content, protocol=2)
+  assert ("scipy.sparse.coo", "coo_matrix") in _globals_in(data)
+  arrays = flame_io.read_flame_pickle(data, "old_scipy.pkl")
+  np.testing.assert_array_equal(arrays["J_regressor"], dense)
 
 
 # --- A FLAME-size pickle and a 105-point embedding -----------------------------------------------
