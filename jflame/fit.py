@@ -331,15 +331,21 @@ def _finite_start(variables: FitVariables, base_rotation, config: FitConfig):
 
 def _photometric_start(fit_model: FitModel, observation: Observation,
                        guess: Optional[InitialGuess]) -> Appearance:
-  """Lighting matched to the photo's mean colour; albedo from an encoder's texture estimate
-  when the fit uses a texture space (else the mean albedo)."""
+  """Lighting matched to the photo's mean colour over the mean albedo, unless the fit uses a
+  texture space and an encoder estimated texture and lighting: then the encoder's pair (DECA
+  estimates its light together with its texture, so the light only fits that albedo)."""
   appearance = initial_appearance(fit_model.albedo, observation.image, observation.face_mask)
-  if guess is None or guess.texture is None or not fit_model.albedo.is_texture:
+  if guess is None or not fit_model.albedo.is_texture:
     return appearance
-  count = fit_model.albedo.num_coefficients
-  texture = guess.texture[:count]
-  texture = jnp.pad(texture, (0, count - texture.shape[0]))
-  return appearance.replace(texture=jnp.where(guess.estimated, texture, appearance.texture))
+  if guess.texture is not None:
+    count = fit_model.albedo.num_coefficients
+    texture = jnp.pad(guess.texture[:count], (0, max(0, count - guess.texture.shape[0])))
+    appearance = appearance.replace(
+        texture=jnp.where(guess.estimated, texture, appearance.texture))
+  if guess.lighting is not None:
+    appearance = appearance.replace(lighting=jnp.where(
+        guess.estimated, guess.lighting / _LIGHT_UNIT, appearance.lighting))
+  return appearance
 
 
 def _landmark_start(fit_model: FitModel, observation: Observation, config: FitConfig,

@@ -135,6 +135,33 @@ def test_uv_texture_space_drives_the_photometric_fit(scene, tmp_path):
   assert np.all(np.asarray(result.photometric_error) < 0.8 * np.asarray(start.photometric_error))
 
 
+def test_an_encoders_texture_and_lighting_are_where_the_photometric_fit_starts(scene, tmp_path):
+  """DECA's texture and lighting (an InitialGuess) start the photometric stage of a fit with a
+  texture space, slot by slot: an estimated slot starts at the guess (lighting in the renderer's
+  units, as FitResult reports it), a slot without an estimate at the photo-matched ambient
+  light and mean albedo."""
+  from jflame.albedo_io import load_texture_albedo
+  from jflame.init import InitialGuess
+  fit_model, observation, config, truths = scene
+  model = synthetic.synthetic_flame("small", seed=0)[0]
+  _texture_space_file(tmp_path / "FLAME_texture.npz", model)
+  uv_model = fit_model.replace(albedo=load_texture_albedo(tmp_path / "FLAME_texture.npz",
+                                                          np.asarray(model.faces)))
+  rng = np.random.default_rng(5)
+  lighting = np.stack([np.asarray(truth[2].lighting) for truth in truths]).astype(np.float32)
+  texture = rng.normal(size=(2, 8)).astype(np.float32) * 0.3  # more than the space's 6
+  guess = InitialGuess(estimated=np.array([True, False]), texture=texture, lighting=lighting)
+  start = fit_batch(uv_model, observation, config.replace(full_iterations=0), guess)
+  unguessed = fit_batch(uv_model, observation, config.replace(full_iterations=0))
+  np.testing.assert_allclose(np.asarray(start.appearance.lighting[0]), lighting[0], rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(start.appearance.texture[0]), texture[0, :6], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(start.appearance.lighting[1]),
+                             np.asarray(unguessed.appearance.lighting[1]), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(start.appearance.texture[1]), 0.0)
+  assert not np.allclose(np.asarray(unguessed.appearance.lighting[0]), lighting[0], atol=0.05)
+
+
 def test_a_flame_texture_file_is_refused_for_the_synthetic_head(tmp_path):
   from jflame import runner
   from jflame.engine import EngineOptions
