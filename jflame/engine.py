@@ -301,7 +301,8 @@ class Engine:
       return None, None
     size = bucket_size(len(records), options.batch_size, self.devices)
     self.buckets_used.add(size)
-    observations = stack_observations(records, size, options.crop_size)
+    observations = stack_observations(records, size, options.crop_size,
+                                      images=config.photometric)
     guess = None
     if any(encoder is not None for encoder in self.encoders):
       from jflame.initializers.initial_guess import initial_guess_for_batch

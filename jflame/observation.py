@@ -5,6 +5,8 @@ convention). A batch is the same dataclass with a leading batch axis on every ar
 images in a batch have all landmark weights zero and `valid` False.
 """
 
+from typing import Optional
+
 import jax
 from flax import struct
 
@@ -16,16 +18,24 @@ class Observation:
   Attributes:
     landmarks: (N, 2) detected 2D landmarks in crop pixels, MediaPipe order (N = 478).
     landmark_weights: (N,) >= 0; zero marks a landmark as missing/invalid.
-    image: (S, S, 3) float32 RGB in [0, 1], the aligned crop.
-    face_mask: (S, S) float32 in [0, 1], skin region used by the photometric loss.
+    image: (S, S, 3) float32 RGB in [0, 1], the aligned crop; None where only the landmarks
+      are fitted (landmark mode never reads it, so a batch need not carry and ship it).
+    face_mask: (S, S) float32 in [0, 1], skin region used by the photometric loss; None with
+      `image`.
     valid: () bool, False for batch padding and for images whose preprocessing failed.
+    size: S when `image` is None (static: it shapes the compiled program, like the image does).
   """
   landmarks: jax.Array
   landmark_weights: jax.Array
-  image: jax.Array
-  face_mask: jax.Array
+  image: Optional[jax.Array]
+  face_mask: Optional[jax.Array]
   valid: jax.Array
+  size: int = struct.field(pytree_node=False, default=0)
 
   @property
   def crop_size(self) -> int:
-    return self.image.shape[-2]
+    if self.image is not None:
+      return self.image.shape[-2]
+    if self.size <= 0:
+      raise ValueError("An Observation without an image needs its crop size (size=S).")
+    return self.size

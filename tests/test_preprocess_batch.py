@@ -47,6 +47,19 @@ def test_stack_fills_slots_in_order_and_pads(records):
       assert not array[slot].any(), slot
 
 
+def test_a_landmark_batch_carries_no_images_but_knows_its_crop_size(records):
+  """For a landmark fit the batch leaves out the crops and masks (the fit never reads them) and
+  keeps everything it does read, slot for slot."""
+  full = stack_observations(records, batch_size=4, crop_size=CROP)
+  bare = stack_observations(records, batch_size=4, crop_size=CROP, images=False)
+  assert bare.image is None and bare.face_mask is None and bare.crop_size == CROP
+  for name in ("landmarks", "landmark_weights", "valid"):
+    np.testing.assert_array_equal(getattr(bare, name), getattr(full, name), err_msg=name)
+  with pytest.raises(ValueError, match="needs its crop size"):
+    _ = Observation(landmarks=bare.landmarks, landmark_weights=bare.landmark_weights, image=None,
+                    face_mask=None, valid=bare.valid).crop_size
+
+
 def test_stack_rejects_overfull_batches_and_other_crop_sizes(records):
   with pytest.raises(ConfigError, match="do not fit a batch of 2"):
     stack_observations(records, batch_size=2, crop_size=CROP)

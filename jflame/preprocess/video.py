@@ -139,23 +139,20 @@ def clip_observations(landmarks: np.ndarray, found: np.ndarray, crop_from_frame:
                       crop_size: int, frames: Optional[List[np.ndarray]] = None) -> Observation:
   """The clip as an Observation with leading axis T (NumPy), landmarks in crop pixels.
 
-  Without `frames` (landmark mode) the image and mask are 1 x 1 placeholders the fit never
-  reads; with them (photometric mode) every frame is warped into the crop and gets its face mask.
+  Without `frames` (landmark mode) there is no image or mask (None); with them (photometric
+  mode) every frame is warped into the crop and gets its face mask.
   """
-  count = landmarks.shape[0]
   crop_landmarks = (landmarks @ crop_from_frame[:, :2].T + crop_from_frame[:, 2]).astype(
       np.float32)
   crop_landmarks[~found] = 0.0
   inside = np.all((crop_landmarks >= 0) & (crop_landmarks <= crop_size), axis=-1)
   weights = (inside & found[:, None]).astype(np.float32)
-  if frames is None:
-    image = np.zeros((count, 1, 1, 3), np.float32)
-    mask = np.zeros((count, 1, 1), np.float32)
-  else:
+  image = mask = None
+  if frames is not None:
     image = np.stack([warp_affine(frame, crop_from_frame, crop_size) for frame in frames])
     image = image.astype(np.float32) / 255.0
     mask = np.stack([face_region_mask(points, crop_size) if ok else
                      np.zeros((crop_size, crop_size), np.float32)
                      for points, ok in zip(crop_landmarks, found)]).astype(np.float32)
   return Observation(landmarks=crop_landmarks, landmark_weights=weights, image=image,
-                     face_mask=mask, valid=np.asarray(found, bool))
+                     face_mask=mask, valid=np.asarray(found, bool), size=crop_size)
