@@ -251,7 +251,8 @@ class Engine:
     self.counts: Dict[str, int] = {}
     self.buckets_used: set = set()
     self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0,
-                        wall_s=0.0)
+                        wall_s=0.0, steady_s=0.0, steady_images=0)
+    self._first_written = None
     self._load_device_side()
 
   def _load_device_side(self):
@@ -355,6 +356,8 @@ class Engine:
     started_at = datetime.datetime.now(datetime.timezone.utc)
     wall = time.perf_counter()
     self.counts = {}
+    self._first_written = None
+    self.timings.update(steady_s=0.0, steady_images=0)
     committed = sink.committed()
     writer = _Writer(sink, depth=2, on_written=self._written)
     writer.start()
@@ -377,6 +380,14 @@ class Engine:
   def _written(self, images: List[FittedImage]):
     for image in images:
       self._count(image.entry["status"])
+    # The steady state: from the first batch written (start-up, tracing and the first compile
+    # are behind) to the end; a long run's rate approaches steady_images / steady_s.
+    now = time.perf_counter()
+    if self._first_written is None:
+      self._first_written = now
+    else:
+      self.timings["steady_images"] += len(images)
+      self.timings["steady_s"] = now - self._first_written
     self.progress(len(images))
 
   def _pipeline(self, todo: Iterator[Source], writer: _Writer):

@@ -3,6 +3,7 @@ model, the optional albedo space and encoders. The run itself is `jflame.engine`
 
 import dataclasses
 import hashlib
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -155,6 +156,23 @@ def use_compilation_cache(folder: str) -> None:
   # Cache every program: the fits compile in seconds, which is all a short run costs.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def fit_beside_workers(workers: int, environ=None):
+  """Makes a CPU fit single-threaded when `workers` preprocessing processes share the cores.
+
+  XLA's multi-threaded CPU kernels keep threads spinning between the fit's small operations,
+  and those cycles come out of the workers, which are what limits a run's rate: with one thread
+  for the fit a run's steady rate was 93% of the preprocessing rate on 2 cores, against 80%
+  with the default (tools/bench_annotate.py, docs/BENCHMARKS.md). Accelerators are unaffected.
+  A choice the user made in XLA_FLAGS wins. `environ`: the environment to change (default
+  os.environ). Call before the first JAX computation: XLA reads its flags then.
+  """
+  environ = os.environ if environ is None else environ
+  current = environ.get("XLA_FLAGS", "")
+  if workers < 1 or "xla_cpu_multi_thread_eigen" in current:
+    return
+  environ["XLA_FLAGS"] = f"{current} --xla_cpu_multi_thread_eigen=false".strip()
 
 
 def take(tree, slot: int):

@@ -204,3 +204,24 @@ def test_memory_stays_flat_over_a_long_run(loaded_model, tmp_path):
     summary = run.run(found, sink)
   assert summary["this_run"] == {"ok": 40, "no_face": 1960}
   assert samples[2000] <= 1.10 * samples[500], samples
+
+
+def test_a_cpu_fit_beside_preprocessing_workers_runs_single_threaded():
+  """With worker processes preprocessing on the same cores, the commands make XLA's CPU fit
+  single-threaded (its spinning threads took a fifth of the workers' time), keeping any other
+  XLA flag, and leave a user's own choice and worker-free runs alone."""
+  from jflame import runner
+  environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+  runner.fit_beside_workers(2, environ)
+  assert environ["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x",
+                                          "--xla_cpu_multi_thread_eigen=false"]
+  runner.fit_beside_workers(2, environ)  # idempotent
+  assert environ["XLA_FLAGS"].count("multi_thread_eigen") == 1
+  users = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"}
+  runner.fit_beside_workers(4, users)
+  assert users == {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"}
+  empty = {}
+  runner.fit_beside_workers(0, empty)
+  assert empty == {}
+  runner.fit_beside_workers(1, empty)
+  assert empty == {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
