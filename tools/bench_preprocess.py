@@ -20,7 +20,6 @@ falls on all of them alike; each figure is the median over rounds of the mean ov
 """
 
 import contextlib
-import hashlib
 import os
 import platform
 import statistics
@@ -181,10 +180,9 @@ def instrumented(timer: StepTimer, legacy: bool):
       return "masks"   # the segmentation, warped into the crop
     return "window warp" if size == pipeline.ANALYSIS_WINDOW_SIZE else "crop warp"
 
-  hash_new = hashlib.new
   replacements = {
       (pipeline, "read_source"): timer.wrap("read bytes", read_source),
-      (image_io.hashlib, "new"): timer.wrap("hash", hash_new),
+      (image_io, "hash_bytes"): timer.wrap("hash", image_io.hash_bytes),
       (pipeline, "decode_image"): timer.wrap("decode", decode_image),
       (FaceAnalyzer, "detect_faces"): timer.wrap("detect", FaceAnalyzer.detect_faces),
       (FaceAnalyzer, "face_landmarks"): timer.wrap("mesh", FaceAnalyzer.face_landmarks),
