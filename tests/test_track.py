@@ -64,7 +64,7 @@ def _clip(model, embedding, frames, noise_px, seed, moving=True):
   observed[:, indices] += rng.normal(scale=noise_px, size=(frames, len(indices), 2))
   observation = Observation(
       landmarks=observed, landmark_weights=np.ones((frames, 478), np.float32),
-      image=np.zeros((frames, 1, 1, 3), np.float32), face_mask=np.zeros((frames, 1, 1), np.float32),
+      image=None, face_mask=None, size=CROP,
       valid=np.ones(frames, bool))
   return shape, (expression, jaw, head), observation
 

@@ -76,13 +76,13 @@ def synthetic_observations(loaded, count, crop_size, seed=0, photometric=False):
   detected = np.zeros((count, 478, 2), np.float32)
   detected[:, np.asarray(embedding.landmark_indices)] = pixels + rng.normal(
       scale=0.5, size=pixels.shape)
-  images = jnp.zeros((count, crop_size, crop_size, 3), jnp.float32)
-  masks = jnp.zeros((count, crop_size, crop_size), jnp.float32)
+  images = masks = None  # a landmark batch carries no images (as the engine's)
   if photometric:
     images, masks = _rendered_photos(model, params, cameras, crop_size)
   return Observation(landmarks=jnp.asarray(detected),
                      landmark_weights=jnp.ones((count, 478), jnp.float32),
-                     image=images, face_mask=masks, valid=jnp.ones(count, bool))
+                     image=images, face_mask=masks, valid=jnp.ones(count, bool),
+                     size=crop_size)
 
 
 def _rendered_photos(model, params, cameras, size):

@@ -55,8 +55,7 @@ def synthetic_clip(model, embedding, frames, crop, num_shape, num_expression, se
                                                                           model.faces)))
   observed[:, indices] += rng.normal(scale=0.5, size=(frames, len(indices), 2))
   return Observation(landmarks=observed, landmark_weights=np.ones((frames, 478), np.float32),
-                     image=np.zeros((frames, 1, 1, 3), np.float32),
-                     face_mask=np.zeros((frames, 1, 1), np.float32), valid=np.ones(frames, bool))
+                     image=None, face_mask=None, valid=np.ones(frames, bool), size=crop)
 
 
 def bench_fit(loaded, config, observation, crop):

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Module -> the test files that protect it, fastest first (pytest -x stops at the first failure).
 MODULE_TESTS = {
-    "jflame/losses.py": ["tests/test_fit_behaviour.py", "tests/test_solve.py"],
+    "jflame/losses.py": ["tests/test_fit_behaviour.py", "tests/test_solve.py",
+                         "tests/test_fit_photometric.py"],
     "jflame/fit.py": ["tests/test_fit_behaviour.py", "tests/test_fit.py",
                       "tests/test_fit_photometric.py"],
     "jflame/solve.py": ["tests/test_solve.py", "tests/test_fit_behaviour.py"],
@@ -57,12 +58,18 @@ def mutated_source(path: Path, mutation_id) -> str:
   return source
 
 
-def run_tests(tests, timeout):
-  """(outcome, seconds): 'killed' (a test failed), 'survived' or 'timeout'."""
+def run_tests(tests, timeout, cache):
+  """(outcome, seconds): 'killed' (a test failed), 'survived' or 'timeout'.
+
+  Every run shares one persistent compilation cache (`cache`), so a mutant recompiles only the
+  programs it changes: most of a test run's time on a CPU is compiling."""
   start = time.perf_counter()
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   try:
     done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                           *tests], cwd=ROOT, capture_output=True,
+                           *tests], cwd=ROOT, capture_output=True, env=env,
                           text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
     return "timeout", time.perf_counter() - start
@@ -87,17 +94,28 @@ def main():
                       help="modules to mutate (default: all of MODULE_TESTS)")
   parser.add_argument("--per_module", type=int, default=20)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--output", default="mutation_sample.jsonl")
+  parser.add_argument("--output", default="mutation_sample.jsonl",
+                      help="JSON lines, one per mutant; a rerun skips the mutants it holds "
+                           "(except timeouts, which are run again)")
+  parser.add_argument("--cache", default=str(Path.home() / ".cache" / "jflame-mutation"),
+                      help="the shared JAX compilation cache of the test runs")
   args = parser.parse_args()
+  done = {}
+  if Path(args.output).exists():
+    for line in Path(args.output).read_text().splitlines():
+      entry = json.loads(line)
+      if entry["outcome"] != "timeout":
+        done[(entry["module"], entry["line"], entry["diff"])] = entry
   if os.environ.get("PYTHONPATH", "").split(os.pathsep)[:1] != [str(ROOT)]:
     sys.exit(f"run with PYTHONPATH={ROOT} so the tests import this checkout's jflame")
   totals = {}
+  Path(args.cache).mkdir(parents=True, exist_ok=True)
   with open(args.output, "a") as log:
     for module in args.modules:
       path = ROOT / module
       original = path.read_text()
       tests = MODULE_TESTS[module]
-      baseline, baseline_s = run_tests(tests, timeout=3600)
+      baseline, baseline_s = run_tests(tests, timeout=3600, cache=args.cache)
       if baseline != "survived":
         sys.exit(f"{module}: its tests fail without any mutant; fix that first")
       ids = mutants_of(path)
@@ -108,18 +126,24 @@ def main():
       try:
         for number, mutation_id in enumerate(sample, 1):
           source = mutated_source(path, mutation_id)
-          path.write_text(source)
-          try:
-            outcome, seconds = run_tests(tests, timeout=max(3 * baseline_s, 60))
-          finally:
-            path.write_text(original)
-          killed += outcome != "survived"
           diff = "".join(difflib.unified_diff(original.splitlines(True), source.splitlines(True),
                                               n=0))
           diff = "\n".join(line for line in diff.splitlines() if line[:3] not in ("---", "+++"))
-          log.write(json.dumps(dict(module=module, line=mutation_id.line_number + 1,
-                                    outcome=outcome, seconds=round(seconds, 1), diff=diff)) + "\n")
-          log.flush()
+          previous = done.get((module, mutation_id.line_number + 1, diff))
+          if previous is not None:
+            outcome, seconds = previous["outcome"], previous["seconds"]
+          else:
+            path.write_text(source)
+            try:
+              outcome, seconds = run_tests(tests, timeout=max(3 * baseline_s, 120),
+                                           cache=args.cache)
+            finally:
+              path.write_text(original)
+            log.write(json.dumps(dict(module=module, line=mutation_id.line_number + 1,
+                                      outcome=outcome, seconds=round(seconds, 1),
+                                      diff=diff)) + "\n")
+            log.flush()
+          killed += outcome != "survived"
           print(f"  {number:3d} line {mutation_id.line_number + 1:4d} {outcome:8s} "
                 f"{seconds:5.0f} s  {diff.splitlines()[-1].strip()[:90] if diff else ''}",
                 flush=True)
