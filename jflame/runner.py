@@ -175,6 +175,26 @@ def fit_beside_workers(workers: int, environ=None):
   environ["XLA_FLAGS"] = f"{current} --xla_cpu_multi_thread_eigen=false".strip()
 
 
+def compilation_cache_folder() -> Path:
+  """$JFLAME_HOME/compilation_cache, or ~/.cache/jflame/compilation_cache."""
+  home = os.environ.get("JFLAME_HOME")
+  base = Path(home).expanduser() if home else Path.home() / ".cache" / "jflame"
+  return base / "compilation_cache"
+
+
+def use_default_compilation_cache() -> Optional[str]:
+  """`use_compilation_cache` in `compilation_cache_folder()`; returns the folder, or None (with
+  a warning) when it cannot be created: a run without the cache only compiles again."""
+  folder = compilation_cache_folder()
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    logging.warning("compilation cache off: cannot create %s (%s)", folder, error)
+    return None
+  use_compilation_cache(str(folder))
+  return str(folder)
+
+
 def take(tree, slot: int):
   """One image of a batched pytree (every leaf indexed on its leading axis)."""
   return jax.tree.map(lambda x: x[slot], tree)

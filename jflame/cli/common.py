@@ -7,8 +7,6 @@ Exit status of every command: 0 when something was fitted (or everything was alr
 file, unusable output folder, another run holding it).
 """
 
-import os
-from pathlib import Path
 from typing import Optional
 
 from absl import flags, logging
@@ -18,7 +16,7 @@ from jflame.cli.app import (EXIT_NOTHING_FITTED, EXIT_OK, EXIT_USAGE, run_comman
 
 # The commands that use these flags reach the runner through this module too.
 __all__ = ["EXIT_NOTHING_FITTED", "EXIT_OK", "EXIT_USAGE", "run_command", "usage_error",
-           "compilation_cache_folder", "enable_compilation_cache", "engine_options",
+           "enable_compilation_cache", "engine_options",
            "fit_config", "load_model", "quiet_logging"]
 
 MAX_BATCH_SIZE = 4096
@@ -84,26 +82,13 @@ COMPILATION_CACHE = flags.DEFINE_bool(
     "the same shapes starts without compiling.")
 
 
-def compilation_cache_folder() -> Path:
-  home = os.environ.get("JFLAME_HOME")
-  base = Path(home).expanduser() if home else Path.home() / ".cache" / "jflame"
-  return base / "compilation_cache"
-
-
 def enable_compilation_cache() -> Optional[str]:
   """Turns on JAX's persistent compilation cache unless --nocompilation_cache; returns the
   folder (None when off or when it cannot be created)."""
   if not COMPILATION_CACHE.value:
     return None
-  folder = compilation_cache_folder()
-  try:
-    folder.mkdir(parents=True, exist_ok=True)
-  except OSError as error:
-    logging.warning("compilation cache off: cannot create %s (%s)", folder, error)
-    return None
   from jflame import runner
-  runner.use_compilation_cache(str(folder))
-  return str(folder)
+  return runner.use_default_compilation_cache()
 
 
 def fit_config():

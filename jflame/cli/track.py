@@ -6,9 +6,11 @@
 Writes track.parquet (one row per frame: status, every FLAME parameter, cameras, detected and
 fitted landmarks, landmark error), overlay.mp4 (the mesh over every frame), track.png (the main
 parameters over time) and manifest.json (the clip's shape, settings, counts, timings). Exits 1
-when no frame could be fitted, 2 for a usage problem.
+when no frame could be fitted, 2 for a usage problem (one line on stderr: a missing input, an
+output folder that cannot be written or that another jflame run is writing to).
 """
 
+from pathlib import Path
 
 from absl import flags, logging
 from tqdm import tqdm
@@ -44,6 +46,10 @@ _MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "Track at most this many fra
 _OVERLAY = flags.DEFINE_bool("overlay", True, "Write overlay.mp4.")
 _PLOT = flags.DEFINE_bool("plot", True, "Write track.png.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic model (used when no FLAME file).")
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "Keep the compiled clip fit on disk (in "
+    "$JFLAME_HOME/compilation_cache or ~/.cache/jflame/compilation_cache) so the next clip of a "
+    "similar length starts without compiling.")
 
 
 def make_config():
@@ -68,34 +74,35 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from jflame import runner, track_runner  # heavy imports after flag parsing
+  from jflame import output_folder, runner, track_runner  # heavy imports after flag parsing
   from jflame.errors import JFlameError
   if not _INPUT.value:
     return cli_app.usage_error("--input is required (a video file or a folder of frames).")
+  source = Path(_INPUT.value).expanduser()
+  if not source.exists():
+    return cli_app.usage_error(f"--input {source} does not exist; pass a video file or a folder "
+                               "of frames.")
   crop_size = _CROP_SIZE.value or (128 if _MODE.value == "photometric" else 256)
   try:
     config = make_config()
-    loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value, _SEED.value,
-                               _FLAME_VARIANT.value)
+    with output_folder.claim_output_folder(Path(_OUTPUT.value).expanduser()) as folder:
+      cache = runner.use_default_compilation_cache() if _COMPILATION_CACHE.value else None
+      loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value, _SEED.value,
+                                 _FLAME_VARIANT.value)
+      print(f"model: {loaded.description}", flush=True)
+      options = track_runner.TrackOptions(output_dir=str(folder), crop_size=crop_size,
+                                          max_frames=_MAX_FRAMES.value,
+                                          write_overlay=_OVERLAY.value, write_plot=_PLOT.value)
+      with tqdm(unit="frame", desc="landmarks", delay=1.0) as bar:
+        manifest = track_runner.track_video(loaded, config, options, str(source),
+                                            progress=bar.update)
   except JFlameError as err:
-    logging.error("%s", err)
-    return 2
-  print(f"model: {loaded.description}", flush=True)
-  options = track_runner.TrackOptions(output_dir=_OUTPUT.value, crop_size=crop_size,
-                                      max_frames=_MAX_FRAMES.value, write_overlay=_OVERLAY.value,
-                                      write_plot=_PLOT.value)
-  try:
-    with tqdm(unit="frame", desc="landmarks") as bar:
-      manifest = track_runner.track_video(loaded, config, options, _INPUT.value,
-                                          progress=bar.update)
-  except JFlameError as err:
-    logging.error("%s", err)
-    return 2
-  print(f"done: {manifest['counts']} ({manifest['status']}) -> {options.output_dir}/"
-        "manifest.json")
+    return cli_app.usage_error(str(err))
+  print(f"done: {manifest['counts']} ({manifest['status']}) -> {folder}/manifest.json"
+        + (f" (compilation cache: {cache})" if cache else ""))
   if manifest.get("message"):
     print(f"  {manifest['message']}")
-  return 0 if manifest["status"] == "ok" else 1
+  return cli_app.EXIT_OK if manifest["status"] == "ok" else cli_app.EXIT_NOTHING_FITTED
 
 
 def run():

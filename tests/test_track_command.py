@@ -1,0 +1,77 @@
+"""jflame-track as a user runs it: a short real-photo clip in, every promised file out, and one
+clear line (exit 2) for each usage problem."""
+
+import json
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import skimage.data
+
+from jflame import output_folder
+from tests.test_output_files import run_command
+
+TRACK = ("-m", "jflame.cli.track")
+FRAMES = 12
+QUICK = ["--num_shape", "10", "--num_expression", "5", "--full_iterations", "20",
+         "--segment_length", "8", "--overlap", "2", "--nocompilation_cache"]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+  """12 frames of the astronaut drifting right and turning a little, as an mp4."""
+  path = tmp_path_factory.mktemp("clip") / "astronaut.mp4"
+  photo = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (512, 512))
+  for index in range(FRAMES):
+    warp = cv2.getRotationMatrix2D((256.0, 200.0), 0.5 * index, 1.0)
+    warp[0, 2] += 1.5 * index
+    writer.write(cv2.warpAffine(photo, warp, (512, 512), borderMode=cv2.BORDER_REFLECT))
+  writer.release()
+  return path
+
+
+def test_a_clip_gives_a_row_per_frame_an_overlay_video_a_plot_and_a_manifest(clip, tmp_path):
+  out = tmp_path / "tracked"
+  done = run_command(["--input", clip, "--output", out, *QUICK], tmp_path, script=TRACK)
+  assert done.returncode == 0, done.stderr[-2000:]
+  table = pq.read_table(out / "track.parquet")
+  assert table.num_rows == FRAMES
+  assert table.column("frame").to_pylist() == list(range(FRAMES))
+  assert set(table.column("status").to_pylist()) == {"tracked"}
+  assert np.asarray(table.column("expression").to_pylist()).shape == (FRAMES, 5)
+  assert np.all(np.asarray(table.column("landmark_error_px").to_pylist()) < 10.0)
+  video = cv2.VideoCapture(str(out / "overlay.mp4"))
+  assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == FRAMES
+  assert (int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))) \
+      == (512, 512)
+  plot = cv2.imread(str(out / "track.png"))
+  assert plot is not None and plot.std() > 5  # a picture, not a blank
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["counts"]["tracked"] == FRAMES and manifest["status"] == "ok"
+  assert len(manifest["shape"]) == 10  # one identity for the clip
+  with output_folder.claim_output_folder(out):  # the finished run let go of its lock
+    pass
+
+
+@pytest.mark.parametrize("problem", ["missing input", "not a video", "output is a file",
+                                     "output held by another run"])
+def test_usage_problems_exit_2_with_one_line(problem, clip, tmp_path):
+  args = {"missing input": ["--input", tmp_path / "absent.mp4", "--output", tmp_path / "o"],
+          "not a video": ["--input", tmp_path / "text.mp4", "--output", tmp_path / "o"],
+          "output is a file": ["--input", clip, "--output", tmp_path / "file"],
+          "output held by another run": ["--input", clip, "--output", tmp_path / "held"]}[problem]
+  expected = {"missing input": "absent.mp4 does not exist",
+              "not a video": "cannot open",
+              "output is a file": "file",
+              "output held by another run": "another jflame run is writing to"}[problem]
+  (tmp_path / "text.mp4").write_text("not a video")
+  (tmp_path / "file").write_text("a file where the output folder should be")
+  with output_folder.claim_output_folder(tmp_path / "held"):
+    done = run_command([*args, *QUICK], tmp_path, script=TRACK)
+  assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in done.stderr
+  assert expected in lines[-1], lines[-1]
+  assert not (tmp_path / "o" / "track.parquet").exists()
