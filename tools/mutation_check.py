@@ -51,8 +51,10 @@ MUTATIONS = [
      "tests/test_output_files.py::test_flags_reach_the_configuration_and_the_files"]),
   ("later batches get the first batch's photos (prefetch reloads the same chunk)",
     "jflame/engine.py",
-    "          pending.append((batch, preprocessor.prepare_iter([s.path for s in batch],",
-    "          pending.append((batch, preprocessor.prepare_iter([s.path for s in first],",
+    "preprocessor.prepare_iter([s.path for s in batch],\n"
+    "                                                           [s.name for s in batch])))",
+    "preprocessor.prepare_iter([s.path for s in first],\n"
+    "                                                           [s.name for s in first])))",
     ["tests/test_output_files.py::test_every_batch_is_fitted_and_each_result_is_its_photos"]),
   (".obj with x and z swapped", "jflame/output.py",
     "  mesh = trimesh.Trimesh(vertices=np.asarray(vertices, np.float64),",
