@@ -136,6 +136,38 @@ def test_kills_at_any_moment_lose_only_uncommitted_rows(tmp_path, command_env):
   assert {p.name for p in (out / "shards").iterdir()} == listed
 
 
+def test_ctrl_c_keeps_what_is_committed_and_says_how_to_finish(tmp_path, command_env):
+  """SIGINT (Ctrl-C) in the middle: exit 130, one line on what is kept and how to go on, no
+  traceback; every committed row reads, and the same command finishes the rest."""
+  photos = tmp_path / "photos"
+  for index in range(12):
+    _write(photos / f"p{index:02d}.png", _face(0.25 + 0.01 * index))
+  out = tmp_path / "out"
+  args = [sys.executable, "-m", "jflame.cli.annotate", "--input", str(photos), "--output",
+          str(out), "--batch_size", "1", "--rows_per_shard", "1", "--workers", "1",
+          "--overlays", "none", "--noreport", *QUICK_FLAGS]
+  process = subprocess.Popen(args, cwd=PROJECT_ROOT, env=command_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 400
+  while time.time() < deadline and process.poll() is None:
+    if (out / "index.json").is_file() and dataset.read_index(out)["shards"]:
+      break
+    time.sleep(0.02)
+  assert process.poll() is None, "the run ended before it could be interrupted"
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 130, stderr[-2000:]
+  assert "Traceback" not in stderr
+  assert "interrupted: every committed shard is kept in" in stderr
+  kept = dataset.open(out).to_table(columns=["id"]).column("id").to_pylist()
+  assert 1 <= len(kept) < 12 and len(kept) == len(set(kept))
+  done = subprocess.run(args, cwd=PROJECT_ROOT, env=command_env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = dataset.open(out).to_table(columns=["id"]).column("id").to_pylist()
+  assert sorted(rows) == sorted(p.name for p in photos.iterdir())
+
+
 def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path, command_env):
   _write(tmp_path / "photos" / "a.png", _face(0.25))
   with output_folder.claim_output_folder(tmp_path / "out"):

@@ -177,13 +177,10 @@ def main(argv) -> int:
             sinks.dataset_settings(loaded, config, options.crop_size, run.landmark_indices),
             rows_per_shard=_ROWS_PER_SHARD.value, meshes=_MESHES.value,
             overlays=_OVERLAYS.value)
-        try:
-          summary = run.run(stream, sink)
-        except KeyboardInterrupt:
-          bar.close()
-          print(f"interrupted: every committed shard is kept in {folder}; run the same command "
-                "again to finish the rest.", file=sys.stderr)
-          return 130
+        summary = common.run_until_interrupted(
+            run, stream, sink, bar, f"every committed shard is kept in {folder}")
+        if summary is None:
+          return common.EXIT_INTERRUPTED
       page = _write_report(folder) if _REPORT.value else None
   except JFlameError as error:
     return common.usage_error(str(error))

@@ -12,6 +12,7 @@ from typing import Callable
 from absl import app, flags
 
 EXIT_OK, EXIT_NOTHING_FITTED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # as a shell reports a Ctrl-C
 
 
 def usage_error(message: str) -> int:

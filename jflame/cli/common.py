@@ -7,15 +7,17 @@ Exit status of every command: 0 when something was fitted (or everything was alr
 file, unusable output folder, another run holding it).
 """
 
+import sys
 from typing import Optional
 
 from absl import flags, logging
 
-from jflame.cli.app import (EXIT_NOTHING_FITTED, EXIT_OK, EXIT_USAGE, run_command,
-                            usage_error)
+from jflame.cli.app import (EXIT_INTERRUPTED, EXIT_NOTHING_FITTED, EXIT_OK, EXIT_USAGE,
+                            run_command, usage_error)
 
 # The commands that use these flags reach the runner through this module too.
-__all__ = ["EXIT_NOTHING_FITTED", "EXIT_OK", "EXIT_USAGE", "run_command", "usage_error",
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NOTHING_FITTED", "EXIT_OK", "EXIT_USAGE", "run_command",
+           "usage_error", "run_until_interrupted",
            "enable_compilation_cache", "engine_options",
            "fit_config", "load_model", "quiet_logging"]
 
@@ -112,6 +114,18 @@ def engine_options(workers: int, **extra):
 def load_model():
   from jflame import runner
   return runner.load_model(FLAME_MODEL.value, EMBEDDING.value, SEED.value, FLAME_VARIANT.value)
+
+
+def run_until_interrupted(run, sources, sink, bar, kept: str):
+  """`run.run(sources, sink)`; on Ctrl-C closes the progress bar, says on stderr what is kept
+  (`kept`) and returns None (the caller exits with EXIT_INTERRUPTED)."""
+  try:
+    return run.run(sources, sink)
+  except KeyboardInterrupt:
+    bar.close()
+    print(f"interrupted: {kept}; run the same command again to finish the rest.",
+          file=sys.stderr)
+    return None
 
 
 def quiet_logging():

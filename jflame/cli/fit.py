@@ -15,7 +15,6 @@ be written or that another run is using). Ctrl-C or SIGTERM stops after the batc
 was written stays, and a rerun finishes the rest.
 """
 
-import sys
 from pathlib import Path
 
 from absl import flags
@@ -64,13 +63,10 @@ def main(argv) -> int:
                                       landmarks_only=not config.photometric)
       with tqdm(total=len(inputs), unit="image", desc="jflame-fit") as bar:
         run = engine.Engine(loaded, config, options, progress=bar.update)
-        try:
-          summary = run.run(inputs, sink)
-        except KeyboardInterrupt:
-          bar.close()
-          print(f"interrupted: the finished results are kept in {folder}; run the same "
-                "command again to finish the rest.", file=sys.stderr)
-          return 130
+        summary = common.run_until_interrupted(
+            run, inputs, sink, bar, f"the finished results are kept in {folder}")
+        if summary is None:
+          return common.EXIT_INTERRUPTED
   except JFlameError as error:
     return common.usage_error(str(error))
   return _report(summary, folder, cache)
