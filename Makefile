@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-device device-check test-ray demo bench mutation clean
+.PHONY: install test test-device device-check test-ray demo bench mutation mutation-sample clean
 
 install: $(STAMP)
 
@@ -49,6 +49,13 @@ bench: $(STAMP)
 # On demand only, not in CI: about 15 minutes on 2 cores.
 mutation: $(STAMP)
 	$(PY) tools/mutation_check.py
+
+# Sampled mutation testing with mutmut's operators (docs/TESTING.md): mutates files of this
+# checkout one at a time (each restored after its run), so leave the tree alone while it runs,
+# or run it in a `git worktree`. On demand only: one to two hours on 2 cores.
+mutation-sample: $(STAMP)
+	$(PY) -m pip install -q mutmut==2.5.1
+	PYTHONPATH=$(CURDIR) $(PY) tools/mutation_sample.py --output mutation_sample.jsonl
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
