@@ -41,6 +41,13 @@ MODULE_TESTS = {
     "jflame/output.py": ["tests/test_output_files.py", "tests/test_fit_command.py"],
     "jflame/cli/fit.py": ["tests/test_fit_hostile.py", "tests/test_output_files.py"],
 }
+# A mutant that survives its module's tests runs once more against these (the end-to-end
+# command tests, slow: each command compiles afresh), before it counts as a survivor.
+WIDER_TESTS = {
+    "jflame/losses.py": ["tests/test_fit.py"],
+    "jflame/fit.py": ["tests/test_output_files.py", "tests/test_fit_command.py"],
+    "jflame/solve.py": ["tests/test_fit.py", "tests/test_output_files.py"],
+}
 
 
 def mutants_of(path: Path):
@@ -96,7 +103,7 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output", default="mutation_sample.jsonl",
                       help="JSON lines, one per mutant; a rerun skips the mutants it holds "
-                           "(except timeouts, which are run again)")
+                           "(timeouts run again, survivors meet WIDER_TESTS if they have not)")
   parser.add_argument("--cache", default=str(Path.home() / ".cache" / "jflame-mutation"),
                       help="the shared JAX compilation cache of the test runs")
   args = parser.parse_args()
@@ -104,8 +111,8 @@ def main():
   if Path(args.output).exists():
     for line in Path(args.output).read_text().splitlines():
       entry = json.loads(line)
-      if entry["outcome"] != "timeout":
-        done[(entry["module"], entry["line"], entry["diff"])] = entry
+      if entry["outcome"] != "timeout" and entry.get("wider") != "timeout":
+        done[(entry["module"], entry["line"], entry["diff"])] = entry  # the last one counts
   if os.environ.get("PYTHONPATH", "").split(os.pathsep)[:1] != [str(ROOT)]:
     sys.exit(f"run with PYTHONPATH={ROOT} so the tests import this checkout's jflame")
   totals = {}
@@ -129,22 +136,30 @@ def main():
           diff = "".join(difflib.unified_diff(original.splitlines(True), source.splitlines(True),
                                               n=0))
           diff = "\n".join(line for line in diff.splitlines() if line[:3] not in ("---", "+++"))
-          previous = done.get((module, mutation_id.line_number + 1, diff))
-          if previous is not None:
-            outcome, seconds = previous["outcome"], previous["seconds"]
-          else:
+          entry = done.get((module, mutation_id.line_number + 1, diff))
+          recheck = (entry is not None and entry["outcome"] == "survived"
+                     and module in WIDER_TESTS and "wider" not in entry)
+          if entry is None or recheck:
             path.write_text(source)
             try:
-              outcome, seconds = run_tests(tests, timeout=max(3 * baseline_s, 120),
-                                           cache=args.cache)
+              if entry is None:
+                outcome, seconds = run_tests(tests, timeout=max(3 * baseline_s, 900),
+                                             cache=args.cache)
+                entry = dict(module=module, line=mutation_id.line_number + 1, outcome=outcome,
+                             seconds=round(seconds, 1), diff=diff)
+              if entry["outcome"] == "survived" and module in WIDER_TESTS:
+                entry["wider"], wider_s = run_tests(WIDER_TESTS[module], timeout=1800,
+                                                    cache=args.cache)
+                entry["seconds"] = round(entry["seconds"] + wider_s, 1)
             finally:
               path.write_text(original)
-            log.write(json.dumps(dict(module=module, line=mutation_id.line_number + 1,
-                                      outcome=outcome, seconds=round(seconds, 1),
-                                      diff=diff)) + "\n")
+            log.write(json.dumps(entry) + "\n")
             log.flush()
+          outcome, seconds = entry["outcome"], entry["seconds"]
+          if outcome == "survived" and entry.get("wider") not in (None, "survived"):
+            outcome = "killed (wider suite)"
           killed += outcome != "survived"
-          print(f"  {number:3d} line {mutation_id.line_number + 1:4d} {outcome:8s} "
+          print(f"  {number:3d} line {mutation_id.line_number + 1:4d} {outcome:20s} "
                 f"{seconds:5.0f} s  {diff.splitlines()[-1].strip()[:90] if diff else ''}",
                 flush=True)
       finally:
