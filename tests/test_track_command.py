@@ -75,3 +75,15 @@ def test_usage_problems_exit_2_with_one_line(problem, clip, tmp_path):
   assert "Traceback" not in done.stderr
   assert expected in lines[-1], lines[-1]
   assert not (tmp_path / "o" / "track.parquet").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("crop_size", "5"), ("max_frames", "-1"),
+                                         ("smoothing", "-1"), ("segment_length", "1"),
+                                         ("full_iterations", "-3"), ("overlap", "40")])
+def test_out_of_range_flags_exit_2_naming_the_flag(flag, value, clip, tmp_path):
+  done = run_command(["--input", clip, "--output", tmp_path / "o", f"--{flag}", value],
+                     tmp_path, script=TRACK)
+  assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in done.stderr and flag in lines[-1], lines[-1]
+  assert not (tmp_path / "o").exists()  # refused before anything was made

@@ -13,6 +13,10 @@ from absl import app, flags
 
 EXIT_OK, EXIT_NOTHING_FITTED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # as a shell reports a Ctrl-C
+# The rasterizer and the crop arrays are sized for heads of a few hundred pixels; 1024 keeps a
+# photometric batch of 16 within a few GiB.
+MIN_CROP_SIZE, MAX_CROP_SIZE = 64, 1024
+MAX_ITERATIONS = 100_000
 
 
 def usage_error(message: str) -> int:

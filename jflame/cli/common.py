@@ -13,7 +13,8 @@ from typing import Optional
 from absl import flags, logging
 
 from jflame.cli.app import (EXIT_INTERRUPTED, EXIT_NOTHING_FITTED, EXIT_OK, EXIT_USAGE,
-                            run_command, usage_error)
+                            MAX_CROP_SIZE, MAX_ITERATIONS, MIN_CROP_SIZE, run_command,
+                            usage_error)
 
 # The commands that use these flags reach the runner through this module too.
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NOTHING_FITTED", "EXIT_OK", "EXIT_USAGE", "run_command",
@@ -22,10 +23,6 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_NOTHING_FITTED", "EXIT_OK", "EXIT_USAGE", "
            "fit_config", "load_model", "quiet_logging"]
 
 MAX_BATCH_SIZE = 4096
-# The rasterizer and the crop arrays are sized for heads of a few hundred pixels; 1024 keeps a
-# photometric batch of 16 within a few GiB.
-MIN_CROP_SIZE, MAX_CROP_SIZE = 64, 1024
-MAX_ITERATIONS = 100_000
 
 FLAME_MODEL = flags.DEFINE_string(
     "flame_model", None, "FLAME model (.pkl or .npz). Default: $JFLAME_HOME or ~/.cache/jflame, "

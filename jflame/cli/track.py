@@ -30,19 +30,27 @@ _EMBEDDING = flags.DEFINE_string(
     "embedding", None, "MediaPipe landmark embedding (.npz) for a real FLAME model.")
 _MODE = flags.DEFINE_enum("mode", "landmark", ["landmark", "photometric"], "Fitting mode.")
 _CROP_SIZE = flags.DEFINE_integer(
-    "crop_size", None, "Side of the clip's crop in pixels (one crop for the whole clip). "
-    "Default: 256 for landmark mode, 128 for photometric (the render size).")
-_NUM_SHAPE = flags.DEFINE_integer("num_shape", 100, "Shape coefficients fitted.")
-_NUM_EXPRESSION = flags.DEFINE_integer("num_expression", 50, "Expression coefficients fitted.")
-_FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", 150, "Landmark-stage Adam steps.")
-_PHOTOMETRIC_ITERATIONS = flags.DEFINE_integer("photometric_iterations", 40,
-                                               "Photometric-stage Adam steps.")
+    "crop_size", None, f"Side of the clip's crop in pixels, {cli_app.MIN_CROP_SIZE}.."
+    f"{cli_app.MAX_CROP_SIZE} (one crop for the whole clip). Default: 256 for landmark mode, 128 "
+    "for photometric (the render size).", lower_bound=cli_app.MIN_CROP_SIZE,
+    upper_bound=cli_app.MAX_CROP_SIZE)
+_NUM_SHAPE = flags.DEFINE_integer("num_shape", 100, "Shape coefficients fitted.", lower_bound=1)
+_NUM_EXPRESSION = flags.DEFINE_integer("num_expression", 50, "Expression coefficients fitted.",
+                                       lower_bound=1)
+_FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", 150, "Landmark-stage Adam steps.",
+                                        lower_bound=0, upper_bound=cli_app.MAX_ITERATIONS)
+_PHOTOMETRIC_ITERATIONS = flags.DEFINE_integer(
+    "photometric_iterations", 40, "Photometric-stage Adam steps.", lower_bound=0,
+    upper_bound=cli_app.MAX_ITERATIONS)
 _SEGMENT_LENGTH = flags.DEFINE_integer("segment_length", 32, "Frames per segment (segments "
-                                       "are fitted in parallel).")
-_OVERLAP = flags.DEFINE_integer("overlap", 4, "Frames shared by neighbouring segments.")
-_SMOOTHING = flags.DEFINE_float("smoothing", 1.0, "Multiplies every temporal-prior weight "
-                                "(0 fits frames independently but with one shape).")
-_MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "Track at most this many frames (0: all).")
+                                       "are fitted in parallel), >= 2.", lower_bound=2)
+_OVERLAP = flags.DEFINE_integer("overlap", 4, "Frames shared by neighbouring segments, below "
+                                "--segment_length.", lower_bound=0)
+_SMOOTHING = flags.DEFINE_float("smoothing", 1.0, "Multiplies every temporal-prior weight, >= 0 "
+                                "(0 fits frames independently but with one shape).",
+                                lower_bound=0.0)
+_MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "Track at most this many frames (0: all).",
+                                   lower_bound=0)
 _OVERLAY = flags.DEFINE_bool("overlay", True, "Write overlay.mp4.")
 _PLOT = flags.DEFINE_bool("plot", True, "Write track.png.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic model (used when no FLAME file).")
