@@ -80,3 +80,28 @@ def test_swapped_labels_are_caught():
   optimizer = make_optimizer(FULL_RATES, wrong, 10)
   updates, _ = optimizer.update(_variables(0.5), optimizer.init(variables), variables)
   assert not np.allclose(-updates.flame.expression, FULL_RATES.expression.start, rtol=1e-4)
+
+
+def test_a_step_with_a_finite_loss_but_a_non_finite_gradient_is_refused():
+  """run_stage keeps an image still, and marks it failed, when a step's gradient is not finite
+  even though its loss is (sqrt(|x|) at 0: loss 0, gradient NaN); a healthy image in the same
+  batch moves on. An update made of NaN must never reach the variables."""
+  from jflame.fit import run_stage
+
+  def loss_fn(variables):
+    # Healthy where expression[0] starts away from 0; its gradient is NaN where it starts at 0.
+    e = variables.flame.expression
+    return jnp.sqrt(jnp.abs(e[0])) + jnp.sum((variables.flame.shape - 1.0) ** 2)
+
+  def one(start):
+    return run_stage(loss_fn, _variables(0.0).replace(
+        flame=_variables(0.0).flame.replace(expression=jnp.asarray([start, 0.0, 0.0]))),
+        FULL_RATES, 5, jnp.asarray(True))
+
+  variables, history, failed = jax.vmap(one)(jnp.asarray([0.0, 0.5]))
+  assert bool(failed[0]) and not bool(failed[1])
+  for leaf in jax.tree.leaves(variables):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  np.testing.assert_array_equal(np.asarray(variables.flame.shape[0]), 0.0)  # never moved
+  assert np.all(np.asarray(variables.flame.shape[1]) > 0.0)  # the healthy one did
+  assert np.all(np.isfinite(np.asarray(history[1])))

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE_TESTS = {
     "jflame/losses.py": ["tests/test_fit_behaviour.py", "tests/test_solve.py",
                          "tests/test_fit_photometric.py"],
-    "jflame/fit.py": ["tests/test_fit_behaviour.py", "tests/test_fit.py",
+    "jflame/fit.py": ["tests/test_optim.py", "tests/test_fit_behaviour.py", "tests/test_fit.py",
                       "tests/test_fit_photometric.py"],
     "jflame/solve.py": ["tests/test_solve.py", "tests/test_fit_behaviour.py"],
     "jflame/output.py": ["tests/test_output_files.py", "tests/test_fit_command.py"],
@@ -45,7 +45,8 @@ MODULE_TESTS = {
 # command tests, slow: each command compiles afresh), before it counts as a survivor.
 WIDER_TESTS = {
     "jflame/losses.py": ["tests/test_fit.py"],
-    "jflame/fit.py": ["tests/test_output_files.py", "tests/test_fit_command.py"],
+    "jflame/fit.py": ["tests/test_optim.py", "tests/test_output_files.py",
+                      "tests/test_fit_command.py"],
     "jflame/solve.py": ["tests/test_fit.py", "tests/test_output_files.py"],
 }
 
