@@ -140,15 +140,6 @@ def _skinned(rows: SurfaceRows, params: FlameParams, identity, pose):
   return combine_corners(rows, rows_out), rotations, joints, blended
 
 
-def landmark_pixels(rows: SurfaceRows, problem: LandmarkProblem, params: FlameParams, x,
-                    log_focal):
-  """(K, 2) projected landmarks of unknowns x (N,) (the other FlameParams fields from
-  `params`), the same as `surface_points_forward` followed by the fit's pinhole projection."""
-  n = rows.num_shape + rows.num_expression
-  points = _skinned(rows, params, x[:n], x[n:n + 9])[0]
-  return _pixels_from_points(problem, points, x[n + 9:], log_focal)
-
-
 def _identity_point_jacobian(rows: SurfaceRows, rotations, joints, blended):
   """d points / d identity (K, 3, S + E) at fixed rotations, where the map is linear: each
   basis row turns with its row's blended rotation, and each joint moves the translation of its
