@@ -96,7 +96,22 @@ def command_env(tmp_path_factory):
   compilation cache is the test module's own (shared by its commands), and this checkout on
   the path."""
   home = tmp_path_factory.mktemp("jflame_home")
+  share_caches(home)
   return dict(os.environ, JFLAME_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+
+
+def share_caches(home):
+  """Under tools/mutation_sample.py (JFLAME_MUTATION_CACHE set) a command's JFLAME_HOME takes
+  its compiled programs and synthetic head from one shared folder, so each mutant's commands
+  compile only what the mutant changed. Without it every home starts empty, as a user's does."""
+  shared = os.environ.get("JFLAME_MUTATION_CACHE")
+  if not shared:
+    return
+  for name in ("compilation_cache", "synthetic"):
+    (Path(shared) / name).mkdir(parents=True, exist_ok=True)
+    link = Path(home) / name
+    if not link.exists():
+      link.symlink_to(Path(shared) / name, target_is_directory=True)
 
 
 @functools.lru_cache(maxsize=None)

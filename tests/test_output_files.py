@@ -23,7 +23,7 @@ from jflame.config import FitConfig
 from jflame.render import (Appearance, face_adjacency, laplacian_albedo_model, render_mesh,
                            vertex_normals)
 from jflame.landmarks import LandmarkWeights
-from tests.conftest import PROJECT_ROOT, expected_region_weights
+from tests.conftest import PROJECT_ROOT, expected_region_weights, share_caches
 
 PARAM_KEYS = ("shape", "expression", "global_rotation", "neck_rotation", "jaw_rotation",
               "left_eye_rotation", "right_eye_rotation")
@@ -34,6 +34,7 @@ def isolated_env(tmp_path):
   """The environment of a command that must not find any model file of this machine's user."""
   home = tmp_path / "home"
   (home / "jflame").mkdir(parents=True, exist_ok=True)
+  share_caches(home / "jflame")
   return dict(os.environ, HOME=str(home), JFLAME_HOME=str(home / "jflame"))
 
 
