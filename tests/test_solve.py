@@ -118,8 +118,12 @@ def test_jacobian_matches_forward_mode_and_central_differences(small):
   model, embedding, fit_model = small
   observations = scene(model, embedding, 1, seed=1)
   with x64():
+    # A reference size other than the crop's, so every residual and column carries a pixel
+    # scale != 1 and a scale applied the wrong way shows.
+    scaled = CONFIG.replace(landmark_scale=192.0)
     problem, variables, x0, _ = jax.tree.map(lambda a: a[0], jax.vmap(
-        lambda o: _start(fit_model, o))(observations))
+        lambda o: _start(fit_model, o, scaled))(observations))
+    assert abs(float(problem.pixel_scale) - 0.75) < 1e-6
     rows, problem, variables = _to64((fit_model.landmark_rows, problem, variables))
     rng = np.random.default_rng(0)
     x = jnp.asarray(x0, jnp.float64) + jnp.asarray(
