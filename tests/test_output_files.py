@@ -267,6 +267,25 @@ def test_written_render_is_the_renderers_output(photometric_run, synthetic_head)
 # --- tools/demo.py ------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.parametrize("original_from_crop", [[[2.0, 0.0, 10.0], [0.0, 2.0, 20.0]],
+                                                [[0.0, -1.5, 90.0], [1.5, 0.0, 7.0]]])
+def test_a_render_lands_on_the_photo_where_the_crop_says(original_from_crop):
+  """warp_to_photo (the overlay pictures) puts a crop pixel's centre where the crop transform
+  sends it, in jflame's convention (pixel centres at +0.5), to a twentieth of a pixel; a
+  half-pixel convention slip or a one-pixel shift would move every overlay."""
+  from jflame.output import warp_to_photo
+  original_from_crop = np.asarray(original_from_crop)
+  crop = np.zeros((24, 24, 1), np.float32)
+  crop[9:12, 14:17, 0] = [[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]  # centred on (15, 10)
+  photo = warp_to_photo(crop, original_from_crop, (120, 120, 3))
+  photo = photo if photo.ndim == 2 else photo[..., 0]
+  rows, cols = np.indices(photo.shape)
+  mass = photo.sum()
+  centroid = np.array([(cols * photo).sum(), (rows * photo).sum()]) / mass + 0.5  # +0.5: centres
+  expected = original_from_crop[:, :2] @ np.array([15.5, 10.5]) + original_from_crop[:, 2]
+  np.testing.assert_allclose(centroid, expected, atol=0.05)
+
+
 def test_demo_script_fits_the_astronaut(tmp_path):
   """`make demo`'s script runs: it writes the astronaut photo, fits it with the synthetic head
   (saying so first), and leaves a successful result and its overlay in the output folder."""
