@@ -286,6 +286,20 @@ def test_a_render_lands_on_the_photo_where_the_crop_says(original_from_crop):
   np.testing.assert_allclose(centroid, expected, atol=0.05)
 
 
+def test_the_overlay_wireframe_draws_front_facing_triangles_only():
+  """draw_overlay's wireframe leaves out triangles that face away (clockwise on screen with y
+  down, i.e. counter-clockwise seen from behind): a front-facing triangle on the left is drawn,
+  the same triangle mirrored to face away on the right is not."""
+  from jflame.output import draw_overlay
+  photo = np.zeros((100, 200, 3), np.uint8)
+  # Screen y points down: (10,80) -> (90,80) -> (50,10) has negative signed area (front).
+  pixels = np.array([[10, 80], [90, 80], [50, 10], [110, 80], [190, 80], [150, 10]], float)
+  faces = np.array([[0, 1, 2], [3, 5, 4]])
+  canvas = draw_overlay(photo, pixels, faces, np.zeros((0, 2)), np.zeros((0, 2)))
+  assert canvas[:, :100].max() > 50        # the front-facing triangle's wire
+  assert canvas[:, 100:].max() == 0        # nothing for the one facing away
+
+
 def test_demo_script_fits_the_astronaut(tmp_path):
   """`make demo`'s script runs: it writes the astronaut photo, fits it with the synthetic head
   (saying so first), and leaves a successful result and its overlay in the output folder."""
