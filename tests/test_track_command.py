@@ -2,6 +2,10 @@
 clear line (exit 2) for each usage problem."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -10,7 +14,8 @@ import pytest
 import skimage.data
 
 from jflame import output_folder
-from tests.test_output_files import run_command
+from tests.conftest import PROJECT_ROOT
+from tests.test_output_files import isolated_env, run_command
 
 TRACK = ("-m", "jflame.cli.track")
 FRAMES = 12
@@ -87,3 +92,23 @@ def test_out_of_range_flags_exit_2_naming_the_flag(flag, value, clip, tmp_path):
   lines = [line for line in done.stderr.splitlines() if line.strip()]
   assert "Traceback" not in done.stderr and flag in lines[-1], lines[-1]
   assert not (tmp_path / "o").exists()  # refused before anything was made
+
+
+def test_ctrl_c_ends_with_one_line_and_no_half_written_file(clip, tmp_path):
+  """SIGINT while the clip is being tracked: exit 130, one line saying what happens to the files,
+  no traceback; no file of the output folder is half written (each appears whole or not)."""
+  out = tmp_path / "tracked"
+  process = subprocess.Popen([sys.executable, *TRACK, "--input", str(clip), "--output", str(out),
+                              *QUICK], cwd=PROJECT_ROOT, env=isolated_env(tmp_path),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and "model:" not in (process.stdout.readline() or "model:"):
+    pass
+  # the landmarks and the compile of the fit (no compilation cache) take seconds from here
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=300)
+  if process.returncode == 0:
+    pytest.skip("the clip was tracked before the interrupt arrived")
+  assert process.returncode == 130, stderr[-2000:]
+  assert "Traceback" not in stderr and "interrupted: each of the clip's files" in stderr
+  assert not [p for p in out.iterdir() if "tmp" in p.name]

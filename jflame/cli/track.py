@@ -10,6 +10,7 @@ when no frame could be fitted, 2 for a usage problem (one line on stderr: a miss
 output folder that cannot be written or that another jflame run is writing to).
 """
 
+import sys
 from pathlib import Path
 
 from absl import flags, logging
@@ -106,6 +107,10 @@ def main(argv):
                                             progress=bar.update)
   except JFlameError as err:
     return cli_app.usage_error(str(err))
+  except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through run_command
+    print("interrupted: each of the clip's files is written whole or not at all; run the same "
+          "command again to track it.", file=sys.stderr)
+    return cli_app.EXIT_INTERRUPTED
   print(f"done: {manifest['counts']} ({manifest['status']}) -> {folder}/manifest.json"
         + (f" (compilation cache: {cache})" if cache else ""))
   if manifest.get("message"):
