@@ -33,7 +33,7 @@ from jflame import atomic, flame, runner
 from jflame.camera import FRONTAL_ROTATION, Camera, project, to_camera_space
 from jflame.config import FitConfig
 from jflame.fit import fit_batch, shared_focal_length
-from jflame.landmarks import load_mediapipe_reference
+from jflame.landmarks_io import load_mediapipe_reference
 from jflame.observation import Observation
 from tools import benchmarking
 
