@@ -82,10 +82,13 @@ class TrackConfig:
     photometric_iterations: photometric mode: steps of the photometric stage after the two
       landmark stages.
     photometric_rates: its learning rates.
-    segment_chunk: segments vectorised at a time, the chunks run in sequence in the same
-      program (0: all at once). On a CPU a whole long clip's per-iteration data falls out of
-      cache (measured: 452 frames cost 7x what 116 do when all are vectorised); on an
-      accelerator use 0.
+    segment_chunk: segments of the landmark stages vectorised at a time, the chunks run in
+      sequence in the same program (0: all at once). All at once is fastest on a CPU too
+      (measured: 423 frames / s at 1024 frames against 360 in chunks of 8 and 332 in chunks
+      of 4, and no worse at 103, 256 or 4096 frames).
+    photometric_segment_chunk: the same for the photometric stage, whose renders make a
+      frame's step megabytes: chunks bound the memory of a long clip (on an accelerator with
+      room, 0 vectorises them all).
   """
   fit: FitConfig = TRACK_FIT
   segment_length: int = 32
@@ -101,14 +104,16 @@ class TrackConfig:
   agreement: float = 100.0
   photometric_iterations: int = 40
   photometric_rates: LearningRates = PHOTOMETRIC_RATES
-  segment_chunk: int = 4
+  segment_chunk: int = 0
+  photometric_segment_chunk: int = 4
 
   def __post_init__(self):
     def require(ok, field, allowed, value):
       if not ok:
         raise ConfigError(f"TrackConfig.{field} must be {allowed}, got {value!r}.")
     require(isinstance(self.fit, FitConfig), "fit", "a FitConfig", self.fit)
-    for field in ("segment_length", "overlap", "photometric_iterations", "segment_chunk"):
+    for field in ("segment_length", "overlap", "photometric_iterations", "segment_chunk",
+                  "photometric_segment_chunk"):
       value = getattr(self, field)
       require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, field,
                "an integer >= 0", value)
@@ -461,13 +466,14 @@ def clip_loss(fit_model: FitModel, variables: FitVariables, targets: ClipTargets
         segment_variables, segment_targets)
     return jnp.sum(per_frame) + temporal_penalty(segment_variables, config)
 
-  if not config.segment_chunk or config.segment_chunk >= targets.valid.shape[0]:
+  chunk = config.photometric_segment_chunk if photometric else config.segment_chunk
+  if not chunk or chunk >= targets.valid.shape[0]:
     per_segment = jax.vmap(segment, in_axes=(_shared_axes(variables, 0), 0))(variables, targets)
   else:
     per_segment = jax.lax.map(
         lambda inputs: segment(_with_shared(inputs[0], variables), inputs[1]),
         (_map_per_frame(lambda x: x, variables, drop_shared=True), targets),
-        batch_size=config.segment_chunk)
+        batch_size=chunk)
   frames_with_data = jnp.maximum(jnp.sum(targets.valid), 1.0)
   loss = ((jnp.sum(per_segment) + agreement_penalty(variables, config)) / frames_with_data
           + losses.l2(variables.flame.shape, fit_config.regularization.shape))

@@ -167,6 +167,18 @@ def test_frames_without_a_face_are_interpolated(small_model, moving_clip):
   assert np.all(np.isfinite(result.params.expression)) and jaw_gap.max() < 0.05, jaw_gap
 
 
+def test_segments_in_chunks_fit_what_all_at_once_fits(small_model, moving_clip):
+  """Chunking the segments (a memory bound) runs the same objective in sequence."""
+  model, embedding = small_model
+  _, _, observation, together = moving_clip
+  chunked = CONFIG.replace(segment_chunk=1)
+  result = fit_clip(fit_model_over_embedding(model, embedding, chunked.fit), observation,
+                    chunked, CROP)
+  np.testing.assert_allclose(result.params.expression, together.params.expression, atol=2e-3)
+  np.testing.assert_allclose(result.camera.rotation, together.camera.rotation, atol=2e-4)
+  np.testing.assert_allclose(result.landmark_error, together.landmark_error, atol=2e-3)
+
+
 def test_clip_lengths_share_a_compiled_bucket():
   assert [segment_count(n, CONFIG) for n in (1, 32, 33, 60, 61, 120, 500)] == [1, 1, 2, 2, 3, 5,
                                                                              18]
@@ -181,6 +193,8 @@ def test_clip_lengths_share_a_compiled_bucket():
 def test_track_config_refuses_nonsense():
   with pytest.raises(ConfigError, match="overlap"):
     TrackConfig(overlap=32)
+  with pytest.raises(ConfigError, match="photometric_segment_chunk"):
+    TrackConfig(photometric_segment_chunk=-1)
   with pytest.raises(ConfigError, match="velocity.jaw"):
     TrackConfig(velocity=Smoothness(jaw=-1.0))
   assert head_rotation_degrees(np.asarray([FRONTAL_ROTATION])).tolist() == [[0.0, 0.0, 0.0]]
