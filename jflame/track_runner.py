@@ -115,6 +115,10 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
   scale = float(np.sqrt(abs(np.linalg.det(crop_from_frame[:, :2]))))
   detected = landmarks[:, indices].astype(np.float64)
   fitted = apply_affine(frame_from_crop, np.asarray(result.landmarks_2d, np.float64))
+  # Frame pixels like every other column here; the relative error (over the face size, as in
+  # jflame-fit's and jflame-annotate's outputs) compares across resolutions and commands.
+  error_px = np.where(tracked, np.asarray(result.landmark_error) / scale, np.nan)
+  face_sizes = np.asarray([output.face_size(points) for points in detected])
   params, camera = result.params, result.camera
   cameras = [output.camera_in_original_image(
       {key: np.asarray(getattr(camera, key))[t] for key in output.CAMERA_FIELDS},
@@ -131,7 +135,8 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
          for key in output.CAMERA_FIELDS},
       landmarks_detected=np.where(found[:, None, None], detected, np.nan),
       landmarks_fitted=fitted,
-      landmark_error_px=np.where(tracked, np.asarray(result.landmark_error) / scale, np.nan))
+      landmark_error_px=error_px,
+      landmark_error_relative=error_px / face_sizes)
   if result.photometric_error is not None:
     columns["photometric_error"] = np.asarray(result.photometric_error)
   shape = np.asarray(params.shape[0])
@@ -161,7 +166,7 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
   counts = {name: int(np.sum(status == name)) for name in
             (track_output.STATUS_TRACKED, track_output.STATUS_INTERPOLATED,
              track_output.STATUS_NO_FACE)}
-  error = np.asarray(result.landmark_error)[tracked] / scale
+  error = error_px[tracked]
   manifest.update(
       status="failed" if bool(result.failed) else "ok",
       message=("the optimisation diverged (non-finite loss or gradient)" if bool(result.failed)
@@ -170,6 +175,8 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
       shape=shape.tolist(), crop_from_frame=crop_from_frame, crop_size=crop_size,
       focal_length_frame_px=float(cameras[0]["focal_length"]),
       landmark_error_px_median=float(np.median(error)) if error.size else None,
+      landmark_error_relative_median=(float(np.median(columns["landmark_error_relative"][tracked]))
+                                      if error.size else None),
       files=files + ["manifest.json"], timings=timings)
   write_json(out / "manifest.json", manifest)
   return manifest

@@ -37,6 +37,10 @@ def clip(tmp_path_factory):
   return path
 
 
+def manifest_of(folder):
+  return json.loads((folder / "manifest.json").read_text())
+
+
 def test_a_clip_gives_a_row_per_frame_an_overlay_video_a_plot_and_a_manifest(clip, tmp_path):
   out = tmp_path / "tracked"
   done = run_command(["--input", clip, "--output", out, *QUICK], tmp_path, script=TRACK)
@@ -46,7 +50,14 @@ def test_a_clip_gives_a_row_per_frame_an_overlay_video_a_plot_and_a_manifest(cli
   assert table.column("frame").to_pylist() == list(range(FRAMES))
   assert set(table.column("status").to_pylist()) == {"tracked"}
   assert np.asarray(table.column("expression").to_pylist()).shape == (FRAMES, 5)
-  assert np.all(np.asarray(table.column("landmark_error_px").to_pylist()) < 10.0)
+  error_px = np.asarray(table.column("landmark_error_px").to_pylist())
+  assert np.all(error_px < 10.0)
+  # Frame pixels, and over the face size of the frame's detections like jflame-fit's.
+  detected = np.asarray(table.column("landmarks_detected").to_pylist())
+  extent = detected.max(axis=1) - detected.min(axis=1)
+  np.testing.assert_allclose(table.column("landmark_error_relative").to_pylist(),
+                             error_px / np.sqrt(extent[:, 0] * extent[:, 1]), rtol=1e-5)
+  assert 0.0 < manifest_of(out)["landmark_error_relative_median"] < 0.1
   video = cv2.VideoCapture(str(out / "overlay.mp4"))
   assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == FRAMES
   assert (int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))) \
