@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# One prepared check for an accelerator machine (issue 10): the device test suites, then the fit
-# and render benchmarks, each step under its own time limit so the whole fits in ~8 minutes on
-# an H100. Needs only python with JAX (+ the accelerator plugin), NumPy, SciPy, optax, flax,
-# absl-py and pytest; no MediaPipe, OpenCV or trimesh. Run from the repository root:
+# One prepared check for an accelerator machine (issues 10, 12): the device test suites, then
+# the fit, render and clip-tracking benchmarks, each step under its own time limit so the whole
+# fits in ~9 minutes on an H100. Needs only python with JAX (+ the accelerator plugin), NumPy,
+# SciPy, optax, flax, absl-py and pytest; no MediaPipe, OpenCV or trimesh. Run from the
+# repository root:
 #
 #   OUT=/some/folder bash tools/device_check.sh            # full settings (accelerator)
 #   QUICK=1 OUT=/tmp/check bash tools/device_check.sh      # small settings, minutes on a CPU
 #
 # Writes under $OUT: environment.json, tests_core/tests_fit .xml (JUnit) and .log,
-# fit_landmark.json, fit_photometric.json, render.json, one .log per step, and summary.json
-# (each step's exit status and seconds, the test counts and failures, the headline numbers).
-# A failed or timed-out step is recorded and the next one still runs; the exit status is 0.
+# fit_landmark.json, fit_photometric.json, render.json, track.json, one .log per step, and
+# summary.json (each step's exit status and seconds, the test counts and failures, the headline
+# numbers). A failed or timed-out step is recorded and the next one still runs; exit status 0.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_check_out}
@@ -49,11 +50,13 @@ if [ "$QUICK" = 1 ]; then
   LANDMARK=(--batch_sizes 1,8 --rigid_iterations 20 --full_iterations 20)
   PHOTOMETRIC=(--batch_sizes 1 --rigid_iterations 10 --full_iterations 10 --crop_size 64)
   RENDER=(--sizes 64 --batch_sizes 1,4 --repeats 2 --batch_modes vmap)
+  TRACK_FRAMES=64
 else
   CORE_LIMIT=120; FIT_LIMIT=150; BENCH_LIMIT=0
   LANDMARK=(--batch_sizes 1,64,1024)
   PHOTOMETRIC=(--batch_sizes 1,64)
   RENDER=(--sizes 256 --batch_sizes 1,64 --repeats 5 --batch_modes vmap)
+  TRACK_FRAMES=1024   # issue 12: the clip fit alone, >= 5,000 frames / s on an H100
 fi
 limit() { [ "$BENCH_LIMIT" -gt 0 ] && echo "$BENCH_LIMIT" || echo "$1"; }
 
@@ -84,6 +87,8 @@ step fit_landmark "$(limit 60)" "$PY" tools/bench_fit.py --preprocess_images 0 "
 step fit_photometric "$(limit 110)" "$PY" tools/bench_fit.py --mode photometric \
   --preprocess_images 0 "${PHOTOMETRIC[@]}" --json_out "$OUT/fit_photometric.json"
 step render "$(limit 60)" "$PY" tools/bench_render.py "${RENDER[@]}" --json_out "$OUT/render.json"
+step track "$(limit 60)" "$PY" tools/bench_track.py --frames "$TRACK_FRAMES" \
+  --json_out "$OUT/track.json"
 
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
@@ -117,6 +122,9 @@ if (out / "render.json").exists():
   data = json.loads((out / "render.json").read_text())
   summary["render"] = {f"{r['mode']} {r['size']} batch {r['batch']} {r['batch_mode']}":
                        round(r["per_image_ms"], 3) for r in data["results"]}
+if (out / "track.json").exists():
+  data = json.loads((out / "track.json").read_text())["fit_landmark"]
+  summary["track"] = dict(frames=data["frames"], frames_per_s=round(data["frames_per_s"], 1))
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps(summary, indent=2))
 PYEOF

@@ -50,6 +50,9 @@ _TRADEOFFS = flags.DEFINE_list(
     "Objectives of the 'what the targets would take' table (see TRADEOFFS); empty: no table.")
 _FOCAL_TRUTHS = flags.DEFINE_list("focal_truths", ["500", "1000", "1500"],
                                   "True focal lengths (256 crop pixels) of the focal tables.")
+_FOCAL_DRAWS = flags.DEFINE_integer(
+    "focal_draws", 6, "Independent draws of 16 faces per row of the focal table (one draw's "
+    "error depends on its faces by several percent).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the Markdown report here.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 
@@ -254,9 +257,12 @@ def main(argv):
   focal_rows = []
   for truth_focal in map(float, _FOCAL_TRUTHS.value):
     for noise in map(float, _NOISE.value):
-      shared, members, singles = focal_recovery(loaded, fit_models, truth_focal, noise,
-                                                _SEED.value + 1)
-      focal_rows.append(dict(truth=truth_focal, noise=noise, shared=shared, members=members,
+      draws = [focal_recovery(loaded, fit_models, truth_focal, noise, _SEED.value + 1 + draw)
+               for draw in range(_FOCAL_DRAWS.value)]
+      errors = 100 * (np.asarray([shared for shared, _, _ in draws]) / truth_focal - 1)
+      singles = np.concatenate([single for _, _, single in draws])
+      focal_rows.append(dict(truth=truth_focal, noise=noise, errors=errors.tolist(),
+                             members=min(members for _, members, _ in draws),
                              single_median=float(np.median(singles)),
                              single_p10=float(np.percentile(singles, 10)),
                              single_p90=float(np.percentile(singles, 90))))
@@ -277,8 +283,9 @@ def main(argv):
                      for n, f in ((50, floor), (100, floor_100))]
   settings = "\n".join(f"* `{name}`: {TRADEOFFS[name][0]}" for name in _TRADEOFFS.value)
   focal_table = [(_fmt(r["truth"], 0), _fmt(r["noise"], 0),
-                  f"{_fmt(r['shared'], 0)} "
-                  f"({_fmt(100 * (r['shared'] / r['truth'] - 1), 1, True)}%)",
+                  f"{_fmt(float(np.median(r['errors'])), 1, True)}% "
+                  f"({_fmt(min(r['errors']), 1, True)} to {_fmt(max(r['errors']), 1, True)})",
+                  f"{sum(abs(e) <= 3 for e in r['errors'])} of {len(r['errors'])}",
                   str(r["members"]),
                   f"{_fmt(r['single_median'], 0)} ({_fmt(r['single_p10'], 0)} - "
                   f"{_fmt(r['single_p90'], 0)})") for r in focal_rows]
@@ -289,14 +296,16 @@ def main(argv):
            "depth bias mm", "size bias %", "landmark error px", "ms / image (batch {})".format(
                _NUM_FACES.value)), table),
       focal_table=benchmarking.markdown_table(
-          ("true focal px", "noise px", "shared estimate (error)", "images used",
-           "single-image estimates: median (p10 - p90)"), focal_table),
+          ("true focal px", "noise px",
+           f"shared estimate error: median (range) over {_FOCAL_DRAWS.value} draws",
+           "draws within 3%", "images used (fewest)",
+           "single-image estimates px: median (p10 - p90)"), focal_table),
       tradeoff_table=benchmarking.markdown_table(
           ("objective", "noise px", "face-region error median / p90 mm", "depth bias mm",
            "size bias %", "ms / image (batch {})".format(_NUM_FACES.value)), tradeoff_table),
       tradeoff_settings=settings, tradeoffs=",".join(_TRADEOFFS.value),
       solvers=",".join(_SOLVERS.value), noise=",".join(_NOISE.value),
-      focal_truths=",".join(_FOCAL_TRUTHS.value))
+      focal_truths=",".join(_FOCAL_TRUTHS.value), focal_draws=_FOCAL_DRAWS.value)
   print(report)
   if _OUTPUT.value:
     atomic.write_text(_OUTPUT.value, report)
@@ -307,7 +316,8 @@ REPORT = """# Accuracy on the synthetic head (known truth)
 Written by `tools/eval_synthetic.py` (do not edit by hand; rerun it):
 
     python tools/eval_synthetic.py --num_faces {faces} --noise_px {noise} --solvers {solvers} \\
-        --tradeoffs {tradeoffs} --focal_truths {focal_truths} --output docs/ACCURACY.md
+        --tradeoffs {tradeoffs} --focal_truths {focal_truths} --focal_draws {focal_draws} \\
+        --output docs/ACCURACY.md
 
 Device: {device}. Model: {model}.
 
@@ -352,11 +362,11 @@ decays slowly), and what it cannot represent it imitates by bending the componen
 under a prior that is the only thing choosing among faces with nearly the same landmarks (one
 view fixes depth relief only through perspective). Weaker priors and more landmarks buy
 accuracy without noise and give it back with 1 px of noise (`all_three`: 0.80 mm at 0 px, the
-target, but 0.97 at 1 px and twice the time); depth and size move together (a nearer, smaller
+target, but 0.97 at 1 px and 2-3 times the time); depth and size move together (a nearer, smaller
 face projects alike) and the prior picks both, so the depth bias grows as the prior weakens.
 Only fitting every component of the truth with almost no prior (`everything`) recovers it at
 0 px (0.23 mm, depth -0.4 mm): the problem has no bug in it; but that fit follows noise freely
-(10.5 mm at 1 px) at 30 times the time. No objective tried meets the three targets together.
+(10.5 mm at 1 px) at 30-60 times the time. No objective tried meets the three targets together.
 
 ## Focal length
 
@@ -366,6 +376,14 @@ solved jointly for all 16 images (`FitConfig(shared_focal=True)` in `fit_batch`,
 shows how weakly one image determines it. Start: 726 px.
 
 {focal_table}
+
+How to read it: which 16 faces a draw happens to hold moves its estimate by several percent, so
+each row gives the spread over independent draws (an earlier version of this table showed one
+draw, and it fell on the short side). The median over draws is within about 1% of the truth,
+but single draws scatter on both sides by up to 4% without noise and up to 9% with 1 px: the
+faces' own sizes and depth relief trade against the lens (a nearer, smaller face projects
+alike) and 16 faces do not average that out. Issue 11 asked for 3% from 16 images at
+0.5-0.9 m: "draws within 3%" says how often that holds; more images narrow the spread.
 """
 
 
