@@ -33,7 +33,7 @@ from jflame.config import FULL_RATES, FitConfig, LearningRates, Schedule
 from jflame.errors import ConfigError
 from jflame.fit import (FitModel, FitVariables, fitted_appearance, fitted_camera,
                         initial_appearance, landmark_targets, project_landmarks, regularization,
-                        render_fit, run_stage)
+                        render_fit, run_stage, shared_focal_length)
 from jflame.flame import FlameParams, surface_points_forward, vertices_of_batch
 from jflame.init import identity_normal_equations, initial_rigid_camera, landmark_basis
 from jflame.observation import Observation
@@ -367,11 +367,13 @@ def _jaw_basis(rows):
 
 
 def initial_clip_variables(fit_model: FitModel, targets: ClipTargets, crop_size: int,
-                           config: FitConfig):
+                           config: FitConfig, focal_length=None):
   """The clip's start, weight-free like a photo's (see jflame.init) but with one identity:
   closed-form per-frame cameras alternated with `joint_identity_solve`; then one base rotation
   for the clip (chordal mean) with per-frame deltas, and frames without a face filled from their
   neighbours.
+
+  `focal_length` (crop pixels, e.g. from `clip_focal_length`) replaces the field-of-view focal.
 
   Returns:
     (variables with per-frame leaves (T, ...) and a shared shape and focal length, base
@@ -379,7 +381,8 @@ def initial_clip_variables(fit_model: FitModel, targets: ClipTargets, crop_size:
   """
   rows = fit_model.landmark_rows
   num_shape, num_expression = rows.num_shape, rows.num_expression
-  focal = jnp.asarray(focal_length_from_fov(crop_size, config.fov_degrees), jnp.float32)
+  focal = jnp.asarray(focal_length_from_fov(crop_size, config.fov_degrees)
+                      if focal_length is None else focal_length, jnp.float32)
   principal_point = jnp.full((2,), crop_size / 2.0, jnp.float32)
   pixel_scale = config.landmark_scale / crop_size
   template, basis = landmark_basis(rows)
@@ -507,9 +510,10 @@ def _shape_held(rates, fit_config):
 
 @functools.partial(jax.jit, static_argnames=("config", "crop_size"))
 def track_padded(fit_model: FitModel, observations: Observation, config: TrackConfig,
-                 crop_size: int) -> TrackResult:
+                 crop_size: int, focal_length=None) -> TrackResult:
   """Fits a clip already padded to `padded_length(G, config)` frames (padding frames have
-  `valid` False). Compiled once per (G, segment length, crop size, config)."""
+  `valid` False). Compiled once per (G, segment length, crop size, config). `focal_length`
+  (crop pixels) replaces the field-of-view focal; it stays fixed in the fit."""
   fit_config = config.fit
   photometric = fit_config.photometric
   frames = observations.valid.shape[0]
@@ -519,7 +523,7 @@ def track_padded(fit_model: FitModel, observations: Observation, config: TrackCo
                       "fit_clip, which pads it.")
   targets = _frame_targets(fit_model, observations, photometric)
   variables, base_rotation, principal_point, start_ok = initial_clip_variables(
-      fit_model, targets, crop_size, fit_config)
+      fit_model, targets, crop_size, fit_config, focal_length)
   index = jnp.asarray(_segment_index(num_segments, config))
   per_frame_axes = _shared_axes(variables, 0)
   segment_targets = jax.tree.map(lambda x: x[index], targets)
@@ -584,17 +588,46 @@ def pad_clip(observations: Observation, config: TrackConfig) -> Observation:
 
 
 def fit_clip(fit_model: FitModel, observations: Observation, config: TrackConfig,
-             crop_size: int) -> TrackResult:
+             crop_size: int, focal_length=None) -> TrackResult:
   """Fits a clip of T frames (Observation with leading axis T; `crop_size` is the side of the
-  frame in which its landmarks are given). Returns the TrackResult of the T frames."""
+  frame in which its landmarks are given). Returns the TrackResult of the T frames.
+  `focal_length` (crop pixels, e.g. `clip_focal_length`'s) replaces the config's
+  field-of-view focal."""
   frames = observations.valid.shape[0]
   if frames == 0:
     raise ConfigError("the clip has no frames")
-  result = track_padded(fit_model, pad_clip(observations, config), config, crop_size)
+  result = track_padded(fit_model, pad_clip(observations, config), config, crop_size,
+                        focal_length)
   per_frame = ("params", "camera", "landmarks_2d", "landmark_error", "tracked",
                "photometric_error")
   return result.replace(**{name: jax.tree.map(lambda x: x[:frames], getattr(result, name))
                            for name in per_frame if getattr(result, name) is not None})
+
+
+def focal_frames(valid: np.ndarray, count: int = 16) -> np.ndarray:
+  """Indices of up to `count` frames with a face, spread evenly over the clip (host)."""
+  with_face = np.flatnonzero(np.asarray(valid))
+  if len(with_face) <= count:
+    return with_face
+  return with_face[np.round(np.linspace(0, len(with_face) - 1, count)).astype(int)]
+
+
+def clip_focal_length(fit_model: FitModel, observations: Observation, config: TrackConfig,
+                      count: int = 16):
+  """One focal length (crop pixels) for a clip: `jflame.fit.shared_focal_length` (the joint
+  Levenberg-Marquardt solve of images known to share a camera) over `focal_frames`. Each
+  frame keeps its own shape in that solve, so frames far apart in the clip (different poses)
+  carry the most. Weakly determined: see docs/ACCURACY.md. Returns (focal, frames used)."""
+  chosen = focal_frames(observations.valid, count)
+  if len(chosen) == 0:
+    raise ConfigError("no frame of the clip has a face; no focal length to solve")
+  subset = jax.tree.map(lambda x: np.asarray(x)[chosen], observations)
+  solver = config.fit.replace(landmark_solver="lm", shared_focal=True, mode="landmark")
+  focal, members = _shared_focal(fit_model, subset, solver)
+  return focal, int(np.sum(np.asarray(members)))
+
+
+_shared_focal = jax.jit(shared_focal_length, static_argnames="config")
 
 
 @jax.jit

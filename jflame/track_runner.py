@@ -23,7 +23,7 @@ from jflame.errors import InputError
 from jflame.manifest import write_json
 from jflame.preprocess.video import VideoLandmarker, clip_crop, clip_observations, open_clip
 from jflame.runner import LoadedModel, prepare_fit_model
-from jflame.track import TrackConfig, clip_meshes, fit_clip
+from jflame.track import TrackConfig, clip_focal_length, clip_meshes, fit_clip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,7 @@ class TrackOptions:
   write_overlay: bool = True
   write_plot: bool = True
   default_fps: float = 25.0      # for folders of frames
+  solve_focal: bool = False      # one focal length solved from the clip (track.clip_focal_length)
 
 
 def read_landmarks(source, max_frames: int = 0, default_fps: float = 25.0,
@@ -103,7 +104,20 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
   fit_model = prepare_fit_model(loaded, config.fit)
   timings["prepare_s"] = time.perf_counter() - clock
   clock = time.perf_counter()
-  result = jax.device_get(fit_clip(fit_model, observations, config, crop_size))
+  focal_length = None
+  if options.solve_focal:
+    focal_length, focal_frames_used = clip_focal_length(fit_model, observations, config)
+    focal_length = float(focal_length)
+    if not (np.isfinite(focal_length) and focal_length > 0 and focal_frames_used):
+      # A solve that failed must not sink the fit: say so and keep the assumed lens.
+      manifest.update(focal_length_note="the focal length could not be solved from this clip; "
+                      "the fit assumed the default field of view")
+      focal_length, focal_frames_used = None, 0
+    manifest.update(focal_length_solved_crop_px=focal_length,
+                    focal_length_solved_from_frames=focal_frames_used)
+    timings["focal_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+  result = jax.device_get(fit_clip(fit_model, observations, config, crop_size, focal_length))
   _, crop_pixels = jax.device_get(clip_meshes(loaded.model, result.params, result.camera))
   timings["fit_s"] = time.perf_counter() - clock   # includes compiling on a first clip
 

@@ -13,8 +13,8 @@ from jflame.config import FitConfig
 from jflame.errors import ConfigError
 from jflame.fit import fit_batch
 from jflame.observation import Observation
-from jflame.track import (TRACK_FIT, Smoothness, TrackConfig, fit_clip, frames_from_segments,
-                          padded_length, segment_count)
+from jflame.track import (TRACK_FIT, Smoothness, TrackConfig, clip_focal_length, fit_clip,
+                          focal_frames, frames_from_segments, padded_length, segment_count)
 from jflame.track_output import frame_statuses, head_rotation_degrees
 from tests.conftest import fit_model_over_embedding, shared_photos
 
@@ -42,7 +42,7 @@ def _trajectories(frames, moving=True):
   return expression, jaw, head
 
 
-def _clip(model, embedding, frames, noise_px, seed, moving=True):
+def _clip(model, embedding, frames, noise_px, seed, moving=True, focal=726.0):
   """Landmarks of the synthetic head with one identity moving along known trajectories."""
   rng = np.random.default_rng(seed)
   shape = rng.normal(size=NUM_SHAPE) * 0.8
@@ -57,7 +57,7 @@ def _clip(model, embedding, frames, noise_px, seed, moving=True):
     camera = Camera(rotation=jnp.asarray(rotation, jnp.float32),
                     translation=jnp.asarray([0.01 * np.sin(i / 25.0) * moving, 0.0, 0.75],
                                             jnp.float32),
-                    focal_length=jnp.asarray(726.0, jnp.float32),
+                    focal_length=jnp.asarray(focal, jnp.float32),
                     principal_point=jnp.asarray([CROP / 2, CROP / 2], jnp.float32))
     vertices, _ = flame.flame_forward(model, params)
     observed[i, indices] = np.asarray(project(camera, embedding.points(vertices, model.faces)))
@@ -252,3 +252,29 @@ def test_real_photo_warped_smoothly(tmp_path, small_model):
   assert np.median(table["landmark_error_px"]) < 6.0
   video = cv2.VideoCapture(str(tmp_path / "out" / "overlay.mp4"))
   assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 60
+
+
+def test_a_clip_solves_its_focal_length_and_then_its_distance(small_model):
+  """Shot with a 1000 px lens, fitted assuming the 726 px default the head comes out 27% too
+  near; with the focal length solved from the clip it is where it was filmed."""
+  model, embedding = small_model
+  _, _, observation = _clip(model, embedding, FRAMES, noise_px=0.5, seed=2, focal=1000.0)
+  fit_model = fit_model_over_embedding(model, embedding, CONFIG.fit)
+  focal, used = clip_focal_length(fit_model, observation, CONFIG)
+  assert used == 16
+  assert abs(float(focal) / 1000.0 - 1.0) < 0.05, float(focal)
+  depth = lambda result: float(np.median(np.asarray(result.camera.translation)[:, 2]))
+  assumed = fit_clip(fit_model, observation, CONFIG, CROP)
+  solved = fit_clip(fit_model, observation, CONFIG, CROP, focal)
+  assert abs(depth(assumed) / 0.75 - 1.0) > 0.2
+  assert abs(depth(solved) / 0.75 - 1.0) < 0.05
+  np.testing.assert_allclose(solved.camera.focal_length, float(focal), rtol=1e-6)
+
+
+def test_focal_frames_spread_over_the_frames_with_a_face():
+  valid = np.zeros(100, bool)
+  valid[10:90] = True
+  chosen = focal_frames(valid, 16)
+  assert len(chosen) == 16 and chosen[0] == 10 and chosen[-1] == 89 and valid[chosen].all()
+  assert np.all(np.diff(chosen) >= 4)
+  assert focal_frames(valid[:15], 16).tolist() == list(range(10, 15))

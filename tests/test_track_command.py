@@ -43,7 +43,8 @@ def manifest_of(folder):
 
 def test_a_clip_gives_a_row_per_frame_an_overlay_video_a_plot_and_a_manifest(clip, tmp_path):
   out = tmp_path / "tracked"
-  done = run_command(["--input", clip, "--output", out, *QUICK], tmp_path, script=TRACK)
+  done = run_command(["--input", clip, "--output", out, *QUICK, "--solve_focal"], tmp_path,
+                     script=TRACK)
   assert done.returncode == 0, done.stderr[-2000:]
   table = pq.read_table(out / "track.parquet")
   assert table.num_rows == FRAMES
@@ -67,6 +68,10 @@ def test_a_clip_gives_a_row_per_frame_an_overlay_video_a_plot_and_a_manifest(cli
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["counts"]["tracked"] == FRAMES and manifest["status"] == "ok"
   assert len(manifest["shape"]) == 10  # one identity for the clip
+  # --solve_focal: solved from the 12 frames, and the cameras written use it.
+  assert manifest["focal_length_solved_from_frames"] == FRAMES
+  np.testing.assert_allclose(table.column("camera_focal_length").to_pylist(),
+                             manifest["focal_length_solved_crop_px"], rtol=1e-5)
   with output_folder.claim_output_folder(out):  # the finished run let go of its lock
     pass
 

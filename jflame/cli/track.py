@@ -54,6 +54,11 @@ _MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "Track at most this many fra
                                    lower_bound=0)
 _OVERLAY = flags.DEFINE_bool("overlay", True, "Write overlay.mp4.")
 _PLOT = flags.DEFINE_bool("plot", True, "Write track.png.")
+_SOLVE_FOCAL = flags.DEFINE_bool(
+    "solve_focal", False, "Solve the camera's focal length from the clip (16 frames with a face, "
+    "one joint solve) instead of assuming a 20 degree field of view across the crop. For an "
+    "unknown lens: on synthetic clips shot with a 1000 px lens it lands within 3% for most "
+    "faces and up to 8% off for some, against 27% for the assumed default.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic model (used when no FLAME file).")
 _COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache", True, "Keep the compiled clip fit on disk (in "
@@ -101,7 +106,8 @@ def main(argv):
       print(f"model: {loaded.description}", flush=True)
       options = track_runner.TrackOptions(output_dir=str(folder), crop_size=crop_size,
                                           max_frames=_MAX_FRAMES.value,
-                                          write_overlay=_OVERLAY.value, write_plot=_PLOT.value)
+                                          write_overlay=_OVERLAY.value, write_plot=_PLOT.value,
+                                          solve_focal=_SOLVE_FOCAL.value)
       with tqdm(unit="frame", desc="landmarks", delay=1.0) as bar:
         manifest = track_runner.track_video(loaded, config, options, str(source),
                                             progress=bar.update)
