@@ -372,8 +372,9 @@ Only fitting every component of the truth with almost no prior (`everything`) re
 
 One camera, 16 random faces at 0.5-0.9 m (frontal +- 0.1 rad). "Shared": one focal length
 solved jointly for all 16 images (`FitConfig(shared_focal=True)` in `fit_batch`, or
-`jflame.fit.shared_focal_length`); "single-image": the same solve on each image alone, which
-shows how weakly one image determines it. Start: 726 px.
+`jflame.fit.shared_focal_length`; for a clip, `jflame-track --solve_focal` runs it over 16 of its
+frames); "single-image": the same solve on each image alone, which shows how weakly one image
+determines it. Start: 726 px.
 
 {focal_table}
 
