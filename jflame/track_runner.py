@@ -26,6 +26,11 @@ from jflame.runner import LoadedModel, prepare_fit_model
 from jflame.track import TrackConfig, clip_focal_length, clip_meshes, fit_clip
 
 
+# Below this many frames with a face a solved focal length gets a warning (one image leaves it
+# +-12% or worse, docs/ACCURACY.md).
+FEW_FOCAL_FRAMES = 8
+
+
 @dataclasses.dataclass(frozen=True)
 class TrackOptions:
   """Host-side settings of a clip job (the device-side ones are in TrackConfig)."""
@@ -36,6 +41,21 @@ class TrackOptions:
   write_plot: bool = True
   default_fps: float = 25.0      # for folders of frames
   solve_focal: bool = False      # one focal length solved from the clip (track.clip_focal_length)
+
+
+def focal_solved(focal_length: float, frames_used: int) -> bool:
+  return bool(np.isfinite(focal_length) and focal_length > 0 and frames_used > 0)
+
+
+def solved_focal_note(focal_length: float, frames_used: int) -> Optional[str]:
+  """What the manifest (and the command) say about a clip's solved focal length, if anything."""
+  if not focal_solved(focal_length, frames_used):
+    return ("the focal length could not be solved from this clip; the fit assumed the default "
+            "field of view")
+  if frames_used < FEW_FOCAL_FRAMES:
+    return (f"solved from {frames_used} frame(s) with a face: so few determine a focal length "
+            "weakly; without --solve_focal the fit assumes a 20 degree field of view")
+  return None
 
 
 def read_landmarks(source, max_frames: int = 0, default_fps: float = 25.0,
@@ -108,10 +128,11 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
   if options.solve_focal:
     focal_length, focal_frames_used = clip_focal_length(fit_model, observations, config)
     focal_length = float(focal_length)
-    if not (np.isfinite(focal_length) and focal_length > 0 and focal_frames_used):
-      # A solve that failed must not sink the fit: say so and keep the assumed lens.
-      manifest.update(focal_length_note="the focal length could not be solved from this clip; "
-                      "the fit assumed the default field of view")
+    note = solved_focal_note(focal_length, focal_frames_used)
+    if note:
+      manifest.update(focal_length_note=note)
+    if not focal_solved(focal_length, focal_frames_used):
+      # A solve that failed must not sink the fit: keep the assumed lens.
       focal_length, focal_frames_used = None, 0
     manifest.update(focal_length_solved_crop_px=focal_length,
                     focal_length_solved_from_frames=focal_frames_used)

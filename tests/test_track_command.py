@@ -70,6 +70,7 @@ def test_a_clip_gives_a_row_per_frame_an_overlay_video_a_plot_and_a_manifest(cli
   assert len(manifest["shape"]) == 10  # one identity for the clip
   # --solve_focal: solved from the 12 frames, and the cameras written use it.
   assert manifest["focal_length_solved_from_frames"] == FRAMES
+  assert "focal_length_note" not in manifest
   np.testing.assert_allclose(table.column("camera_focal_length").to_pylist(),
                              manifest["focal_length_solved_crop_px"], rtol=1e-5)
   with output_folder.claim_output_folder(out):  # the finished run let go of its lock
@@ -128,3 +129,12 @@ def test_ctrl_c_ends_with_one_line_and_no_half_written_file(clip, tmp_path):
   assert process.returncode == 130, stderr[-2000:]
   assert "Traceback" not in stderr and "interrupted: each of the clip's files" in stderr
   assert not [p for p in out.iterdir() if "tmp" in p.name]
+
+
+def test_a_solved_focal_length_from_few_frames_or_none_is_said_so():
+  from jflame.track_runner import FEW_FOCAL_FRAMES, focal_solved, solved_focal_note
+  assert solved_focal_note(900.0, FEW_FOCAL_FRAMES) is None and focal_solved(900.0, 16)
+  assert "1 frame(s)" in solved_focal_note(900.0, 1)
+  for focal, frames in ((float("nan"), 16), (-5.0, 16), (900.0, 0)):
+    assert not focal_solved(focal, frames)
+    assert "could not be solved" in solved_focal_note(focal, frames)

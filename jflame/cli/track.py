@@ -121,6 +121,8 @@ def main(argv):
         + (f" (compilation cache: {cache})" if cache else ""))
   if manifest.get("message"):
     print(f"  {manifest['message']}")
+  if manifest.get("focal_length_note"):
+    print(f"  focal length: {manifest['focal_length_note']}")
   return cli_app.EXIT_OK if manifest["status"] == "ok" else cli_app.EXIT_NOTHING_FITTED
 
 
