@@ -282,6 +282,16 @@ def main(argv):
                       f"{_fmt(f['median_mm'])} / {_fmt(f['p90_mm'])}", "", "", "")
                      for n, f in ((50, floor), (100, floor_100))]
   settings = "\n".join(f"* `{name}`: {TRADEOFFS[name][0]}" for name in _TRADEOFFS.value)
+  # The figures the prose quotes, from this run ("n/a" where a setting was left out).
+  def figure(name, noise, key, signed=False, digits=2):
+    found = [r[key] for r in tradeoff_rows if r["setting"] == name and r["noise"] == noise]
+    return _fmt(found[0], digits, signed) if found else "n/a"
+  quoted = dict(floor_50=_fmt(floor["median_mm"]), floor_100=_fmt(floor_100["median_mm"]),
+                all_three_0=figure("all_three", 0.0, "median_mm"),
+                all_three_1=figure("all_three", 1.0, "median_mm"),
+                everything_0=figure("everything", 0.0, "median_mm"),
+                everything_depth=figure("everything", 0.0, "depth_bias_mm", True, 1),
+                everything_1=figure("everything", 1.0, "median_mm", digits=1))
   focal_table = [(_fmt(r["truth"], 0), _fmt(r["noise"], 0),
                   f"{_fmt(float(np.median(r['errors'])), 1, True)}% "
                   f"({_fmt(min(r['errors']), 1, True)} to {_fmt(max(r['errors']), 1, True)})",
@@ -305,7 +315,7 @@ def main(argv):
            "size bias %", "ms / image (batch {})".format(_NUM_FACES.value)), tradeoff_table),
       tradeoff_settings=settings, tradeoffs=",".join(_TRADEOFFS.value),
       solvers=",".join(_SOLVERS.value), noise=",".join(_NOISE.value),
-      focal_truths=",".join(_FOCAL_TRUTHS.value), focal_draws=_FOCAL_DRAWS.value)
+      focal_truths=",".join(_FOCAL_TRUTHS.value), focal_draws=_FOCAL_DRAWS.value, **quoted)
   print(report)
   if _OUTPUT.value:
     atomic.write_text(_OUTPUT.value, report)
@@ -356,17 +366,17 @@ changes the objective and solves it to convergence (Levenberg-Marquardt), same s
 
 {tradeoff_table}
 
-How to read it: a fit of 100 / 50 components cannot come nearer the truth than 0.45 mm (the
-floor: the truth cut to 100 / 50; cut to 100 / 100 it is 0.10 mm, the synthetic expression basis
+How to read it: a fit of 100 / 50 components cannot come nearer the truth than {floor_50} mm (the
+floor: the truth cut to 100 / 50; cut to 100 / 100 it is {floor_100} mm, the synthetic expression basis
 decays slowly), and what it cannot represent it imitates by bending the components it has,
 under a prior that is the only thing choosing among faces with nearly the same landmarks (one
 view fixes depth relief only through perspective). Weaker priors and more landmarks buy
-accuracy without noise and give it back with 1 px of noise (`all_three`: 0.80 mm at 0 px, the
-target, but 0.97 at 1 px and 2-3 times the time); depth and size move together (a nearer, smaller
+accuracy without noise and give it back with 1 px of noise (`all_three`: {all_three_0} mm at 0 px,
+but {all_three_1} at 1 px and 2-3 times the time); depth and size move together (a nearer, smaller
 face projects alike) and the prior picks both, so the depth bias grows as the prior weakens.
 Only fitting every component of the truth with almost no prior (`everything`) recovers it at
-0 px (0.23 mm, depth -0.4 mm): the problem has no bug in it; but that fit follows noise freely
-(10.5 mm at 1 px) at 30-60 times the time. No objective tried meets the three targets together.
+0 px ({everything_0} mm, depth {everything_depth} mm): the problem has no bug in it; but that fit follows noise freely
+({everything_1} mm at 1 px) at 30-60 times the time. No objective tried meets the three targets together.
 
 ## Focal length
 
