@@ -612,6 +612,9 @@ def focal_frames(valid: np.ndarray, count: int = 16) -> np.ndarray:
   return with_face[np.round(np.linspace(0, len(with_face) - 1, count)).astype(int)]
 
 
+_shared_focal = jax.jit(shared_focal_length, static_argnames="config")
+
+
 def clip_focal_length(fit_model: FitModel, observations: Observation, config: TrackConfig,
                       count: int = 16):
   """One focal length (crop pixels) for a clip: `jflame.fit.shared_focal_length` (the joint
@@ -625,9 +628,6 @@ def clip_focal_length(fit_model: FitModel, observations: Observation, config: Tr
   solver = config.fit.replace(landmark_solver="lm", shared_focal=True, mode="landmark")
   focal, members = _shared_focal(fit_model, subset, solver)
   return focal, int(np.sum(np.asarray(members)))
-
-
-_shared_focal = jax.jit(shared_focal_length, static_argnames="config")
 
 
 @jax.jit

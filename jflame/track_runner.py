@@ -54,7 +54,7 @@ def solved_focal_note(focal_length: float, frames_used: int) -> Optional[str]:
             "field of view")
   if frames_used < FEW_FOCAL_FRAMES:
     return (f"solved from {frames_used} frame(s) with a face: so few determine a focal length "
-            "weakly; without --solve_focal the fit assumes a 20 degree field of view")
+            "weakly; without --solve_focal the fit assumes the default field of view")
   return None
 
 
@@ -153,7 +153,7 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
   # Frame pixels like every other column here; the relative error (over the face size, as in
   # jflame-fit's and jflame-annotate's outputs) compares across resolutions and commands.
   error_px = np.where(tracked, np.asarray(result.landmark_error) / scale, np.nan)
-  face_sizes = np.asarray([output.face_size(points) for points in detected])
+  error_relative = error_px / np.asarray([output.face_size(points) for points in detected])
   params, camera = result.params, result.camera
   cameras = [output.camera_in_original_image(
       {key: np.asarray(getattr(camera, key))[t] for key in output.CAMERA_FIELDS},
@@ -171,7 +171,7 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
       landmarks_detected=np.where(found[:, None, None], detected, np.nan),
       landmarks_fitted=fitted,
       landmark_error_px=error_px,
-      landmark_error_relative=error_px / face_sizes)
+      landmark_error_relative=error_relative)
   if result.photometric_error is not None:
     columns["photometric_error"] = np.asarray(result.photometric_error)
   shape = np.asarray(params.shape[0])
@@ -201,7 +201,6 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
   counts = {name: int(np.sum(status == name)) for name in
             (track_output.STATUS_TRACKED, track_output.STATUS_INTERPOLATED,
              track_output.STATUS_NO_FACE)}
-  error = error_px[tracked]
   manifest.update(
       status="failed" if bool(result.failed) else "ok",
       message=("the optimisation diverged (non-finite loss or gradient)" if bool(result.failed)
@@ -209,9 +208,9 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
       finished=datetime.datetime.now(datetime.timezone.utc).isoformat(), counts=counts,
       shape=shape.tolist(), crop_from_frame=crop_from_frame, crop_size=crop_size,
       focal_length_frame_px=float(cameras[0]["focal_length"]),
-      landmark_error_px_median=float(np.median(error)) if error.size else None,
-      landmark_error_relative_median=(float(np.median(columns["landmark_error_relative"][tracked]))
-                                      if error.size else None),
+      landmark_error_px_median=float(np.median(error_px[tracked])) if tracked.any() else None,
+      landmark_error_relative_median=(float(np.median(error_relative[tracked]))
+                                      if tracked.any() else None),
       files=files + ["manifest.json"], timings=timings)
   write_json(out / "manifest.json", manifest)
   return manifest
