@@ -77,7 +77,7 @@ def test_wheel_has_exactly_one_top_level_package(tmp_path):
   assert not any(name.startswith(("tools/", "tests/", "initializers/")) for name in names)
   entry_points = next(n for n in names if n.endswith("entry_points.txt"))
   scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
-  assert "jflame-fit = jflame.cli.fit:run" in scripts
+  assert "jflame-fit = jflame.cli.start:fit" in scripts
 
 
 def test_tests_never_import_command_modules():

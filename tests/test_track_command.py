@@ -138,3 +138,27 @@ def test_a_solved_focal_length_from_few_frames_or_none_is_said_so():
   for focal, frames in ((float("nan"), 16), (-5.0, 16), (900.0, 0)):
     assert not focal_solved(focal, frames)
     assert "could not be solved" in solved_focal_note(focal, frames)
+
+
+def test_ctrl_c_while_a_command_starts_is_one_line(tmp_path):
+  """The installed entry points (jflame.cli.start) import and run their command themselves: an
+  interrupt during those seconds of imports, or before the command's own handling begins,
+  exits 130 with one line, not a traceback. The commands here are modules interrupted while
+  importing and while running."""
+  def start(module):
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from jflame.cli.start import start; "
+         f"sys.path.insert(0, {str(tmp_path)!r}); sys.exit(start({module!r}, 'jflame-x'))"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT)
+  (tmp_path / "interrupted_on_import.py").write_text("raise KeyboardInterrupt\n")
+  (tmp_path / "interrupted_on_run.py").write_text("def run():\n  raise KeyboardInterrupt\n")
+  probe = start("interrupted_on_import")
+  assert probe.returncode == 130
+  assert probe.stderr.strip() == "jflame-x: interrupted while starting; nothing was done."
+  probe = start("interrupted_on_run")
+  assert probe.returncode == 130 and "Traceback" not in probe.stderr
+  assert probe.stderr.startswith("jflame-x: interrupted; what was finished is kept")
+  # Every installed command goes through it.
+  scripts = (PROJECT_ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1]
+  entries = [line for line in scripts.split("\n\n")[0].splitlines() if line.startswith("jflame-")]
+  assert entries and all('"jflame.cli.start:' in line for line in entries), entries

@@ -11,8 +11,10 @@ from typing import Callable
 
 from absl import app, flags
 
+from jflame.cli import start
+
 EXIT_OK, EXIT_NOTHING_FITTED, EXIT_USAGE = 0, 1, 2
-EXIT_INTERRUPTED = 130  # as a shell reports a Ctrl-C
+EXIT_INTERRUPTED = start.EXIT_INTERRUPTED  # 130, as a shell reports a Ctrl-C
 # The rasterizer and the crop arrays are sized for heads of a few hundred pixels; 1024 keeps a
 # photometric batch of 16 within a few GiB.
 MIN_CROP_SIZE, MAX_CROP_SIZE = 64, 1024
