@@ -31,10 +31,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from jflame.atomic import atomic_path, write_text
-from jflame.errors import ConfigError, InputError
+from jflame.errors import ConfigError, IdConflictError, InputError
 
 FORMAT_NAME = "jflame-dataset"
-FORMAT_VERSION = 1
+# 2: ids carry a hash of the source's absolute path and never collide; `source_path` is that
+# absolute path and `source_relpath` the path under the input root. Format 1 stays readable; a
+# run that continues a format-1 folder must be asked to refit it (`retire_older_format`).
+FORMAT_VERSION = 2
 INDEX_NAME = "index.json"
 SHARD_FOLDER = "shards"
 
@@ -48,6 +51,7 @@ _LANDMARK_COLUMNS = ("landmarks_detected", "landmarks_fitted", "landmarks_detect
 
 SCHEMA = pa.schema(
     [("id", pa.string()), ("row_uid", pa.string()), ("source_path", pa.string()),
+     ("source_relpath", pa.string()),
      ("source_size", pa.int64()), ("source_mtime_ns", pa.int64()), ("source_hash", pa.string()),
      ("status", pa.string()), ("message", pa.string()), ("num_faces", pa.int32()),
      ("image_width", pa.int32()), ("image_height", pa.int32()), ("mode", pa.string()),
@@ -79,6 +83,7 @@ def _flat(value, dtype=np.float32) -> Optional[list]:
 def row_of(entry: Mapping, arrays: Optional[Mapping], files: Sequence[str] = ()) -> dict:
   """One table row from an engine entry and, for a successful fit, its result record."""
   row = dict(id=entry["name"], source_path=entry.get("source"),
+             source_relpath=entry.get("source_relpath"),
              source_size=entry.get("source_size"), source_mtime_ns=entry.get("source_mtime_ns"),
              source_hash=entry.get("source_hash"), status=entry["status"],
              message=entry.get("message", ""), num_faces=entry.get("num_faces"),
@@ -137,13 +142,18 @@ class ShardWriter:
     settings: JSON-able description of what produced the rows. A folder whose index records
       other settings is refused (ConfigError): one dataset, one set of settings.
     rows_per_shard: rows per shard; a shard is committed when it is full and at `commit`.
+    retire_older_format: continue a folder written in an older format by retiring its shards
+      (their rows stop being current at the first commit, so every input is refitted);
+      without it such a folder is refused (ConfigError).
   """
 
-  def __init__(self, folder, settings: Mapping, rows_per_shard: int = 1000):
+  def __init__(self, folder, settings: Mapping, rows_per_shard: int = 1000,
+               retire_older_format: bool = False):
     self.folder = Path(folder)
     self.rows_per_shard = max(int(rows_per_shard), 1)
     self.settings = json.loads(_settings_json(settings))
     index = read_index(self.folder)
+    self._retiring = []
     if index is None:
       index = dict(format=FORMAT_NAME, version=FORMAT_VERSION, settings=self.settings,
                    created=_now(), dataset_id=uuid.uuid4().hex, shards=[])
@@ -152,6 +162,15 @@ class ShardWriter:
           f"{self.folder} holds a dataset made with other settings "
           f"({_settings_difference(index.get('settings', {}), self.settings)}); write to "
           "another --output, or rerun with the settings it was made with.")
+    elif index.get("version", 1) < FORMAT_VERSION:
+      self._retiring = [shard["name"] for shard in _current_shards(index)]
+      if self._retiring and not retire_older_format:
+        raise ConfigError(
+            f"{self.folder} was written by an older jflame (dataset format "
+            f"{index.get('version', 1)}), whose ids could name two photos alike. It stays "
+            "readable (jflame.dataset.open); to continue it, rerun with --overwrite (its rows "
+            "are replaced as the inputs are refitted under collision-free ids), or write to "
+            "a new --output.")
     self.index = index
     self._remove_unlisted_shards()
     self._current = self._read_current()
@@ -166,7 +185,8 @@ class ShardWriter:
           path.unlink()  # renamed by a killed run before the index listed it: never committed
 
   def _shard_paths(self) -> List[Path]:
-    return [self.folder / SHARD_FOLDER / shard["name"] for shard in self.index["shards"]]
+    return [self.folder / SHARD_FOLDER / shard["name"] for shard in _current_shards(self.index)
+            if shard["name"] not in self._retiring]
 
   def _superseded(self) -> set:
     return {uid for shard in self.index["shards"] for uid in shard.get("supersedes", [])}
@@ -202,7 +222,24 @@ class ShardWriter:
       self._commit(self._pending)
       self._pending = []
 
+  def _check_ids(self, rows: Sequence[dict]) -> None:
+    """A row may replace only a row of the same source, and an id appears once per commit:
+    the store never attaches a result to another photo, whatever produced the ids."""
+    batch = {}
+    for row in rows:
+      previous = batch.get(row["id"]) or self._current.get(row["id"])
+      if previous is not None and previous["source_path"] != row["source_path"]:
+        raise IdConflictError(
+            f"{self.folder}: id {row['id']!r} belongs to {previous['source_path']}; refusing to "
+            f"record {row['source_path']} under it. Nothing of this batch was committed; "
+            "please report this with both paths.")
+      if row["id"] in batch:
+        raise IdConflictError(f"{self.folder}: id {row['id']!r} twice in one commit "
+                              f"({row['source_path']}); nothing of this batch was committed.")
+      batch[row["id"]] = row
+
   def _commit(self, rows: List[dict]) -> None:
+    self._check_ids(rows)
     number = 1 + max([int(s["name"][6:12]) for s in self.index["shards"]], default=0)
     name = f"shard-{number:06d}.parquet"
     written_at = datetime.datetime.now(datetime.timezone.utc)
@@ -223,6 +260,12 @@ class ShardWriter:
     if supersedes:
       shard["supersedes"] = supersedes
     self.index["shards"].append(shard)
+    if self._retiring:  # the first commit into an older-format folder: its rows stop counting
+      for old in self.index["shards"]:
+        if old["name"] in self._retiring:
+          old["retired"] = True
+      self._retiring = []
+    self.index["version"] = FORMAT_VERSION
     write_text(self.folder / INDEX_NAME, json.dumps(self.index, indent=1) + "\n", durable=True)
     for row in rows:
       self._current[row["id"]] = {key: row.get(key) for key in _KEY_COLUMNS}
@@ -251,6 +294,11 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
+def _current_shards(index: Mapping) -> List[dict]:
+  """The shards of an index whose rows can be current (not retired by a format upgrade)."""
+  return [shard for shard in index["shards"] if not shard.get("retired")]
+
+
 def dataset_folders(folder) -> List[Path]:
   """The dataset folders under `folder`: itself, or the parts a split run wrote
   (part-<index>-of-<count>, see jflame-annotate --num_shards)."""
@@ -273,7 +321,7 @@ def open(folder) -> pads.Dataset:  # pylint: disable=redefined-builtin
   paths, superseded = [], []
   for part in folders:
     index = read_index(part)
-    paths += [str(part / SHARD_FOLDER / shard["name"]) for shard in index["shards"]]
+    paths += [str(part / SHARD_FOLDER / shard["name"]) for shard in _current_shards(index)]
     superseded += [uid for shard in index["shards"] for uid in shard.get("supersedes", [])]
   rows = pads.dataset(paths, format="parquet", schema=SCHEMA)
   if superseded:

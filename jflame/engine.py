@@ -15,6 +15,7 @@ one entry: ok, or a status and a message that say what happened.
 import dataclasses
 import datetime
 import itertools
+import os
 import platform
 import queue
 import threading
@@ -121,7 +122,7 @@ class Sink:
 
 
 def source_entry(source: Source, facts: Optional[SourceFacts]) -> dict:
-  return dict(name=source.name, source=str(source.path),
+  return dict(name=source.name, source=str(source.path), source_relpath=source.relpath,
               source_size=facts.size if facts else None,
               source_mtime_ns=facts.mtime_ns if facts else None, source_hash=None)
 
@@ -146,6 +147,25 @@ def needs_fit(source: Source, facts: Optional[SourceFacts], previous: Optional[M
   if recorded_hash and recorded_hash == content_hash(source.path):
     return None  # touched, not changed
   return "the file changed since it was fitted"
+
+
+MISSING_IDS_LISTED = 1000  # ids of rows whose source is gone, listed in a run's summary
+
+
+def missing_sources(committed: Mapping[str, Mapping], unseen: Iterable[str]) -> dict:
+  """The results whose source file is gone: committed ids that this run's inputs did not list
+  and whose recorded source path no longer exists (a result from a source that still exists
+  but was not in this run's inputs is not missing). Their rows are kept; the run says so."""
+  gone = sorted(name for name in unseen
+                if not _exists(committed[name].get("source")))
+  return dict(count=len(gone), ids=gone[:MISSING_IDS_LISTED])
+
+
+def _exists(path) -> bool:
+  try:
+    return bool(path) and os.path.lexists(path)
+  except (OSError, ValueError):
+    return False
 
 
 def _describe(record: PreparedImage, source: Source, result, meshes, context) -> FittedImage:
@@ -173,8 +193,9 @@ def _describe(record: PreparedImage, source: Source, result, meshes, context) ->
   measures = quality.fit_quality(arrays["landmark_error_relative"], arrays["shape"],
                                  arrays["expression"], history)
   entry.update(landmark_error_px=arrays["landmark_error_px"], **measures.as_dict())
-  arrays.update({key: entry[key] for key in ("source", "source_size", "source_mtime_ns",
-                                              "source_hash") if entry[key] is not None})
+  arrays.update({key: entry[key] for key in ("source", "source_relpath", "source_size",
+                                              "source_mtime_ns", "source_hash")
+                 if entry[key] is not None})
   arrays.update(measures.as_dict())
   return FittedImage(record=record, entry=entry, result=result, meshes=meshes, arrays=arrays)
 
@@ -276,9 +297,11 @@ class Engine:
 
   # --- what to do ---------------------------------------------------------------------------
 
-  def _todo(self, sources: Iterable[Source], committed: Mapping[str, Mapping]
-            ) -> Iterator[Source]:
+  def _todo(self, sources: Iterable[Source], committed: Mapping[str, Mapping],
+            unseen: set) -> Iterator[Source]:
+    """The sources to fit; each one listed is taken out of `unseen` (committed ids)."""
     for source in sources:
+      unseen.discard(source.name)
       reason = needs_fit(source, SourceFacts.of(source.path), committed.get(source.name),
                          self.options.overwrite)
       if reason is None:
@@ -359,11 +382,14 @@ class Engine:
     self._first_written = None
     self.timings.update(steady_s=0.0, steady_images=0)
     committed = sink.committed()
+    unseen = set(committed)
+    self.source_missing = None
     writer = _Writer(sink, depth=2, on_written=self._written)
     writer.start()
     interrupted = None
     try:
-      self._pipeline(self._todo(sources, committed), writer)
+      self._pipeline(self._todo(sources, committed, unseen), writer)
+      self.source_missing = missing_sources(committed, unseen)
     except BaseException as error:  # KeyboardInterrupt, SystemExit from SIGTERM, disk full
       interrupted = error
       raise
@@ -434,5 +460,5 @@ class Engine:
         device=str(jax.devices()[0]), python=platform.python_version(), jax=jax.__version__,
         config=dataclasses.asdict(self.config), options=dataclasses.asdict(self.options),
         batch_buckets=sorted(self.buckets_used), timings=self.timings,
-        this_run=dict(self.counts))
+        this_run=dict(self.counts), source_missing=self.source_missing)
 

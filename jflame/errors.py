@@ -35,3 +35,7 @@ class ConfigError(JFlameError):
 
 class OutputError(JFlameError):
   """The output folder cannot be used: not a folder, not writable, or held by another run."""
+
+
+class IdConflictError(OutputError):
+  """A result was about to be recorded under an id that belongs to another source."""

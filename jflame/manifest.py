@@ -17,6 +17,9 @@ from jflame.atomic import write_text
 
 MANIFEST_NAME = "manifest.jsonl"
 SUMMARY_NAME = "run_summary.json"
+# The entry that ends an older jflame's result (named in a way that could collide) once a
+# rerun has removed its files; `read_entries` leaves it out.
+STATUS_RETIRED = "retired"
 
 
 def json_default(value):
@@ -45,7 +48,14 @@ def read_entries(folder) -> Dict[str, dict]:
         continue
       if isinstance(entry, dict) and "name" in entry:
         entries[entry["name"]] = entry
-  return entries
+  return {name: entry for name, entry in entries.items()
+          if entry.get("status") != STATUS_RETIRED}
+
+
+def is_older_entry(entry: Mapping) -> bool:
+  """Whether an entry was written by a jflame whose names could collide (before every entry
+  recorded `source_relpath`)."""
+  return "source_relpath" not in entry
 
 
 def append_entries(folder, entries: Iterable[Mapping]) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from jflame import dataset, manifest, output
 from jflame.engine import FittedImage, Sink
+from jflame.errors import ConfigError
 
 OVERLAY_POLICIES = ("none", "sample", "failures", "all")
 SAMPLE_ONE_IN = 500
@@ -37,14 +38,26 @@ class FilesSink(Sink):
     model_name: written into mesh headers.
     mesh_format: "obj", "ply" or "" for none.
     pictures: write `<name>_overlay.png` (and `_compare.png` in photometric mode).
+    retire_older_names: continue a folder whose results an older jflame named (names that
+      could collide): their files are removed and their entries retired at the first write,
+      so every input is refitted under its new name. Without it such a folder is refused.
   """
 
   def __init__(self, folder, faces, model_name: str, mesh_format: str = "obj",
-               pictures: bool = True):
+               pictures: bool = True, retire_older_names: bool = False):
     self.folder = Path(folder)
     self.faces = np.asarray(faces)
     self.model_name, self.mesh_format, self.pictures = model_name, mesh_format, pictures
     self._entries = manifest.read_entries(self.folder)
+    self._retiring = [name for name, entry in self._entries.items()
+                      if manifest.is_older_entry(entry)]
+    if self._retiring and not retire_older_names:
+      raise ConfigError(
+          f"{self.folder} holds {len(self._retiring)} results named by an older jflame (names "
+          "that could belong to two photos). Rerun with --overwrite to refit them under "
+          "collision-free names (their old files are removed), or write to a new --output.")
+    for name in self._retiring:
+      del self._entries[name]
 
   def committed(self) -> Mapping[str, Mapping]:
     finished = {}
@@ -55,6 +68,8 @@ class FilesSink(Sink):
     return finished
 
   def write(self, images: Sequence[FittedImage]) -> None:
+    if self._retiring:
+      self._retire_older()
     entries = []
     for image in images:
       entries.append(_entry_with_files(image, self._write_files(image) if image.ok else []))
@@ -76,6 +91,18 @@ class FilesSink(Sink):
     # The parameters file goes last: its presence marks the result finished.
     output.save_parameters(self.folder / f"{name}.npz", image.arrays)
     return [f"{name}.npz"] + files
+
+  def _retire_older(self) -> None:
+    entries = manifest.read_entries(self.folder)
+    retired = []
+    for name in self._retiring:
+      for file_name in entries[name].get("files", []):
+        path = self.folder / Path(file_name).name  # only this folder's own files
+        if path.is_file():
+          path.unlink()
+      retired.append(dict(name=name, status=manifest.STATUS_RETIRED))
+    manifest.append_entries(self.folder, retired)
+    self._retiring = []
 
   def close(self, summary: Mapping) -> None:
     entries = list(self._entries.values())
@@ -117,17 +144,20 @@ class DatasetSink(Sink):
     rows_per_shard: rows buffered before a shard is committed.
     meshes: also write `meshes/<name>.obj` per fitted image.
     overlays: one of OVERLAY_POLICIES.
+    retire_older_format: continue a folder of an older dataset format (`dataset.ShardWriter`).
   """
 
   def __init__(self, folder, faces, model_name: str, settings: Mapping,
-               rows_per_shard: int = 1000, meshes: bool = False, overlays: str = "sample"):
+               rows_per_shard: int = 1000, meshes: bool = False, overlays: str = "sample",
+               retire_older_format: bool = False):
     if overlays not in OVERLAY_POLICIES:
       raise ValueError(f"overlays must be one of {OVERLAY_POLICIES}, got {overlays!r}")
     self.folder = Path(folder)
     self.faces = np.asarray(faces)
     self.model_name = model_name
     self.meshes, self.overlays = meshes, overlays
-    self.writer = dataset.ShardWriter(self.folder, settings, rows_per_shard)
+    self.writer = dataset.ShardWriter(self.folder, settings, rows_per_shard,
+                                      retire_older_format=retire_older_format)
 
   def committed(self) -> Mapping[str, Mapping]:
     return self.writer.committed_sources()

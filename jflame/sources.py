@@ -2,13 +2,16 @@
 patterns and list files (one path per line, read line by line so a list of 10^7 paths is never
 held whole).
 
-Every source gets a stable name derived from its path relative to the input root it was found
-under, with folders joined by "__" ("sub/a.jpg" -> "sub__a.jpg"; a named file -> its file name;
-a list file's entries relative to the list's folder). The name does not depend on the order of
-the inputs, and it is a plain file name: it never contains a path separator, never starts with
-a dot, and cannot climb out of the output folder. Where two sources of one run would get the
-same name (two input folders both holding a.jpg), each of them gets a short hash of its full
-path appended ("a.jpg~3f2a1c9b"), so neither depends on which came first.
+A source is identified by its absolute path with its input root resolved (`Source.path`): the
+same folder typed as a relative path, an absolute path or through a symbolic link gives the same
+sources. Its id (`Source.name`, also the stem of its output files) is its file name made safe,
+then "~" and a short hash of that absolute path ("a.jpg~3f2a1c9b"). The hash is always there,
+so two inputs never share an id whatever their names (a newline and an underscore, "sub/x.jpg"
+and "sub__x.jpg", Unicode NFC/NFD or case-only twins), without looking ahead in a stream, and
+the id depends on the file alone: not on the order of the inputs nor on which folder above it
+was the input. It is a plain file name: no path separator, no leading dot, at most
+`_NAME_LIMIT` bytes, and it cannot climb out of the output folder. `Source.relpath` keeps the
+path under the input root for people.
 
 Nothing here reads image data: decoding and hashing the contents happen in the preprocessing
 workers. A broken symbolic link is a source like any other (its preprocessing fails with a
@@ -31,6 +34,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 COUNT_SECONDS = 2.0  # the most a progress bar's total may cost (see `cheap_count`)
 _NAME_LIMIT = 180  # bytes; leaves room for suffixes such as "_overlay.png" under 255
+_HASH_CHARS = 8  # hex digits of the path hash that ends every id
+_READABLE_LIMIT = _NAME_LIMIT - _HASH_CHARS - 1
 _UNSAFE = re.compile(r"[^\w.\-+=,@~ ()\[\]]", re.UNICODE)
 
 
@@ -39,13 +44,17 @@ class Source:
   """One input image of a run.
 
   Attributes:
-    path: the file as given or found (may be a symbolic link, possibly broken).
-    name: stable, unique within the run, safe as a file name (see the module docstring).
-    root: the folder, glob base or list file it came from ("" for a file named directly).
+    path: the file, absolute, under its input root with the root's links resolved (the file
+      itself may be a symbolic link, possibly broken): what identifies the source.
+    name: its id: stable, unique, safe as a file name (see the module docstring).
+    root: the resolved folder it was found under (the folder, the glob's base, the list
+      file's folder, or the folder of a file named directly).
+    relpath: `path` relative to `root`, "/"-separated: the source as people name it.
   """
   path: Path
   name: str
   root: str = ""
+  relpath: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +100,10 @@ def _is_image_name(path: Path) -> bool:
   return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def name_from_parts(parts: Sequence[str]) -> str:
-  """A safe file name from the components of a relative path (see the module docstring)."""
+def readable_name(parts: Sequence[str]) -> str:
+  """A safe file name from the components of a relative path: folders joined by "__",
+  characters unsafe in file names replaced by "_", ".." by "up", at most `_READABLE_LIMIT`
+  bytes. Not unique on its own: `source_id` adds the hash that makes it so."""
   cleaned = []
   for part in parts:
     if part in ("", "."):
@@ -102,18 +113,37 @@ def name_from_parts(parts: Sequence[str]) -> str:
   name = "__".join(cleaned) or "image"
   if name.startswith("."):
     name = "_" + name
-  encoded = name.encode("utf-8")
-  if len(encoded) > _NAME_LIMIT:
-    digest = hashlib.blake2b(encoded, digest_size=6).hexdigest()
-    name = encoded[:_NAME_LIMIT - 13].decode("utf-8", "ignore") + "~" + digest
+  encoded = name.encode("utf-8", "surrogateescape")
+  if len(encoded) > _READABLE_LIMIT:
+    name = encoded[:_READABLE_LIMIT].decode("utf-8", "ignore")
   return name
 
 
-def _relative_parts(path: Path, root: Path) -> Tuple[str, ...]:
-  try:
-    return Path(os.path.relpath(path, root)).parts
-  except ValueError:  # another drive (Windows): fall back to the absolute path
-    return Path(path).parts
+def path_hash(path) -> str:
+  """`_HASH_CHARS` hex digits of a hash of a path's bytes (as the file system has them)."""
+  return hashlib.blake2b(os.fsencode(str(path)), digest_size=_HASH_CHARS // 2).hexdigest()
+
+
+def source_id(path) -> str:
+  """The id of the source at absolute `path` (see the module docstring)."""
+  return f"{readable_name([os.path.basename(path)])}~{path_hash(path)}"
+
+
+def _located(path: Path, root: str, real_root: str) -> Source:
+  """The Source of `path` found under the absolute folder `root` (resolved: `real_root`), made
+  absolute under the resolved root; the file's own link is not followed (two links are two
+  inputs). String operations: this runs once per input of a dataset."""
+  absolute = os.path.abspath(path)
+  if absolute.startswith(root + os.sep):
+    relative = absolute[len(root) + 1:]
+  else:
+    try:
+      relative = os.path.relpath(absolute, root)
+    except ValueError:  # another drive (Windows): the file's folder is its root
+      real_root, relative = os.path.dirname(absolute), os.path.basename(absolute)
+  located = os.path.normpath(os.path.join(real_root, relative))
+  return Source(path=Path(located), name=source_id(located), root=real_root,
+                relpath=relative.replace(os.sep, "/"))
 
 
 def _walk_images(folder: Path, recursive: bool) -> Iterator[Path]:
@@ -193,28 +223,29 @@ def _expand(entry: str, recursive: bool) -> Tuple[Iterator[Tuple[Path, Path]], s
 
 def iter_sources(inputs: Sequence[str], recursive: bool = False,
                  exclude_folder: Optional[Path] = None) -> Iterator[Source]:
-  """Streams the sources of `inputs` in input order, each group sorted, each path once.
+  """Streams the sources of `inputs` in input order, each group sorted, each file once (the
+  same file reached through two spellings of its folder is one source).
 
-  Names are made unique without looking ahead: a name is claimed by the first source that
-  takes it; see `list_sources` for the order-independent naming of a finite input set.
   Files inside `exclude_folder` (the run's own output folder) are never inputs.
 
   Raises:
     InputError: an input names nothing that exists.
   """
   seen_paths = set()
+  real_roots = {}  # a root is resolved once, not once per file
   exclude = exclude_folder.resolve() if exclude_folder is not None else None
   for entry in inputs:
     pairs, _ = _expand(str(entry), recursive)
     for path, root in pairs:
-      key = os.path.abspath(path)
-      if key in seen_paths:
+      if root not in real_roots:
+        real_roots[root] = (os.path.abspath(root), os.path.realpath(root))
+      source = _located(path, *real_roots[root])
+      if source.path in seen_paths:
         continue
-      seen_paths.add(key)
-      if exclude is not None and _inside(Path(key), exclude):
+      seen_paths.add(source.path)
+      if exclude is not None and _inside(source.path, exclude):
         continue
-      yield Source(path=path, name=name_from_parts(_relative_parts(path, root)),
-                   root=str(root))
+      yield source
 
 
 def is_list_input(entry) -> bool:
@@ -251,26 +282,9 @@ def _inside(path: Path, folder: Path) -> bool:
     return False
 
 
-def disambiguate(sources: Iterable[Source]) -> List[Source]:
-  """Sources whose names collide get a short hash of their full path appended, all of them,
-  so the result does not depend on the order of the inputs."""
-  sources = list(sources)
-  counts = {}
-  for source in sources:
-    counts[source.name] = counts.get(source.name, 0) + 1
-  unique = []
-  for source in sources:
-    if counts[source.name] > 1:
-      digest = hashlib.blake2b(os.path.abspath(source.path).encode("utf-8", "surrogateescape"),
-                               digest_size=4).hexdigest()
-      source = dataclasses.replace(source, name=f"{source.name}~{digest}")
-    unique.append(source)
-  return unique
-
-
 def list_sources(inputs: Sequence[str], recursive: bool = False,
                  exclude_folder: Optional[Path] = None) -> List[Source]:
-  """All sources of a finite input set, named independently of the input order.
+  """All sources of a finite input set (`iter_sources` as a list).
 
   Raises:
     InputError: an input names nothing that exists, or nothing was found at all.
@@ -278,7 +292,7 @@ def list_sources(inputs: Sequence[str], recursive: bool = False,
   descriptions = []
   for entry in inputs:
     descriptions.append(_expand(str(entry), recursive)[1])
-  sources = disambiguate(iter_sources(inputs, recursive, exclude_folder))
+  sources = list(iter_sources(inputs, recursive, exclude_folder))
   if not sources:
     raise InputError(f"No image files found; searched {', '.join(descriptions) or 'nothing'} "
                      f"for {', '.join(IMAGE_EXTENSIONS)} files (case-insensitive).")

@@ -152,3 +152,13 @@ def fit_model_over_embedding(model, embedding, config):
   indices = np.asarray(embedding.landmark_indices)
   return make_fit_model(model, embedding.face_indices, embedding.barycentrics, indices,
                         region[indices], config)
+
+
+def by_relpath(entries):
+  """Manifest entries (name -> entry) or dataset rows (a list or id -> row) keyed by the path
+  of their source under its input root: ids end in a path hash that tests need not spell."""
+  values = entries.values() if isinstance(entries, dict) else entries
+  keyed = {}
+  for entry in values:
+    keyed[entry["source_relpath"]] = entry
+  return keyed

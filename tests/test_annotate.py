@@ -16,7 +16,7 @@ import skimage.data
 from jflame import dataset, engine, output_folder, sinks, sources
 from jflame.config import FitConfig
 from jflame.errors import ConfigError
-from tests.conftest import PROJECT_ROOT, QUICK_FLAGS
+from tests.conftest import PROJECT_ROOT, QUICK_FLAGS, by_relpath
 
 QUICK = FitConfig(rigid_iterations=3, full_iterations=3)
 
@@ -43,7 +43,15 @@ def _annotate(loaded, inputs, out, config=QUICK, rows_per_shard=1000, batch_size
 
 
 def _rows(folder):
-  return {row["id"]: row for row in dataset.open(folder).to_table().to_pylist()}
+  """The current rows keyed by their source's path under the input root."""
+  rows = dataset.open(folder).to_table().to_pylist()
+  assert len({row["id"] for row in rows}) == len(rows)
+  return by_relpath(rows)
+
+
+def _relpaths(folder):
+  return sorted(dataset.open(folder).to_table(columns=["source_relpath"]).column(
+      "source_relpath").to_pylist())
 
 
 def test_every_input_gets_exactly_one_row(loaded_model, tmp_path):
@@ -62,7 +70,7 @@ def test_every_input_gets_exactly_one_row(loaded_model, tmp_path):
   (photos / "self.jpg").symlink_to(photos / "self.jpg")
   summary = _annotate(loaded_model, [photos], tmp_path / "out", rows_per_shard=3)
   rows = _rows(tmp_path / "out")
-  expected = {"face.png": "ok", "a__same.png": "ok", "b__same.png": "ok", "tiny.png": "no_face",
+  expected = {"face.png": "ok", "a/same.png": "ok", "b/same.png": "ok", "tiny.png": "no_face",
               "coffee.png": "no_face", "visage é 顔.png": "ok", "empty.jpg": "unreadable",
               "text.jpg": "unreadable", "truncated.png": "unreadable",
               "broken.png": "unreadable", "self.jpg": "unreadable"}
@@ -129,9 +137,9 @@ def test_kills_at_any_moment_lose_only_uncommitted_rows(tmp_path, command_env):
   done = subprocess.run(args, cwd=PROJECT_ROOT, env=command_env, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stderr
-  rows = dataset.open(out).to_table(columns=["id", "status"]).to_pylist()
-  assert sorted(row["id"] for row in rows) == sorted(p.name for p in photos.iterdir())
-  assert {row["status"] for row in rows if row["id"] != "bad.jpg"} == {"ok"}
+  rows = dataset.open(out).to_table(columns=["source_relpath", "status"]).to_pylist()
+  assert sorted(row["source_relpath"] for row in rows) == sorted(p.name for p in photos.iterdir())
+  assert {row["status"] for row in rows if row["source_relpath"] != "bad.jpg"} == {"ok"}
   listed = {s["name"] for s in dataset.read_index(out)["shards"]}
   assert {p.name for p in (out / "shards").iterdir()} == listed
 
@@ -164,8 +172,7 @@ def test_ctrl_c_keeps_what_is_committed_and_says_how_to_finish(tmp_path, command
   done = subprocess.run(args, cwd=PROJECT_ROOT, env=command_env, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
-  rows = dataset.open(out).to_table(columns=["id"]).column("id").to_pylist()
-  assert sorted(rows) == sorted(p.name for p in photos.iterdir())
+  assert _relpaths(out) == sorted(p.name for p in photos.iterdir())
 
 
 def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path, command_env):
@@ -194,8 +201,7 @@ def test_split_runs_cover_every_input_once(tmp_path, command_env):
         capture_output=True, text=True, timeout=600)
     assert done.returncode in (0, 1), done.stderr
   assert len(dataset.dataset_folders(out)) == 2
-  ids = dataset.open(out).to_table(columns=["id"]).column("id").to_pylist()
-  assert sorted(ids) == [f"photos__p{index}.png" for index in range(4)]
+  assert _relpaths(out) == [f"photos/p{index}.png" for index in range(4)]
   table = dataset.open(out).to_table(filter=pc.field("status") == "ok")
   assert table.num_rows == 4
 

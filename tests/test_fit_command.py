@@ -52,8 +52,14 @@ def astronaut_run(loaded_model, tmp_path_factory):
   return folder, output_dir, manifest
 
 
-def _entry(manifest, name):
-  return next(image for image in manifest["images"] if image["name"] == name)
+def _entry(manifest, relpath):
+  """The entry of the input at `relpath` under its input root."""
+  return next(image for image in manifest["images"] if image["source_relpath"] == relpath)
+
+
+def _file(manifest, relpath, suffix):
+  """The result file `<id><suffix>` of the input at `relpath`."""
+  return _entry(manifest, relpath)["name"] + suffix
 
 
 def test_real_photograph_fits_within_two_percent_of_face_size(astronaut_run):
@@ -61,7 +67,7 @@ def test_real_photograph_fits_within_two_percent_of_face_size(astronaut_run):
   entry = _entry(manifest, "astronaut.png")
   assert entry["status"] == "ok"
   assert manifest["synthetic_model"] is True and "SYNTHETIC" in manifest["model"]
-  with np.load(output_dir / "astronaut.png.npz") as result:
+  with np.load(output_dir / _file(manifest, "astronaut.png", ".npz")) as result:
     assert float(result["landmark_error_relative"]) < 0.02
     assert str(result["status"]) == "ok" and "SYNTHETIC" in str(result["model"])
     # Fitted landmarks mapped back to the photo agree with the detections there too.
@@ -78,8 +84,8 @@ def test_original_camera_projects_onto_the_photo(astronaut_run, loaded_model):
   import jax.numpy as jnp
   from jflame import flame
   from jflame.camera import Camera, project
-  _, output_dir, _ = astronaut_run
-  with np.load(output_dir / "astronaut.png.npz") as result:
+  _, output_dir, manifest = astronaut_run
+  with np.load(output_dir / _file(manifest, "astronaut.png", ".npz")) as result:
     params = flame.FlameParams(**{k: jnp.asarray(result[k]) for k in (
         "shape", "expression", "global_rotation", "neck_rotation", "jaw_rotation",
         "left_eye_rotation", "right_eye_rotation")})
@@ -106,10 +112,10 @@ def test_original_camera_projects_onto_the_photo(astronaut_run, loaded_model):
 def test_outputs_are_complete(astronaut_run, loaded_model):
   import trimesh
   _, output_dir, manifest = astronaut_run
-  mesh = trimesh.load(output_dir / "astronaut.png.obj", process=False)
+  mesh = trimesh.load(output_dir / _file(manifest, "astronaut.png", ".obj"), process=False)
   assert mesh.vertices.shape == (loaded_model.model.num_vertices, 3)
   assert len(mesh.faces) == loaded_model.model.faces.shape[0]
-  overlay = cv2.imread(str(output_dir / "astronaut.png_overlay.png"))
+  overlay = cv2.imread(str(output_dir / _file(manifest, "astronaut.png", "_overlay.png")))
   assert overlay.shape == (512, 512, 3)
   photo = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
   changed = np.any(overlay != photo, axis=2)
@@ -117,7 +123,7 @@ def test_outputs_are_complete(astronaut_run, loaded_model):
   on_disk = json.loads((output_dir / "run_summary.json").read_text())
   assert on_disk["counts"] == manifest["counts"] == {"ok": 1, "unreadable": 1, "no_face": 1}
   assert set(_entry(manifest, "astronaut.png")["files"]) == {
-      "astronaut.png.npz", "astronaut.png.obj", "astronaut.png_overlay.png"}
+      _file(manifest, "astronaut.png", suffix) for suffix in (".npz", ".obj", "_overlay.png")}
   leftovers = [p.name for p in output_dir.iterdir()
                if p.name.startswith(".") and p.name != ".jflame.lock"]
   assert not leftovers  # atomic writes leave no temporary files behind
@@ -132,17 +138,18 @@ def test_bad_images_get_a_status_and_no_files(astronaut_run):
 
 
 def test_finished_results_are_never_overwritten(astronaut_run, loaded_model, tmp_path):
-  folder, output_dir, _ = astronaut_run
+  folder, output_dir, manifest = astronaut_run
   copy = tmp_path / "out"
   shutil.copytree(output_dir, copy)
-  before = (copy / "astronaut.png.npz").read_bytes()
+  result = _file(manifest, "astronaut.png", ".npz")
+  before = (copy / result).read_bytes()
   again = _run(loaded_model, folder / "astronaut.png", copy, batch_size=4)
   assert again["this_run"] == {"skipped": 1}
   assert _entry(again, "astronaut.png")["status"] == "ok"  # the earlier record carries forward
   (folder / "astronaut.png").write_bytes(b"not a png any more")
   forced = _run(loaded_model, folder / "astronaut.png", copy, batch_size=4)
   assert _entry(forced, "astronaut.png")["status"] == "unreadable"
-  assert (copy / "astronaut.png.npz").read_bytes() == before
+  assert (copy / result).read_bytes() == before
 
 
 def test_missing_inputs_and_models_say_what_to_do(tmp_path):
@@ -184,16 +191,17 @@ def test_photometric_mode_writes_render_overlay_and_comparison(loaded_model, tmp
   manifest = _run(loaded_model, folder, tmp_path / "out", config, batch_size=1)
   entry = _entry(manifest, "astronaut.png")
   assert entry["status"] == "ok"
-  assert set(entry["files"]) >= {"astronaut.png_overlay.png", "astronaut.png_compare.png"}
-  with np.load(tmp_path / "out" / "astronaut.png.npz") as result:
+  stem = entry["name"]
+  assert set(entry["files"]) >= {f"{stem}_overlay.png", f"{stem}_compare.png"}
+  with np.load(tmp_path / "out" / f"{stem}.npz") as result:
     assert result["sh_lighting"].shape == (9, 3) and result["texture"].ndim == 1
     assert "Laplacian" in str(result["albedo_model"])
     assert float(result["photometric_error"]) < 0.15
-  compare = cv2.imread(str(tmp_path / "out" / "astronaut.png_compare.png"))
+  compare = cv2.imread(str(tmp_path / "out" / f"{stem}_compare.png"))
   assert compare.shape == (256, 768, 3)
   render = compare[:, 256:512]
   assert (render.sum(axis=2) > 0).mean() > 0.2  # the head is drawn
-  overlay = cv2.imread(str(tmp_path / "out" / "astronaut.png_overlay.png"))
+  overlay = cv2.imread(str(tmp_path / "out" / f"{stem}_overlay.png"))
   photo = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
   changed = np.any(np.abs(overlay.astype(int) - photo) > 8, axis=2)
   # The fitted render resembles the face, so only part of it differs visibly from the photo.

@@ -18,7 +18,7 @@ import skimage.data
 from jflame import engine, manifest, output_folder, sinks, sources
 from jflame.config import FitConfig
 from jflame.errors import InputError, OutputError
-from tests.conftest import PROJECT_ROOT, QUICK_FLAGS
+from tests.conftest import PROJECT_ROOT, QUICK_FLAGS, by_relpath
 
 QUICK = FitConfig(rigid_iterations=3, full_iterations=3)
 
@@ -45,7 +45,7 @@ def _fit(loaded, inputs, out, config=QUICK, **options):
   options.setdefault("batch_size", 4)
   found = sources.list_sources([str(i) for i in inputs], exclude_folder=out)
   summary = engine.Engine(loaded, config, engine.EngineOptions(**options)).run(found, sink)
-  return summary, manifest.read_entries(out)
+  return summary, by_relpath(manifest.read_entries(out))
 
 
 # --- 1. names and resume --------------------------------------------------------------------
@@ -56,10 +56,10 @@ def test_names_come_from_the_path_under_the_input_root_whatever_the_order(tmp_pa
     (tmp_path / name).write_bytes(b"")
   forward = sources.list_sources([str(tmp_path / "x"), str(tmp_path / "y")], recursive=True)
   backward = sources.list_sources([str(tmp_path / "y"), str(tmp_path / "x")], recursive=True)
-  names = {str(s.path.relative_to(tmp_path)): s.name for s in forward}
-  assert names == {str(s.path.relative_to(tmp_path)): s.name for s in backward}
-  assert names["x/a.png"] == "a.png" and names["x/sub/a.jpg"] == "sub__a.jpg"
-  # x/a.jpg and y/a.jpg would both be "a.jpg": each gets its own path hash, in any order.
+  names = {str(s.path.relative_to(tmp_path.resolve())): s.name for s in forward}
+  assert names == {str(s.path.relative_to(tmp_path.resolve())): s.name for s in backward}
+  assert names["x/a.png"].startswith("a.png~") and names["x/sub/a.jpg"].startswith("a.jpg~")
+  # x/a.jpg and y/a.jpg have the same readable part and their own path hash, in any order.
   assert names["x/a.jpg"].startswith("a.jpg~") and names["y/a.jpg"].startswith("a.jpg~")
   assert names["x/a.jpg"] != names["y/a.jpg"]
   assert all("/" not in n and not n.startswith(".") for n in names.values())
@@ -71,10 +71,11 @@ def test_names_cannot_escape_the_output_folder(tmp_path):
   listing.parent.mkdir()
   listing.write_text(f"../photos/a.png\n# a comment\n\n{tmp_path}/photos/a.png\n")
   found = sources.list_sources([str(listing)])
-  assert [s.name for s in found] == ["up__photos__a.png"]  # listed twice, one source
-  assert sources.name_from_parts(["..", "..", "etc", "passwd"]) == "up__up__etc__passwd"
-  assert sources.name_from_parts([".ssh", "id"]) == "_.ssh__id"
-  long_name = sources.name_from_parts(["d" * 300 + ".jpg"])
+  assert [s.relpath for s in found] == ["../photos/a.png"]  # listed twice: one source
+  assert found[0].name.startswith("a.png~") and found[0].path == (tmp_path / "photos" / "a.png")
+  assert sources.readable_name(["..", "..", "etc", "passwd"]) == "up__up__etc__passwd"
+  assert sources.readable_name([".ssh", "id"]) == "_.ssh__id"
+  long_name = sources.source_id(tmp_path / ("d" * 300 + ".jpg"))
   assert len(long_name.encode()) <= 180 and "~" in long_name
 
 
@@ -87,8 +88,9 @@ def test_a_rerun_refits_exactly_what_changed_and_records_the_source(loaded_model
   out = tmp_path / "out"
   _, first = _fit(loaded_model, [photos], out)
   assert {n: e["status"] for n, e in first.items()} == {"a.jpg": "ok", "a.png": "ok"}
-  with np.load(out / "a.jpg.npz") as result:
+  with np.load(out / f"{first['a.jpg']['name']}.npz") as result:
     assert str(result["source"]) == str(photos / "a.jpg")
+    assert str(result["source_relpath"]) == "a.jpg"
     assert int(result["source_size"]) == (photos / "a.jpg").stat().st_size
     assert int(result["source_mtime_ns"]) == (photos / "a.jpg").stat().st_mtime_ns
   _photo(photos / "a.bmp", 0.5)
@@ -106,12 +108,16 @@ def test_a_rerun_refits_exactly_what_changed_and_records_the_source(loaded_model
   assert third["a.jpg"]["source_size"] == (photos / "a.jpg").stat().st_size
 
 
-def test_the_same_name_from_another_file_is_refitted(loaded_model, tmp_path):
+def test_the_same_file_name_in_another_folder_is_another_result(loaded_model, tmp_path):
   out = tmp_path / "out"
-  _fit(loaded_model, [_photo(tmp_path / "one" / "face.png", 0.5)], out)
-  summary, entries = _fit(loaded_model, [_photo(tmp_path / "two" / "face.png", 0.4)], out)
+  _, first = _fit(loaded_model, [_photo(tmp_path / "one" / "face.png", 0.5)], out)
+  summary, _ = _fit(loaded_model, [_photo(tmp_path / "two" / "face.png", 0.4)], out)
   assert summary["this_run"] == {"ok": 1}
-  assert entries["face.png"]["source"] == str(tmp_path / "two" / "face.png")
+  entries = list(manifest.read_entries(out).values())
+  assert sorted(e["source"] for e in entries) == [str(tmp_path / f / "face.png")
+                                                  for f in ("one", "two")]
+  assert len({e["name"] for e in entries}) == 2
+  assert first["face.png"]["source"] == str(tmp_path / "one" / "face.png")
 
 
 # --- 2, 6, 10. usage problems: exit 2 with one line, before any work ----------------------
@@ -280,7 +286,7 @@ def test_broken_links_get_an_entry_and_files_get_the_umask_mode(tmp_path, comman
   finally:
     os.umask(previous)
   assert done.returncode == 0, done.stderr
-  entries = manifest.read_entries(out)
+  entries = by_relpath(manifest.read_entries(out))
   assert entries["a.png"]["status"] == "ok"
   for name in ("gone.png", "direct.jpg"):
     assert entries[name]["status"] == "unreadable"

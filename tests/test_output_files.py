@@ -10,6 +10,7 @@ not by file name, and matched to their photos by the image size each photo is gi
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import jax.numpy as jnp
@@ -313,3 +314,5 @@ def test_demo_script_fits_the_astronaut(tmp_path):
   assert str(result["status"]) == "ok" and tuple(result["image_size"]) == (512, 512)
   assert float(result["landmark_error_relative"]) < 0.02, result["landmark_error_relative"]
   assert len(list(out.rglob("*overlay*.png"))) == 1
+  overlay = Path(done.stdout.splitlines()[-1].split("overlay: ")[1])
+  assert overlay.is_file() and overlay.name.startswith("astronaut.png~")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from absl import flags
 
+from jflame import sources
 from jflame.cli import common
 from jflame.cli import fit as fit_command
 
@@ -28,7 +29,8 @@ def main(argv):
   FLAGS.input = [str(photo)]
   FLAGS.output = str(root / "fit")
   status = fit_command.main(argv)
-  print(f"overlay: {root / 'fit' / 'astronaut.png_overlay.png'}")
+  (source,) = sources.list_sources([str(photo)])
+  print(f"overlay: {root / 'fit' / (source.name + '_overlay.png')}")
   return status
 
 

@@ -53,6 +53,9 @@ _MESHES = flags.DEFINE_bool("meshes", False, "Also write meshes/<name>.obj per f
 _OVERLAYS = flags.DEFINE_enum("overlays", "sample", ["none", "sample", "failures", "all"],
                               "Pictures of the fit: none; a sample of about 1 in 500 plus every "
                               "suspect fit; failures (suspect fits); all.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Refit every input, also those whose row was made from the same file "
+    "(each new row replaces the old one); also continues a dataset of an older jflame format.")
 _REPORT = flags.DEFINE_bool("report", True, "Write <output>/report.html at the end: status "
                             "counts, quality histograms, throughput, worst and random fits.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Split the input over this many tasks "
@@ -169,14 +172,15 @@ def main(argv) -> int:
       loaded = common.load_model()
       config = common.fit_config()
       print(f"model: {loaded.description}", flush=True)
-      options = common.engine_options(workers, landmarks_only=not config.photometric)
+      options = common.engine_options(workers, overwrite=_OVERWRITE.value,
+                                      landmarks_only=not config.photometric)
       with _progress_bar(total) as bar:
         run = _make_engine(loaded, config, options, bar.update, cache, ray_engine)
         sink = sinks.DatasetSink(
             folder, loaded.model.faces, loaded.model.name,
             sinks.dataset_settings(loaded, config, options.crop_size, run.landmark_indices),
             rows_per_shard=_ROWS_PER_SHARD.value, meshes=_MESHES.value,
-            overlays=_OVERLAYS.value)
+            overlays=_OVERLAYS.value, retire_older_format=_OVERWRITE.value)
         summary = common.run_until_interrupted(
             run, stream, sink, bar, f"every committed shard is kept in {folder}")
         if summary is None:
@@ -187,7 +191,7 @@ def main(argv) -> int:
   counts = sink.writer.status_counts()
   print(f"done: this run {summary['this_run']}; the dataset holds {counts} -> {folder}"
         + (f"; report: {page}" if page else "")
-        + (f" (compilation cache: {cache})" if cache else ""))
+        + (f" (compilation cache: {cache})" if cache else "") + common.missing_note(summary))
   return common.EXIT_OK if counts.get("ok", 0) else common.EXIT_NOTHING_FITTED
 
 

@@ -20,7 +20,7 @@ from jflame.cli.app import (EXIT_INTERRUPTED, EXIT_NOTHING_FITTED, EXIT_OK, EXIT
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NOTHING_FITTED", "EXIT_OK", "EXIT_USAGE", "run_command",
            "usage_error", "run_until_interrupted",
            "enable_compilation_cache", "engine_options",
-           "fit_config", "load_model", "quiet_logging"]
+           "fit_config", "load_model", "missing_note", "quiet_logging"]
 
 MAX_BATCH_SIZE = 4096
 
@@ -123,6 +123,15 @@ def run_until_interrupted(run, sources, sink, bar, kept: str):
     print(f"interrupted: {kept}; run the same command again to finish the rest.",
           file=sys.stderr)
     return None
+
+
+def missing_note(summary) -> str:
+  """The done line's note on results whose source file is gone ('' when none)."""
+  missing = (summary or {}).get("source_missing") or {}
+  if not missing.get("count"):
+    return ""
+  return (f"; {missing['count']} earlier result(s) whose source file is gone are kept "
+          f"(ids in run_summary.json under source_missing, e.g. {missing['ids'][0]})")
 
 
 def quiet_logging():

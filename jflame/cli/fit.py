@@ -58,7 +58,8 @@ def main(argv) -> int:
       config = common.fit_config()
       print(f"model: {loaded.description}", flush=True)
       sink = sinks.FilesSink(folder, loaded.model.faces, loaded.model.name,
-                             _MESH_FORMAT.value, _OVERLAY.value)
+                             _MESH_FORMAT.value, _OVERLAY.value,
+                             retire_older_names=_OVERWRITE.value)
       options = common.engine_options(_WORKERS.value, overwrite=_OVERWRITE.value,
                                       landmarks_only=not config.photometric)
       with tqdm(total=len(inputs), unit="image", desc="jflame-fit") as bar:
@@ -77,7 +78,8 @@ def _report(summary, folder, cache) -> int:
   entries = manifest.read_entries(folder)
   counts = manifest.count_statuses(entries.values())
   print(f"done: this run {summary['this_run']}; the folder holds {counts} -> "
-        f"{folder / manifest.SUMMARY_NAME}" + (f" (compilation cache: {cache})" if cache else ""))
+        f"{folder / manifest.SUMMARY_NAME}" + (f" (compilation cache: {cache})" if cache else "")
+        + common.missing_note(summary))
   for entry in entries.values():
     if entry["status"] != "ok":
       print(f"  {entry['name']}: {entry['status']}: {entry.get('message', '')}")
