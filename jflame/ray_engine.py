@@ -27,6 +27,8 @@ This is the only module besides jflame.cli that imports Ray (`pip install 'jflam
 
 import contextlib
 import pickle
+import signal
+import threading
 import time
 from collections import Counter
 from typing import Iterator, List, Optional, Sequence
@@ -54,8 +56,15 @@ CHUNK_SIZE = 50_000
 def connect(address: Optional[str] = None, **init_args) -> None:
   """Joins the Ray cluster at `address` ("auto", "ray://host:10001"), or starts a local one
   (None; $RAY_ADDRESS is honoured as Ray does), unless this process is connected already."""
-  if not ray.is_initialized():
-    ray.init(address=address, **init_args)
+  if ray.is_initialized():
+    return
+  # ray.init replaces the caller's SIGTERM handler with sys.exit; jflame's commands turn SIGTERM
+  # into their Ctrl-C path (rows kept, one line, exit 130), so the caller's handler stays.
+  main_thread = threading.current_thread() is threading.main_thread()
+  on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+  ray.init(address=address, **init_args)
+  if on_sigterm is not None:
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _pack(value) -> bytes:

@@ -52,15 +52,19 @@ COMPARED = dataset.FLAME_PARAMETERS + ("camera_rotation", "camera_translation",
 OBJECT_STORE = 160 * 1024 ** 2
 
 
+# Each node's memory resource holds one preprocessing task's reservation: two tasks in flight
+# cannot share a node, so Ray must place them on both (left to itself it may keep them on one).
+NODE_MEMORY = ray_engine.PREPARE_MEMORY * 3 // 2
+
+
 @pytest.fixture(scope="module")
 def cluster():
   """A local Ray cluster of two nodes of two logical CPUs each (the machine has two cores: the
   CPU counts are slots, not cores), with small object stores; its address."""
-  nodes = cluster_utils.Cluster(
-      initialize_head=True,
-      head_node_args=dict(num_cpus=2, object_store_memory=OBJECT_STORE,
-                          include_dashboard=False))
-  nodes.add_node(num_cpus=2, object_store_memory=OBJECT_STORE)
+  node = dict(num_cpus=2, memory=NODE_MEMORY, object_store_memory=OBJECT_STORE)
+  nodes = cluster_utils.Cluster(initialize_head=True,
+                                head_node_args=dict(node, include_dashboard=False))
+  nodes.add_node(**node)
   nodes.wait_for_nodes()
   ray.init(address=nodes.address, log_to_driver=False, configure_logging=False)
   yield nodes.address
@@ -164,8 +168,8 @@ def test_ray_rows_equal_the_local_engine_rows(both_runs, photos):
 
 def test_preprocessing_ran_on_both_nodes(both_runs):
   """Each prepared batch records the node its task ran on: the four batches of the Ray run
-  went to both nodes of the cluster (Ray Data spreads its tasks), and the rows (compared with
-  the local engine's above) are right."""
+  went to both nodes of the cluster, and the rows (compared with the local engine's above) are
+  right."""
   _, _, summary = both_runs
   nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
   placed = summary["ray"]["prepare_batches"]
@@ -196,56 +200,94 @@ def test_ray_resume_redoes_only_the_changed_source(both_runs, loaded_model, phot
     assert after[name]["row_uid"] == before[name]["row_uid"], name
 
 
-# Runs jflame-annotate with one change: after the first write that commits a shard, the writer
-# thread stops for good. The run cannot finish before the test kills it, however loaded the
-# machine: the kill always lands with a shard committed and work in flight.
-STOP_AFTER_FIRST_SHARD = """
-import sys, threading
-from jflame import sinks
-write = sinks.DatasetSink.write
-def write_then_stop(self, images):
+# Runs jflame-annotate with one change: once a write of this run has committed a shard, the
+# writer thread waits until the run ends (an interrupt: Engine.run's finally finishes the
+# writer) or the process is killed. The run cannot finish before the test's signal, however
+# loaded the machine, and the signal always lands with a shard committed and work in flight.
+HOLD_AFTER_FIRST_SHARD = """
+import faulthandler, signal, threading
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does
+from jflame import engine, sinks
+release, shards_before = threading.Event(), []
+write, finish = sinks.DatasetSink.write, engine._Writer.finish
+def write_then_hold(self, images):
+  if not shards_before:
+    shards_before.append(len(self.writer.shard_names()))
   write(self, images)
-  if self.writer.shard_names():
-    threading.Event().wait()
-sinks.DatasetSink.write = write_then_stop
+  if len(self.writer.shard_names()) > shards_before[0]:
+    release.wait()
+def release_then_finish(self):
+  release.set()
+  finish(self)
+sinks.DatasetSink.write, engine._Writer.finish = write_then_hold, release_then_finish
 from jflame.cli import annotate
 annotate.run()
 """
 
 
-def test_killed_ray_run_resumes_to_one_row_per_input(cluster, both_runs, photos, tmp_path):
-  """SIGKILL of the command after its first committed shard, then the same command again: one
-  row per input, the rows committed before the kill kept (not refitted), and the rows of the
-  local engine."""
-  output = tmp_path / "out"
-  args = [f"--input={photos}", f"--output={output}", "--engine=ray",
-          f"--ray_address={cluster}", "--batch_size=2", "--rows_per_shard=2", "--overlays=none",
-          "--noreport", "--nocompilation_cache", *FLAGS]
-  env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
-  process = subprocess.Popen([sys.executable, "-c", STOP_AFTER_FIRST_SHARD, *args],
+def _shard_count(output):
+  return len(dataset.read_index(output)["shards"]) if (output / "index.json").is_file() else 0
+
+
+def _signal_after_a_new_shard(args, env, output, signum):
+  """Runs the held command, sends `signum` once it has committed a shard; (exit code, stderr)."""
+  before = _shard_count(output)
+  process = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_SHARD, *args],
                              cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.monotonic() + 300
-    while process.poll() is None and time.monotonic() < deadline:
-      if (output / "index.json").is_file() and dataset.read_index(output)["shards"]:
-        break
+    while (process.poll() is None and time.monotonic() < deadline
+           and _shard_count(output) == before):
       time.sleep(0.05)
     assert process.poll() is None, process.stderr.read()[-3000:]
+    process.send_signal(signum)
+    try:
+      _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      process.send_signal(signal.SIGUSR1)
+      time.sleep(3)
+      process.kill()
+      pytest.fail(f"no exit 120 s after signal {signum}:\n{process.communicate()[1][-6000:]}")
   finally:
-    process.send_signal(signal.SIGKILL)
+    process.kill()
     process.wait()
+  return process.returncode, stderr
+
+
+def test_interrupted_and_killed_ray_runs_resume_to_one_row_per_input(cluster, both_runs, photos,
+                                                                    tmp_path, command_env):
+  """On the cluster (--ray_address): SIGTERM after the first committed shard ends the command
+  as Ctrl-C does (exit 130, one line, the rows kept); SIGKILL after the next shard loses only
+  uncommitted rows; the same command again leaves one row per input, keeps every row committed
+  before (not refitted), and the rows are the local engine's."""
+  output = tmp_path / "out"
+  args = [f"--input={photos}", f"--output={output}", "--engine=ray",
+          f"--ray_address={cluster}", "--batch_size=2", "--rows_per_shard=2", "--overlays=none",
+          "--noreport", *FLAGS]
+
+  code, stderr = _signal_after_a_new_shard(args, command_env, output, signal.SIGTERM)
+  assert code == 130 and "interrupted:" in stderr and "Traceback" not in stderr, stderr[-3000:]
+  summary = json.loads((output / "run_summary.json").read_text())
+  assert summary["interrupted"] == "KeyboardInterrupt" and summary["engine"] == "ray"
   kept = _rows(output)
-  assert len(kept) == 2, sorted(kept)  # the one committed shard; the rest was lost
-  assert not any((output / "shards").glob("*tmp*"))
+  assert len(kept) >= 2 and sum(summary["this_run"].values()) == len(kept)
+
+  code, _ = _signal_after_a_new_shard(args, command_env, output, signal.SIGKILL)
+  assert code == -signal.SIGKILL
+  ids = dataset.open(output).to_table(columns=["id"]).column("id").to_pylist()
+  assert len(ids) == len(set(ids)) > len(kept)  # every committed shard reads, no id twice
+  kept = _rows(output)
 
   done = subprocess.run([sys.executable, "-m", "jflame.cli.annotate", *args], cwd=PROJECT_ROOT,
-                        env=env, capture_output=True, text=True, timeout=600)
+                        env=command_env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   summary = json.loads((output / "run_summary.json").read_text())
-  assert summary["engine"] == "ray" and summary["this_run"]["skipped"] == 2
+  assert summary["this_run"]["skipped"] == len(kept)
   ids = dataset.open(output).to_table(columns=["id"]).column("id").to_pylist()
   assert sorted(ids) == sorted(path.name for path in photos.iterdir())  # one row each
+  listed = {shard["name"] for shard in dataset.read_index(output)["shards"]}
+  assert {path.name for path in (output / "shards").iterdir()} == listed  # no torn leftovers
   rows = _rows(output)
   for name, row in kept.items():
     assert rows[name]["row_uid"] == row["row_uid"], name
