@@ -34,6 +34,7 @@ from collections import Counter
 from typing import Iterator, List, Optional, Sequence
 
 import ray
+from absl import logging
 
 from jflame import engine, runner
 from jflame.config import FitConfig
@@ -151,6 +152,21 @@ def fit_resources(fit_actors: Optional[int] = None):
 
 # --- the driver --------------------------------------------------------------------------------
 
+# The longest an interrupted run waits for Ray Data to stop a chunk's tasks and actors before it
+# goes on to commit its rows and exit (Ray ends what is left when the driver disconnects).
+CLOSE_SECONDS = 30.0
+
+
+def _close_within(generator, seconds: float) -> None:
+  """Closes `generator` (a suspended one: its cleanup stops the Ray execution), waiting at most
+  `seconds`: an interrupt must reach the writer's commit however Ray's shutdown goes."""
+  closer = threading.Thread(target=generator.close, name="jflame-ray-close", daemon=True)
+  closer.start()
+  closer.join(seconds)
+  if closer.is_alive():
+    logging.warning("Ray Data did not stop within %.0f s; going on without waiting.", seconds)
+
+
 class RayEngine(Engine):
   """`Engine` whose prepare and fit stages run on Ray Data; `run(sources, sink)` as the local
   one (the driver skips, counts, writes and summarises). Connect first (`connect`).
@@ -231,7 +247,7 @@ class RayEngine(Engine):
         for images in fitted:
           writer.put(images)
       finally:
-        fitted.close()
+        _close_within(fitted, CLOSE_SECONDS)
 
   def _summary(self, started_at, interrupted) -> dict:
     summary = super()._summary(started_at, interrupted)
