@@ -252,6 +252,13 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
     yield batch
 
 
+def preprocessor_of(options: EngineOptions, workers: Optional[int] = None) -> Preprocessor:
+  """The Preprocessor of a run with `options` (with `workers` instead of options.workers): the
+  local pipeline's, and each Ray preprocessing process's, so both make the same records."""
+  return Preprocessor(options.crop_size, workers=options.workers if workers is None else workers,
+                      landmarks_only=options.landmarks_only)
+
+
 class Engine:
   """Fits runs of sources: `run(sources, sink)` fits what the sink does not hold yet and
   returns the summary. Building one loads the device-side model and the optional encoders.
@@ -423,8 +430,7 @@ class Engine:
     if first is None:
       return  # nothing to do: no workers started, nothing compiled
     todo_batches = itertools.chain([first], todo_batches)
-    with Preprocessor(options.crop_size, workers=options.workers,
-                      landmarks_only=options.landmarks_only) as preprocessor:
+    with preprocessor_of(options) as preprocessor:
       pending = []  # (sources, record iterator), oldest first, at most prefetch + 1
 
       def submit():

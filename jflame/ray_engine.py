@@ -2,7 +2,7 @@
 cluster's CPUs, the fits in accelerator actors, the writing where the local engine writes.
 
     driver:  sources (streamed) ──► skip what the sink holds (the local engine's rules)
-    cluster: ray.data.from_items(paths, names)          a chunk of the todo list, one row
+    cluster: ray.data.from_items(sources)               a chunk of the todo list, one row
                                                           (and block) per fit batch
                ──► map(prepare_fit_batch)                CPU tasks, one per fit batch
                ──► map(FitActor)                         actors, one per GPU (else one on a
@@ -25,17 +25,21 @@ encoder files are looked up on each actor's node.
 This is the only module besides jflame.cli that imports Ray (`pip install 'jflame[ray]'`).
 """
 
+import contextlib
 import pickle
+import signal
+import threading
 import time
-from pathlib import Path
+from collections import Counter
 from typing import Iterator, List, Optional, Sequence
 
 import ray
+from absl import logging
 
 from jflame import engine, runner
 from jflame.config import FitConfig
 from jflame.engine import Engine, EngineOptions, FittedImage
-from jflame.preprocess import AnalyzerOptions, FaceAnalyzer, prepare_image
+from jflame.preprocess import AnalyzerOptions, Preprocessor
 from jflame.preprocess.mediapipe_face import check_landmarker_task_path
 from jflame.sources import Source
 
@@ -53,44 +57,52 @@ CHUNK_SIZE = 50_000
 def connect(address: Optional[str] = None, **init_args) -> None:
   """Joins the Ray cluster at `address` ("auto", "ray://host:10001"), or starts a local one
   (None; $RAY_ADDRESS is honoured as Ray does), unless this process is connected already."""
-  if not ray.is_initialized():
-    ray.init(address=address, **init_args)
+  if ray.is_initialized():
+    return
+  # ray.init replaces the caller's SIGTERM handler with sys.exit; jflame's commands turn SIGTERM
+  # into their Ctrl-C path (rows kept, one line, exit 130), so the caller's handler stays.
+  main_thread = threading.current_thread() is threading.main_thread()
+  on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+  ray.init(address=address, **init_args)
+  if on_sigterm is not None:
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def _pack(items: Sequence) -> bytes:
-  """Records (dataclasses of arrays) as one pickle: Arrow holds bytes as they are, where a
-  column of objects makes Ray Data try an Arrow conversion first, fail and warn."""
-  return pickle.dumps(list(items), protocol=pickle.HIGHEST_PROTOCOL)
+def _pack(value) -> bytes:
+  """Sources, records, fitted images, a batch's report (dataclasses of arrays, dicts) as one
+  pickle: Arrow holds bytes as they are, where a column of objects makes Ray Data try an Arrow
+  conversion first, fail and warn. Sources travel whole, whatever fields they have."""
+  return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _sources(row: dict) -> List[Source]:
-  return [Source(Path(str(path)), str(name)) for path, name in zip(row["paths"], row["names"])]
+def _node_id() -> str:
+  return ray.get_runtime_context().get_node_id()
 
 
 # --- prepare: CPU tasks ------------------------------------------------------------------------
 
-# One FaceAnalyzer per Ray worker process, shared by every task that process runs (building one
-# takes about a second).
-_analyzer: Optional[FaceAnalyzer] = None
+# One Preprocessor per Ray worker process and settings, shared by every task that process runs
+# (building its FaceAnalyzer takes about a second).
+_preprocessors: dict = {}
 
 
-def _process_analyzer() -> FaceAnalyzer:
-  global _analyzer
-  if _analyzer is None:
-    _analyzer = FaceAnalyzer(AnalyzerOptions())
-  return _analyzer
+def _process_preprocessor(options: EngineOptions) -> Preprocessor:
+  key = (options.crop_size, options.landmarks_only)
+  if key not in _preprocessors:
+    _preprocessors[key] = engine.preprocessor_of(options, workers=1)
+  return _preprocessors[key]
 
 
-def prepare_fit_batch(row: dict, crop_size: int) -> dict:
-  """Ray Data stage: one fit batch {paths, names} -> the same plus `records` (its
-  PreparedImages, made as the local engine's Preprocessor makes them: the same defaults) and
-  `prepare_s`."""
-  analyzer = _process_analyzer()
+def prepare_fit_batch(row: dict, options: EngineOptions) -> dict:
+  """Ray Data stage: one fit batch {sources} -> the same plus `records` (its PreparedImages,
+  made by the local engine's Preprocessor settings) and `report` (seconds taken, node)."""
+  preprocessor = _process_preprocessor(options)
+  batch: List[Source] = pickle.loads(row["sources"])
   start = time.perf_counter()
-  records = [prepare_image(source.path, analyzer, crop_size, name=source.name)
-             for source in _sources(row)]
-  return dict(paths=row["paths"], names=row["names"], records=_pack(records),
-              prepare_s=time.perf_counter() - start)
+  records = preprocessor.prepare([source.path for source in batch],
+                                 [source.name for source in batch])
+  report = dict(prepare_s=time.perf_counter() - start, prepare_node=_node_id())
+  return dict(sources=row["sources"], records=_pack(records), report=_pack(report))
 
 
 # --- fit: accelerator actors -------------------------------------------------------------------
@@ -98,6 +110,9 @@ def prepare_fit_batch(row: dict, crop_size: int) -> dict:
 class FitActor:
   """Ray Data stage (a callable class, so an actor pool): builds the device side once, as the
   local engine does, then fits one batch (one row) per call.
+
+  Each actor is an `Engine` of its own, so its first batch compiles and has fit_ms None, as the
+  first batch of a local run has; the driver adds up the actors' timings from `report`.
 
   Args:
     model: [ObjectRef of the driver's LoadedModel] (in a list, so Ray hands over the reference
@@ -114,10 +129,16 @@ class FitActor:
     self.engine = Engine(ray.get(model[0]), config, options)
 
   def __call__(self, row: dict) -> dict:
-    images = self.engine.fit_batch(_sources(row), pickle.loads(row["records"]))
+    timings = self.engine.timings
+    fit_s, compiled_before = timings["fit_s"], timings["first_fit_s"] is not None
+    images = self.engine.fit_batch(pickle.loads(row["sources"]), pickle.loads(row["records"]))
     for image in images:
       image.result = None  # no sink reads it; the entry and arrays hold what it writes
-    return dict(images=_pack(images), prepare_s=row["prepare_s"])
+    report = pickle.loads(row["report"])
+    report.update(fit_s=timings["fit_s"] - fit_s, fit_node=_node_id(),
+                  first_fit_s=None if compiled_before else timings["first_fit_s"],
+                  buckets=sorted(self.engine.buckets_used))
+    return dict(images=_pack(images), report=_pack(report))
 
 
 def fit_resources(fit_actors: Optional[int] = None):
@@ -131,9 +152,29 @@ def fit_resources(fit_actors: Optional[int] = None):
 
 # --- the driver --------------------------------------------------------------------------------
 
+# The longest an interrupted run waits for Ray Data to stop a chunk's tasks and actors before it
+# goes on to commit its rows and exit (Ray ends what is left when the driver disconnects).
+CLOSE_SECONDS = 30.0
+
+
+def _close_within(generator, seconds: float) -> None:
+  """Closes `generator` (a suspended one: its cleanup stops the Ray execution), waiting at most
+  `seconds`: an interrupt must reach the writer's commit however Ray's shutdown goes."""
+  closer = threading.Thread(target=generator.close, name="jflame-ray-close", daemon=True)
+  closer.start()
+  closer.join(seconds)
+  if closer.is_alive():
+    logging.warning("Ray Data did not stop within %.0f s; going on without waiting.", seconds)
+
+
 class RayEngine(Engine):
   """`Engine` whose prepare and fit stages run on Ray Data; `run(sources, sink)` as the local
   one (the driver skips, counts, writes and summarises). Connect first (`connect`).
+
+  Timings in the summary add up the cluster's work: `preprocess_s` is the preprocessing tasks'
+  seconds (over all nodes, not the driver's wait), `fit_s` the actors' fits after their first
+  batch, `first_fit_s` the first compile-including batch to arrive (each actor compiles once);
+  `ray` says where the batches ran.
 
   Args:
     loaded, config, options, progress: as for `Engine` (options.workers is not used: Ray
@@ -157,6 +198,7 @@ class RayEngine(Engine):
     self.context = dict(landmark_indices=runner.fitted_landmark_indices(self.loaded,
                                                                         self.config))
     self._model_ref = None
+    self._where = dict(prepare=Counter(), fit=Counter(), compiles=0)
 
   def dataset_of(self, chunk: List[Source]):
     """The Ray dataset of one chunk: a row per fit batch, prepared by a CPU task, fitted by an
@@ -164,13 +206,11 @@ class RayEngine(Engine):
     options = self.options
     # The local engine's batches (consecutive todo items): the same buckets, the same
     # compiled programs, the same numbers. A block each, so the tasks spread.
-    items = [dict(paths=[str(source.path) for source in batch],
-                  names=[source.name for source in batch])
-             for batch in engine.batches(chunk, options.batch_size)]
+    items = [dict(sources=_pack(batch)) for batch in engine.batches(chunk, options.batch_size)]
     data = ray.data.from_items(items, override_num_blocks=len(items))
     data.context.enable_progress_bars = False  # the command's own bar counts the images
     data = data.map(prepare_fit_batch, num_cpus=1, memory=PREPARE_MEMORY,
-                    fn_kwargs=dict(crop_size=options.crop_size))
+                    fn_kwargs=dict(options=options))
     resources, actors = fit_resources(self.fit_actors)
     if self._model_ref is None:
       self._model_ref = ray.put(self.loaded)
@@ -179,21 +219,46 @@ class RayEngine(Engine):
         fn_constructor_args=([self._model_ref], self.config, options, self.compilation_cache),
         **resources)
 
+  def _settled(self, report: dict):
+    """Adds one fitted batch's report to the run's timings and placement counts."""
+    self.timings["preprocess_s"] += report["prepare_s"]
+    self.timings["fit_s"] += report["fit_s"]
+    if report["first_fit_s"] is not None:
+      self._where["compiles"] += 1
+      if self.timings["first_fit_s"] is None:
+        self.timings["first_fit_s"] = report["first_fit_s"]
+    self.buckets_used.update(report["buckets"])
+    self._where["prepare"][report["prepare_node"]] += 1
+    self._where["fit"][report["fit_node"]] += 1
+
   def _fitted(self, chunk: List[Source]) -> Iterator[List[FittedImage]]:
-    for row in self.dataset_of(chunk).iter_rows():
-      images = pickle.loads(row["images"])
-      self.timings["preprocess_s"] += float(row["prepare_s"])
-      self.timings["fit_s"] += sum(image.entry.get("fit_ms", 0.0) for image in images) / 1000
-      yield images
+    # Closed on the way out (an interrupt, a writer error): Ray Data then stops the chunk's
+    # tasks and actors instead of running on behind a driver that no longer reads.
+    with contextlib.closing(iter(self.dataset_of(chunk).iter_rows())) as rows:
+      for row in rows:
+        self._settled(pickle.loads(row["report"]))
+        yield pickle.loads(row["images"])
 
   def _pipeline(self, todo: Iterator[Source], writer):
+    self._where = dict(prepare=Counter(), fit=Counter(), compiles=0)
     for chunk in engine.batches(todo, self.chunk_size):
-      for images in self._fitted(chunk):
-        writer.put(images)
+      fitted = self._fitted(chunk)
+      try:
+        for images in fitted:
+          writer.put(images)
+      finally:
+        _close_within(fitted, CLOSE_SECONDS)
 
   def _summary(self, started_at, interrupted) -> dict:
     summary = super()._summary(started_at, interrupted)
     resources = ray.cluster_resources()
-    summary.update(engine="ray", device=(f"ray cluster: {int(resources.get('CPU', 0))} CPUs, "
-                                         f"{int(resources.get('GPU', 0))} GPUs"))
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    summary.update(
+        engine="ray",
+        device=(f"ray cluster: {nodes} nodes, {int(resources.get('CPU', 0))} CPUs, "
+                f"{int(resources.get('GPU', 0))} GPUs"),
+        # Batches per node id: where the preprocessing and the fits ran; compiles: the actors
+        # whose first batch (a compile) fell in this run.
+        ray=dict(nodes=nodes, prepare_batches=dict(self._where["prepare"]),
+                 fit_batches=dict(self._where["fit"]), compiles=self._where["compiles"]))
     return summary

@@ -2,6 +2,7 @@
 
   python tools/bench_annotate.py [--images 512] [--workers 2] [--batch_size 64]
                                  [--resume_rows 10000] [--json_out FILE]
+  python tools/bench_annotate.py --compare_ray [--rounds 2] [--images 128]   # needs the ray extra
 
 Makes a dataset of copies of ../shared/assets/photos (half JPEG quality 90, half PNG, each copy
 shifted a little so no two files are equal; skimage's astronaut when the shared photos are
@@ -17,6 +18,11 @@ missing), then measures:
 * per stage: the engine's own timings (fit and write seconds per image);
 * resume: the seconds a rerun needs to decide that a finished --resume_rows dataset has nothing
   left to do (rows are written directly through the store, then the real command is timed).
+
+With --compare_ray it measures instead the local engine against `--engine=ray` on a Ray started
+by the command on this machine: each engine warmed up once (compiles into the cache), then
+--rounds rounds of local, ray interleaved (a loaded machine slows both alike), whole-command and
+steady-state rates and their ratios.
 """
 
 import json
@@ -39,6 +45,9 @@ _WORKERS = flags.DEFINE_integer("workers", 2, "Preprocessing processes.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Fit batch size.")
 _RESUME_ROWS = flags.DEFINE_integer("resume_rows", 10_000, "Rows of the resume check.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write results as JSON here.")
+_COMPARE_RAY = flags.DEFINE_bool("compare_ray", False, "Local engine against --engine=ray, "
+                                 "interleaved, instead of the measures above.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "With --compare_ray: rounds of local, ray.")
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "assets" / "photos"
@@ -65,7 +74,7 @@ def run_annotate(inputs: Path, output: Path, extra=()) -> float:
                          "--output", str(output), "--workers", str(_WORKERS.value),
                          "--batch_size", str(_BATCH.value), "--overlays", "none", "--noreport",
                          *extra], cwd=ROOT, capture_output=True, text=True,
-                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                        env=dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="local"))
   if done.returncode not in (0, 1):  # 1: nothing fitted, as in the resume check's dataset
     raise RuntimeError(done.stderr[-2000:])
   return time.perf_counter() - start
@@ -111,12 +120,48 @@ def resume_check(folder: Path, rows: int) -> float:
   return run_annotate(inputs, folder / "out")
 
 
+def compare_ray(scratch: Path) -> dict:
+  """Local and Ray engine runs of the same dataset, interleaved; rates per run and the ratios
+  ray / local of their medians."""
+  engines = dict(local=[], ray=["--engine", "ray"])
+  for name, extra in engines.items():  # warm-up: compile into the cache
+    run_annotate(scratch / "data", scratch / f"warm_{name}", extra)
+  runs = {name: [] for name in engines}
+  for round_index in range(_ROUNDS.value):
+    for name, extra in engines.items():
+      output = scratch / f"{name}_{round_index}"
+      seconds = run_annotate(scratch / "data", output, extra)
+      summary = json.loads((output / "run_summary.json").read_text())
+      timings = summary["timings"]
+      runs[name].append(dict(
+          command_images_per_s=_IMAGES.value / seconds, command_s=seconds,
+          engine_images_per_s=_IMAGES.value / timings["wall_s"],
+          steady_images_per_s=timings["steady_images"] / timings["steady_s"],
+          counts=summary["counts"], device=summary["device"]))
+      print(name, json.dumps(runs[name][-1]), flush=True)
+  medians = {name: {key: float(np.median([run[key] for run in rows]))
+                    for key in ("command_images_per_s", "engine_images_per_s",
+                                "steady_images_per_s")}
+             for name, rows in runs.items()}
+  return dict(device=benchmarking.device_description(), images=_IMAGES.value,
+              workers=_WORKERS.value, batch_size=_BATCH.value, rounds=_ROUNDS.value, runs=runs,
+              medians=medians,
+              ray_over_local={key: medians["ray"][key] / medians["local"][key]
+                              for key in medians["local"]})
+
+
 def main(argv):
   del argv
   scratch = Path(tempfile.mkdtemp(prefix="bench_annotate_"))
   try:
     (scratch / "data").mkdir()
     paths = make_dataset(scratch / "data", _IMAGES.value)
+    if _COMPARE_RAY.value:
+      result = compare_ray(scratch)
+      print(json.dumps(result, indent=2))
+      if _JSON_OUT.value:
+        Path(_JSON_OUT.value).write_text(json.dumps(result, indent=2) + "\n")
+      return
     # A first run into another folder compiles the batch buckets (kept in the compilation cache).
     run_annotate(scratch / "data", scratch / "warm")
     seconds = run_annotate(scratch / "data", scratch / "out")
