@@ -108,6 +108,19 @@ def _read_rows(folder: Path) -> pa.Table:
   return rows.to_table(columns=names).combine_chunks()
 
 
+def all_parts_finished(folder) -> bool:
+  """Whether `folder` holds every part of a split run (part-<i>-of-<N>, N of them) and the
+  latest run of each finished without an interrupt (its run_summary.json says so)."""
+  parts = dataset.dataset_folders(folder)
+  counts = {re.fullmatch(r"part-\d+-of-(\d+)", part.name) for part in parts}
+  if not parts or None in counts or len({int(m.group(1)) for m in counts}) != 1:
+    return False
+  expected = int(next(iter(counts)).group(1))
+  summaries = [_read_summary(part) for part in parts]
+  return len(parts) == expected and all(
+      summary is not None and not summary.get("interrupted") for summary in summaries)
+
+
 def _read_summary(folder: Path) -> Optional[dict]:
   path = folder / SUMMARY_NAME
   try:
@@ -141,11 +154,11 @@ _FILE_EXTENSIONS = "png|jpe?g|webp|bmp|tiff?|gif|heic|heif|avif|jp2|pgm|ppm|pbm|
 # then any word ending in a file extension; a path's trailing punctuation stays in the message.
 _PATH_PATTERNS = (
     re.compile(r"""(?<![^\s'"(=])(?:~|[A-Za-z]:)?[/\\][^\s'"]*[^\s'":,.;)\]]"""),
-    re.compile(rf"""[^\s'"()\[\]]*\.(?:{_FILE_EXTENSIONS})(?![\w])""", re.IGNORECASE))
+    re.compile(rf"""[^\s'"()\[\]]+\.(?:{_FILE_EXTENSIONS})(?![\w])""", re.IGNORECASE))
 # Numbers that differ from image to image in jflame's messages: a face box, a file's bytes,
 # a pixel count.
 _NUMBER_PATTERNS = ((re.compile(r"\[[-\d.,\s]+\]"), "[…]"),
-                    (re.compile(r"\b\d+ bytes\b"), "… bytes"),
+                    (re.compile(r"\b[1-9]\d* bytes\b"), "… bytes"),
                     (re.compile(r"\b\d{5,}\b"), "…"))
 
 

@@ -1,8 +1,14 @@
-"""report.html: counts that match the table, the worst fits in order, escaped data, embedded
-thumbnails, nothing fetched from the network, and pages for empty, tiny and large datasets."""
+"""report.html: counts that match the table, the worst fits in order among all rows, pictures
+drawn at report time (capped in size, a tile that says why when a source is gone), failure
+messages grouped without their paths, split runs reported whole, escaped data, nothing fetched
+from the network, and pages for empty, tiny and large datasets; jflame-report, the command."""
 
+import ast
 import base64
+import json
 import re
+import subprocess
+import sys
 import time
 
 import cv2
@@ -11,6 +17,8 @@ import pyarrow.compute as pc
 import pytest
 
 from jflame import dataset, report
+from jflame.manifest import SUMMARY_NAME
+from tests.conftest import PROJECT_ROOT
 
 SETTINGS = {"model": "test model", "mode": "landmark"}
 SCRIPT_ID = '<script>alert("x")</script>.png'
@@ -83,17 +91,20 @@ def test_counts_match_the_table(folder):
   assert "no face found" in status and "cannot decode &lt;b&gt;image&lt;/b&gt;" in status
 
 
-def test_worst_fits_are_the_highest_errors_with_a_picture_in_order(folder):
-  page = report.write_report(folder).read_text()
-  worst = _gallery_ids(_section(page, "<h3>Worst fits", "<h3>Random fits"))
-  # 'worst_no_picture' has no files and 'mesh_only' only a mesh: not in the gallery.
-  assert worst == ['&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;.png', "b.png",
-                   "gone.png", "a.png"]
-  assert "picture missing" in page  # gone.png's file was never written
-  # Two of them a gallery of two shows, the others none: nothing left for the random sample.
-  two = report.write_report(folder, gallery_size=2).read_text()
-  assert len(_gallery_ids(_section(two, "<h3>Worst fits", "<h3>Random fits"))) == 2
-  assert len(_gallery_ids(two[two.index("<h3>Random fits"):])) == 2
+def test_worst_fits_are_the_highest_errors_of_all_rows_in_order(folder):
+  """Chosen among all fitted rows, not only those with a stored picture (the user's 3,000
+  photos showed 0.75-1.37% while the real worst were 2.8-3.9%)."""
+  page = report.write_report(folder, gallery_size=3).read_text()
+  worst = _gallery_ids(_section(page, "<h3>Worst fits", "<h3>Other suspect"))
+  assert worst == ["worst_no_picture.png", "mesh_only.png",
+                   "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;.png"]
+  # b.png is suspect but not among the three worst: it is in the next gallery.
+  suspect = _gallery_ids(_section(page, "<h3>Other suspect", "<h3>Random fits"))
+  assert suspect == ["b.png"]
+  sample = _gallery_ids(page[page.index("<h3>Random fits"):])
+  assert sorted(sample) == ["a.png", "c.png", "gone.png"]  # the other fitted rows
+  # Without a drawing function: the stored picture where there is one, else a tile that says so.
+  assert "no picture kept (jflame-report draws one)" in page and "picture missing" in page
 
 
 def test_data_is_escaped_and_the_page_is_self_contained(folder):
@@ -126,7 +137,7 @@ def test_only_failures_and_no_pictures(tmp_path):
   _write(tmp_path, [_row(f"x{i}.png", "no_face", message="no face found") for i in range(4)])
   page = report.write_report(tmp_path).read_text()
   assert "Landmark error: no fitted rows." in page
-  assert "No fitted rows with pictures." in page and "No rows with pictures." in page
+  assert page.count("No fitted rows.") == 2 and "No other suspect fits." in page
   assert '>no_face</b></td><td class="n">4</td>' in page
 
 
@@ -134,7 +145,7 @@ def test_one_row(tmp_path):
   _write(tmp_path, [_row("only.png", error=0.02, files=[_picture(tmp_path, "only.png")])])
   page = report.write_report(tmp_path).read_text()
   assert "one shard commit" in page
-  assert _gallery_ids(_section(page, "<h3>Worst fits", "<h3>Random fits")) == ["only.png"]
+  assert _gallery_ids(_section(page, "<h3>Worst fits", "<h3>Other suspect")) == ["only.png"]
 
 
 def test_throughput_spreads_each_shard_over_its_interval():
@@ -166,9 +177,9 @@ def test_hundred_thousand_rows_take_seconds(tmp_path):
   elapsed = time.perf_counter() - started
   assert elapsed < 15, elapsed  # a few column reads; generous for a busy machine
   assert '>ok</b></td><td class="n">99,999</td>' in page
-  worst = _gallery_ids(_section(page, "<h3>Worst fits", "<h3>Random fits"))
-  with_pictures = np.arange(0, 100_000, 500)
-  expected = with_pictures[np.argsort(-errors[with_pictures], kind="stable")][:12]
+  worst = _gallery_ids(_section(page, "<h3>Worst fits", "<h3>Other suspect"))
+  fitted = np.delete(np.arange(100_000), 7)
+  expected = fitted[np.argsort(-errors[fitted], kind="stable")][:12]
   assert worst == [f"img{i:06d}.jpg" for i in expected]
   assert len(page) < 2_000_000  # thumbnails only for the galleries
 
@@ -184,3 +195,160 @@ def test_progress_total_is_counted_for_folders_never_for_list_files(tmp_path):
   assert sources.cheap_count(folder_inputs, sources.iter_sources(folder_inputs)) == 2
   assert sources.cheap_count([str(listing)], iter([1, 2])) is None
   assert sources.cheap_count(["x"], iter(range(10_000)), seconds=0.0) is None  # too slow
+
+
+# --- pictures drawn for the page -----------------------------------------------------------
+
+def test_drawn_pictures_are_capped_linked_and_say_why_when_missing(folder):
+  """`draw` makes the picture of every row shown (and no other); a too large picture is
+  downscaled to 2048 pixels; a row that cannot be drawn gets a tile that says why; pictures of
+  an earlier page that this one does not show are removed."""
+  stale = folder / report.PICTURE_FOLDER / "0123456789abcdef.jpg"
+  stale.parent.mkdir()
+  stale.write_bytes(b"an earlier page's picture")
+  drawn = []
+
+  def draw(row):
+    drawn.append(row["id"])
+    assert "shape" in row and "source_path" in row  # all the row's columns
+    if row["id"] == "gone.png":
+      raise report.NoPicture("source gone or unreadable: /x/gone.png: file does not exist.")
+    if row["id"] == "c.png":
+      raise RuntimeError("something <odd>")
+    return np.full((3000, 5000, 3), (30, 200, 90), np.uint8)
+
+  page = report.write_report(folder, gallery_size=3, draw=draw).read_text()
+  shown = _gallery_ids(page[page.index("<h3>Worst fits"):])
+  assert sorted(drawn) == sorted(report.html.unescape(name) for name in shown)
+  assert len(drawn) == 7  # 3 worst, 1 other suspect, the 3 other fitted rows
+  assert "source gone or unreadable: /x/gone.png: file does not exist." in page
+  assert "not drawn: something &lt;odd&gt;" in page
+  links = re.findall(r'<a href="([^"]+)"><img src="data:image/jpeg;base64,', page)
+  assert len(links) == 5 and all(link.startswith(f"{report.PICTURE_FOLDER}/") for link in links)
+  written = sorted(p.name for p in (folder / report.PICTURE_FOLDER).iterdir())
+  assert written == sorted(link.split("/")[1] for link in links)  # the stale one is gone
+  for link in links:
+    picture = cv2.imread(str(folder / link))
+    assert picture.shape == (1229, 2048, 3)  # 5000 x 3000 at 2048 / 5000
+    assert np.allclose(picture[600, 1000], (90, 200, 30), atol=3)  # BGR on disk
+  # The same page again writes the same pictures (named by the row, not by chance).
+  again = report.write_report(folder, gallery_size=3, draw=draw).read_text()
+  assert re.findall(r'<a href="([^"]+)">', again) == re.findall(r'<a href="([^"]+)">', page)
+
+
+def test_the_report_module_needs_no_model_or_device_code():
+  """report.py is in the files layer: the drawing that needs the model is handed to it."""
+  tree = ast.parse((PROJECT_ROOT / "jflame" / "report.py").read_text())
+  names = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+           for alias in node.names]
+  names += [f"{node.module}.{alias.name}" for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) for alias in node.names]
+  forbidden = ("jax", "jflame.flame", "jflame.camera", "jflame.fit", "jflame.runner",
+               "jflame.render", "jflame.output", "jflame.row_pictures", "jflame.engine")
+  assert not [n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden)]
+
+
+# --- messages, split runs, sources gone ------------------------------------------------------
+
+def test_messages_group_without_their_paths_and_image_numbers():
+  # Messages as jflame writes them (jflame/preprocess: image_io and pipeline), two images each.
+  cases = [
+      ("{p}: file does not exist.", "<path>: file does not exist."),
+      ("{p}: file is empty (0 bytes); re-copy or re-export the image.",
+       "<path>: file is empty (0 bytes); re-copy or re-export the image."),
+      ("{p}: not an image file that can be decoded ({n} bytes, format not recognised); "
+       "supported: .jpg, .png.",
+       "<path>: not an image file that can be decoded (… bytes, format not recognised); "
+       "supported: .jpg, .png."),
+      ("{p}: broken symbolic link (to ../moved/{n}.jpg, which does not exist, or a link loop).",
+       "<path>: broken symbolic link (to <path>, which does not exist, or a link loop)."),
+      ("{p}: could not read the file ([Errno 13] Permission denied: '{p}').",
+       "<path>: could not read the file ([Errno 13] Permission denied: '<path>')."),
+      ("{p}: 1 face(s) detected, but the face mesh found no landmarks on the largest one "
+       "(box [{n}, 40, 300, 310]).",
+       "<path>: 1 face(s) detected, but the face mesh found no landmarks on the largest one "
+       "(box […])."),
+      ("{p}: the MediaPipe face detectors found no face (confidence >= 0.5; the smallest faces "
+       "it finds are about 1/14 of the photo's longer side, 1/50 in photos over 2048 pixels).",
+       "<path>: the MediaPipe face detectors found no face (confidence >= 0.5; the smallest "
+       "faces it finds are about 1/14 of the photo's longer side, 1/50 in photos over 2048 "
+       "pixels)."),
+  ]
+  paths = ["/data/summer 2024/IMG_0001.JPG", "relative/dir/b.jpeg", r"C:\photos\c.png"]
+  for template, expected in cases:
+    for number, path in enumerate(paths):
+      message = template.format(p=path, n=123 + 4567 * number)
+      assert report.general_message(message, [path]) == expected, message
+  # Another path in the message than the row's (a list file's relative spelling): still out.
+  assert report.general_message("photos/x.png: file does not exist.", ["/abs/photos/x.png"]) \
+      == "<path>: file does not exist."
+  assert report.general_message("the optimisation diverged (non-finite loss or gradient)") \
+      == "the optimisation diverged (non-finite loss or gradient)"
+
+
+def test_failure_messages_group_in_the_status_table(tmp_path):
+  rows = [dict(_row(f"{folder}/{name}", "unreadable",
+                    message=f"/in/{folder}/{name}: file is empty (0 bytes); re-copy or "
+                            "re-export the image."), source_path=f"/in/{folder}/{name}")
+          for folder in ("a", "b", "c") for name in ("x.jpg", "y.jpg")]
+  rows.append(dict(_row("d/z.jpg", "unreadable", message="/in/d/z.jpg: file does not exist."),
+                   source_path="/in/d/z.jpg"))
+  _write(tmp_path, rows)
+  table = dataset.open(tmp_path).to_table(columns=list(report.COLUMNS))
+  assert report.top_messages(table, "unreadable") == (
+      [("<path>: file is empty (0 bytes); re-copy or re-export the image.", 6),
+       ("<path>: file does not exist.", 1)], 0)
+  status = _section(report.write_report(tmp_path).read_text(), "<h2>Status", "<h2>Quality")
+  assert "&lt;path&gt;: file is empty" in status and "/in/a" not in status
+
+
+def _summary(folder, **extra):
+  summary = dict(started="2026-01-01T10:00:00+00:00", finished="2026-01-01T10:05:00+00:00",
+                 interrupted=None, this_run={"ok": 2}, timings={"wall_s": 300.0})
+  (folder / SUMMARY_NAME).write_text(json.dumps(dict(summary, **extra)))
+
+
+def test_a_split_run_is_reported_whole(tmp_path):
+  """The parent of a split run's parts: one page about every row of every part, a line per
+  part, and the parts' sources gone added up."""
+  out = tmp_path / "out"
+  parts = [out / f"part-{i:04d}-of-0003" for i in range(3)]
+  for number, part in enumerate(parts[:2]):
+    _write(part, [_row(f"p{number}_{i}.png", error=0.01 * (i + 1) + 0.1 * number)
+                  for i in range(3)] + [_row(f"f{number}.png", "no_face", message="no face")])
+    _summary(part, source_missing={"count": 2 + number,
+                                   "ids": [f"gone{number}_{i}.png" for i in range(2 + number)]})
+  assert not report.all_parts_finished(out)  # part 2 has not run
+  _write(parts[2], [_row("p2_0.png", error=0.5)])
+  assert not report.all_parts_finished(out)  # ... nor finished
+  _summary(parts[2], interrupted="KeyboardInterrupt")
+  assert not report.all_parts_finished(out)
+  _summary(parts[2])
+  assert report.all_parts_finished(out)
+  page = report.write_report(out).read_text()
+  assert (out / "report.html").is_file()
+  assert '>9</div><div class="what">rows' in page
+  assert '>ok</b></td><td class="n">7</td>' in page
+  assert "3 (a split run, all parts together)" in page
+  assert page.count("<tr><td><code>part-") == 3
+  assert _gallery_ids(_section(page, "<h3>Worst fits", "<h3>Other suspect"))[:2] == [
+      "p2_0.png", "p1_2.png"]
+  assert '>5</div><div class="what">rows whose source is gone' in page
+  assert "gone0_1.png" in page and "gone1_2.png" in page
+
+
+def test_sources_gone_are_shown_when_known(tmp_path):
+  _write(tmp_path, [_row("a.png", error=0.01)])
+  page = report.write_report(tmp_path).read_text()
+  assert "source is gone" not in page  # no summary: unknown, nothing shown
+  ids = [f"old/{i:04d}.jpg" for i in range(1000)]
+  _summary(tmp_path, source_missing={"count": 1500, "ids": ids})
+  page = report.write_report(tmp_path).read_text()
+  assert '>1,500</div><div class="what">rows whose source is gone' in page
+  missing = page[page.index("Sources gone"):]
+  assert "old/0019.jpg" in missing and "old/0020.jpg" not in missing
+  assert "and 1,480 more" in missing
+  _summary(tmp_path, source_missing={"count": 0, "ids": []})
+  page = report.write_report(tmp_path).read_text()
+  assert '>0</div><div class="what">rows whose source is gone' in page
+  assert "Sources gone" not in page
