@@ -69,7 +69,9 @@ class NoPicture(Exception):
   """A row's picture cannot be drawn; the message says why (its tile shows it)."""
 
 
-Draw = Callable[[Mapping], np.ndarray]  # a row (dict of all its columns) -> (H, W, 3) uint8 RGB
+# A row (a dict of all its columns) -> its picture, (H, W, 3) uint8 RGB, or (picture, box): the
+# box (x0, y0, x1, y1, picture pixels) is what the thumbnail shows (the face, not the whole photo).
+Draw = Callable[[Mapping], object]
 
 
 def write_report(folder, gallery_size: int = GALLERY_SIZE, seed: int = 0,
@@ -503,7 +505,8 @@ svg .line { fill: none; stroke: var(--bar); stroke-width: 2; }
         background: var(--soft); }
 .tile img { display: block; width: 100%; aspect-ratio: 1; object-fit: contain; background: #fff; }
 .tile .missing { aspect-ratio: 1; display: flex; align-items: center; justify-content: center;
-                 color: var(--muted); font-size: 12px; background: #fff; }
+                 color: var(--muted); font-size: 12px; background: #fff; padding: 10px;
+                 text-align: center; word-break: break-word; overflow: hidden; }
 .tile .caption { padding: 6px 8px 8px; font-size: 12px; }
 .tile .id { font-weight: 600; word-break: break-all; }
 .tile .reason { color: var(--bad); }
@@ -651,7 +654,8 @@ def _missing_section(missing: Optional[Tuple[int, List[str]]]) -> str:
   count, ids = missing
   shown = ", ".join(f"<code>{_e(key)}</code>" for key in ids[:MISSING_IDS_SHOWN])
   more = count - min(len(ids), MISSING_IDS_SHOWN)
-  return (f'<h3 class="bad">Sources gone: {count:,} rows</h3><p>At the latest run these rows\' '
+  rows = "1 row" if count == 1 else f"{count:,} rows"
+  return (f'<h3 class="bad">Sources gone: {rows}</h3><p>At the latest run these rows\' '
           "source files no longer existed (their rows are kept as they were): "
           f'{shown}{f" and {more:,} more" if more > 0 else ""}.</p>'
           '<p class="note">The full list (up to 1,000 ids) is <code>source_missing</code> in '
@@ -721,8 +725,15 @@ def _jpeg(image: np.ndarray, quality: int = 85) -> Optional[bytes]:
   return data.tobytes() if ok else None
 
 
-def _thumbnail(image: np.ndarray, size: int = THUMBNAIL_SIZE) -> Optional[str]:
-  """A JPEG data URI of an RGB image, at most `size` pixels on its longer side."""
+def _thumbnail(image: np.ndarray, size: int = THUMBNAIL_SIZE, box=None) -> Optional[str]:
+  """A JPEG data URI of an RGB image (of its `box`, x0, y0, x1, y1, when given), at most `size`
+  pixels on its longer side."""
+  if box is not None:
+    height, width = image.shape[:2]
+    x0, y0 = (max(int(np.floor(v)), 0) for v in box[:2])
+    x1, y1 = min(int(np.ceil(box[2])), width), min(int(np.ceil(box[3])), height)
+    if x1 - x0 >= 8 and y1 - y0 >= 8:  # else the whole picture
+      image = image[y0:y1, x0:x1]
   data = _jpeg(fit_within(image, size)[0])
   return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii") if data else None
 
@@ -780,12 +791,15 @@ class _Pictures:
 
   def _drawn(self, row: Mapping) -> Tuple[Optional[str], Optional[str], str]:
     try:
-      image = self.draw(row)
+      drawn = self.draw(row)
     except NoPicture as error:
       return None, None, str(error)
     except Exception as error:  # pylint: disable=broad-except
       return None, None, f"not drawn: {error}"  # one picture never costs the page
-    image = fit_within(np.asarray(image, np.uint8), MAX_PICTURE_SIDE)[0]
+    image, box = drawn if isinstance(drawn, tuple) else (drawn, None)
+    image, scale = fit_within(np.asarray(image, np.uint8), MAX_PICTURE_SIDE)
+    if box is not None:
+      box = np.asarray(box, np.float64).reshape(2, 2) * np.diag(scale[:, :2])
     data = _jpeg(image, 90)
     if data is None:
       return None, None, "the picture could not be encoded"
@@ -795,7 +809,7 @@ class _Pictures:
     with atomic_path(self.folder / name) as tmp:
       tmp.write_bytes(data)
     self.written.add(name)
-    return _thumbnail(image), name, ""
+    return _thumbnail(image, box=None if box is None else box.reshape(-1)), name, ""
 
   def remove_stale(self) -> None:
     """Removes the pictures of earlier pages that this page no longer shows."""

@@ -64,9 +64,10 @@ def dataset_model(settings: Mapping, flame_path: Optional[str] = None
 
 def row_drawer(model: Optional[FlameModel], max_side: int = MAX_PICTURE_SIDE
                ) -> Callable[[Mapping], np.ndarray]:
-  """A function from a dataset row (a dict of its columns) to its picture: the photo with the
-  fitted mesh's wireframe (when `model` is given), the detected (green) and the fitted (red)
-  landmarks, at most `max_side` pixels on its longer side. Raises `report.NoPicture`."""
+  """A function from a dataset row (a dict of its columns) to (its picture, the face's box):
+  the photo with the fitted mesh's wireframe (when `model` is given), the detected (green) and
+  the fitted (red) landmarks, at most `max_side` pixels on its longer side; the box (x0, y0,
+  x1, y1) frames the face for the report's thumbnail. Raises `report.NoPicture`."""
   mesh_pixels = None if model is None else jax.jit(_mesh_pixels)
   faces = np.zeros((0, 3), np.int64) if model is None else np.asarray(model.faces)
 
@@ -81,11 +82,18 @@ def row_drawer(model: Optional[FlameModel], max_side: int = MAX_PICTURE_SIDE
       if row.get("status") != "ok":
         raise NoPicture(f"status {row.get('status')}: no fit to draw")
       mesh = np.asarray(mesh_pixels(model, dataset.flame_params(row), _camera(row)), np.float64)
-    return output.draw_overlay(photo, apply_affine(to_picture, mesh), faces,
-                               apply_affine(to_picture, detected),
-                               apply_affine(to_picture, fitted))
+    detected, fitted = apply_affine(to_picture, detected), apply_affine(to_picture, fitted)
+    picture = output.draw_overlay(photo, apply_affine(to_picture, mesh), faces, detected, fitted)
+    return picture, face_box(np.concatenate([detected, fitted]))
 
   return draw
+
+
+def face_box(points: np.ndarray, margin: float = 0.35) -> np.ndarray:
+  """(x0, y0, x1, y1) a square around the points, `margin` of its side added on each side."""
+  low, high = points.min(axis=0), points.max(axis=0)
+  centre, half = (low + high) / 2.0, (1.0 + 2.0 * margin) * float(np.max(high - low)) / 2.0
+  return np.concatenate([centre - half, centre + half])
 
 
 def _mesh_pixels(model: FlameModel, params, camera: Camera):

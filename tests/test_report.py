@@ -352,3 +352,154 @@ def test_sources_gone_are_shown_when_known(tmp_path):
   page = report.write_report(tmp_path).read_text()
   assert '>0</div><div class="what">rows whose source is gone' in page
   assert "Sources gone" not in page
+
+
+# --- drawn from real fits (the synthetic head on real pixels) --------------------------------
+
+def _save(path, rgb):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  assert cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+  return path
+
+
+@pytest.fixture(scope="module", name="fitted")
+def _fitted(tmp_path_factory, loaded_model):
+  """A dataset fitted by the engine with every overlay written (--overlays all): a face in a
+  5000 x 3000 photo, two small faces (one deleted afterwards, one replaced by another image),
+  and failures of the same kinds in two folders."""
+  import skimage.data
+  from jflame import engine, output_folder, sinks, sources
+  from jflame.config import FitConfig
+  root = tmp_path_factory.mktemp("fitted")
+  photos, out = root / "photos", root / "out"
+  face = skimage.data.astronaut()
+  large = np.full((3000, 5000, 3), 90, np.uint8)
+  large[:, 1000:4000] = cv2.resize(face, (3000, 3000), interpolation=cv2.INTER_LINEAR)
+  _save(photos / "large.jpg", large)
+  small = cv2.resize(face, (256, 256), interpolation=cv2.INTER_AREA)
+  _save(photos / "gone.png", small)
+  _save(photos / "changed.png", small[:, ::-1])
+  for folder in ("a", "b"):
+    (photos / folder).mkdir()
+    (photos / folder / "empty.jpg").write_bytes(b"")
+    (photos / folder / "notes.jpg").write_text("not an image")
+    _save(photos / folder / "blank.png", np.full((64, 64, 3), 128, np.uint8))
+  config = FitConfig(rigid_iterations=3, full_iterations=3)
+  found = sources.iter_sources([str(photos)], recursive=True, exclude_folder=out)
+  with output_folder.claim_output_folder(out) as folder:
+    run = engine.Engine(loaded_model, config, engine.EngineOptions(batch_size=4))
+    settings = sinks.dataset_settings(loaded_model, config, 256, run.landmark_indices)
+    sink = sinks.DatasetSink(folder, loaded_model.model.faces, loaded_model.model.name,
+                             settings, overlays="all")
+    run.run(found, sink)
+  (photos / "gone.png").unlink()
+  _save(photos / "changed.png", np.zeros((100, 120, 3), np.uint8))
+  return out
+
+
+def _red_share(picture_rgb, points):
+  """The share of `points` (picture pixels) where the picture is red (a fitted landmark)."""
+  columns, rows = np.floor(points).astype(int).T
+  inside = (rows >= 0) & (rows < picture_rgb.shape[0]) & (columns >= 0) & (
+      columns < picture_rgb.shape[1])
+  colours = picture_rgb[rows[inside], columns[inside]].astype(int)
+  red = (colours[:, 0] > 170) & (colours[:, 1] < 110) & (colours[:, 2] < 110)
+  return red.sum() / len(points)
+
+
+@pytest.mark.slow
+def test_failure_messages_jflame_wrote_group(fitted):
+  table = dataset.open(fitted).to_table(columns=list(report.COLUMNS))
+  messages, others = report.top_messages(table, "unreadable")
+  assert others == 0 and [count for _, count in messages] == [2, 2]
+  assert all(message.startswith("<path>: ") and "photos" not in message
+             for message, _ in messages)
+  (no_face, count), = report.top_messages(table, "no_face")[0]
+  assert count == 2 and no_face.startswith("<path>: ") and "/" not in no_face.split("1/14")[0]
+
+
+@pytest.mark.slow
+def test_pictures_are_drawn_from_the_sources_with_the_dataset_model(fitted, loaded_model):
+  """The synthetic head is made again from the dataset's settings; the large photo's picture
+  is 2048 pixels long with the fitted landmarks where the stored fit puts them; the source
+  that is gone and the one replaced get tiles that say so; the overlay the run wrote is
+  capped too."""
+  from jflame import row_pictures
+  model, note = row_pictures.dataset_model(dataset.settings(fitted))
+  assert note == "" and model.name == loaded_model.model.name
+  page = report.write_report(fitted, draw=row_pictures.row_drawer(model)).read_text()
+  assert "source gone or unreadable" in page and "file does not exist" in page
+  assert "source changed since its fit" in page
+  row = dataset.open(fitted).to_table(filter=pc.field("id") == "large.jpg").to_pylist()[0]
+  assert row["status"] == "ok", row["message"]
+  link, = re.findall(r'<a href="([^"]+)"><img src="[^"]+" alt="large.jpg">', page)
+  picture = cv2.cvtColor(cv2.imread(str(fitted / link)), cv2.COLOR_BGR2RGB)
+  assert picture.shape == (1229, 2048, 3)
+  fitted_points = np.reshape(row["landmarks_fitted_original"], (-1, 2)) * (2048 / 5000)
+  assert _red_share(picture, fitted_points) > 0.6
+  assert _red_share(picture, fitted_points + (300, 0)) < 0.05  # the check can fail
+  stored, = [name for name in row["files"] if name.endswith("_overlay.png")]
+  overlay = cv2.cvtColor(cv2.imread(str(fitted / stored)), cv2.COLOR_BGR2RGB)
+  assert overlay.shape == (1229, 2048, 3)
+  assert _red_share(overlay, fitted_points) > 0.6
+
+
+@pytest.mark.slow
+def test_without_the_dataset_model_only_landmarks_are_drawn(fitted):
+  from jflame import row_pictures
+  settings = dict(dataset.settings(fitted), model="FLAME generic_model.pkl",
+                  model_variant="flame2020")
+  model, note = row_pictures.dataset_model(settings, flame_path=None)
+  assert model is None and "no FLAME model file" in note
+  row = dataset.open(fitted).to_table(filter=pc.field("id") == "large.jpg").to_pylist()[0]
+  picture, box = row_pictures.row_drawer(None)(row)
+  assert picture.shape == (1229, 2048, 3)
+  points = np.reshape(row["landmarks_fitted_original"], (-1, 2)) * (2048 / 5000)
+  assert _red_share(picture, points) > 0.6
+  # The thumbnail's box frames the face with a margin, not the whole photo.
+  assert np.all(box[:2] < points.min(axis=0)) and np.all(box[2:] > points.max(axis=0))
+  assert box[2] - box[0] < 0.5 * picture.shape[1]
+
+
+# --- jflame-report, the command ------------------------------------------------------------
+
+def _command(args, env):
+  return subprocess.run([sys.executable, "-m", "jflame.cli.report", *args], cwd=PROJECT_ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_jflame_report_writes_the_page_of_a_dataset_or_a_split_run(fitted, tmp_path, command_env):
+  done = _command([str(fitted), "--gallery_size", "4"], command_env)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == f"report: {fitted / 'report.html'} (9 rows)"
+  page = (fitted / "report.html").read_text()
+  assert "Drawn for this page" in page and "source changed since its fit" in page
+  # The parent of a split run's parts (here one part holding hand-made rows).
+  out = tmp_path / "out"
+  _write(out / "part-0000-of-0002", [_row("x.png", error=0.02)])
+  _write(out / "part-0001-of-0002", [_row("y.png", error=0.03)])
+  done = _command([str(out)], command_env)
+  assert done.returncode == 0, done.stderr
+  assert "(2 rows, 2 parts)" in done.stdout and (out / "report.html").is_file()
+  # Settings that name a FLAME file this machine lacks: landmarks only, said once.
+  assert "no FLAME model file" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args,says", [
+    ([], "name one dataset folder"),
+    (["{tmp}/nowhere"], "no such folder"),
+    (["{tmp}"], "is not a jflame dataset (no index.json, no part-*-of-* folders)"),
+    (["{tmp}", "--gallery_size", "-1"], "gallery_size")])
+def test_jflame_report_usage_problems_exit_2_with_one_line(tmp_path, command_env, args, says):
+  done = _command([arg.format(tmp=tmp_path) for arg in args], command_env)
+  assert done.returncode == 2, done.stderr
+  assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "report.html").exists()
+
+
+def test_jflame_report_is_installed_like_the_other_commands():
+  from jflame.cli import start
+  assert callable(start.report)
+  scripts = (PROJECT_ROOT / "pyproject.toml").read_text()
+  assert 'jflame-report = "jflame.cli.start:report"' in scripts
