@@ -450,6 +450,17 @@ def throughput_svgs(times_ms: np.ndarray, rows: np.ndarray) -> str:
           '(refitted inputs) are not counted.</p>')
 
 
+def _moment(iso: Optional[str]) -> str:
+  """An ISO time from a summary as 'YYYY-MM-DD HH:MM:SS UTC' ('–' when missing)."""
+  try:
+    moment = datetime.datetime.fromisoformat(str(iso))
+  except ValueError:
+    return "–" if not iso else str(iso)
+  if moment.tzinfo is not None:
+    moment = moment.astimezone(datetime.timezone.utc)
+  return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _clock(millis) -> str:
   moment = datetime.datetime.fromtimestamp(int(millis) / 1000.0, datetime.timezone.utc)
   return moment.strftime("%Y-%m-%d %H:%M UTC")
@@ -689,7 +700,7 @@ def _parts_table(folder: Path, summaries: Sequence[Tuple[Path, Optional[Mapping]
     state = ("not finished yet" if not summary else "interrupted" if summary.get("interrupted")
              else "finished")
     rows.append(f"<tr><td><code>{_e(part.relative_to(folder))}</code></td><td>{_e(state)}</td>"
-                f"<td>{_e(summary.get('finished') or '–')}</td>"
+                f"<td>{_e(_moment(summary.get('finished')))}</td>"
                 f"<td>{_e(', '.join(f'{k}: {v:,}' for k, v in sorted(this_run.items())))}</td>"
                 f'<td class="n">{f"{wall:.1f} s" if isinstance(wall, (int, float)) else "–"}'
                 "</td></tr>")
@@ -766,12 +777,32 @@ class _Pictures:
                     zip(parts, indexes)}
     self.written: set = set()
 
-  def full_rows(self, ids: Sequence[str]) -> Dict[str, dict]:
-    """id -> all columns of those rows (what `draw` needs), read only when drawing."""
-    if self.draw is None or not ids:
+  def full_rows(self, uids: Sequence[str]) -> Dict[str, dict]:
+    """row_uid -> all columns of those rows (what `draw` needs), read only when drawing.
+
+    A row_uid says where its row is (<dataset_id[:12]>/<shard>#<position>), so only the shards
+    that hold them are read, not every column of a dataset of millions of rows."""
+    if self.draw is None or not uids:
       return {}
-    rows = dataset.open(self.folder).to_table(filter=pc.field("id").isin(list(ids)))
-    return {row["id"]: row for row in rows.to_pylist()}
+    import pyarrow.parquet as pq
+    wanted: Dict[Path, List[Tuple[int, str]]] = {}
+    elsewhere = []
+    for uid in uids:
+      found = re.fullmatch(r"([^/]*)/(shard-\d+\.parquet)#(\d+)", uid or "")
+      part = self.part_of.get(found.group(1)) if found else None
+      if part is None:
+        elsewhere.append(uid)
+        continue
+      path = part / dataset.SHARD_FOLDER / found.group(2)
+      wanted.setdefault(path, []).append((int(found.group(3)), uid))
+    rows = {}
+    for path, positions in wanted.items():
+      shard = pq.read_table(path).take(pa.array([position for position, _ in positions]))
+      rows.update(zip((uid for _, uid in positions), shard.to_pylist()))
+    if elsewhere:  # not where their row_uid says (not written by ShardWriter): search
+      found_rows = dataset.open(self.folder).to_table(filter=pc.field("row_uid").isin(elsewhere))
+      rows.update((row["row_uid"], row) for row in found_rows.to_pylist())
+    return rows
 
   def picture(self, row: Mapping, full: Optional[Mapping]) -> Tuple[Optional[str], Optional[str],
                                                                     str]:
@@ -841,14 +872,14 @@ def _gallery(table: pa.Table, indices: np.ndarray, pictures: _Pictures,
   if not indices.size:
     return f'<h3>{_e(title)}</h3><div class="empty">{_e(empty)}</div>'
   rows = table.take(pa.array(indices, pa.int64())).to_pylist()
-  tiles = "".join(_tile(row, pictures.picture(row, full.get(row["id"]))) for row in rows)
+  tiles = "".join(_tile(row, pictures.picture(row, full.get(row["row_uid"]))) for row in rows)
   return (f'<h3>{_e(title)}</h3><p class="note">{note}</p><div class="gallery">{tiles}</div>')
 
 
 def _galleries(table: pa.Table, pictures: _Pictures, count: int, seed: int) -> str:
   worst, suspect, sample = gallery_indices(table, count, seed)
   shown = np.concatenate([worst, suspect, sample])
-  full = pictures.full_rows(table["id"].take(pa.array(shown, pa.int64())).to_pylist())
+  full = pictures.full_rows(table["row_uid"].take(pa.array(shown, pa.int64())).to_pylist())
   if pictures.draw is not None:
     how = ("Drawn for this page from each row's source photo and stored fit: the fitted mesh "
            "(light), detected landmarks (green) and fitted ones (red); click a picture for it "

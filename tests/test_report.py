@@ -498,8 +498,12 @@ def test_jflame_report_usage_problems_exit_2_with_one_line(tmp_path, command_env
   assert not (tmp_path / "report.html").exists()
 
 
-def test_jflame_report_is_installed_like_the_other_commands():
-  from jflame.cli import start
-  assert callable(start.report)
+def test_jflame_report_is_installed_like_the_other_commands(command_env):
+  """The console script goes through jflame.cli.start (one line and 130 on an early Ctrl-C)."""
   scripts = (PROJECT_ROOT / "pyproject.toml").read_text()
   assert 'jflame-report = "jflame.cli.start:report"' in scripts
+  done = subprocess.run(
+      [sys.executable, "-c", "import sys; from jflame.cli.start import report; "
+       "sys.argv = ['jflame-report']; sys.exit(report())"], cwd=PROJECT_ROOT, env=command_env,
+      capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2 and "jflame-report: name one dataset folder" in done.stderr
