@@ -102,13 +102,13 @@ def _progress_bar(total):
   return tqdm(total=total, unit="image", desc="jflame-annotate", smoothing=0.1, bar_format=form)
 
 
-def _write_report(folder, model):
-  """report.html in `folder` (a dataset, or a split run's output), its galleries drawn with
-  `model`; or None with a warning: a report that fails costs the page, never the dataset that
-  was just committed."""
-  from jflame import report, row_pictures
+def _write_report(folder, draw):
+  """report.html in `folder` (a dataset, or a split run's output), its galleries drawn by
+  `draw` (`row_pictures.row_drawer`); or None with a warning: a report that fails costs the
+  page, never the dataset that was just committed."""
+  from jflame import report
   try:
-    return report.write_report(folder, draw=row_pictures.row_drawer(model))
+    return report.write_report(folder, draw=draw)
   except Exception as error:  # pylint: disable=broad-except
     print(f"warning: report.html not written in {folder}: {error!r}", file=sys.stderr)
     return None
@@ -185,13 +185,14 @@ def main(argv) -> int:
             run, stream, sink, bar, f"every committed shard is kept in {folder}")
         if summary is None:
           return common.EXIT_INTERRUPTED
-      page = _write_report(folder, loaded.model) if _REPORT.value else None
-      whole = None
-      if count > 1 and _REPORT.value:
-        from jflame import report
+      page = whole = None
+      if _REPORT.value:
+        from jflame import report, row_pictures
+        draw = row_pictures.row_drawer(loaded.model)
+        page = _write_report(folder, draw)
         # Every part finished: this one came last (or at the same time), so it reports on all.
-        whole = _write_report(output, loaded.model) if report.all_parts_finished(
-            output) else None
+        if count > 1 and report.all_parts_finished(output):
+          whole = _write_report(output, draw)
   except JFlameError as error:
     return common.usage_error(str(error))
   counts = sink.writer.status_counts()
