@@ -507,3 +507,29 @@ def test_jflame_report_is_installed_like_the_other_commands(command_env):
        "sys.argv = ['jflame-report']; sys.exit(report())"], cwd=PROJECT_ROOT, env=command_env,
       capture_output=True, text=True, timeout=120)
   assert done.returncode == 2 and "jflame-report: name one dataset folder" in done.stderr
+
+
+def test_photometric_pictures_are_capped_with_the_render_where_the_crop_says(tmp_path):
+  """write_pictures (photometric mode) on a 5000 x 3000 photo with a 1024 crop: the overlay is
+  2048 pixels long with the render over the crop's place in the photo, and the comparison strip
+  (three crops, 3072 wide) is capped too."""
+  import types
+  from jflame import output
+  photo = np.full((3000, 5000, 3), 40, np.uint8)
+  source = _save(tmp_path / "big.png", photo)
+  crop_size, scale = 1024, 0.5  # the crop covers the photo's x 1000..3048, y 500..2548
+  crop_from_original = np.array([[scale, 0.0, -500.0], [0.0, scale, -250.0]])
+  record = types.SimpleNamespace(name="big.png", source=source,
+                                 crop=np.full((crop_size, crop_size, 3), 40, np.uint8),
+                                 crop_from_original=crop_from_original)
+  meshes = types.SimpleNamespace(render=np.full((crop_size, crop_size, 3), 0.9, np.float32),
+                                 alpha=np.ones((crop_size, crop_size), np.float32))
+  names = output.write_pictures(tmp_path / "out", record, {}, meshes, np.zeros((0, 3)))
+  overlay = cv2.imread(str(tmp_path / "out" / names[0]))
+  strip = cv2.imread(str(tmp_path / "out" / names[1]))
+  assert overlay.shape == (1229, 2048, 3) and strip.shape == (683, 2048, 3)
+  factor = 2048 / 5000
+  inside = overlay[int(700 * factor):int(2300 * factor), int(1200 * factor):int(2800 * factor)]
+  outside = np.concatenate([overlay[:, :int(900 * factor)], overlay[:, int(3200 * factor):]],
+                           axis=1)
+  assert inside.min() > 150 and outside.max() < 60  # 0.75 * 230 + 0.25 * 40 against 40
