@@ -192,12 +192,22 @@ def top_messages(table: pa.Table, status: str, count: int = TOP_MESSAGES
                  ) -> Tuple[List[Tuple[str, int]], int]:
   """The `count` most common messages of the rows with `status` (paths taken out, see
   `general_message`), and how many rows the other messages have."""
+  groups, others = _message_groups(table, status, count)
+  return [(message, number) for message, number, _ in groups], others
+
+
+def _message_groups(table: pa.Table, status: str, count: int = TOP_MESSAGES
+                    ) -> Tuple[List[Tuple[str, int, str]], int]:
+  """`top_messages` with the id of one row of each message (an example to look at)."""
   rows = table.filter(pc.fill_null(pc.equal(table["status"], status), False))
-  messages = pc.value_counts(general_messages(rows))
+  general = general_messages(rows)
+  messages = pc.value_counts(general)
   order = np.argsort(-messages.field("counts").to_numpy(), kind="stable")[:count]
   top = messages.take(pa.array(order, pa.int64())) if len(order) else messages.slice(0, 0)
-  pairs = list(zip(top.field("values").to_pylist(), top.field("counts").to_pylist()))
-  return pairs, rows.num_rows - sum(n for _, n in pairs)
+  groups = [(message, number, rows["id"][pc.index(general, message).as_py()].as_py())
+            for message, number in zip(top.field("values").to_pylist(),
+                                       top.field("counts").to_pylist())]
+  return groups, rows.num_rows - sum(number for _, number, _ in groups)
 
 
 def suspect_reasons(table: pa.Table, count: int = TOP_REASONS) -> List[Tuple[str, int]]:
@@ -496,6 +506,7 @@ th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid var(--lin
 th { background: var(--soft); font-weight: 600; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.msg { color: var(--muted); padding-left: 28px; word-break: break-word; }
+td.msg .example { color: #8c959f; font-size: 12px; }
 .share { display: inline-block; height: 8px; background: var(--bar); border-radius: 2px;
          vertical-align: middle; }
 .charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(460px, 1fr));
@@ -598,11 +609,11 @@ def _status_section(table: pa.Table, counts: Sequence[Tuple[str, int]]) -> str:
                 f'<td><span class="share" style="width:{width:.1f}px"></span></td></tr>')
     if status == "ok":
       continue
-    messages, others = top_messages(table, status)
-    for message, number in messages:
-      rows.append(f'<tr><td class="msg" colspan="1">{_e(message) or "(no message)"}</td>'
-                  f'<td class="n">{number:,}</td><td class="n">{_percent(number, total)}</td>'
-                  "<td></td></tr>")
+    groups, others = _message_groups(table, status)
+    for message, number, example in groups:
+      rows.append(f'<tr><td class="msg">{_e(message) or "(no message)"} <span class="example">'
+                  f'(e.g. {_e(example)})</span></td><td class="n">{number:,}</td>'
+                  f'<td class="n">{_percent(number, total)}</td><td></td></tr>')
     if others:
       rows.append(f'<tr><td class="msg">… other messages</td><td class="n">{others:,}</td>'
                   f'<td class="n">{_percent(others, total)}</td><td></td></tr>')

@@ -300,6 +300,7 @@ def test_failure_messages_group_in_the_status_table(tmp_path):
        ("<path>: file does not exist.", 1)], 0)
   status = _section(report.write_report(tmp_path).read_text(), "<h2>Status", "<h2>Quality")
   assert "&lt;path&gt;: file is empty" in status and "/in/a" not in status
+  assert "(e.g. a/x.jpg)" in status and "(e.g. d/z.jpg)" in status  # a row to look at
 
 
 def _summary(folder, **extra):
