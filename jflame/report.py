@@ -152,40 +152,47 @@ def status_counts(table: pa.Table) -> List[Tuple[str, int]]:
 
 PATH_PLACEHOLDER = "<path>"
 _FILE_EXTENSIONS = "png|jpe?g|webp|bmp|tiff?|gif|heic|heif|avif|jp2|pgm|ppm|pbm|exr|npz|txt"
-# What stays of a message once its paths are out: an absolute path (POSIX, ~ or a drive letter),
-# then any word ending in a file extension; a path's trailing punctuation stays in the message.
-_PATH_PATTERNS = (
-    re.compile(r"""(?<![^\s'"(=])(?:~|[A-Za-z]:)?[/\\][^\s'"]*[^\s'":,.;)\]]"""),
-    re.compile(rf"""[^\s'"()\[\]]+\.(?:{_FILE_EXTENSIONS})(?![\w])""", re.IGNORECASE))
-# Numbers that differ from image to image in jflame's messages: a face box, a file's bytes,
-# a pixel count.
-_NUMBER_PATTERNS = ((re.compile(r"\[[-\d.,\s]+\]"), "[…]"),
-                    (re.compile(r"\b[1-9]\d* bytes\b"), "… bytes"),
-                    (re.compile(r"\b\d{5,}\b"), "…"))
+# (pattern, replacement) run over whole columns by pyarrow (RE2: linear time, no lookaround, so
+# the character before a path is matched and put back). First paths: an absolute one (POSIX, ~
+# or a drive letter; its trailing punctuation stays in the message), then any word ending in a
+# file extension. Then the numbers that differ from image to image in jflame's messages: a face
+# box, a file's bytes, a pixel count.
+_GENERALISATIONS = (
+    (r"""(^|[\s'"(=])(~|[A-Za-z]:)?[/\\][^\s'"]*[^\s'":,.;)\]]""", rf"\1{PATH_PLACEHOLDER}"),
+    (rf"""(?i)(^|[\s'"(\[=])[^\s'"()\[\]]+\.(?:{_FILE_EXTENSIONS})\b""",
+     rf"\1{PATH_PLACEHOLDER}"),
+    (r"\[[-\d.,\s]+\]", "[…]"),
+    (r"\b[1-9]\d* bytes\b", "… bytes"),
+    (r"\b\d{5,}\b", "…"))
+
+
+def general_messages(messages, paths: Optional[Sequence[Sequence[Optional[str]]]] = None
+                     ) -> pa.Array:
+  """The messages with each row's own paths (`paths[i]`: its source path as stored, as
+  given...), any other path or file name and the image-specific numbers taken out, so that the
+  messages of the same failure read the same and group. Nulls read as ""."""
+  texts = [message or "" for message in (
+      messages.to_pylist() if isinstance(messages, (pa.Array, pa.ChunkedArray)) else messages)]
+  if paths is not None:  # str.replace per row (a path may hold spaces; a regex could not tell)
+    for number, row_paths in enumerate(paths):
+      for path in sorted((p for p in row_paths if p), key=len, reverse=True):
+        texts[number] = texts[number].replace(path, PATH_PLACEHOLDER)
+  column = pa.array(texts, pa.string())
+  for pattern, replacement in _GENERALISATIONS:
+    column = pc.replace_substring_regex(column, pattern, replacement)
+  return column
 
 
 def general_message(message: Optional[str], paths: Sequence[Optional[str]] = ()) -> str:
-  """The message with the row's own paths (`paths`: its source path as stored, as given...),
-  any other path or file name and its image-specific numbers taken out, so that the messages
-  of the same failure read the same and group."""
-  text = message or ""
-  for path in sorted((p for p in paths if p), key=len, reverse=True):
-    text = text.replace(path, PATH_PLACEHOLDER)
-  for pattern in _PATH_PATTERNS:
-    text = pattern.sub(lambda match: match.group(0) if match.group(0) == PATH_PLACEHOLDER
-                       else PATH_PLACEHOLDER, text)
-  for pattern, replacement in _NUMBER_PATTERNS:
-    text = pattern.sub(replacement, text)
-  return text
+  """`general_messages` of one message."""
+  return general_messages([message], [paths])[0].as_py()
 
 
-def general_messages(rows: pa.Table) -> pa.Array:
-  """`general_message` of each row (its source_path and, when stored, source_relpath)."""
+def _general_messages_of(rows: pa.Table) -> pa.Array:
+  """`general_messages` of rows (their source_path and, when stored, source_relpath)."""
   path_columns = [rows[name].to_pylist() for name in ("source_path", "source_relpath")
                   if name in rows.column_names]
-  paths = list(zip(*path_columns)) if path_columns else [()] * rows.num_rows
-  return pa.array([general_message(message, row_paths) for message, row_paths in
-                   zip(rows["message"].to_pylist(), paths)], pa.string())
+  return general_messages(rows["message"], list(zip(*path_columns)) if path_columns else None)
 
 
 def top_messages(table: pa.Table, status: str, count: int = TOP_MESSAGES
@@ -200,7 +207,7 @@ def _message_groups(table: pa.Table, status: str, count: int = TOP_MESSAGES
                     ) -> Tuple[List[Tuple[str, int, str]], int]:
   """`top_messages` with the id of one row of each message (an example to look at)."""
   rows = table.filter(pc.fill_null(pc.equal(table["status"], status), False))
-  general = general_messages(rows)
+  general = _general_messages_of(rows)
   messages = pc.value_counts(general)
   order = np.argsort(-messages.field("counts").to_numpy(), kind="stable")[:count]
   top = messages.take(pa.array(order, pa.int64())) if len(order) else messages.slice(0, 0)
