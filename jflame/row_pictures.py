@@ -35,11 +35,12 @@ MAX_REDUCTION = 8  # a JPEG is decoded at 1/2, 1/4 or 1/8 when that still covers
 
 def dataset_model(settings: Mapping, flame_path: Optional[str] = None
                   ) -> Tuple[Optional[FlameModel], str]:
-  """(the model the dataset's rows were fitted with, ""), or (None, why not).
+  """(the model the dataset's rows were fitted with, a note), or (None, why not).
 
-  The synthetic head is made again from the seed in its name; a FLAME file is `flame_path`, else
-  the one the search folders hold ($JFLAME_HOME, ~/.cache/jflame), and it must be the file the
-  dataset names (a different release would draw a wrong mesh from the same coefficients).
+  The synthetic head is made again from the seed in its name. A FLAME file found in the search
+  folders ($JFLAME_HOME, ~/.cache/jflame) must be the one the dataset names (another release
+  would draw a wrong mesh from the same coefficients); one given as `flame_path` is taken as
+  the dataset's model, and the note says so when its name differs.
   """
   name = str(settings.get("model") or "")
   variant = settings.get("model_variant")
@@ -57,9 +58,12 @@ def dataset_model(settings: Mapping, flame_path: Optional[str] = None
           "flame2020", "flame2023", "flame2023_open") else None)
   except JFlameError as error:
     return None, f"model not loaded ({error})"
-  if model.name != name:
-    return None, f"the dataset was made with {name}, not {model.name}"
-  return model, ""
+  if model.name == name:
+    return model, ""
+  if flame_path:  # the user says this is the dataset's model (a copy under another name)
+    return model, f"meshes drawn with {model.name}, given for the dataset's {name}"
+  return None, (f"the dataset was made with {name}, and {model.name} was found; pass the "
+                "dataset's model file with --flame_model to draw meshes")
 
 
 def row_drawer(model: Optional[FlameModel], max_side: int = MAX_PICTURE_SIDE

@@ -534,3 +534,19 @@ def test_photometric_pictures_are_capped_with_the_render_where_the_crop_says(tmp
   outside = np.concatenate([overlay[:, :int(900 * factor)], overlay[:, int(3200 * factor):]],
                            axis=1)
   assert inside.min() > 150 and outside.max() < 60  # 0.75 * 230 + 0.25 * 40 against 40
+
+
+def test_the_dataset_model_is_the_named_file_or_one_given(tmp_path, loaded_model, monkeypatch):
+  """A FLAME file found in the search folders under another name is refused (it could be
+  another release); the same file given with --flame_model is used, with a note."""
+  from jflame import flame_io, row_pictures
+  monkeypatch.setenv("JFLAME_HOME", str(tmp_path))
+  copy = tmp_path / "generic_model.npz"
+  flame_io.save_flame_npz(loaded_model.model.replace(name="FLAME copy.npz"), copy)
+  settings = {"model": "FLAME generic_model.pkl", "model_variant": "flame2020"}
+  model, note = row_pictures.dataset_model(settings)
+  assert model is None and "pass the dataset's model file with --flame_model" in note
+  model, note = row_pictures.dataset_model(settings, flame_path=str(copy))
+  assert model is not None and "given for the dataset's FLAME generic_model.pkl" in note
+  model, note = row_pictures.dataset_model(dict(settings, model="FLAME copy.npz"))
+  assert model is not None and note == ""

@@ -58,8 +58,9 @@ def main(argv) -> int:
       from jflame import row_pictures
       model, note = row_pictures.dataset_model(dataset.settings(folder), _FLAME_MODEL.value)
       draw = row_pictures.row_drawer(model)
-      if note:
+      if model is None:
         note = f"Only landmarks drawn: {note}"
+      if note:
         print(f"note: {note}", file=sys.stderr)
     path = report.write_report(folder, _GALLERY_SIZE.value, _SAMPLE_SEED.value, draw, note)
   except JFlameError as error:
