@@ -12,6 +12,7 @@ import trimesh
 
 from jflame.atomic import atomic_path
 from jflame.camera import apply_affine, invert_affine
+from jflame.pictures import MAX_PICTURE_SIDE, compose_affine, fit_within
 from jflame.rotation import matrix_to_axis_angle_np
 from scipy.spatial.transform import Rotation
 
@@ -127,7 +128,8 @@ def draw_overlay(photo, mesh_pixels, faces, detected, fitted, weights=None):
   wire = canvas.copy()
   shift = 4  # sub-pixel precision for OpenCV drawing
   polygons = [np.round(c * (1 << shift)).astype(np.int32) for c in corners[facing]]
-  cv2.polylines(wire, polygons, True, (235, 235, 235), 1, cv2.LINE_AA, shift)
+  if polygons:  # none when only landmarks are drawn
+    cv2.polylines(wire, polygons, True, (235, 235, 235), 1, cv2.LINE_AA, shift)
   canvas = cv2.addWeighted(wire, 0.35, canvas, 0.65, 0)
   keep = np.ones(len(detected), bool) if weights is None else np.asarray(weights) > 0
   radius = thickness
@@ -168,16 +170,19 @@ def side_by_side(crop, render, alpha):
   return np.concatenate([crop, render_only, blend_render(crop, render, alpha)], axis=1)
 
 
-def photo_of(record):
-  """The record's original photo for drawing on, or its crop when the file cannot be read any
-  more (changed or gone since preprocessing)."""
-  from jflame.preprocess import read_image
+def photo_of(record, min_side: int = MAX_PICTURE_SIDE):
+  """(the record's original photo for drawing on, the affine from the original's pixels to
+  its pixels), or (its crop, None) when the file cannot be read any more (changed or gone
+  since preprocessing). A JPEG is decoded at 1/2, 1/4 or 1/8 where that still leaves
+  `min_side` pixels: a picture is never larger, so a huge photo need not be held whole."""
+  from jflame.preprocess.image_io import decode_image, read_source
   if record.source is not None:
     try:
-      return read_image(record.source)
+      decoded = decode_image(read_source(record.source).data, str(record.source), 8, min_side)
+      return decoded.pixels, np.eye(2, 3) / decoded.reduction
     except Exception:  # pylint: disable=broad-except
       pass
-  return record.crop
+  return record.crop, None
 
 
 def write_pictures(folder, record, arrays: dict, meshes, faces) -> list:
@@ -185,7 +190,8 @@ def write_pictures(folder, record, arrays: dict, meshes, faces) -> list:
 
   Landmark mode: `<name>_overlay.png`, the mesh wireframe with detected (green) and fitted
   (red) landmarks over the photo. Photometric mode: the shaded render laid over the photo, and
-  `<name>_compare.png`, (input | render | overlay) in the crop frame.
+  `<name>_compare.png`, (input | render | overlay) in the crop frame. The photo is downscaled
+  first to at most MAX_PICTURE_SIDE pixels on its longer side (the drawing with it).
 
   Args:
     folder: the output folder.
@@ -195,9 +201,12 @@ def write_pictures(folder, record, arrays: dict, meshes, faces) -> list:
     faces: (F, 3) the model's triangles.
   """
   folder = Path(folder)
-  photo = photo_of(record)
-  on_crop = photo is record.crop
-  to_photo = np.eye(2, 3) if on_crop else invert_affine(record.crop_from_original)
+  photo, from_original = photo_of(record)
+  on_crop = from_original is None
+  to_photo = np.eye(2, 3) if on_crop else compose_affine(
+      from_original, invert_affine(record.crop_from_original))
+  photo, smaller = fit_within(photo)
+  to_photo = compose_affine(smaller, to_photo)
   name = record.name
   if meshes.render is None:
     overlay = draw_overlay(
@@ -214,7 +223,8 @@ def write_pictures(folder, record, arrays: dict, meshes, faces) -> list:
     photo_image = warp_to_photo(image, to_photo, photo.shape)
     photo_alpha = warp_to_photo(alpha, to_photo, photo.shape)
   save_png(folder / f"{name}_overlay.png", blend_render(photo, photo_image, photo_alpha))
-  save_png(folder / f"{name}_compare.png", side_by_side(record.crop, image, alpha))
+  # Three crops side by side are 3072 pixels wide at the largest crop size.
+  save_png(folder / f"{name}_compare.png", fit_within(side_by_side(record.crop, image, alpha))[0])
   return [f"{name}_overlay.png", f"{name}_compare.png"]
 
 

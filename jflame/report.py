@@ -6,38 +6,55 @@ The page shows the status counts (with the most common messages of each failure 
 most common suspect reasons, histograms of the quality measures of the fitted rows (landmark
 error in % of face size, shape and expression prior sigma, convergence), the throughput over
 time (rows committed per minute and in total, from the shards' `written_at`), the last run's
-summary (run_summary.json) and two galleries: the worst fits and a random sample, as small JPEG
-thumbnails of the rows' pictures.
+summary (run_summary.json, with the rows whose source was gone) and three galleries: the worst
+fits (highest landmark error), the other suspect fits and a random sample of the fitted rows,
+chosen among all rows, whether or not the run kept a picture of them.
+
+The galleries' pictures come from `draw` (a function of a row; `jflame.row_pictures` draws the
+fit over the source photo with the dataset's model, which this module does not import), written
+to <folder>/report_pictures/ at most 2048 pixels long; without `draw`, a row's stored picture
+(jflame-annotate --overlays) when it has one. A row whose picture cannot be drawn (its source
+is gone, changed or unreadable) gets a tile that says why.
+
+`folder` may also be the output of a split run (jflame-annotate --num_shards): the page is then
+about all its parts together (see `jflame.dataset.dataset_folders`).
 
 Self-contained: no external CSS, scripts, fonts or images; charts are inline SVG, thumbnails are
 base64 data URIs (a thumbnail links to its full-size picture by a relative path, which works
 while the page sits in its folder). Every string from the data is escaped. The table is read
-column by column with pyarrow; Python objects are built only for the gallery's rows, so a
-dataset of millions of rows costs a few column reads.
+column by column with pyarrow; Python objects are built only for the gallery's rows and the
+failed rows' messages, so a dataset of millions of rows costs a few column reads.
 """
 
 import base64
 import datetime
+import hashlib
 import html
 import json
 import math
+import re
 import urllib.parse
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from jflame import dataset, quality
-from jflame.atomic import write_text
+from jflame.atomic import atomic_path, write_text
 from jflame.manifest import SUMMARY_NAME
+from jflame.pictures import MAX_PICTURE_SIDE, fit_within
 
 REPORT_NAME = "report.html"
-COLUMNS = ("id", "status", "message", "landmark_error_relative", "shape_prior_sigma",
-           "expression_prior_sigma", "convergence", "suspect", "suspect_reason", "fit_ms",
-           "files", "written_at")
+PICTURE_FOLDER = "report_pictures"  # the galleries' full-size pictures, beside the page
+COLUMNS = ("id", "row_uid", "source_path", "status", "message", "landmark_error_relative",
+           "shape_prior_sigma", "expression_prior_sigma", "convergence", "suspect",
+           "suspect_reason", "fit_ms", "files", "written_at")
+# Written by a later format (source_relpath: the path under the input root); read when there.
+OPTIONAL_COLUMNS = ("source_relpath",)
 GALLERY_SIZE = 12
+MISSING_IDS_SHOWN = 20
 THUMBNAIL_SIZE = 256
 TOP_MESSAGES = 5
 TOP_REASONS = 8
@@ -48,22 +65,39 @@ MAX_LINE_POINTS = 1000
 PAUSE_FACTOR = 3.0  # a gap between commits this many times the usual one is a pause
 
 
-def write_report(folder, gallery_size: int = GALLERY_SIZE, seed: int = 0) -> Path:
+class NoPicture(Exception):
+  """A row's picture cannot be drawn; the message says why (its tile shows it)."""
+
+
+# A row (a dict of all its columns) -> its picture, (H, W, 3) uint8 RGB, or (picture, box): the
+# box (x0, y0, x1, y1, picture pixels) is what the thumbnail shows (the face, not the whole photo).
+Draw = Callable[[Mapping], object]
+
+
+def write_report(folder, gallery_size: int = GALLERY_SIZE, seed: int = 0,
+                 draw: Optional[Draw] = None, draw_note: str = "") -> Path:
   """Writes <folder>/report.html (atomically) about the dataset in `folder`; returns its path.
 
   A folder without an index yet (a run that committed nothing) gets a page that says so.
 
   Args:
-    folder: a jflame dataset folder (see `jflame.dataset`).
-    gallery_size: pictures in each gallery (worst fits, random sample).
+    folder: a jflame dataset folder (see `jflame.dataset`), or the output of a split run.
+    gallery_size: pictures in each gallery (worst fits, other suspect fits, random sample).
     seed: the random sample's seed (the same dataset gives the same page).
+    draw: makes a row's picture (see `jflame.row_pictures.row_drawer`); may raise NoPicture
+      (or any error: a picture never costs the page). None: the rows' stored pictures.
+    draw_note: a line about how the pictures were drawn (e.g. why without meshes).
   """
   folder = Path(folder)
-  index = dataset.read_index(folder)
-  table = _read_rows(folder) if index is not None else dataset.SCHEMA.empty_table().select(
+  parts = dataset.dataset_folders(folder)
+  indexes = [dataset.read_index(part) for part in parts]
+  table = _read_rows(folder) if parts else dataset.SCHEMA.empty_table().select(
       list(COLUMNS))
-  page = _page(folder, table, (index or {}).get("settings", {}), _read_summary(folder),
-               gallery_size, seed)
+  settings = indexes[0].get("settings", {}) if indexes else {}
+  summaries = [(part, _read_summary(part)) for part in parts]
+  pictures = _Pictures(folder, parts, indexes, draw, draw_note)
+  page = _page(folder, table, settings, summaries, pictures, gallery_size, seed)
+  pictures.remove_stale()
   path = folder / REPORT_NAME
   write_text(path, page)
   return path
@@ -71,7 +105,22 @@ def write_report(folder, gallery_size: int = GALLERY_SIZE, seed: int = 0) -> Pat
 
 def _read_rows(folder: Path) -> pa.Table:
   """The current rows' report columns, chunks merged (one chunk per shard otherwise)."""
-  return dataset.open(folder).to_table(columns=list(COLUMNS)).combine_chunks()
+  rows = dataset.open(folder)
+  names = list(COLUMNS) + [name for name in OPTIONAL_COLUMNS if name in rows.schema.names]
+  return rows.to_table(columns=names).combine_chunks()
+
+
+def all_parts_finished(folder) -> bool:
+  """Whether `folder` holds every part of a split run (part-<i>-of-<N>, N of them) and the
+  latest run of each finished without an interrupt (its run_summary.json says so)."""
+  parts = dataset.dataset_folders(folder)
+  counts = {re.fullmatch(r"part-\d+-of-(\d+)", part.name) for part in parts}
+  if not parts or None in counts or len({int(m.group(1)) for m in counts}) != 1:
+    return False
+  expected = int(next(iter(counts)).group(1))
+  summaries = [_read_summary(part) for part in parts]
+  return len(parts) == expected and all(
+      summary is not None and not summary.get("interrupted") for summary in summaries)
 
 
 def _read_summary(folder: Path) -> Optional[dict]:
@@ -101,16 +150,71 @@ def status_counts(table: pa.Table) -> List[Tuple[str, int]]:
   return sorted(pairs, key=lambda pair: (pair[0] != "ok", -pair[1], pair[0]))
 
 
+PATH_PLACEHOLDER = "<path>"
+_FILE_EXTENSIONS = "png|jpe?g|webp|bmp|tiff?|gif|heic|heif|avif|jp2|pgm|ppm|pbm|exr|npz|txt"
+# (pattern, replacement) run over whole columns by pyarrow (RE2: linear time, no lookaround, so
+# the character before a path is matched and put back). First paths: an absolute one (POSIX, ~
+# or a drive letter; its trailing punctuation stays in the message), then any word ending in a
+# file extension. Then the numbers that differ from image to image in jflame's messages: a face
+# box, a file's bytes, a pixel count.
+_GENERALISATIONS = (
+    (r"""(^|[\s'"(=])(~|[A-Za-z]:)?[/\\][^\s'"]*[^\s'":,.;)\]]""", rf"\1{PATH_PLACEHOLDER}"),
+    (rf"""(?i)(^|[\s'"(\[=])[^\s'"()\[\]]+\.(?:{_FILE_EXTENSIONS})\b""",
+     rf"\1{PATH_PLACEHOLDER}"),
+    (r"\[[-\d.,\s]+\]", "[…]"),
+    (r"\b[1-9]\d* bytes\b", "… bytes"),
+    (r"\b\d{5,}\b", "…"))
+
+
+def general_messages(messages, paths: Optional[Sequence[Sequence[Optional[str]]]] = None
+                     ) -> pa.Array:
+  """The messages with each row's own paths (`paths[i]`: its source path as stored, as
+  given...), any other path or file name and the image-specific numbers taken out, so that the
+  messages of the same failure read the same and group. Nulls read as ""."""
+  texts = [message or "" for message in (
+      messages.to_pylist() if isinstance(messages, (pa.Array, pa.ChunkedArray)) else messages)]
+  if paths is not None:  # str.replace per row (a path may hold spaces; a regex could not tell)
+    for number, row_paths in enumerate(paths):
+      for path in sorted((p for p in row_paths if p), key=len, reverse=True):
+        texts[number] = texts[number].replace(path, PATH_PLACEHOLDER)
+  column = pa.array(texts, pa.string())
+  for pattern, replacement in _GENERALISATIONS:
+    column = pc.replace_substring_regex(column, pattern, replacement)
+  return column
+
+
+def general_message(message: Optional[str], paths: Sequence[Optional[str]] = ()) -> str:
+  """`general_messages` of one message."""
+  return general_messages([message], [paths])[0].as_py()
+
+
+def _general_messages_of(rows: pa.Table) -> pa.Array:
+  """`general_messages` of rows (their source_path and, when stored, source_relpath)."""
+  path_columns = [rows[name].to_pylist() for name in ("source_path", "source_relpath")
+                  if name in rows.column_names]
+  return general_messages(rows["message"], list(zip(*path_columns)) if path_columns else None)
+
+
 def top_messages(table: pa.Table, status: str, count: int = TOP_MESSAGES
                  ) -> Tuple[List[Tuple[str, int]], int]:
-  """The `count` most common messages of the rows with `status`, and how many rows the other
-  messages have."""
+  """The `count` most common messages of the rows with `status` (paths taken out, see
+  `general_message`), and how many rows the other messages have."""
+  groups, others = _message_groups(table, status, count)
+  return [(message, number) for message, number, _ in groups], others
+
+
+def _message_groups(table: pa.Table, status: str, count: int = TOP_MESSAGES
+                    ) -> Tuple[List[Tuple[str, int, str]], int]:
+  """`top_messages` with the id of one row of each message (an example to look at)."""
   rows = table.filter(pc.fill_null(pc.equal(table["status"], status), False))
-  messages = pc.value_counts(pc.fill_null(rows["message"], ""))
+  general = _general_messages_of(rows)
+  messages = pc.value_counts(general)
   order = np.argsort(-messages.field("counts").to_numpy(), kind="stable")[:count]
   top = messages.take(pa.array(order, pa.int64())) if len(order) else messages.slice(0, 0)
-  pairs = list(zip(top.field("values").to_pylist(), top.field("counts").to_pylist()))
-  return pairs, rows.num_rows - sum(n for _, n in pairs)
+  groups = [(message, number, rows["id"][pc.index(general, message).as_py()].as_py())
+            for message, number in zip(top.field("values").to_pylist(),
+                                       top.field("counts").to_pylist())]
+  return groups, rows.num_rows - sum(number for _, number, _ in groups)
 
 
 def suspect_reasons(table: pa.Table, count: int = TOP_REASONS) -> List[Tuple[str, int]]:
@@ -137,17 +241,23 @@ def picture_rows(table: pa.Table) -> np.ndarray:
   return np.unique(parents[is_picture]).astype(np.int64)
 
 
-def gallery_indices(table: pa.Table, count: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-  """(worst, sample): rows with pictures, the fitted ones with the highest landmark error
-  (highest first), and a random sample of the others."""
-  with_pictures = picture_rows(table)
+def gallery_indices(table: pa.Table, count: int, seed: int
+                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(worst, suspect, sample) among all fitted rows, whether they have a picture or not: the
+  highest landmark errors (highest first), the other suspect fits (highest error first), and
+  a random sample of the rest."""
+  ok = _ok_mask(table)
   errors = _floats(table["landmark_error_relative"])
-  fitted = with_pictures[_ok_mask(table)[with_pictures] & np.isfinite(errors[with_pictures])]
-  worst = fitted[np.argsort(-errors[fitted], kind="stable")[:count]]
-  rest = np.setdiff1d(with_pictures, worst)
+  errors = np.where(np.isfinite(errors), errors, -np.inf)  # a fit without an error: last
+  fitted = np.flatnonzero(ok)
+  by_error = fitted[np.argsort(-errors[fitted], kind="stable")]
+  worst = by_error[:count]
+  suspect_mask = pc.fill_null(table["suspect"], False).to_numpy(zero_copy_only=False)
+  suspect = by_error[count:][suspect_mask[by_error[count:]]][:count]
+  rest = np.setdiff1d(fitted, np.concatenate([worst, suspect]))
   rng = np.random.default_rng(seed)
   sample = rng.choice(rest, size=min(count, rest.size), replace=False) if rest.size else rest
-  return worst, np.asarray(sample, np.int64)
+  return worst, suspect, np.asarray(sample, np.int64)
 
 
 def commit_times(table: pa.Table) -> Tuple[np.ndarray, np.ndarray]:
@@ -357,6 +467,17 @@ def throughput_svgs(times_ms: np.ndarray, rows: np.ndarray) -> str:
           '(refitted inputs) are not counted.</p>')
 
 
+def _moment(iso: Optional[str]) -> str:
+  """An ISO time from a summary as 'YYYY-MM-DD HH:MM:SS UTC' ('–' when missing)."""
+  try:
+    moment = datetime.datetime.fromisoformat(str(iso))
+  except ValueError:
+    return "–" if not iso else str(iso)
+  if moment.tzinfo is not None:
+    moment = moment.astimezone(datetime.timezone.utc)
+  return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _clock(millis) -> str:
   moment = datetime.datetime.fromtimestamp(int(millis) / 1000.0, datetime.timezone.utc)
   return moment.strftime("%Y-%m-%d %H:%M UTC")
@@ -392,6 +513,7 @@ th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid var(--lin
 th { background: var(--soft); font-weight: 600; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.msg { color: var(--muted); padding-left: 28px; word-break: break-word; }
+td.msg .example { color: #8c959f; font-size: 12px; }
 .share { display: inline-block; height: 8px; background: var(--bar); border-radius: 2px;
          vertical-align: middle; }
 .charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(460px, 1fr));
@@ -412,7 +534,8 @@ svg .line { fill: none; stroke: var(--bar); stroke-width: 2; }
         background: var(--soft); }
 .tile img { display: block; width: 100%; aspect-ratio: 1; object-fit: contain; background: #fff; }
 .tile .missing { aspect-ratio: 1; display: flex; align-items: center; justify-content: center;
-                 color: var(--muted); font-size: 12px; background: #fff; }
+                 color: var(--muted); font-size: 12px; background: #fff; padding: 10px;
+                 text-align: center; word-break: break-word; overflow: hidden; }
 .tile .caption { padding: 6px 8px 8px; font-size: 12px; }
 .tile .id { font-weight: 600; word-break: break-all; }
 .tile .reason { color: var(--bad); }
@@ -434,8 +557,9 @@ def _percent(part: int, whole: int) -> str:
   return f"{100.0 * part / whole:.1f}%" if whole else "–"
 
 
-def _header(folder: Path, settings: Mapping) -> str:
+def _header(folder: Path, settings: Mapping, parts: int) -> str:
   facts = [("folder", str(folder.resolve())),
+           ("parts", f"{parts} (a split run, all parts together)" if parts > 1 else None),
            ("report written", datetime.datetime.now(datetime.timezone.utc).strftime(
                "%Y-%m-%d %H:%M UTC"))]
   for key in ("model", "model_variant", "embedding", "mode", "crop_size"):
@@ -451,7 +575,8 @@ def _facts(facts: Sequence[Tuple[str, object]]) -> str:
   ) + "</dl>"
 
 
-def _cards(table: pa.Table, counts: Sequence[Tuple[str, int]]) -> str:
+def _cards(table: pa.Table, counts: Sequence[Tuple[str, int]],
+           missing: Optional[Tuple[int, List[str]]]) -> str:
   total = table.num_rows
   ok = dict(counts).get("ok", 0)
   ok_mask = _ok_mask(table)
@@ -471,6 +596,9 @@ def _cards(table: pa.Table, counts: Sequence[Tuple[str, int]]) -> str:
             "median landmark error (of face size)", ""),
            (_duration(float(np.median(fit_ms))) if fit_ms.size else "–",
             "median fit time per image", "")]
+  if missing is not None:
+    cards.append((f"{missing[0]:,}", "rows whose source is gone (latest run)",
+                  "bad" if missing[0] else ""))
   return '<div class="cards">' + "".join(
       f'<div class="card"><div class="value {css}">{value}</div><div class="what">{what}</div>'
       f"</div>" for value, what, css in cards) + "</div>"
@@ -488,11 +616,11 @@ def _status_section(table: pa.Table, counts: Sequence[Tuple[str, int]]) -> str:
                 f'<td><span class="share" style="width:{width:.1f}px"></span></td></tr>')
     if status == "ok":
       continue
-    messages, others = top_messages(table, status)
-    for message, number in messages:
-      rows.append(f'<tr><td class="msg" colspan="1">{_e(message) or "(no message)"}</td>'
-                  f'<td class="n">{number:,}</td><td class="n">{_percent(number, total)}</td>'
-                  "<td></td></tr>")
+    groups, others = _message_groups(table, status)
+    for message, number, example in groups:
+      rows.append(f'<tr><td class="msg">{_e(message) or "(no message)"} <span class="example">'
+                  f'(e.g. {_e(example)})</span></td><td class="n">{number:,}</td>'
+                  f'<td class="n">{_percent(number, total)}</td><td></td></tr>')
     if others:
       rows.append(f'<tr><td class="msg">… other messages</td><td class="n">{others:,}</td>'
                   f'<td class="n">{_percent(others, total)}</td><td></td></tr>')
@@ -536,50 +664,113 @@ def _quality_section(table: pa.Table) -> str:
           + _reasons_table(table))
 
 
-def _run_section(summary: Optional[Mapping], times_ms: np.ndarray, rows: np.ndarray) -> str:
-  parts = ["<h2>Throughput</h2>", throughput_svgs(times_ms, rows)]
-  if summary is None:
-    return "".join(parts)
+def source_missing(summaries: Sequence[Tuple[Path, Optional[Mapping]]]
+                   ) -> Optional[Tuple[int, List[str]]]:
+  """(rows whose source was gone at the latest run, their first ids) summed over the parts'
+  run_summary.json `source_missing`; None when no summary says (unknown)."""
+  known = [summary["source_missing"] for _, summary in summaries
+           if summary and isinstance(summary.get("source_missing"), Mapping)]
+  if not known:
+    return None
+  count = sum(int(entry.get("count") or 0) for entry in known)
+  ids = [str(key) for entry in known for key in (entry.get("ids") or [])]
+  return count, ids
+
+
+def _missing_section(missing: Optional[Tuple[int, List[str]]]) -> str:
+  if not missing or not missing[0]:
+    return ""
+  count, ids = missing
+  shown = ", ".join(f"<code>{_e(key)}</code>" for key in ids[:MISSING_IDS_SHOWN])
+  more = count - min(len(ids), MISSING_IDS_SHOWN)
+  rows = "1 row" if count == 1 else f"{count:,} rows"
+  return (f'<h3 class="bad">Sources gone: {rows}</h3><p>At the latest run these rows\' '
+          "source files no longer existed (their rows are kept as they were): "
+          f'{shown}{f" and {more:,} more" if more > 0 else ""}.</p>'
+          '<p class="note">The full list (up to 1,000 ids) is <code>source_missing</code> in '
+          "run_summary.json.</p>")
+
+
+def _run_facts(summary: Mapping) -> List[Tuple[str, object]]:
   timings = summary.get("timings") or {}
   this_run = summary.get("this_run") or {}
   done = sum(n for status, n in this_run.items() if status != "skipped")
   wall = timings.get("wall_s")
-  facts = [("started", summary.get("started")), ("finished", summary.get("finished")),
-           ("interrupted", summary.get("interrupted")),
-           ("this run", ", ".join(f"{k}: {v:,}" for k, v in sorted(this_run.items())) or "–"),
-           ("wall time", f"{wall:.1f} s" if isinstance(wall, (int, float)) else None),
-           ("images per second",
-            f"{done / wall:.2f} (not counting skipped inputs)" if done and wall else None),
-           ("time in", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()
-                                 if k != "wall_s" and isinstance(v, (int, float))) or None),
-           ("device", summary.get("device")), ("model", summary.get("model")),
-           ("jax", summary.get("jax"))]
-  parts.append("<h3>Last run (run_summary.json)</h3>" + _facts(facts))
+  return [("started", summary.get("started")), ("finished", summary.get("finished")),
+          ("interrupted", summary.get("interrupted")),
+          ("this run", ", ".join(f"{k}: {v:,}" for k, v in sorted(this_run.items())) or "–"),
+          ("wall time", f"{wall:.1f} s" if isinstance(wall, (int, float)) else None),
+          ("images per second",
+           f"{done / wall:.2f} (not counting skipped inputs)" if done and wall else None),
+          ("time in", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()
+                                if k != "wall_s" and isinstance(v, (int, float))) or None),
+          ("device", summary.get("device")), ("model", summary.get("model")),
+          ("jax", summary.get("jax"))]
+
+
+def _parts_table(folder: Path, summaries: Sequence[Tuple[Path, Optional[Mapping]]]) -> str:
+  """One line per part of a split run: when its last run finished and what it did."""
+  rows = []
+  for part, summary in summaries:
+    summary = summary or {}
+    this_run = summary.get("this_run") or {}
+    wall = (summary.get("timings") or {}).get("wall_s")
+    state = ("not finished yet" if not summary else "interrupted" if summary.get("interrupted")
+             else "finished")
+    rows.append(f"<tr><td><code>{_e(part.relative_to(folder))}</code></td><td>{_e(state)}</td>"
+                f"<td>{_e(_moment(summary.get('finished')))}</td>"
+                f"<td>{_e(', '.join(f'{k}: {v:,}' for k, v in sorted(this_run.items())))}</td>"
+                f'<td class="n">{f"{wall:.1f} s" if isinstance(wall, (int, float)) else "–"}'
+                "</td></tr>")
+  return ("<h3>Parts of the split run (their run_summary.json)</h3><table><tr><th>part</th>"
+          "<th>last run</th><th>finished</th><th>that run</th><th class=\"n\">wall time</th>"
+          "</tr>" + "".join(rows) + "</table>")
+
+
+def _run_section(folder: Path, summaries: Sequence[Tuple[Path, Optional[Mapping]]],
+                 times_ms: np.ndarray, rows: np.ndarray) -> str:
+  parts = ["<h2>Throughput</h2>", throughput_svgs(times_ms, rows)]
+  if len(summaries) > 1:
+    parts.append(_parts_table(folder, summaries))
+  elif summaries and summaries[0][1] is not None:
+    parts.append("<h3>Last run (run_summary.json)</h3>" + _facts(_run_facts(summaries[0][1])))
   return "".join(parts)
 
 
+# --- the galleries ---------------------------------------------------------------------------
+
 def _picture_of(files: Optional[Sequence[str]]) -> Optional[str]:
-  """The row's picture to show: its overlay, else its first picture."""
+  """The row's stored picture to show: its overlay, else its first picture."""
   pictures = [name for name in files or () if name.lower().endswith((".png", ".jpg", ".jpeg"))]
   overlays = [name for name in pictures if "_overlay." in name]
   return (overlays or pictures or [None])[0]
 
 
-def _thumbnail(path: Path, size: int = THUMBNAIL_SIZE) -> Optional[str]:
-  """A JPEG data URI of the picture, at most `size` pixels on its longer side; None when it
-  cannot be read."""
+def _jpeg(image: np.ndarray, quality: int = 85) -> Optional[bytes]:
+  """JPEG bytes of an RGB uint8 image."""
   import cv2  # only a page with pictures needs OpenCV
+  ok, data = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]),
+                          [cv2.IMWRITE_JPEG_QUALITY, quality])
+  return data.tobytes() if ok else None
+
+
+def _thumbnail(image: np.ndarray, size: int = THUMBNAIL_SIZE, box=None) -> Optional[str]:
+  """A JPEG data URI of an RGB image (of its `box`, x0, y0, x1, y1, when given), at most `size`
+  pixels on its longer side."""
+  if box is not None:
+    height, width = image.shape[:2]
+    x0, y0 = (max(int(np.floor(v)), 0) for v in box[:2])
+    x1, y1 = min(int(np.ceil(box[2])), width), min(int(np.ceil(box[3])), height)
+    if x1 - x0 >= 8 and y1 - y0 >= 8:  # else the whole picture
+      image = image[y0:y1, x0:x1]
+  data = _jpeg(fit_within(image, size)[0])
+  return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii") if data else None
+
+
+def _read_rgb(path: Path) -> Optional[np.ndarray]:
+  import cv2
   image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-  if image is None:
-    return None
-  height, width = image.shape[:2]
-  scale = size / max(height, width)
-  if scale < 1:
-    image = cv2.resize(image, (max(round(width * scale), 1), max(round(height * scale), 1)),
-                       interpolation=cv2.INTER_AREA)
-  ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
-  return "data:image/jpeg;base64," + base64.b64encode(data.tobytes()).decode("ascii") if ok \
-      else None
+  return None if image is None else image[..., ::-1]
 
 
 def _inside(folder: Path, relative: str) -> Optional[Path]:
@@ -592,14 +783,99 @@ def _inside(folder: Path, relative: str) -> Optional[Path]:
   return path
 
 
-def _tile(folder: Path, row: Mapping) -> str:
-  picture = _picture_of(row["files"])
-  path = _inside(folder, picture) if picture else None
-  source = _thumbnail(path) if path is not None else None
+class _Pictures:
+  """The galleries' pictures: drawn by `draw` into <folder>/report_pictures/ (and removed from
+  there once no page shows them), or the rows' stored pictures."""
+
+  def __init__(self, folder: Path, parts: Sequence[Path], indexes: Sequence[Mapping],
+               draw: Optional[Draw], note: str):
+    self.folder, self.draw, self.note = folder, draw, note
+    # A row_uid starts with its part's dataset_id[:12] (see dataset.ShardWriter).
+    self.part_of = {index.get("dataset_id", "")[:12]: part for part, index in
+                    zip(parts, indexes)}
+    self.written: set = set()
+
+  def full_rows(self, uids: Sequence[str]) -> Dict[str, dict]:
+    """row_uid -> all columns of those rows (what `draw` needs), read only when drawing.
+
+    A row_uid says where its row is (<dataset_id[:12]>/<shard>#<position>), so only the shards
+    that hold them are read, not every column of a dataset of millions of rows."""
+    if self.draw is None or not uids:
+      return {}
+    import pyarrow.parquet as pq
+    wanted: Dict[Path, List[Tuple[int, str]]] = {}
+    elsewhere = []
+    for uid in uids:
+      found = re.fullmatch(r"([^/]*)/(shard-\d+\.parquet)#(\d+)", uid or "")
+      part = self.part_of.get(found.group(1)) if found else None
+      if part is None:
+        elsewhere.append(uid)
+        continue
+      path = part / dataset.SHARD_FOLDER / found.group(2)
+      wanted.setdefault(path, []).append((int(found.group(3)), uid))
+    rows = {}
+    for path, positions in wanted.items():
+      shard = pq.read_table(path).take(pa.array([position for position, _ in positions]))
+      rows.update(zip((uid for _, uid in positions), shard.to_pylist()))
+    if elsewhere:  # not where their row_uid says (not written by ShardWriter): search
+      found_rows = dataset.open(self.folder).to_table(filter=pc.field("row_uid").isin(elsewhere))
+      rows.update((row["row_uid"], row) for row in found_rows.to_pylist())
+    return rows
+
+  def picture(self, row: Mapping, full: Optional[Mapping]) -> Tuple[Optional[str], Optional[str],
+                                                                    str]:
+    """(thumbnail data URI, relative link to the full picture, why there is none)."""
+    if self.draw is not None:
+      return self._drawn(full or row)
+    stored = _picture_of(row.get("files"))
+    if stored is None:
+      return None, None, "no picture kept (jflame-report draws one)"
+    part = self.part_of.get(str(row.get("row_uid") or "").split("/")[0], self.folder)
+    path = _inside(part, stored)
+    image = _read_rgb(path) if path is not None and path.is_file() else None
+    if image is None:
+      return None, None, "picture missing"
+    link = (part / stored).relative_to(self.folder).as_posix() if part != self.folder else stored
+    return _thumbnail(image), link, ""
+
+  def _drawn(self, row: Mapping) -> Tuple[Optional[str], Optional[str], str]:
+    try:
+      drawn = self.draw(row)
+    except NoPicture as error:
+      return None, None, str(error)
+    except Exception as error:  # pylint: disable=broad-except
+      return None, None, f"not drawn: {error}"  # one picture never costs the page
+    image, box = drawn if isinstance(drawn, tuple) else (drawn, None)
+    image, scale = fit_within(np.asarray(image, np.uint8), MAX_PICTURE_SIDE)
+    if box is not None:
+      box = np.asarray(box, np.float64).reshape(2, 2) * np.diag(scale[:, :2])
+    data = _jpeg(image, 90)
+    if data is None:
+      return None, None, "the picture could not be encoded"
+    digest = hashlib.blake2b(str(row.get("row_uid") or row.get("id")).encode(
+        "utf-8", "surrogateescape"), digest_size=8).hexdigest()
+    name = f"{PICTURE_FOLDER}/{digest}.jpg"
+    with atomic_path(self.folder / name) as tmp:
+      tmp.write_bytes(data)
+    self.written.add(name)
+    return _thumbnail(image, box=None if box is None else box.reshape(-1)), name, ""
+
+  def remove_stale(self) -> None:
+    """Removes the pictures of earlier pages that this page no longer shows."""
+    folder = self.folder / PICTURE_FOLDER
+    if self.draw is None or not folder.is_dir():
+      return
+    for path in folder.glob("*.jpg"):
+      if f"{PICTURE_FOLDER}/{path.name}" not in self.written:
+        path.unlink(missing_ok=True)
+
+
+def _tile(row: Mapping, picture: Tuple[Optional[str], Optional[str], str]) -> str:
+  source, link, why = picture
   image = (f'<img src="{source}" alt="{_e(row["id"])}">' if source else
-           '<div class="missing">picture missing</div>')
-  if source:
-    image = f'<a href="{_e(urllib.parse.quote(picture))}">{image}</a>'
+           f'<div class="missing">{_e(why)}</div>')
+  if source and link:
+    image = f'<a href="{_e(urllib.parse.quote(link))}">{image}</a>'
   error = row["landmark_error_relative"]
   lines = [f'<div class="id">{_e(row["id"])}</div>',
            f"error {100.0 * error:.2f}% of face size" if error is not None and math.isfinite(
@@ -609,40 +885,52 @@ def _tile(folder: Path, row: Mapping) -> str:
   return f'<div class="tile">{image}<div class="caption">{"".join(lines)}</div></div>'
 
 
-def _gallery(folder: Path, table: pa.Table, indices: np.ndarray, title: str, note: str,
-             empty: str) -> str:
+def _gallery(table: pa.Table, indices: np.ndarray, pictures: _Pictures,
+             full: Mapping[str, dict], title: str, note: str, empty: str) -> str:
   if not indices.size:
     return f'<h3>{_e(title)}</h3><div class="empty">{_e(empty)}</div>'
-  rows = table.take(pa.array(indices, pa.int64())).select(
-      ["id", "status", "landmark_error_relative", "suspect", "suspect_reason", "files"])
-  tiles = "".join(_tile(folder, row) for row in rows.to_pylist())
+  rows = table.take(pa.array(indices, pa.int64())).to_pylist()
+  tiles = "".join(_tile(row, pictures.picture(row, full.get(row["row_uid"]))) for row in rows)
   return (f'<h3>{_e(title)}</h3><p class="note">{note}</p><div class="gallery">{tiles}</div>')
 
 
-def _galleries(folder: Path, table: pa.Table, count: int, seed: int) -> str:
-  worst, sample = gallery_indices(table, count, seed)
-  with_pictures = picture_rows(table).size
-  return ("<h2>Pictures</h2>"
-          f'<p class="note">{with_pictures:,} of {table.num_rows:,} rows have a picture '
-          "(jflame-annotate <code>--overlays</code>); click a thumbnail for the full "
-          "picture.</p>"
-          + _gallery(folder, table, worst, "Worst fits",
-                     "Highest landmark error first, among the fitted rows with a picture.",
-                     "No fitted rows with pictures.")
-          + _gallery(folder, table, sample, "Random fits",
-                     "A random sample of the other rows with a picture.",
-                     "Every row with a picture is among the worst fits above."
-                     if with_pictures else "No rows with pictures."))
+def _galleries(table: pa.Table, pictures: _Pictures, count: int, seed: int) -> str:
+  worst, suspect, sample = gallery_indices(table, count, seed)
+  shown = np.concatenate([worst, suspect, sample])
+  full = pictures.full_rows(table["row_uid"].take(pa.array(shown, pa.int64())).to_pylist())
+  if pictures.draw is not None:
+    how = ("Drawn for this page from each row's source photo and stored fit: the fitted mesh "
+           "(light), detected landmarks (green) and fitted ones (red); click a picture for it "
+           f"at up to {MAX_PICTURE_SIDE} pixels.")
+  else:
+    how = (f"{picture_rows(table).size:,} of {table.num_rows:,} rows have a stored picture "
+           "(jflame-annotate <code>--overlays</code>); <code>jflame-report</code> draws the "
+           "others.")
+  if pictures.note:
+    how += f" {_e(pictures.note)}."
+  return ("<h2>Fits to look at</h2>" f'<p class="note">{how}</p>'
+          + _gallery(table, worst, pictures, full, "Worst fits",
+                     "The highest landmark errors among all fitted rows, highest first.",
+                     "No fitted rows.")
+          + _gallery(table, suspect, pictures, full, "Other suspect fits",
+                     "Suspect fits not among the worst above (flagged for their shape, "
+                     "expression or convergence), highest landmark error first.",
+                     "No other suspect fits.")
+          + _gallery(table, sample, pictures, full, "Random fits",
+                     "A random sample of the other fitted rows.",
+                     "Every fitted row is shown above." if worst.size else "No fitted rows."))
 
 
-def _page(folder: Path, table: pa.Table, settings: Mapping, summary: Optional[Mapping],
+def _page(folder: Path, table: pa.Table, settings: Mapping,
+          summaries: Sequence[Tuple[Path, Optional[Mapping]]], pictures: _Pictures,
           gallery_size: int, seed: int) -> str:
   counts = status_counts(table)
   times_ms, rows = commit_times(table)
-  body = (_header(folder, settings) + _cards(table, counts)
-          + _status_section(table, counts) + _quality_section(table)
-          + _run_section(summary, times_ms, rows)
-          + _galleries(folder, table, gallery_size, seed))
+  missing = source_missing(summaries)
+  body = (_header(folder, settings, len(summaries)) + _cards(table, counts, missing)
+          + _status_section(table, counts) + _missing_section(missing)
+          + _quality_section(table) + _run_section(folder, summaries, times_ms, rows)
+          + _galleries(table, pictures, gallery_size, seed))
   return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
           '<meta name="viewport" content="width=device-width, initial-scale=1">'
           f"<title>jflame report: {_e(folder.resolve().name)}</title>"

@@ -209,7 +209,11 @@ def test_split_runs_cover_every_input_once(tmp_path, command_env):
          "--overlays", "none", *QUICK_FLAGS], cwd=PROJECT_ROOT, env=command_env,
         capture_output=True, text=True, timeout=600)
     assert done.returncode in (0, 1), done.stderr
+    # The first part to finish names the command for the whole; the last one writes it.
+    assert (f"jflame-report {out} writes" in done.stdout) == (part == 0), done.stdout
+    assert (out / "report.html").is_file() == (part == 1)
   assert len(dataset.dataset_folders(out)) == 2
+  assert "2 (a split run, all parts together)" in (out / "report.html").read_text()
   assert _relpaths(out) == [f"photos/p{index}.png" for index in range(4)]
   table = dataset.open(out).to_table(filter=pc.field("status") == "ok")
   assert table.num_rows == 4

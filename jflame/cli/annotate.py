@@ -17,8 +17,11 @@ to its --shard_index and writes <output>/part-<index>-of-<N>; `jflame.dataset.op
 reads all parts. Under jax.distributed the process index and count are the defaults.
 
 At the end (also after a run that had nothing left to do) <output>/report.html is written: one
-self-contained page with status counts, quality histograms, throughput and a gallery of the
-worst and of random fits (`jflame.report`; --noreport skips it). The progress bar shows
+self-contained page with status counts, quality histograms, throughput and galleries of the
+worst, the other suspect and random fits, drawn from their sources whatever --overlays was
+(`jflame.report`; --noreport skips it). In a split run each part writes its own page, and the
+part that finishes when every part has finished writes <output>/report.html about them all;
+`jflame-report <output>` writes it at any time. The progress bar shows
 images/s; it shows a total and an ETA when the inputs are folders or patterns that list within
 a couple of seconds, never for list files, which are streamed (see `sources.cheap_count`).
 Skipped inputs (already in the dataset) count as progress too.
@@ -102,14 +105,15 @@ def _progress_bar(total):
   return tqdm(total=total, unit="image", desc="jflame-annotate", smoothing=0.1, bar_format=form)
 
 
-def _write_report(folder):
-  """report.html in `folder`, or None with a warning: a report that fails costs the page, never
-  the dataset that was just committed."""
+def _write_report(folder, draw):
+  """report.html in `folder` (a dataset, or a split run's output), its galleries drawn by
+  `draw` (`row_pictures.row_drawer`); or None with a warning: a report that fails costs the
+  page, never the dataset that was just committed."""
   from jflame import report
   try:
-    return report.write_report(folder)
+    return report.write_report(folder, draw=draw)
   except Exception as error:  # pylint: disable=broad-except
-    print(f"warning: report.html not written: {error!r}", file=sys.stderr)
+    print(f"warning: report.html not written in {folder}: {error!r}", file=sys.stderr)
     return None
 
 
@@ -185,13 +189,24 @@ def main(argv) -> int:
             run, stream, sink, bar, f"every committed shard is kept in {folder}")
         if summary is None:
           return common.EXIT_INTERRUPTED
-      page = _write_report(folder) if _REPORT.value else None
+      page = whole = None
+      if _REPORT.value:
+        from jflame import report, row_pictures
+        draw = row_pictures.row_drawer(loaded.model)
+        page = _write_report(folder, draw)
+        # Every part finished: this one came last (or at the same time), so it reports on all.
+        if count > 1 and report.all_parts_finished(output):
+          whole = _write_report(output, draw)
   except JFlameError as error:
     return common.usage_error(str(error))
   counts = sink.writer.status_counts()
   print(f"done: this run {summary['this_run']}; the dataset holds {counts} -> {folder}"
         + (f"; report: {page}" if page else "")
         + (f" (compilation cache: {cache})" if cache else "") + common.missing_note(summary))
+  if count > 1:
+    print(f"whole dataset (all {count} parts): " + (
+        f"report: {whole}" if whole else f"once every part has finished, jflame-report {output}"
+        " writes its report.html"))
   return common.EXIT_OK if counts.get("ok", 0) else common.EXIT_NOTHING_FITTED
 
 

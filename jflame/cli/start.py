@@ -44,3 +44,7 @@ def convert_flame():
 
 def build_embedding():
   return start("jflame.cli.build_embedding", "jflame-build-embedding")
+
+
+def report():
+  return start("jflame.cli.report", "jflame-report")
