@@ -67,6 +67,10 @@ DETECTION_MIN_SIDE = 512
 # eyes within this many degrees of level) keeps the level window, as the mesh's own detector
 # levels small rolls itself.
 UPRIGHT_CENTRE_TOLERANCE = 0.2
+# A turned window is used only when it beats the level one by this much. Measured on the shared
+# photos and the astronaut: faces turned by 90, 180 or 270 degrees won by 0.09-0.26; a half-
+# occluded or cut upright face lost to a wrong turn by up to 0.06 (then fitted upside down).
+UPRIGHT_TURN_MARGIN = 0.08
 # A face found only in the photo turned by quarter turns must score this much (`_detect_faces`).
 TURNED_MIN_DETECTION_SCORE = 0.75
 MIN_WINDOW_ROLL_DEGREES = 20.0
@@ -106,7 +110,10 @@ class PreparedImage:
     source_mtime_ns: its modification time in ns since the epoch, as read.
     source_hash: hex SHA-256 (`jflame.sources.hash_bytes`) of exactly the bytes that were decoded.
     upright_scores: (4,) float32 short-range detector scores of the face's window turned 0, 1,
-      2, 3 quarter turns counter-clockwise (`upright_window`); the best turn was fitted.
+      2, 3 quarter turns counter-clockwise (`upright_window`).
+    upright_turns: which of those turns was fitted.
+    upright_score: the detector's score in the window as fitted (`jflame.quality` flags a low
+      one).
 
   `face_mask` and `foreground_mask` are None in `landmarks_only` mode. `message` is not empty on
   an ok record when there is something to know: more than one face, or a very large image.
@@ -132,6 +139,8 @@ class PreparedImage:
   source_mtime_ns: Optional[int] = None
   source_hash: Optional[str] = None
   upright_scores: Optional[np.ndarray] = None
+  upright_turns: Optional[int] = None
+  upright_score: Optional[float] = None
 
   @property
   def ok(self) -> bool:
@@ -207,8 +216,10 @@ def _analyse(pixels: "_Pixels", analyzer: FaceAnalyzer, settings: "_CropSettings
       notes.insert(0, f"{len(detections)} faces; fitted the largest")
     make_record = functools.partial(make_record, num_faces=len(detections),
                                     detection_box=chosen.box, detection_score=chosen.score)
-    window_from_original, window, upright_scores = upright_window(pixels, analyzer, chosen)
-    make_record = functools.partial(make_record, upright_scores=upright_scores)
+    window_from_original, window, scores, turns, score = upright_window(pixels, analyzer,
+                                                                        chosen)
+    make_record = functools.partial(make_record, upright_scores=scores, upright_turns=turns,
+                                    upright_score=score)
     mesh = _mesh_of_detected_face(analyzer.face_landmarks(window), _centred_box(chosen))
     if mesh is None:
       return make_record(status=STATUS_NO_FACE, message=_joined(
@@ -259,7 +270,7 @@ def _framed(pixels: "_Pixels", settings: "_CropSettings", mesh: np.ndarray,
 
 
 def upright_window(pixels: "_Pixels", analyzer: FaceAnalyzer, chosen: FaceDetection
-                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int, float]:
   """The analysis window around a detected face, turned so the face in it is upright.
 
   The face mesh trusts the roll its own detector reads from the eyes, and that detector cannot
@@ -267,14 +278,18 @@ def upright_window(pixels: "_Pixels", analyzer: FaceAnalyzer, chosen: FaceDetect
   put the eyes on the mouth and gave a scrambled mesh whose fit still looked good). So the
   level window is shown to the short-range detector in its four quarter turns: the turn that
   brings the face nearest upright scores highest (measured on real photos at every 30 degrees),
-  and its eye keypoints give the rest of the roll. The window is then cut once more from the
-  original, turned by the whole angle.
+  and its eye keypoints give the rest of the roll. A half-hidden face can score a little higher
+  turned the wrong way, so a turn must beat the level window by `UPRIGHT_TURN_MARGIN`. The
+  window is then cut once more from the original, turned by the whole angle.
 
   Returns:
     window_from_original: (2, 3) similarity, original pixels -> window pixels.
     window: (ANALYSIS_WINDOW_SIZE, ANALYSIS_WINDOW_SIZE, 3) uint8, the face upright in it.
     upright_scores: (4,) float32 the detector's best score near the window centre with the
       window turned 0, 1, 2, 3 times by 90 degrees counter-clockwise (0 where none).
+    upright_turns: the quarter turns of the window fitted.
+    upright_score: the detector's score in the window as fitted (detected again when the
+      window was turned: a face left at 60 degrees by the quarter turns scores low).
   """
   size = ANALYSIS_WINDOW_SIZE
   side = ANALYSIS_WINDOW_SCALE * chosen.size
@@ -284,22 +299,33 @@ def upright_window(pixels: "_Pixels", analyzer: FaceAnalyzer, chosen: FaceDetect
   scores = np.zeros(4, np.float32)
   rolls = np.zeros(4)
   for turns in range(4):
-    turned = np.ascontiguousarray(np.rot90(level, turns))
-    faces = [face for face in analyzer.detect_close_faces(turned)
-             if np.max(np.abs(face.center - center)) < UPRIGHT_CENTRE_TOLERANCE * size]
-    if faces:
-      scores[turns] = faces[0].score
-      right_eye, left_eye = faces[0].keypoints[:2]
+    face = _centred_face(analyzer, np.ascontiguousarray(np.rot90(level, turns)))
+    if face is not None:
+      scores[turns] = face.score
+      right_eye, left_eye = face.keypoints[:2]
       rolls[turns] = np.arctan2(left_eye[1] - right_eye[1], left_eye[0] - right_eye[0])
   best = int(np.argmax(scores))
+  if scores[best] < scores[0] + UPRIGHT_TURN_MARGIN:
+    best = 0   # most photos are upright: a turn must win clearly
   if scores[best] == 0.0:
-    return level_from_original, level, scores
+    return level_from_original, level, scores, best, 0.0
   window_from_original = compose_affine(
       rotation_about(center, -rolls[best]),
       compose_affine(quarter_turns(size, size, best), level_from_original))
   if best == 0 and abs(rolls[best]) < np.deg2rad(MIN_WINDOW_ROLL_DEGREES):
-    return level_from_original, level, scores
-  return window_from_original, pixels.warp(window_from_original, size, side), scores
+    return level_from_original, level, scores, best, float(scores[best])
+  window = pixels.warp(window_from_original, size, side)
+  face = _centred_face(analyzer, window)
+  return window_from_original, window, scores, best, 0.0 if face is None else face.score
+
+
+def _centred_face(analyzer: FaceAnalyzer, window: np.ndarray) -> Optional[FaceDetection]:
+  """The best-scoring short-range detection near the centre of a window, if any."""
+  center = np.array([ANALYSIS_WINDOW_SIZE / 2.0, ANALYSIS_WINDOW_SIZE / 2.0])
+  for face in analyzer.detect_close_faces(window):
+    if np.max(np.abs(face.center - center)) < UPRIGHT_CENTRE_TOLERANCE * ANALYSIS_WINDOW_SIZE:
+      return face
+  return None
 
 
 def _centred_box(detection: FaceDetection) -> np.ndarray:
