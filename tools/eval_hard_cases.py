@@ -1,7 +1,7 @@
 """How well the `suspect` flag separates wrong fits from good ones on photos made hard on purpose.
 
-  python tools/eval_hard_cases.py [--photos ../shared/assets/photos] [--no_astronaut]
-                                  [--output table.md] [--rows rows.csv]
+  python tools/eval_hard_cases.py [--photos ../shared/assets/photos] [--noastronaut]
+                                  [--output docs/ACCURACY.md] [--rows rows.csv]
 
 Every base photo (the shared real photos, and skimage's astronaut) is fitted as it is: that fit
 is the reference. Then altered copies with a known map to the base photo are fitted in the same
@@ -35,16 +35,19 @@ import skimage.data
 from absl import app, flags
 from scipy.spatial.transform import Rotation
 
-from jflame import engine, quality, runner, sources
+from jflame import atomic, engine, quality, runner, sources
 from jflame.camera import apply_affine, invert_affine
 from jflame.config import FitConfig
 from jflame.output import face_size
 from jflame.preprocess.align import warp_affine
+import benchmarking  # tools/ is a folder of scripts: its own folder is on sys.path
 
 _PHOTOS = flags.DEFINE_string("photos", str(Path(__file__).resolve().parents[2] / "shared" /
                                             "assets" / "photos"), "Folder of base photos (*.png).")
 _ASTRONAUT = flags.DEFINE_bool("astronaut", True, "Also use skimage's astronaut as a base photo.")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the Markdown tables here too.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "Put the report in this Markdown file, as its section between "
+    "'<!-- begin eval_hard_cases -->' and '<!-- end ... -->' (appended when it has none).")
 _ROWS = flags.DEFINE_string("rows", None, "Write one CSV row per fitted case here.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Fit batch size.")
 
@@ -295,13 +298,54 @@ def main(argv):
       writer.writerows(rows)
   text = tables(rows)
   print(text)
-  print(f"\nlimits in jflame.quality: {quality.__doc__.splitlines()[0]}")
+  wrong_and_ok = []
   for row in rows:
     if row["status"] == "ok" and row["wrong"] and not row["suspect"]:
+      wrong_and_ok.append(row["name"])
       print(f"wrong and ok: {row['name']}: offset {100 * row['offset']:.1f}%, head "
             f"{row['head_degrees']:.0f} deg, jaw {row['jaw']:.2f}, error {100 * row['error']:.1f}%")
   if _OUTPUT.value:
-    Path(_OUTPUT.value).write_text(text + "\n")
+    output = Path(_OUTPUT.value)
+    old = output.read_text() if output.is_file() else ""
+    section = SECTION.format(
+        device=benchmarking.device_description(), model=loaded.description,
+        bases=len(bases), cases=len(rows) - len(bases), offset=100 * WRONG_LANDMARK_OFFSET,
+        head=WRONG_HEAD_DEGREES, jaw=WRONG_JAW_RADIANS, tables=text,
+        min_upright=quality.MIN_UPRIGHT_SCORE, outside=100 * quality.MAX_LANDMARKS_OUTSIDE,
+        error=100 * quality.MAX_RELATIVE_LANDMARK_ERROR, sigma=quality.MAX_PRIOR_SIGMA,
+        wrong_ok=", ".join(wrong_and_ok) or "none")
+    atomic.write_text(output, benchmarking.with_section(old, "eval_hard_cases", section))
+
+
+SECTION = """## Hard photos: what the `suspect` flag catches
+
+Written by `tools/eval_hard_cases.py` (do not edit by hand; rerun it):
+
+    python tools/eval_hard_cases.py --output docs/ACCURACY.md
+
+Device: {device}. Model: {model}. Landmark mode, default FitConfig.
+
+{bases} base photos (the shared real photos and skimage's astronaut) are fitted as they are, the
+reference; {cases} altered copies with a known map onto them are fitted in the same run: turned
+about the photo's centre; two photos side by side; a grey block over the lower or the left half
+of the face; the photo cut through the face's centre (keeping its right or lower half); the
+photo shrunk until the face is 32 or 40 pixels wide in a 1024 grey frame. A fit is **wrong** when
+its fitted landmarks, mapped back onto the base photo, lie a median of more than {offset:.0f}% of
+the face size from the reference fit's, or its head turns more than {head:.0f} degrees
+differently from the reference's head turned with the image, or its jaw differs by more than
+{jaw} rad; otherwise **good**. "offset" is that median landmark distance (median / max over the
+fitted copies of a kind). A photo where no face was found has no fit (no_face: nothing to trust).
+
+{tables}
+
+Wrong fits left `ok`: {wrong_ok}.
+
+Rules (thresholds in `jflame.quality`): landmark error > {error:.0f}% of face size; shape or
+expression > {sigma:.0f} sigma; not converged; unclear face: the face detector's confidence in
+the upright analysis window < {min_upright} (`PreparedImage.upright_score`); face cut by the
+frame: > {outside:.0f}% of the fitted landmarks outside the photo. Tiny faces (30-40 px) and a
+second face beside the fitted one gave no wrong fit here, so no rule looks at them.
+"""
 
 
 if __name__ == "__main__":
