@@ -71,6 +71,10 @@ UPRIGHT_CENTRE_TOLERANCE = 0.2
 # photos and the astronaut: faces turned by 90, 180 or 270 degrees won by 0.09-0.26; a half-
 # occluded or cut upright face lost to a wrong turn by up to 0.06 (then fitted upside down).
 UPRIGHT_TURN_MARGIN = 0.08
+# A level window that scores this much is taken without trying the turns (each try is one more
+# MediaPipe call: on a loaded 2-core machine the search made preprocessing 1.9x slower). Faces
+# turned 90, 180 or 270 degrees scored at most 0.82 level; upright ones 0.89-0.95.
+UPRIGHT_ENOUGH_SCORE = 0.88
 # A face found only in the photo turned by quarter turns must score this much (`_detect_faces`).
 TURNED_MIN_DETECTION_SCORE = 0.75
 MIN_WINDOW_ROLL_DEGREES = 20.0
@@ -110,7 +114,7 @@ class PreparedImage:
     source_mtime_ns: its modification time in ns since the epoch, as read.
     source_hash: hex SHA-256 (`jflame.sources.hash_bytes`) of exactly the bytes that were decoded.
     upright_scores: (4,) float32 short-range detector scores of the face's window turned 0, 1,
-      2, 3 quarter turns counter-clockwise (`upright_window`).
+      2, 3 quarter turns counter-clockwise (`upright_window`; 0: no face, or not tried).
     upright_turns: which of those turns was fitted.
     upright_score: the detector's score in the window as fitted (`jflame.quality` flags a low
       one).
@@ -286,7 +290,8 @@ def upright_window(pixels: "_Pixels", analyzer: FaceAnalyzer, chosen: FaceDetect
     window_from_original: (2, 3) similarity, original pixels -> window pixels.
     window: (ANALYSIS_WINDOW_SIZE, ANALYSIS_WINDOW_SIZE, 3) uint8, the face upright in it.
     upright_scores: (4,) float32 the detector's best score near the window centre with the
-      window turned 0, 1, 2, 3 times by 90 degrees counter-clockwise (0 where none).
+      window turned 0, 1, 2, 3 times by 90 degrees counter-clockwise (0 where none, or not
+      tried: the level window scored `UPRIGHT_ENOUGH_SCORE`).
     upright_turns: the quarter turns of the window fitted.
     upright_score: the detector's score in the window as fitted (detected again when the
       window was turned: a face left at 60 degrees by the quarter turns scores low).
@@ -304,6 +309,8 @@ def upright_window(pixels: "_Pixels", analyzer: FaceAnalyzer, chosen: FaceDetect
       scores[turns] = face.score
       right_eye, left_eye = face.keypoints[:2]
       rolls[turns] = np.arctan2(left_eye[1] - right_eye[1], left_eye[0] - right_eye[0])
+    if turns == 0 and scores[0] >= UPRIGHT_ENOUGH_SCORE:
+      return level_from_original, level, scores, 0, float(scores[0])
   best = int(np.argmax(scores))
   if scores[best] < scores[0] + UPRIGHT_TURN_MARGIN:
     best = 0   # most photos are upright: a turn must win clearly
@@ -329,19 +336,20 @@ def _centred_face(analyzer: FaceAnalyzer, window: np.ndarray) -> Optional[FaceDe
 
 
 def _centred_box(detection: FaceDetection) -> np.ndarray:
-  """The detection's box, as it lies in any window from `upright_window`: centred, and scaled
-  like the window (a turn about the face's centre keeps a square-ish box where it was)."""
-  half = ANALYSIS_WINDOW_SIZE / (2.0 * ANALYSIS_WINDOW_SCALE)
-  center = ANALYSIS_WINDOW_SIZE / 2.0
-  return np.array([center - half, center - half, center + half, center + half])
+  """The detection's box as it lies in a window from `upright_window`: centred, scaled like the
+  window; turned with the window, a face's near-square box stays about where it was."""
+  scale = ANALYSIS_WINDOW_SIZE / (ANALYSIS_WINDOW_SCALE * detection.size)
+  half = scale * (detection.box[2:] - detection.box[:2]) / 2.0
+  center = np.full(2, ANALYSIS_WINDOW_SIZE / 2.0)
+  return np.concatenate([center - half, center + half])
 
 
 def _detect_faces(pixels: "_Pixels", analyzer: FaceAnalyzer) -> List[FaceDetection]:
   """Faces in original pixels, largest first: on the first decode, and when that is reduced and
   shows none, again on the full-size image, whose tiled search reaches smaller faces; when that
   too shows none, on the first decode turned by 90, 180 and 270 degrees (the full-range
-  detector missed one of the six shared photos upside down, and found it turned back;
-  a turned photo without a face gives false detections more easily: skimage's coffee cup, 0.61)."""
+  detector missed one of the six shared photos upside down, and found it turned back; a turned
+  photo without a face gives false detections more easily: skimage's coffee cup, 0.61)."""
   image, reduction = pixels.first
   detections = analyzer.detect_faces(image)
   if not detections and reduction > 1:
