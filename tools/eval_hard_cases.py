@@ -313,7 +313,9 @@ def main(argv):
         head=WRONG_HEAD_DEGREES, jaw=WRONG_JAW_RADIANS, tables=text,
         min_upright=quality.MIN_UPRIGHT_SCORE, outside=100 * quality.MAX_LANDMARKS_OUTSIDE,
         error=100 * quality.MAX_RELATIVE_LANDMARK_ERROR, sigma=quality.MAX_PRIOR_SIGMA,
-        wrong_ok=", ".join(wrong_and_ok) or "none")
+        wrong_ok=", ".join(wrong_and_ok) or "none",
+        no_wrong=", ".join(kind for kind in dict.fromkeys(row["kind"] for row in rows)
+                           if not any(row["wrong"] for row in rows if row["kind"] == kind)))
     atomic.write_text(output, benchmarking.with_section(old, "eval_hard_cases", section))
 
 
@@ -343,8 +345,8 @@ Wrong fits left `ok`: {wrong_ok}.
 Rules (thresholds in `jflame.quality`): landmark error > {error:.0f}% of face size; shape or
 expression > {sigma:.0f} sigma; not converged; unclear face: the face detector's confidence in
 the upright analysis window < {min_upright} (`PreparedImage.upright_score`); face cut by the
-frame: > {outside:.0f}% of the fitted landmarks outside the photo. Tiny faces (30-40 px) and a
-second face beside the fitted one gave no wrong fit here, so no rule looks at them.
+frame: > {outside:.0f}% of the fitted landmarks outside the photo. Kinds of case without a
+wrong fit in this run (so no rule needs to look at them): {no_wrong}.
 """
 
 
