@@ -190,8 +190,10 @@ def _describe(record: PreparedImage, source: Source, result, meshes, context) ->
   history = arrays["full_loss_history"]
   if np.size(history) == 0:
     history = arrays["rigid_loss_history"]
-  measures = quality.fit_quality(arrays["landmark_error_relative"], arrays["shape"],
-                                 arrays["expression"], history)
+  measures = quality.fit_quality(
+      arrays["landmark_error_relative"], arrays["shape"], arrays["expression"], history,
+      upright_score=getattr(record, "upright_score", None),
+      landmarks_outside=1.0 - float(np.mean(arrays["landmark_weights"] > 0)))
   entry.update(landmark_error_px=arrays["landmark_error_px"], **measures.as_dict())
   arrays.update({key: entry[key] for key in ("source", "source_relpath", "source_size",
                                               "source_mtime_ns", "source_hash")

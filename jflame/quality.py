@@ -8,9 +8,19 @@ reason, so a user can drop bad fits from a million rows with one filter (host si
 * convergence: the relative decrease of the last stage's loss over its last tenth of iterations
   (its last step for the few steps of the Levenberg-Marquardt stage): near 0 when the
   optimisation has settled; a large value means more iterations would still move the fit.
+
+Two more rules look at what preprocessing saw, because a wrong face mesh is fitted well and
+its fit's measures look fine (`tools/eval_hard_cases.py` measures them, docs/ACCURACY.md):
+
+* the face detector's confidence in the upright analysis window
+  (`PreparedImage.upright_scores` at the turn fitted): low for a half-hidden face, whose mesh
+  then invents the hidden half (a jaw open or shut at will), and for a face fitted the wrong
+  way up;
+* the share of the fitted landmarks outside the photo: a face cut by the frame.
 """
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -18,6 +28,13 @@ import numpy as np
 MAX_RELATIVE_LANDMARK_ERROR = 0.05
 MAX_PRIOR_SIGMA = 3.0
 MAX_FINAL_DECREASE = 0.05
+# Detector score in the upright window. Measured on the shared photos and the astronaut
+# (tools/eval_hard_cases.py): clean faces, upright, turned, tiny or beside another face, scored
+# 0.79-0.97; faces half under a grey block 0.72-0.85, the two of them fitted wrong (a jaw 0.2 rad
+# off) 0.74 and 0.76; faces cut in half by the frame 0.57-0.66.
+MIN_UPRIGHT_SCORE = 0.78
+# Share of the fitted landmarks outside the photo (a face cut by the frame).
+MAX_LANDMARKS_OUTSIDE = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +67,17 @@ def final_decrease(loss_history) -> float:
   return float(max(start - history[-1], 0.0) / max(abs(history[-1]), 1e-12))
 
 
-def fit_quality(landmark_error_relative: float, shape, expression, loss_history) -> FitQuality:
-  """The quality of one fit, with `suspect` and a human-readable reason."""
+def fit_quality(landmark_error_relative: float, shape, expression, loss_history, *,
+                upright_score: Optional[float] = None,
+                landmarks_outside: Optional[float] = None) -> FitQuality:
+  """The quality of one fit, with `suspect` and a human-readable reason.
+
+  Args:
+    landmark_error_relative, shape, expression, loss_history: of the fit (module docstring).
+    upright_score: the face detector's score in the analysis window as fitted (`upright_score`
+      of the record); None skips that rule (a source without it, e.g. a video track).
+    landmarks_outside: the share of the fitted landmarks outside the photo; None skips it.
+  """
   measures = FitQuality(
       landmark_error_relative=float(landmark_error_relative),
       shape_prior_sigma=prior_sigma(shape), expression_prior_sigma=prior_sigma(expression),
@@ -64,6 +90,12 @@ def fit_quality(landmark_error_relative: float, shape, expression, loss_history)
     sigma = getattr(measures, f"{group}_prior_sigma")
     if not sigma <= MAX_PRIOR_SIGMA:
       reasons.append(f"{group} {sigma:.1f} sigma from the mean > {MAX_PRIOR_SIGMA:.0f}")
+  if upright_score is not None and not upright_score >= MIN_UPRIGHT_SCORE:
+    reasons.append(f"unclear face: detector confidence {upright_score:.2f} in its upright window "
+                   f"< {MIN_UPRIGHT_SCORE:.2f} (half hidden, or turned the wrong way?)")
+  if landmarks_outside is not None and not landmarks_outside <= MAX_LANDMARKS_OUTSIDE:
+    reasons.append(f"face cut by the frame: {100 * landmarks_outside:.0f}% of the landmarks "
+                   f"outside the photo > {100 * MAX_LANDMARKS_OUTSIDE:.0f}%")
   if not measures.convergence <= MAX_FINAL_DECREASE:
     reasons.append(f"not converged: loss still fell {100 * measures.convergence:.0f}% over the "
                    "last tenth of the iterations")

@@ -59,3 +59,44 @@ def markdown_table(header, rows):
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+# A report file may hold sections written by other tools, each between these markers; a tool
+# that rewrites the file keeps them (`kept_sections`), and a tool replaces its own
+# (`with_section`).
+SECTION_BEGIN = "<!-- begin {} -->"
+SECTION_END = "<!-- end {} -->"
+
+
+def _section_spans(text):
+  """(name, start, end) of every marked section in `text`."""
+  spans = []
+  start = text.find("<!-- begin ")
+  while start >= 0:
+    name = text[start + len("<!-- begin "):text.find(" -->", start)]
+    end_marker = SECTION_END.format(name)
+    end = text.find(end_marker, start)
+    if end < 0:
+      break
+    spans.append((name, start, end + len(end_marker)))
+    start = text.find("<!-- begin ", end)
+  return spans
+
+
+def kept_sections(path) -> str:
+  """The marked sections of the file at `path` (empty when there is none), to append to a
+  report that rewrites that file."""
+  path = Path(path)
+  if not path.is_file():
+    return ""
+  text = path.read_text()
+  return "".join("\n" + text[start:end] + "\n" for _, start, end in _section_spans(text))
+
+
+def with_section(text: str, name: str, section: str) -> str:
+  """`text` with the section `name` replaced by `section` (appended when it has none)."""
+  block = f"{SECTION_BEGIN.format(name)}\n{section.strip()}\n{SECTION_END.format(name)}"
+  for found, start, end in _section_spans(text):
+    if found == name:
+      return text[:start] + block + text[end:]
+  return text.rstrip("\n") + "\n\n" + block + "\n"

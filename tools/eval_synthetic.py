@@ -318,7 +318,8 @@ def main(argv):
       focal_truths=",".join(_FOCAL_TRUTHS.value), focal_draws=_FOCAL_DRAWS.value, **quoted)
   print(report)
   if _OUTPUT.value:
-    atomic.write_text(_OUTPUT.value, report)
+    # Sections other tools wrote into the same file (tools/eval_hard_cases.py) stay.
+    atomic.write_text(_OUTPUT.value, report + benchmarking.kept_sections(_OUTPUT.value))
 
 
 REPORT = """# Accuracy on the synthetic head (known truth)

@@ -139,6 +139,26 @@ def square_window(center: np.ndarray, side: float, size: int) -> np.ndarray:
                    [0.0, scale, size / 2.0 - scale * center[1]]])
 
 
+def quarter_turns(width: float, height: float, turns: int) -> np.ndarray:
+  """The (2, 3) map of a (width, height) image onto itself turned `turns` times by 90 degrees
+  counter-clockwise on screen, as `np.rot90(image, turns)` turns the pixels."""
+  affine = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+  for _ in range(turns % 4):
+    # One turn: the top-right corner becomes the top-left, (x, y) -> (y, width - x).
+    affine = compose_affine(np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, width]]), affine)
+    width, height = height, width
+  return affine
+
+
+def rotation_about(center: np.ndarray, angle: float) -> np.ndarray:
+  """The (2, 3) rotation by `angle` radians (image axes: positive turns x towards y, clockwise
+  on screen) about the point `center`."""
+  cos, sin = np.cos(angle), np.sin(angle)
+  linear = np.array([[cos, -sin], [sin, cos]])
+  center = np.asarray(center, np.float64)
+  return np.concatenate([linear, (center - linear @ center)[:, None]], axis=1)
+
+
 def eye_line_angle(landmarks: np.ndarray) -> float:
   """Angle (radians, image axes: x right, y down) of the line from the subject's right eye to
   the left eye, each the mean of its eyelid contour (not the iris, which moves with gaze)."""

@@ -39,7 +39,7 @@ from jflame.camera import apply_affine, invert_affine
 from jflame.errors import ImageReadError
 from jflame.preprocess.align import (DEFAULT_CROP_SCALE, affine_scale, compose_affine,
                                      crop_from_landmarks, inside_image_mask, points_inside,
-                                     square_window, warp_affine)
+                                     quarter_turns, rotation_about, square_window, warp_affine)
 from jflame.preprocess.image_io import (MAX_REDUCTION, DecodedImage, decode_image,
                                         deduplicate_names, read_source)
 from jflame.preprocess.masks import face_region_mask
@@ -62,6 +62,22 @@ ANALYSIS_WINDOW_SIZE = 384
 # at a 192-pixel copy, and a photo over 1024 pixels is shrunk to 1024 before it anyway
 # (`mediapipe_face.DETECTION_MAX_SIDE`), so this loses none of its reach.
 DETECTION_MIN_SIDE = 512
+# `upright_window`: a detection in a turned window is the chosen face when its centre is within
+# this fraction of the window side of the window's centre; a face already upright (no turn,
+# eyes within this many degrees of level) keeps the level window, as the mesh's own detector
+# levels small rolls itself.
+UPRIGHT_CENTRE_TOLERANCE = 0.2
+# A turned window is used only when it beats the level one by this much. Measured on the shared
+# photos and the astronaut: faces turned by 90, 180 or 270 degrees won by 0.09-0.26; a half-
+# occluded or cut upright face lost to a wrong turn by up to 0.06 (then fitted upside down).
+UPRIGHT_TURN_MARGIN = 0.08
+# A level window that scores this much is taken without trying the turns (each try is one more
+# MediaPipe call: on a loaded 2-core machine the search made preprocessing 1.9x slower). Faces
+# turned 90, 180 or 270 degrees scored at most 0.82 level; upright ones 0.89-0.95.
+UPRIGHT_ENOUGH_SCORE = 0.88
+# A face found only in the photo turned by quarter turns must score this much (`_detect_faces`).
+TURNED_MIN_DETECTION_SCORE = 0.75
+MIN_WINDOW_ROLL_DEGREES = 20.0
 
 ImageSource = Union[str, os.PathLike, np.ndarray]
 
@@ -97,6 +113,11 @@ class PreparedImage:
     source_size: the file's size in bytes (None for an array or a file that could not be read).
     source_mtime_ns: its modification time in ns since the epoch, as read.
     source_hash: hex SHA-256 (`jflame.sources.hash_bytes`) of exactly the bytes that were decoded.
+    upright_scores: (4,) float32 short-range detector scores of the face's window turned 0, 1,
+      2, 3 quarter turns counter-clockwise (`upright_window`; 0: no face, or not tried).
+    upright_turns: which of those turns was fitted.
+    upright_score: the detector's score in the window as fitted (`jflame.quality` flags a low
+      one).
 
   `face_mask` and `foreground_mask` are None in `landmarks_only` mode. `message` is not empty on
   an ok record when there is something to know: more than one face, or a very large image.
@@ -121,6 +142,9 @@ class PreparedImage:
   source_size: Optional[int] = None
   source_mtime_ns: Optional[int] = None
   source_hash: Optional[str] = None
+  upright_scores: Optional[np.ndarray] = None
+  upright_turns: Optional[int] = None
+  upright_score: Optional[float] = None
 
   @property
   def ok(self) -> bool:
@@ -196,11 +220,11 @@ def _analyse(pixels: "_Pixels", analyzer: FaceAnalyzer, settings: "_CropSettings
       notes.insert(0, f"{len(detections)} faces; fitted the largest")
     make_record = functools.partial(make_record, num_faces=len(detections),
                                     detection_box=chosen.box, detection_score=chosen.score)
-    window_side = ANALYSIS_WINDOW_SCALE * chosen.size
-    window_from_original = square_window(chosen.center, window_side, ANALYSIS_WINDOW_SIZE)
-    window = pixels.warp(window_from_original, ANALYSIS_WINDOW_SIZE, window_side)
-    mesh = _mesh_of_detected_face(analyzer.face_landmarks(window),
-                                  _map_box(window_from_original, chosen.box))
+    window_from_original, window, scores, turns, score = upright_window(pixels, analyzer,
+                                                                        chosen)
+    make_record = functools.partial(make_record, upright_scores=scores, upright_turns=turns,
+                                    upright_score=score)
+    mesh = _mesh_of_detected_face(analyzer.face_landmarks(window), _centred_box(chosen))
     if mesh is None:
       return make_record(status=STATUS_NO_FACE, message=_joined(
           f"{label}: {len(detections)} face(s) detected, but the face mesh found no "
@@ -249,15 +273,107 @@ def _framed(pixels: "_Pixels", settings: "_CropSettings", mesh: np.ndarray,
               foreground_mask=foreground_mask)
 
 
+def upright_window(pixels: "_Pixels", analyzer: FaceAnalyzer, chosen: FaceDetection
+                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int, float]:
+  """The analysis window around a detected face, turned so the face in it is upright.
+
+  The face mesh trusts the roll its own detector reads from the eyes, and that detector cannot
+  tell an upside-down face from an upright one (on the shared photos turned by 180 degrees it
+  put the eyes on the mouth and gave a scrambled mesh whose fit still looked good). So the
+  level window is shown to the short-range detector in its four quarter turns: the turn that
+  brings the face nearest upright scores highest (measured on real photos at every 30 degrees),
+  and its eye keypoints give the rest of the roll. A half-hidden face can score a little higher
+  turned the wrong way, so a turn must beat the level window by `UPRIGHT_TURN_MARGIN`. The
+  window is then cut once more from the original, turned by the whole angle.
+
+  Returns:
+    window_from_original: (2, 3) similarity, original pixels -> window pixels.
+    window: (ANALYSIS_WINDOW_SIZE, ANALYSIS_WINDOW_SIZE, 3) uint8, the face upright in it.
+    upright_scores: (4,) float32 the detector's best score near the window centre with the
+      window turned 0, 1, 2, 3 times by 90 degrees counter-clockwise (0 where none, or not
+      tried: the level window scored `UPRIGHT_ENOUGH_SCORE`).
+    upright_turns: the quarter turns of the window fitted.
+    upright_score: the detector's score in the window as fitted (detected again when the
+      window was turned: a face left at 60 degrees by the quarter turns scores low).
+  """
+  size = ANALYSIS_WINDOW_SIZE
+  side = ANALYSIS_WINDOW_SCALE * chosen.size
+  level_from_original = square_window(chosen.center, side, size)
+  level = pixels.warp(level_from_original, size, side)
+  center = np.array([size / 2.0, size / 2.0])
+  scores = np.zeros(4, np.float32)
+  rolls = np.zeros(4)
+  for turns in range(4):
+    face = _centred_face(analyzer, np.ascontiguousarray(np.rot90(level, turns)))
+    if face is not None:
+      scores[turns] = face.score
+      right_eye, left_eye = face.keypoints[:2]
+      rolls[turns] = np.arctan2(left_eye[1] - right_eye[1], left_eye[0] - right_eye[0])
+    if turns == 0 and scores[0] >= UPRIGHT_ENOUGH_SCORE:
+      return level_from_original, level, scores, 0, float(scores[0])
+  best = int(np.argmax(scores))
+  if scores[best] < scores[0] + UPRIGHT_TURN_MARGIN:
+    best = 0   # most photos are upright: a turn must win clearly
+  if scores[best] == 0.0:
+    return level_from_original, level, scores, best, 0.0
+  window_from_original = compose_affine(
+      rotation_about(center, -rolls[best]),
+      compose_affine(quarter_turns(size, size, best), level_from_original))
+  if best == 0 and abs(rolls[best]) < np.deg2rad(MIN_WINDOW_ROLL_DEGREES):
+    return level_from_original, level, scores, best, float(scores[best])
+  window = pixels.warp(window_from_original, size, side)
+  face = _centred_face(analyzer, window)
+  return window_from_original, window, scores, best, 0.0 if face is None else face.score
+
+
+def _centred_face(analyzer: FaceAnalyzer, window: np.ndarray) -> Optional[FaceDetection]:
+  """The best-scoring short-range detection near the centre of a window, if any."""
+  center = np.array([ANALYSIS_WINDOW_SIZE / 2.0, ANALYSIS_WINDOW_SIZE / 2.0])
+  for face in analyzer.detect_close_faces(window):
+    if np.max(np.abs(face.center - center)) < UPRIGHT_CENTRE_TOLERANCE * ANALYSIS_WINDOW_SIZE:
+      return face
+  return None
+
+
+def _centred_box(detection: FaceDetection) -> np.ndarray:
+  """The detection's box as it lies in a window from `upright_window`: centred, scaled like the
+  window; turned with the window, a face's near-square box stays about where it was."""
+  scale = ANALYSIS_WINDOW_SIZE / (ANALYSIS_WINDOW_SCALE * detection.size)
+  half = scale * (detection.box[2:] - detection.box[:2]) / 2.0
+  center = np.full(2, ANALYSIS_WINDOW_SIZE / 2.0)
+  return np.concatenate([center - half, center + half])
+
+
 def _detect_faces(pixels: "_Pixels", analyzer: FaceAnalyzer) -> List[FaceDetection]:
   """Faces in original pixels, largest first: on the first decode, and when that is reduced and
-  shows none, again on the full-size image, whose tiled search reaches smaller faces."""
+  shows none, again on the full-size image, whose tiled search reaches smaller faces; when that
+  too shows none, on the first decode turned by 90, 180 and 270 degrees (the full-range
+  detector missed one of the six shared photos upside down, and found it turned back; a turned
+  photo without a face gives false detections more easily: skimage's coffee cup, 0.61)."""
   image, reduction = pixels.first
   detections = analyzer.detect_faces(image)
   if not detections and reduction > 1:
-    image, reduction = pixels.at(1)
-    detections = analyzer.detect_faces(image)
+    detections = analyzer.detect_faces(pixels.at(1)[0])
+    if detections:
+      return detections
+  if not detections:
+    for turns in (2, 1, 3):
+      original_from_turned = invert_affine(quarter_turns(image.shape[1], image.shape[0], turns))
+      turned = np.ascontiguousarray(np.rot90(image, turns))
+      detections = [_turned_back(detection, original_from_turned)
+                    for detection in analyzer.detect_faces(turned)
+                    if detection.score >= TURNED_MIN_DETECTION_SCORE]
+      if detections:
+        break
   return [_scaled_detection(detection, reduction) for detection in detections]
+
+
+def _turned_back(detection: FaceDetection, original_from_turned: np.ndarray) -> FaceDetection:
+  """A detection in a quarter-turned image, in the image's own pixels."""
+  corners = apply_affine(original_from_turned, detection.box.reshape(2, 2))
+  box = np.concatenate([corners.min(axis=0), corners.max(axis=0)])
+  return FaceDetection(box=box, score=detection.score,
+                       keypoints=apply_affine(original_from_turned, detection.keypoints))
 
 
 def _scaled_detection(detection: FaceDetection, factor: int) -> FaceDetection:
@@ -320,11 +436,6 @@ def _decoded_array(array: np.ndarray) -> DecodedImage:
   height, width = array.shape[:2]
   return DecodedImage(pixels=np.ascontiguousarray(array), reduction=1, width=width,
                       height=height)
-
-
-def _map_box(affine: np.ndarray, box: np.ndarray) -> np.ndarray:
-  """An axis-aligned box through an axis-aligned (scale and shift) affine."""
-  return apply_affine(affine, box.reshape(2, 2)).reshape(4)
 
 
 def _mesh_of_detected_face(meshes: List[np.ndarray], box: np.ndarray) -> Optional[np.ndarray]:
