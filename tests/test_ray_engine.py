@@ -105,7 +105,10 @@ def _annotate(run, photos, folder, loaded):
 
 
 def _rows(folder):
-  return {row["id"]: row for row in dataset.open(folder).to_table().to_pylist()}
+  """Current rows keyed by their source's path under the input folder (one row per id)."""
+  rows = dataset.open(folder).to_table().to_pylist()
+  assert len({row["id"] for row in rows}) == len(rows)
+  return {row["source_relpath"]: row for row in rows}
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +139,8 @@ def _assert_same_rows(got, expected):
   for name, row in got.items():
     want = expected[name]
     assert (row["status"], row["message"]) == (want["status"], want["message"]), name
-    assert (row["source_path"], row["source_size"]) == (want["source_path"],
-                                                      want["source_size"]), name
+    assert (row["id"], row["source_path"], row["source_size"]) == (
+        want["id"], want["source_path"], want["source_size"]), name
     for column in COMPARED:
       if want[column] is None:
         assert row[column] is None, (name, column)
@@ -284,8 +287,9 @@ def test_interrupted_and_killed_ray_runs_resume_to_one_row_per_input(cluster, bo
   assert done.returncode == 0, done.stderr[-3000:]
   summary = json.loads((output / "run_summary.json").read_text())
   assert summary["this_run"]["skipped"] == len(kept)
-  ids = dataset.open(output).to_table(columns=["id"]).column("id").to_pylist()
-  assert sorted(ids) == sorted(path.name for path in photos.iterdir())  # one row each
+  relpaths = dataset.open(output).to_table(columns=["source_relpath"]).column(
+      "source_relpath").to_pylist()
+  assert sorted(relpaths) == sorted(path.name for path in photos.iterdir())  # one row each
   listed = {shard["name"] for shard in dataset.read_index(output)["shards"]}
   assert {path.name for path in (output / "shards").iterdir()} == listed  # no torn leftovers
   rows = _rows(output)
