@@ -431,9 +431,10 @@ def test_pictures_are_drawn_from_the_sources_with_the_dataset_model(fitted, load
   page = report.write_report(fitted, draw=row_pictures.row_drawer(model)).read_text()
   assert "source gone or unreadable" in page and "file does not exist" in page
   assert "source changed since its fit" in page
-  row = dataset.open(fitted).to_table(filter=pc.field("id") == "large.jpg").to_pylist()[0]
+  row = dataset.open(fitted).to_table(
+      filter=pc.field("source_relpath") == "large.jpg").to_pylist()[0]
   assert row["status"] == "ok", row["message"]
-  link, = re.findall(r'<a href="([^"]+)"><img src="[^"]+" alt="large.jpg">', page)
+  link, = re.findall(rf'<a href="([^"]+)"><img src="[^"]+" alt="{re.escape(row["id"])}">', page)
   picture = cv2.cvtColor(cv2.imread(str(fitted / link)), cv2.COLOR_BGR2RGB)
   assert picture.shape == (1229, 2048, 3)
   fitted_points = np.reshape(row["landmarks_fitted_original"], (-1, 2)) * (2048 / 5000)
@@ -452,7 +453,8 @@ def test_without_the_dataset_model_only_landmarks_are_drawn(fitted):
                   model_variant="flame2020")
   model, note = row_pictures.dataset_model(settings, flame_path=None)
   assert model is None and "no FLAME model file" in note
-  row = dataset.open(fitted).to_table(filter=pc.field("id") == "large.jpg").to_pylist()[0]
+  row = dataset.open(fitted).to_table(
+      filter=pc.field("source_relpath") == "large.jpg").to_pylist()[0]
   picture, box = row_pictures.row_drawer(None)(row)
   assert picture.shape == (1229, 2048, 3)
   points = np.reshape(row["landmarks_fitted_original"], (-1, 2)) * (2048 / 5000)
