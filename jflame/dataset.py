@@ -221,6 +221,11 @@ class ShardWriter:
     if self._pending:
       self._commit(self._pending)
       self._pending = []
+    elif not (self.folder / INDEX_NAME).is_file():
+      # A run with nothing to write (a split run's part that no input hashed to) still leaves
+      # a dataset, empty: readers and the split run's whole report find every part.
+      write_text(self.folder / INDEX_NAME, json.dumps(self.index, indent=1) + "\n",
+                 durable=True)
 
   def _check_ids(self, rows: Sequence[dict]) -> None:
     """A row may replace only a row of the same source, and an id appears once per commit:

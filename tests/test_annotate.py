@@ -219,6 +219,17 @@ def test_split_runs_cover_every_input_once(tmp_path, command_env):
   assert table.num_rows == 4
 
 
+def test_a_part_without_inputs_is_an_empty_dataset_that_counts_as_a_part(loaded_model, tmp_path):
+  """Which part an input belongs to follows its id's hash, so a part can get none: it still
+  leaves an index (no rows), so open() and the whole-run report see every part."""
+  out = tmp_path / "out"
+  (tmp_path / "photos").mkdir()
+  _annotate(loaded_model, [tmp_path / "photos"], out / "part-0000-of-0001")
+  assert dataset.dataset_folders(out) == [out / "part-0000-of-0001"]
+  assert dataset.open(out).count_rows() == 0
+  assert dataset.read_index(out / "part-0000-of-0001")["shards"] == []
+
+
 def _rss_kib():
   with open("/proc/self/status") as status:
     return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
