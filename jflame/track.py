@@ -263,22 +263,31 @@ def temporal_penalty(variables: FitVariables, config: TrackConfig, motion_weight
   return total
 
 
-def _coherent_motion(points, difference, both):
-  """Root-mean-square length of the part of a landmark difference (K, 2) that a smooth motion
-  of the face explains: its least-squares fit by a quadratic polynomial of the landmark
-  positions (K, 2), over landmarks `both` (K,) seen. A head turn, a jaw or a blink is smooth
-  over the face; the detector's independent jitter mostly is not, and the fit keeps only
-  6 / K of its energy."""
+def _coherent_motion(points, difference, both, cells: int = 3):
+  """How far the face moved coherently between frames, in the difference's units: over a
+  `cells` x `cells` grid of the face (positions `points` (K, 2)), the least-squares affine fit
+  of the landmark difference (K, 2) in each cell, the largest of their root-mean-square
+  lengths, over landmarks `both` (K,) seen. A head turn, a jaw or a blink moves many
+  neighbouring landmarks alike; the detector's independent jitter does not, and a cell's fit
+  keeps only 3 / (its landmarks) of its energy."""
   weight = both.astype(points.dtype)
   count = jnp.maximum(jnp.sum(weight), 1.0)
   centre = jnp.sum(weight[:, None] * points, 0) / count
-  spread = jnp.sqrt(jnp.sum(weight[:, None] * (points - centre) ** 2) / count) + 1e-6
-  u, v = ((points - centre) / spread).T
-  basis = jnp.stack([jnp.ones_like(u), u, v, u * u, u * v, v * v], axis=1)        # (K, 6)
-  normal = basis.T @ (weight[:, None] * basis) + 1e-6 * jnp.eye(6)
-  coefficients = jnp.linalg.solve(normal, basis.T @ (weight[:, None] * difference))
-  fitted = basis @ coefficients
-  return jnp.sqrt(jnp.sum(weight * jnp.sum(fitted * fitted, -1)) / count)
+  spread = jnp.sqrt(jnp.sum(weight[:, None] * (points - centre) ** 2, 0) / count) + 1e-6
+  normalised = (points - centre) / spread
+  cell = jnp.clip(jnp.floor((normalised + 1.5) / 3.0 * cells), 0, cells - 1).astype(jnp.int32)
+  cell = cell[:, 0] * cells + cell[:, 1]
+  basis = jnp.concatenate([jnp.ones_like(normalised[:, :1]), normalised], axis=1)   # (K, 3)
+
+  def fitted_motion(index):
+    inside = weight * (cell == index)
+    normal = basis.T @ (inside[:, None] * basis) + 1e-4 * jnp.eye(3)
+    coefficients = jnp.linalg.solve(normal, basis.T @ (inside[:, None] * difference))
+    fitted = basis @ coefficients
+    members = jnp.sum(inside)
+    rms = jnp.sqrt(jnp.sum(inside * jnp.sum(fitted * fitted, -1)) / jnp.maximum(members, 1.0))
+    return jnp.where(members >= 12, rms, 0.0)
+  return jnp.max(jax.vmap(fitted_motion)(jnp.arange(cells * cells)))
 
 
 def motion_weights(targets, crop_size: int, config: TrackConfig):
