@@ -8,7 +8,10 @@ batch, not a sequential loop. Shape, focal length and (photometric mode) albedo 
 single leaves shared by all segments; the per-frame leaves of neighbouring segments are pulled
 together where they overlap and cross-faded when the clip is assembled.
 
-The per-frame terms are fit.py's (Charbonnier landmark loss, L2 priors, photometric term).
+The per-frame terms are fit.py's (Charbonnier landmark loss, L2 priors, photometric term). The
+temporal terms smooth noise, not motion: each difference is Charbonnier beyond about twice its
+noise, and its weight falls where the detected landmarks themselves move (`motion_weights`), so
+the data term never gives way before they do.
 Camera rotations are small axis-angles on the left of ONE base rotation for the clip (the
 chordal mean of the per-frame closed-form starts), so differences between frames mean something.
 A frame without a face carries no data term: the temporal priors interpolate it.
@@ -343,6 +346,7 @@ class ClipTargets:
       (T, K).
     valid: (T,) the frame has a face with enough landmarks.
     image, face_mask: photometric mode: (T, S, S, 3) and (T, S, S); else None.
+    motion: (T, 2) `motion_weights` of the differences starting at each frame.
   """
   landmarks: jax.Array
   weights: jax.Array
