@@ -227,3 +227,30 @@ def test_photometric_and_solved_focal_tracks_stay_on_real_landmarks(real_landmar
                            (np.max, 1.25)):
     assert statistic(errors["default"]) <= limit * statistic(errors["independent"]), (
         statistic(errors["default"]), statistic(errors["independent"]))
+
+
+def test_motion_weights_fall_where_the_landmarks_move_and_stop_at_the_last_face():
+  """1 px of independent jitter leaves the weights near 1; a 10 px jump between two frames
+  drops the weights of the differences across it; differences reaching past the last face
+  (padding) get none."""
+  from jflame.track import ClipTargets, motion_weights
+  rng = np.random.default_rng(0)
+  frames, count = 12, 400
+  face = rng.random((count, 2)) * 120 + 60
+  landmarks = np.repeat(face[None], frames, 0) + rng.normal(scale=1.0, size=(frames, count, 2))
+  landmarks[6:] += [10.0, 0.0]             # the head moves between frames 5 and 6
+  valid = np.ones(frames, bool)
+  valid[10:] = False                       # padding after the last face
+  targets = ClipTargets(landmarks=jnp.asarray(landmarks, jnp.float32),
+                        weights=jnp.ones((frames, count)), is_detected=jnp.ones((frames, count),
+                                                                               bool),
+                        valid=jnp.asarray(valid))
+  weights = np.asarray(motion_weights(targets, CROP, CONFIG))
+  velocity, acceleration = weights[:, 0], weights[:, 1]
+  still = [0, 1, 2, 3, 7, 8]
+  assert np.all(velocity[still] > 0.5), velocity
+  assert velocity[5] < 0.02, velocity      # difference 5 -> 6
+  assert acceleration[4] < 0.02 and acceleration[5] < 0.02, acceleration
+  assert np.all(velocity[9:] == 0) and np.all(acceleration[8:] == 0), weights
+  with pytest.raises(Exception, match="motion_scale"):
+    TrackConfig(motion_scale=-1.0)
