@@ -100,3 +100,91 @@ def fit_quality(landmark_error_relative: float, shape, expression, loss_history,
     reasons.append(f"not converged: loss still fell {100 * measures.convergence:.0f}% over the "
                    "last tenth of the iterations")
   return dataclasses.replace(measures, suspect=bool(reasons), suspect_reason="; ".join(reasons))
+
+
+# Clips (jflame-track): rules over a clip's frames, added to the photo rules above. A cut shows
+# in the detected landmarks themselves: from one frame to the next the face's centre moves by
+# more than half its size or its size changes by more than a third (a fast real head turn at
+# 25 frames/s moves it a fifth of its size).
+MAX_CUT_CENTRE_SHIFT = 0.5
+MAX_CUT_SIZE_CHANGE = 1.33
+# A stretch after a cut whose median landmark error is this many times the rest of the clip's is
+# most likely another person's face fitted with the clip's one identity.
+MAX_STRETCH_ERROR_RATIO = 1.5
+# A fitted head that turns more than this between two neighbouring tracked frames (the fit
+# jumped, not the head: 400 degrees / s at 25 frames / s is 16 degrees).
+MAX_POSE_JUMP_DEGREES = 45.0
+
+
+def clip_cuts(detected, found) -> list:
+  """Frames where a new shot starts: (T, K, 2) detected landmarks (any pixels), (T,) found.
+  A frame is a cut when, against the previous frame with a face, the face's centre moved more
+  than MAX_CUT_CENTRE_SHIFT face sizes or its size changed by more than MAX_CUT_SIZE_CHANGE."""
+  cuts, previous = [], None
+  for index in np.flatnonzero(np.asarray(found, bool)):
+    points = np.asarray(detected[index], np.float64)
+    centre = (points.min(axis=0) + points.max(axis=0)) / 2.0
+    extent = np.maximum(np.ptp(points, axis=0), 1e-6)
+    size = float(np.sqrt(extent[0] * extent[1]))
+    if previous is not None:
+      shift = np.linalg.norm(centre - previous[0]) / max(size, previous[1])
+      change = max(size, previous[1]) / min(size, previous[1])
+      if shift > MAX_CUT_CENTRE_SHIFT or change > MAX_CUT_SIZE_CHANGE:
+        cuts.append(int(index))
+    previous = (centre, size)
+  return cuts
+
+
+def _turn_degrees(rotation_a, rotation_b) -> float:
+  """Angle in degrees between two rotations given as (3,) axis-angles."""
+  from scipy.spatial.transform import Rotation
+  turn = Rotation.from_rotvec(rotation_a).inv() * Rotation.from_rotvec(rotation_b)
+  return float(np.degrees(np.linalg.norm(turn.as_rotvec())))
+
+
+def clip_frame_quality(landmark_error_relative, tracked, detected, camera_rotation):
+  """`suspect` (T,) and `suspect_reason` (T,) str of every frame of a tracked clip.
+
+  Args:
+    landmark_error_relative: (T,) relative landmark error (NaN where not tracked).
+    tracked: (T,) frames with a face that were fitted.
+    detected: (T, K, 2) detected landmarks (any pixels; ignored where not tracked).
+    camera_rotation: (T, 3) fitted camera axis-angles.
+  A frame is suspect when it was not fitted (no face: its values are interpolated or held),
+  when its error passes the photos' limit, when a cut starts a stretch whose error is
+  MAX_STRETCH_ERROR_RATIO times the rest of the clip's (another person's face), or when the fit
+  turned more than MAX_POSE_JUMP_DEGREES since the previous tracked frame.
+  """
+  error = np.asarray(landmark_error_relative, np.float64)
+  tracked = np.asarray(tracked, bool)
+  frames = len(tracked)
+  reasons = [[] for _ in range(frames)]
+  for index in np.flatnonzero(~tracked):
+    reasons[index].append("no face detected: values interpolated or held")
+  for index in np.flatnonzero(tracked & ~(error <= MAX_RELATIVE_LANDMARK_ERROR)):
+    reasons[index].append(f"landmark error {100 * error[index]:.1f}% of face size > "
+                          f"{100 * MAX_RELATIVE_LANDMARK_ERROR:.0f}%")
+  cuts = clip_cuts(detected, tracked)
+  bounds = [0] + cuts + [frames]
+  for start, stop in zip(bounds[:-1], bounds[1:]):
+    inside = np.zeros(frames, bool)
+    inside[start:stop] = True
+    here, rest = error[inside & tracked], error[~inside & tracked]
+    if start in cuts:
+      reasons[start].append("a cut: the face jumped from the previous frame with a face")
+    if len(cuts) and here.size and rest.size and (
+        np.median(here) > MAX_STRETCH_ERROR_RATIO * np.median(rest)):
+      for index in np.flatnonzero(inside & tracked):
+        reasons[index].append(
+            f"frames {start}-{stop - 1} (between cuts) fit the clip's face worse: median error "
+            f"{100 * np.median(here):.1f}% against {100 * np.median(rest):.1f}% elsewhere "
+            "(another person?)")
+  rotation = np.asarray(camera_rotation, np.float64)
+  with_face = np.flatnonzero(tracked)
+  for before, after in zip(with_face[:-1], with_face[1:]):
+    turn = _turn_degrees(rotation[before], rotation[after])
+    if turn > MAX_POSE_JUMP_DEGREES:
+      reasons[after].append(f"pose jumped {turn:.0f} degrees from frame {before} > "
+                            f"{MAX_POSE_JUMP_DEGREES:.0f}")
+  suspect = np.asarray([bool(r) for r in reasons])
+  return suspect, np.asarray(["; ".join(r) for r in reasons], object)

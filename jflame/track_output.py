@@ -16,7 +16,7 @@ from jflame.camera import FRONTAL_ROTATION
 STATUS_TRACKED = "tracked"
 STATUS_INTERPOLATED = "interpolated"   # no face; values interpolated between tracked frames
 STATUS_NO_FACE = "no_face"             # no face before the first / after the last tracked frame
-TABLE_FORMAT_VERSION = 1
+TABLE_FORMAT_VERSION = 2   # 2: suspect and suspect_reason columns
 
 
 def frame_statuses(tracked: np.ndarray) -> np.ndarray:
@@ -130,8 +130,10 @@ def write_overlay_video(path, frames: Iterable[np.ndarray], fps: float, mesh_pix
 
 def plot_track(path, times: np.ndarray, status: np.ndarray, head_degrees: np.ndarray,
                translation: np.ndarray, jaw: np.ndarray, expression: np.ndarray,
-               landmark_error: np.ndarray) -> None:
-  """A PNG of the main parameters over time; frames without a face are shaded."""
+               landmark_error: np.ndarray, suspect=None) -> None:
+  """A PNG of the main parameters over time; frames without a face are shaded. The landmark
+  error (NaN where no face was fitted: a gap in its line, not a zero) is titled with its median,
+  p90 and max; `suspect` (T,) frames are marked on it."""
   import matplotlib  # lazily: only this writer needs it
   matplotlib.use("Agg")
   from matplotlib import pyplot
@@ -144,6 +146,8 @@ def plot_track(path, times: np.ndarray, status: np.ndarray, head_degrees: np.nda
       ("expression", expression[:, :5], tuple(f"e{i}" for i in range(min(5, expression.shape[1])))),
       ("landmark error (px)", landmark_error[:, None], ("mean",)),
   ]
+  error = np.asarray(landmark_error, np.float64)
+  fitted = error[np.isfinite(error)]
   gaps = np.asarray(status) != STATUS_TRACKED
   for axis, (title, values, labels) in zip(axes, series):
     for column, label in zip(np.asarray(values).T, labels):
@@ -152,7 +156,15 @@ def plot_track(path, times: np.ndarray, status: np.ndarray, head_degrees: np.nda
       axis.axvspan(times[index] - 0.5 * _step(times), times[index] + 0.5 * _step(times),
                    color="0.85", linewidth=0)
     axis.set_ylabel(title, fontsize=8)
-    axis.legend(fontsize=7, loc="upper right", ncol=len(labels))
+    if axis is axes[-1]:
+      if suspect is not None and np.any(suspect):
+        marked = np.asarray(suspect, bool) & np.isfinite(error)
+        axis.plot(times[marked], error[marked], "x", color="red", markersize=4, label="suspect")
+      if fitted.size:
+        axis.set_title(f"landmark error: median {np.median(fitted):.2f} px, p90 "
+                       f"{np.percentile(fitted, 90):.2f} px, max {fitted.max():.2f} px",
+                       fontsize=8)
+    axis.legend(fontsize=7, loc="upper right", ncol=len(labels) + 1)
     axis.grid(alpha=0.3)
   axes[-1].set_xlabel("time (s); grey: no face (interpolated or held)")
   figure.tight_layout()

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from jflame import output, track_output
+from jflame import output, quality, track_output
 from jflame.camera import apply_affine, invert_affine
 from jflame.errors import InputError
 from jflame.manifest import write_json
@@ -56,6 +56,15 @@ def solved_focal_note(focal_length: float, frames_used: int) -> Optional[str]:
     return (f"solved from {frames_used} frame(s) with a face: so few determine a focal length "
             "weakly; without --solve_focal the fit assumes the default field of view")
   return None
+
+
+def error_percentiles(name: str, values: np.ndarray) -> dict:
+  """{name_median, name_p90, name_max} of the tracked frames' errors (None without any): a track
+  is judged by its worst frames, not its median."""
+  values = np.asarray(values, np.float64)
+  figures = dict(median=50, p90=90, max=100)
+  return {f"{name}_{key}": float(np.percentile(values, q)) if values.size else None
+          for key, q in figures.items()}
 
 
 def read_landmarks(source, max_frames: int = 0, default_fps: float = 25.0,
@@ -172,6 +181,9 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
       landmarks_fitted=fitted,
       landmark_error_px=error_px,
       landmark_error_relative=error_relative)
+  suspect, suspect_reason = quality.clip_frame_quality(
+      error_relative, tracked, detected, np.asarray(camera.rotation))
+  columns.update(suspect=suspect, suspect_reason=suspect_reason.astype(str))
   if result.photometric_error is not None:
     columns["photometric_error"] = np.asarray(result.photometric_error)
   shape = np.asarray(params.shape[0])
@@ -186,7 +198,7 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
     track_output.plot_track(out / "track.png", times, status, columns["head_rotation_deg"],
                             np.asarray(camera.translation), np.asarray(params.jaw_rotation),
                             np.asarray(params.expression),
-                            np.nan_to_num(columns["landmark_error_px"]))
+                            columns["landmark_error_px"], suspect)
     files.append("track.png")
   timings["write_s"] = time.perf_counter() - clock
   if options.write_overlay:
@@ -208,9 +220,9 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
       finished=datetime.datetime.now(datetime.timezone.utc).isoformat(), counts=counts,
       shape=shape.tolist(), crop_from_frame=crop_from_frame, crop_size=crop_size,
       focal_length_frame_px=float(cameras[0]["focal_length"]),
-      landmark_error_px_median=float(np.median(error_px[tracked])) if tracked.any() else None,
-      landmark_error_relative_median=(float(np.median(error_relative[tracked]))
-                                      if tracked.any() else None),
+      **error_percentiles("landmark_error_px", error_px[tracked]),
+      **error_percentiles("landmark_error_relative", error_relative[tracked]),
+      suspect_frames=int(np.sum(suspect)),
       files=files + ["manifest.json"], timings=timings)
   write_json(out / "manifest.json", manifest)
   return manifest

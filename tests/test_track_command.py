@@ -58,7 +58,19 @@ def test_a_clip_gives_a_row_per_frame_an_overlay_video_a_plot_and_a_manifest(cli
   extent = detected.max(axis=1) - detected.min(axis=1)
   np.testing.assert_allclose(table.column("landmark_error_relative").to_pylist(),
                              error_px / np.sqrt(extent[:, 0] * extent[:, 1]), rtol=1e-5)
-  assert 0.0 < manifest_of(out)["landmark_error_relative_median"] < 0.1
+  manifest = manifest_of(out)
+  relative = np.asarray(table.column("landmark_error_relative").to_pylist())
+  # A track is judged by its worst frames: the manifest has p90 and max beside the median.
+  assert 0.0 < manifest["landmark_error_relative_median"] < 0.1
+  assert manifest["landmark_error_relative_p90"] == pytest.approx(np.percentile(relative, 90))
+  assert manifest["landmark_error_relative_max"] == pytest.approx(relative.max())
+  assert manifest["landmark_error_px_max"] == pytest.approx(error_px.max())
+  # Each row says whether to trust it, as photos do.
+  suspect = table.column("suspect").to_pylist()
+  reasons = table.column("suspect_reason").to_pylist()
+  assert [bool(r) for r in reasons] == suspect
+  assert manifest["suspect_frames"] == sum(suspect)
+  assert not any(suspect[i] for i in range(FRAMES) if relative[i] <= 0.05), reasons
   video = cv2.VideoCapture(str(out / "overlay.mp4"))
   assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == FRAMES
   assert (int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))) \

@@ -214,6 +214,8 @@ def _fmt(value, digits=2, signed=False):
   return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+
+
 def main(argv):
   del argv
   loaded = runner.load_model(None, None)
@@ -318,7 +320,7 @@ def main(argv):
       focal_truths=",".join(_FOCAL_TRUTHS.value), focal_draws=_FOCAL_DRAWS.value, **quoted)
   print(report)
   if _OUTPUT.value:
-    # Sections other tools wrote into the same file (tools/eval_hard_cases.py) stay.
+    # Sections other tools wrote into the same file (tools/eval_hard_cases.py; the video-tracking section from tools/track_accuracy.py) stay.
     atomic.write_text(_OUTPUT.value, report + benchmarking.kept_sections(_OUTPUT.value))
 
 
