@@ -12,7 +12,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import jax
 import numpy as np
@@ -67,14 +67,13 @@ def error_percentiles(name: str, values: np.ndarray) -> dict:
           for key, q in figures.items()}
 
 
-def read_landmarks(source, max_frames: int = 0, default_fps: float = 25.0,
-                   progress: Optional[Callable[[int], None]] = None):
-  """Landmarks of every frame of a clip in tracking mode.
+def frames_landmarks(frames: Iterable[np.ndarray], max_frames: int = 0,
+                     progress: Optional[Callable[[int], None]] = None):
+  """Landmarks of RGB frames in MediaPipe's tracking mode.
 
   Returns:
-    (VideoInfo, landmarks (T, 478, 2) float32 frame pixels (zeros where none), found (T,)).
+    (landmarks (T, 478, 2) float32 frame pixels (zeros where none), found (T,) bool).
   """
-  info, frames = open_clip(source, default_fps)
   points, found = [], []
   with VideoLandmarker() as landmarker:
     for frame in frames:
@@ -86,8 +85,22 @@ def read_landmarks(source, max_frames: int = 0, default_fps: float = 25.0,
       if max_frames and len(points) >= max_frames:
         break
   if not points:
+    return np.zeros((0, 478, 2), np.float32), np.zeros(0, bool)
+  return np.stack(points), np.asarray(found, bool)
+
+
+def read_landmarks(source, max_frames: int = 0, default_fps: float = 25.0,
+                   progress: Optional[Callable[[int], None]] = None):
+  """Landmarks of every frame of a clip in tracking mode.
+
+  Returns:
+    (VideoInfo, landmarks (T, 478, 2) float32 frame pixels (zeros where none), found (T,)).
+  """
+  info, frames = open_clip(source, default_fps)
+  landmarks, found = frames_landmarks(frames, max_frames, progress)
+  if not len(found):
     raise InputError(f"{source}: no frames could be read.")
-  return info, np.stack(points), np.asarray(found, bool)
+  return info, landmarks, found
 
 
 def _frames(source, count: int, default_fps: float):

@@ -142,21 +142,15 @@ def real_landmarks():
   """MediaPipe's landmarks (tracking mode) of the shared clip and of a shaken shared photo,
   read once for the module: {name: ((T, 478, 2), found (T,))}."""
   import cv2
-  from jflame.preprocess.video import VideoLandmarker
-  from jflame.track_runner import read_landmarks
+  from jflame.track_runner import frames_landmarks, read_landmarks
   if not CLIP.is_file():
     pytest.skip(f"no shared clip at {CLIP}")
   _, landmarks, found = read_landmarks(str(CLIP))
   photo = cv2.cvtColor(cv2.imread(str(shared_photos()[0])), cv2.COLOR_BGR2RGB)
-  points, seen = [], []
-  with VideoLandmarker() as landmarker:
-    for frame in shaken_photo(photo):
-      detected = landmarker.landmarks(frame)
-      seen.append(detected is not None)
-      points.append(detected if detected is not None else np.zeros((478, 2), np.float32))
+  points, seen = frames_landmarks(shaken_photo(photo))
   return {"clip": (landmarks, found), "clip every 3rd frame": (landmarks[::3], found[::3]),
           "clip every 5th frame": (landmarks[::5], found[::5]),
-          "shaken photo": (np.stack(points), np.asarray(seen))}
+          "shaken photo": (points, seen)}
 
 
 def relative_errors(loaded, config, landmarks, found, crop_size=256):

@@ -42,18 +42,6 @@ def shaken_photo_frames(photo, frames=60, size=384, fps=25.0, roll_degrees=20.0,
   return out, angle
 
 
-def frame_landmarks(frames):
-  """MediaPipe tracking-mode landmarks of RGB frames: ((T, 478, 2), found (T,))."""
-  from jflame.preprocess.video import VideoLandmarker
-  points, found = [], []
-  with VideoLandmarker() as landmarker:
-    for frame in frames:
-      detected = landmarker.landmarks(frame)
-      found.append(detected is not None)
-      points.append(detected if detected is not None else np.zeros((478, 2), np.float32))
-  return np.stack(points), np.asarray(found, bool)
-
-
 def cached(path, compute):
   if path is not None and Path(path).is_file():
     data = np.load(path)
@@ -100,11 +88,11 @@ def main(argv):
   del argv
   from jflame import runner
   from jflame.track import TrackConfig
+  from jflame.track_runner import frames_landmarks, read_landmarks
   cache = Path(_CACHE.value) if _CACHE.value else None
   loaded = runner.load_model(None, None, 0, None)
   clips = {}
   if _CLIP.value:
-    from jflame.track_runner import read_landmarks
     landmarks, found = cached(cache and cache / "clip.npz",
                               lambda: read_landmarks(_CLIP.value)[1:])
     for drop in map(int, _DROPS.value):
@@ -113,7 +101,7 @@ def main(argv):
     import cv2
     photo = cv2.cvtColor(cv2.imread(_PHOTO.value), cv2.COLOR_BGR2RGB)
     clips["photo shaken"] = cached(cache and cache / "shaken.npz",
-                                   lambda: frame_landmarks(shaken_photo_frames(photo)[0]))
+                                   lambda: frames_landmarks(shaken_photo_frames(photo)[0]))
   figures = {}
   for name, (landmarks, found) in clips.items():
     for factor in map(float, _SMOOTHING.value):
