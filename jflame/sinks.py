@@ -49,8 +49,8 @@ class FilesSink(Sink):
     self.faces = np.asarray(faces)
     self.model_name, self.mesh_format, self.pictures = model_name, mesh_format, pictures
     self._entries = manifest.read_entries(self.folder)
-    self._retiring = [name for name, entry in self._entries.items()
-                      if manifest.is_older_entry(entry)]
+    self._retiring = {name: entry for name, entry in self._entries.items()
+                      if manifest.is_older_entry(entry)}
     if self._retiring and not retire_older_names:
       raise ConfigError(
           f"{self.folder} holds {len(self._retiring)} results named by an older jflame (names "
@@ -93,16 +93,15 @@ class FilesSink(Sink):
     return [f"{name}.npz"] + files
 
   def _retire_older(self) -> None:
-    entries = manifest.read_entries(self.folder)
     retired = []
-    for name in self._retiring:
-      for file_name in entries[name].get("files", []):
+    for name, entry in self._retiring.items():
+      for file_name in entry.get("files", []):
         path = self.folder / Path(file_name).name  # only this folder's own files
         if path.is_file():
           path.unlink()
       retired.append(dict(name=name, status=manifest.STATUS_RETIRED))
     manifest.append_entries(self.folder, retired)
-    self._retiring = []
+    self._retiring = {}
 
   def close(self, summary: Mapping) -> None:
     entries = list(self._entries.values())
