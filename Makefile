@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-device device-check test-ray demo bench mutation mutation-sample clean
+.PHONY: install test test-fast test-slow test-device device-check test-ray demo bench mutation mutation-sample clean
 
 install: $(STAMP)
 
@@ -16,8 +16,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,ray]"
 	touch $(STAMP)
 
+# Two tiers (tests/conftest.py lists them; docs/TESTING.md): the fast one first, so a change
+# learns of its first failure within minutes. A worker that dies ends the run (no restart: a
+# restarted worker once waited forever on the dead one's Ray cluster).
+PYTEST := $(PY) -m pytest -q -n 2 --max-worker-restart 0 $(PYTEST_ARGS)
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PYTEST) -m "not slow"
+	$(PYTEST) -m slow --dist loadfile
+
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow"
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow --dist loadfile
 
 # The numerical suites (forward model, renderer, fits) with the machine's own python, for an
 # accelerator or any bare image with JAX, NumPy, SciPy, optax, flax, absl-py and pytest: no

@@ -60,10 +60,34 @@ def random_flame_arrays(seed=0, num_vertices=60, num_faces=80, num_shape=12, num
       J=np.zeros((5, 3)))
 
 
+# Two tiers (`make test-fast`, `make test-slow`; `make test` runs both, fast first). Every test
+# file is in one list (tests/test_layout.py checks it). The fast tier: unit suites, engine, dataset,
+# source and config rules, small-model fits; a test in a fast file that starts a command or fits
+# the FLAME-size head carries `@pytest.mark.slow`. The slow tier: commands as subprocesses,
+# FLAME-size fits, MediaPipe on photographs, rasterizer gradients and recoveries. SLOW_SUITES
+# runs longest first (measured, docs/TESTING.md), so that the two workers finish together.
+SLOW_SUITES = ("test_track_motion", "test_annotate", "test_track", "test_solve", "test_ray_engine",
+               "test_fit", "test_fit_hostile", "test_output_files", "test_fit_command", "test_ids",
+               "test_track_command", "test_fit_photometric", "test_fit_behaviour",
+               "test_bare_image", "test_rotated_photos", "test_render_recovery",
+               "test_render_gradients", "test_sharding")
+FAST_SUITES = ("test_build_embedding", "test_flame", "test_flame_files", "test_flame_io",
+               "test_init", "test_initializers_onnx", "test_landmarks", "test_layout",
+               "test_optim", "test_preprocess_align", "test_preprocess_batch",
+               "test_preprocess_image_io", "test_preprocess_pipeline", "test_render_albedo",
+               "test_render_rasterize", "test_render_reference", "test_render_shading",
+               "test_report", "test_synthetic", "test_track_quality")
+
+
 def pytest_collection_modifyitems(items):
   for item in items:
     if item.path.stem in DEVICE_SUITES:
       item.add_marker(pytest.mark.device)
+    if item.path.stem in SLOW_SUITES:
+      item.add_marker(pytest.mark.slow)
+  # Longest files first (a stable sort keeps each file's own order); the fast files after.
+  rank = {stem: index for index, stem in enumerate(SLOW_SUITES)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 
 
 @pytest.fixture
@@ -92,26 +116,55 @@ def loaded_model():
 
 @pytest.fixture(scope="module")
 def command_env(tmp_path_factory):
-  """Environment for running a command as a subprocess: its own JFLAME_HOME, so the
-  compilation cache is the test module's own (shared by its commands), and this checkout on
-  the path."""
+  """Environment for running a command as a subprocess: its own JFLAME_HOME, whose compiled
+  programs and synthetic head come from the suite's shared folder (`share_caches`), and this
+  checkout on the path."""
   home = tmp_path_factory.mktemp("jflame_home")
   share_caches(home)
   return dict(os.environ, JFLAME_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
 
 
+def suite_cache_folder() -> Path:
+  """The folder whose compiled programs and synthetic head every test process and command of
+  the suite shares: $JFLAME_TEST_CACHE (tools/mutation_sample.py points it at its own), or
+  .pytest_cache/jflame_home in this checkout, so a second `make test` starts warm. Compiled
+  programs are keyed by their HLO and the head by its generating code, so a stale entry is
+  never used; `make clean` removes the folder."""
+  return Path(os.environ.get("JFLAME_TEST_CACHE") or PROJECT_ROOT / ".pytest_cache" / "jflame_home")
+
+
 def share_caches(home):
-  """Under tools/mutation_sample.py (JFLAME_MUTATION_CACHE set) a command's JFLAME_HOME takes
-  its compiled programs and synthetic head from one shared folder, so each mutant's commands
-  compile only what the mutant changed. Without it every home starts empty, as a user's does."""
-  shared = os.environ.get("JFLAME_MUTATION_CACHE")
-  if not shared:
-    return
+  """Links a command's JFLAME_HOME to the suite's shared compiled programs and synthetic head,
+  so commands compile what an earlier test compiled once instead of once per test module."""
   for name in ("compilation_cache", "synthetic"):
-    (Path(shared) / name).mkdir(parents=True, exist_ok=True)
+    shared = suite_cache_folder() / name
+    shared.mkdir(parents=True, exist_ok=True)
     link = Path(home) / name
     if not link.exists():
-      link.symlink_to(Path(shared) / name, target_is_directory=True)
+      link.symlink_to(shared, target_is_directory=True)
+
+
+def pytest_configure(config):
+  """The tests' own JAX programs also go through the shared persistent compilation cache (the
+  two workers and both tiers compile most of the same fits), and are released after each test
+  module (`release_compiled_programs`)."""
+  import jax
+  folder = suite_cache_folder() / "in_process"
+  folder.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+  """Frees every compiled program after each test module. Each compiled XLA:CPU program holds
+  a few memory mappings, and a test worker that compiled a whole suite's programs reached the
+  kernel's limit of 65530 mappings per process (vm.max_map_count); the next compile then
+  crashed with SIGSEGV. The persistent cache above makes a later module's recompile a load."""
+  yield
+  import gc
+  import jax
+  jax.clear_caches()
+  gc.collect()
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,6 +2,7 @@
 MediaPipe lands near the known one."""
 
 import numpy as np
+import pytest
 
 from jflame import embedding_builder, synthetic
 from jflame.preprocess import FaceAnalyzer
@@ -26,6 +27,7 @@ def test_closest_surface_point_matches_dense_sampling():
     assert np.all(bary >= -1e-6) and abs(bary.sum() - 1) < 1e-6
 
 
+@pytest.mark.slow
 def test_embedding_built_from_renders_lands_near_the_known_one():
   model, known = synthetic.synthetic_flame("flame", seed=0)
   with FaceAnalyzer() as analyzer:

@@ -129,6 +129,7 @@ def _to_float64(tree):
                       if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree)
 
 
+@pytest.mark.slow
 def test_gradients_full_mesh_and_fast_path():
   arrays = random_flame_arrays(num_vertices=30, num_faces=40)
   rng = np.random.default_rng(5)

@@ -159,6 +159,7 @@ def test_flame_size_pickle_loads_as_flame_2020(flame_size_files):
   np.testing.assert_array_equal(model.faces, arrays["f"])
 
 
+@pytest.mark.slow
 def test_jflame_fit_with_a_flame_file_and_an_embedding(flame_size_files, tmp_path):
   """`jflame-fit --flame_model generic_model.pkl --embedding ...npz` fits a real photo with the
   given model and its 105 landmarks: status ok, landmarks within 2% of the face size, the

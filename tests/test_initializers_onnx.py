@@ -431,6 +431,7 @@ def test_providers_prefer_cuda_then_cpu(models):
   assert "CPUExecutionProvider" in DecaEncoder.load(models["deca"]).model.providers
 
 
+@pytest.mark.slow
 def test_encoder_guess_drives_the_fit_and_is_refused_for_other_head_models(models, three_records,
                                                                            tmp_path):
   """A MICA shape reaches the fit through the runner's guess; with a model that is not FLAME

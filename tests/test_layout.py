@@ -287,3 +287,34 @@ def test_variant_travels_with_a_converted_file(tmp_path, flame_size_arrays):
   assert flame_io.load_flame(converted).variant == "flame2020"
   with np.load(converted) as data:
     assert str(data["variant"]) == "flame2020"
+
+
+def test_every_test_file_belongs_to_exactly_one_tier():
+  """`make test-fast` and `make test-slow` together run every test file: each file is listed in
+  one tier in tests/conftest.py, and every listed name is a file."""
+  from tests import conftest
+  files = {path.stem for path in (PROJECT_ROOT / "tests").glob("test_*.py")}
+  fast, slow = set(conftest.FAST_SUITES), set(conftest.SLOW_SUITES)
+  assert len(fast) == len(conftest.FAST_SUITES) and len(slow) == len(conftest.SLOW_SUITES)
+  assert not fast & slow, fast & slow
+  assert files - fast - slow == set(), f"in no tier: {sorted(files - fast - slow)}"
+  assert (fast | slow) - files == set(), f"listed but not a file: {sorted((fast | slow) - files)}"
+
+
+def test_the_tiers_split_the_suite_as_the_markers_say(tmp_path):
+  """Collection alone: the fast tier holds no test of a slow file, the slow tier the tests marked
+  slow in fast files as well as every test of a slow file."""
+  def collected(*args):
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", *args], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {line for line in done.stdout.splitlines() if "::" in line}
+  from tests import conftest
+  fast, slow = collected("-m", "not slow"), collected("-m", "slow")
+  assert fast and slow and not fast & slow
+  assert not any(test.split("::")[0][len("tests/"):-3] in conftest.SLOW_SUITES for test in fast)
+  assert ("tests/test_report.py::test_jflame_report_writes_the_page_of_a_dataset_or_a_split_run"
+          in slow)
+  assert any(test.startswith("tests/test_track_motion.py::") for test in slow)
+  assert any(test.startswith("tests/test_flame.py::") for test in fast)

@@ -69,12 +69,11 @@ def mutated_source(path: Path, mutation_id) -> str:
 def run_tests(tests, timeout, cache):
   """(outcome, seconds): 'killed' (a test failed), 'survived' or 'timeout'.
 
-  Every run shares one persistent compilation cache (`cache`; the commands the tests start get
-  theirs through JFLAME_MUTATION_CACHE), so a mutant recompiles only the programs it changes:
-  most of a test run's time on a CPU is compiling."""
+  Every run shares one persistent compilation cache (`cache`, the tests' JFLAME_TEST_CACHE:
+  their own programs and those of the commands they start), so a mutant recompiles only the
+  programs it changes: most of a test run's time on a CPU is compiling."""
   start = time.perf_counter()
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-             JFLAME_MUTATION_CACHE=str(Path(cache) / "commands"),  # tests/conftest.py
+  env = dict(os.environ, JFLAME_TEST_CACHE=str(cache),  # tests/conftest.py
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   try:
