@@ -37,20 +37,64 @@ def head_rotation_degrees(camera_rotation: np.ndarray) -> np.ndarray:
   return np.degrees(head.as_rotvec())
 
 
-def _column(array: np.ndarray) -> pa.Array:
-  """A NumPy (T, ...) array as a column of nested fixed-size lists (one row per frame)."""
-  array = np.ascontiguousarray(array)
-  if array.ndim == 1:
-    return pa.array(array)
-  column = pa.array(array.reshape(-1))
-  for size in reversed(array.shape[1:]):
+# The columns of track.parquet, in order: (name, value type, per-frame shape). A size "E" is the
+# clip's expression count, "K" its landmark count (metadata `landmark_indices`); a shape makes
+# nested fixed-size lists, e.g. (K, 2) a list of K (x, y) lists.
+_F32, _F64 = pa.float32(), pa.float64()
+TABLE_COLUMNS = (
+    ("frame", pa.int64(), ()), ("time_s", _F64, ()), ("status", pa.string(), ()),
+    ("expression", _F32, ("E",)), ("jaw_rotation", _F32, (3,)), ("neck_rotation", _F32, (3,)),
+    ("global_rotation", _F32, (3,)), ("left_eye_rotation", _F32, (3,)),
+    ("right_eye_rotation", _F32, (3,)), ("head_rotation_deg", _F64, (3,)),
+    ("camera_rotation", _F32, (3,)), ("camera_translation", _F32, (3,)),
+    ("camera_focal_length", _F32, ()), ("camera_principal_point", _F32, (2,)),
+    ("frame_camera_rotation", _F64, (3,)), ("frame_camera_translation", _F64, (3,)),
+    ("frame_camera_focal_length", _F64, ()), ("frame_camera_principal_point", _F64, (2,)),
+    ("landmarks_detected", _F64, ("K", 2)), ("landmarks_fitted", _F64, ("K", 2)),
+    ("landmark_error_px", _F32, ()), ("landmark_error_relative", _F64, ()),
+    ("suspect", pa.bool_(), ()), ("suspect_reason", pa.string(), ()),
+    ("photometric_error", _F32, ()))
+PHOTOMETRIC_COLUMNS = ("photometric_error",)   # only in photometric mode
+
+
+def table_schema(num_expression: int, num_landmarks: int, photometric: bool) -> pa.Schema:
+  """The schema of a clip's track.parquet (without its metadata)."""
+  sizes = dict(E=num_expression, K=num_landmarks)
+  fields = []
+  for name, value_type, shape in TABLE_COLUMNS:
+    if name in PHOTOMETRIC_COLUMNS and not photometric:
+      continue
+    for size in reversed(shape):
+      value_type = pa.list_(value_type, sizes.get(size, size))
+    fields.append(pa.field(name, value_type))
+  return pa.schema(fields)
+
+
+def _column(array: np.ndarray, column_type: pa.DataType) -> pa.Array:
+  """A NumPy (T, ...) array as a column of `column_type` (nested fixed-size lists of one value
+  type: one row per frame)."""
+  sizes = []
+  while pa.types.is_fixed_size_list(column_type):
+    sizes.append(column_type.list_size)
+    column_type = column_type.value_type
+  array = np.asarray(array, column_type.to_pandas_dtype())
+  if array.shape[1:] != tuple(sizes):
+    raise ValueError(f"an array of shape {array.shape} for a column of (T, *{sizes})")
+  column = pa.array(np.ascontiguousarray(array).reshape(-1), column_type)
+  for size in reversed(sizes):
     column = pa.FixedSizeListArray.from_arrays(column, size)
   return column
 
 
-def write_table(path, columns: Dict[str, np.ndarray], metadata: Dict[str, str]) -> None:
-  """One Parquet file, one row per frame; `metadata` goes into the schema (JSON strings)."""
-  table = pa.table({name: _column(np.asarray(values)) for name, values in columns.items()})
+def write_table(path, columns: Dict[str, np.ndarray], schema: pa.Schema,
+                metadata: Dict[str, str]) -> None:
+  """One Parquet file of `schema`, one row per frame, from `columns` (name -> (T, ...) array, the
+  schema's names exactly); `metadata` goes into the schema (JSON strings)."""
+  if set(columns) != set(schema.names):
+    raise ValueError(f"columns {sorted(set(columns) ^ set(schema.names))} are not in both the "
+                     "arrays and the schema")
+  table = pa.Table.from_arrays([_column(columns[field.name], field.type) for field in schema],
+                               schema=schema)
   table = table.replace_schema_metadata({key: str(value) for key, value in metadata.items()})
   with atomic_path(path, suffix=".parquet") as tmp:
     pq.write_table(table, tmp)

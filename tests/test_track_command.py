@@ -8,12 +8,15 @@ import sys
 import time
 
 import cv2
+import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import skimage.data
 
-from jflame import output_folder
+from jflame import output_folder, synthetic, track_output
+from jflame.camera import Camera, project
+from jflame.flame import FlameParams, barycentric_points, flame_forward
 from tests.conftest import PROJECT_ROOT
 from tests.test_output_files import isolated_env, run_command
 
@@ -87,6 +90,33 @@ def test_a_clip_gives_a_row_per_frame_an_overlay_video_a_plot_and_a_manifest(cli
                              manifest["focal_length_solved_crop_px"], rtol=1e-5)
   with output_folder.claim_output_folder(out):  # the finished run let go of its lock
     pass
+  check_table_schema_and_rows(table)
+
+
+def check_table_schema_and_rows(table):
+  """track.parquet has the declared schema (jflame.track_output), and each row rebuilds its
+  frame: the row's FLAME parameters with the clip's one shape (metadata), through the synthetic
+  head the command used and the row's frame camera, land on the row's fitted landmarks."""
+  metadata = {key.decode(): json.loads(value) for key, value in table.schema.metadata.items()}
+  indices = metadata["landmark_indices"]
+  assert table.schema.equals(track_output.table_schema(5, len(indices), photometric=False))
+  assert metadata["format_version"] == track_output.TABLE_FORMAT_VERSION
+  model, embedding = synthetic.synthetic_flame("flame", seed=0)
+  assert metadata["model"] == model.name
+  order = list(np.asarray(embedding.landmark_indices))
+  rows = np.asarray([order.index(index) for index in indices])
+  for row in table.to_pylist():
+    params = FlameParams(shape=jnp.asarray(metadata["shape"], jnp.float32), **{
+        key: jnp.asarray(row[key], jnp.float32) for key in (
+            "expression", "global_rotation", "neck_rotation", "jaw_rotation",
+            "left_eye_rotation", "right_eye_rotation")})
+    camera = Camera(**{key: jnp.asarray(row[f"frame_camera_{key}"], jnp.float32)
+                       for key in ("rotation", "translation", "focal_length", "principal_point")})
+    vertices, _ = flame_forward(model, params)
+    points = barycentric_points(vertices, model.faces, embedding.face_indices[rows],
+                                embedding.barycentrics[rows])
+    np.testing.assert_allclose(project(camera, points), row["landmarks_fitted"], atol=1e-2,
+                               err_msg=f"frame {row['frame']}")
 
 
 @pytest.mark.parametrize("problem", ["missing input", "not a video", "output is a file",
