@@ -175,13 +175,26 @@ def write_overlay_video(path, frames: Iterable[np.ndarray], fps: float, mesh_pix
 def plot_track(path, times: np.ndarray, status: np.ndarray, head_degrees: np.ndarray,
                translation: np.ndarray, jaw: np.ndarray, expression: np.ndarray,
                landmark_error: np.ndarray, suspect=None) -> None:
-  """A PNG of the main parameters over time; frames without a face are shaded. The landmark
-  error (NaN where no face was fitted: a gap in its line, not a zero) is titled with its median,
-  p90 and max; `suspect` (T,) frames are marked on it."""
-  import matplotlib  # lazily: only this writer needs it
-  matplotlib.use("Agg")
-  from matplotlib import pyplot
-  figure, axes = pyplot.subplots(5, 1, figsize=(10, 11), sharex=True)
+  """A PNG of `track_figure` (same arguments)."""
+  # Drawn on a canvas of its own, without pyplot: a library caller's matplotlib backend and
+  # figure list stay as they were.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazily: only this writer needs it
+  figure = track_figure(times, status, head_degrees, translation, jaw, expression,
+                        landmark_error, suspect)
+  FigureCanvasAgg(figure)
+  with atomic_path(path, suffix=".png") as tmp:
+    figure.savefig(tmp, dpi=90, format="png")
+
+
+def track_figure(times: np.ndarray, status: np.ndarray, head_degrees: np.ndarray,
+                 translation: np.ndarray, jaw: np.ndarray, expression: np.ndarray,
+                 landmark_error: np.ndarray, suspect=None):
+  """A matplotlib Figure of the main parameters over time; frames without a face are shaded. The
+  landmark error (NaN where no face was fitted: a gap in its line, not a zero) is titled with
+  its median, p90 and max; `suspect` (T,) frames are marked on it."""
+  from matplotlib.figure import Figure
+  figure = Figure(figsize=(10, 11))
+  axes = figure.subplots(5, 1, sharex=True)
   series = [
       ("head rotation (deg)", head_degrees, ("pitch", "yaw", "roll")),
       ("camera translation (mm)", 1000.0 * (translation - np.median(translation, axis=0)),
@@ -212,9 +225,7 @@ def plot_track(path, times: np.ndarray, status: np.ndarray, head_degrees: np.nda
     axis.grid(alpha=0.3)
   axes[-1].set_xlabel("time (s); grey: no face (interpolated or held)")
   figure.tight_layout()
-  with atomic_path(path, suffix=".png") as tmp:
-    figure.savefig(tmp, dpi=90, format="png")
-  pyplot.close(figure)
+  return figure
 
 
 def _step(times: np.ndarray) -> float:
