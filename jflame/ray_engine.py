@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional
 
 import ray
 from absl import logging

@@ -37,20 +37,64 @@ def head_rotation_degrees(camera_rotation: np.ndarray) -> np.ndarray:
   return np.degrees(head.as_rotvec())
 
 
-def _column(array: np.ndarray) -> pa.Array:
-  """A NumPy (T, ...) array as a column of nested fixed-size lists (one row per frame)."""
-  array = np.ascontiguousarray(array)
-  if array.ndim == 1:
-    return pa.array(array)
-  column = pa.array(array.reshape(-1))
-  for size in reversed(array.shape[1:]):
+# The columns of track.parquet, in order: (name, value type, per-frame shape). A size "E" is the
+# clip's expression count, "K" its landmark count (metadata `landmark_indices`); a shape makes
+# nested fixed-size lists, e.g. (K, 2) a list of K (x, y) lists.
+_F32, _F64 = pa.float32(), pa.float64()
+TABLE_COLUMNS = (
+    ("frame", pa.int64(), ()), ("time_s", _F64, ()), ("status", pa.string(), ()),
+    ("expression", _F32, ("E",)), ("jaw_rotation", _F32, (3,)), ("neck_rotation", _F32, (3,)),
+    ("global_rotation", _F32, (3,)), ("left_eye_rotation", _F32, (3,)),
+    ("right_eye_rotation", _F32, (3,)), ("head_rotation_deg", _F64, (3,)),
+    ("camera_rotation", _F32, (3,)), ("camera_translation", _F32, (3,)),
+    ("camera_focal_length", _F32, ()), ("camera_principal_point", _F32, (2,)),
+    ("frame_camera_rotation", _F64, (3,)), ("frame_camera_translation", _F64, (3,)),
+    ("frame_camera_focal_length", _F64, ()), ("frame_camera_principal_point", _F64, (2,)),
+    ("landmarks_detected", _F64, ("K", 2)), ("landmarks_fitted", _F64, ("K", 2)),
+    ("landmark_error_px", _F32, ()), ("landmark_error_relative", _F64, ()),
+    ("suspect", pa.bool_(), ()), ("suspect_reason", pa.string(), ()),
+    ("photometric_error", _F32, ()))
+PHOTOMETRIC_COLUMNS = ("photometric_error",)   # only in photometric mode
+
+
+def table_schema(num_expression: int, num_landmarks: int, photometric: bool) -> pa.Schema:
+  """The schema of a clip's track.parquet (without its metadata)."""
+  sizes = dict(E=num_expression, K=num_landmarks)
+  fields = []
+  for name, value_type, shape in TABLE_COLUMNS:
+    if name in PHOTOMETRIC_COLUMNS and not photometric:
+      continue
+    for size in reversed(shape):
+      value_type = pa.list_(value_type, sizes.get(size, size))
+    fields.append(pa.field(name, value_type))
+  return pa.schema(fields)
+
+
+def _column(array: np.ndarray, column_type: pa.DataType) -> pa.Array:
+  """A NumPy (T, ...) array as a column of `column_type` (nested fixed-size lists of one value
+  type: one row per frame)."""
+  sizes = []
+  while pa.types.is_fixed_size_list(column_type):
+    sizes.append(column_type.list_size)
+    column_type = column_type.value_type
+  array = np.asarray(array, column_type.to_pandas_dtype())
+  if array.shape[1:] != tuple(sizes):
+    raise ValueError(f"an array of shape {array.shape} for a column of (T, *{sizes})")
+  column = pa.array(np.ascontiguousarray(array).reshape(-1), column_type)
+  for size in reversed(sizes):
     column = pa.FixedSizeListArray.from_arrays(column, size)
   return column
 
 
-def write_table(path, columns: Dict[str, np.ndarray], metadata: Dict[str, str]) -> None:
-  """One Parquet file, one row per frame; `metadata` goes into the schema (JSON strings)."""
-  table = pa.table({name: _column(np.asarray(values)) for name, values in columns.items()})
+def write_table(path, columns: Dict[str, np.ndarray], schema: pa.Schema,
+                metadata: Dict[str, str]) -> None:
+  """One Parquet file of `schema`, one row per frame, from `columns` (name -> (T, ...) array, the
+  schema's names exactly); `metadata` goes into the schema (JSON strings)."""
+  if set(columns) != set(schema.names):
+    raise ValueError(f"columns {sorted(set(columns) ^ set(schema.names))} are not in both the "
+                     "arrays and the schema")
+  table = pa.Table.from_arrays([_column(columns[field.name], field.type) for field in schema],
+                               schema=schema)
   table = table.replace_schema_metadata({key: str(value) for key, value in metadata.items()})
   with atomic_path(path, suffix=".parquet") as tmp:
     pq.write_table(table, tmp)
@@ -131,13 +175,26 @@ def write_overlay_video(path, frames: Iterable[np.ndarray], fps: float, mesh_pix
 def plot_track(path, times: np.ndarray, status: np.ndarray, head_degrees: np.ndarray,
                translation: np.ndarray, jaw: np.ndarray, expression: np.ndarray,
                landmark_error: np.ndarray, suspect=None) -> None:
-  """A PNG of the main parameters over time; frames without a face are shaded. The landmark
-  error (NaN where no face was fitted: a gap in its line, not a zero) is titled with its median,
-  p90 and max; `suspect` (T,) frames are marked on it."""
-  import matplotlib  # lazily: only this writer needs it
-  matplotlib.use("Agg")
-  from matplotlib import pyplot
-  figure, axes = pyplot.subplots(5, 1, figsize=(10, 11), sharex=True)
+  """A PNG of `track_figure` (same arguments)."""
+  # Drawn on a canvas of its own, without pyplot: a library caller's matplotlib backend and
+  # figure list stay as they were.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazily: only this writer needs it
+  figure = track_figure(times, status, head_degrees, translation, jaw, expression,
+                        landmark_error, suspect)
+  FigureCanvasAgg(figure)
+  with atomic_path(path, suffix=".png") as tmp:
+    figure.savefig(tmp, dpi=90, format="png")
+
+
+def track_figure(times: np.ndarray, status: np.ndarray, head_degrees: np.ndarray,
+                 translation: np.ndarray, jaw: np.ndarray, expression: np.ndarray,
+                 landmark_error: np.ndarray, suspect=None):
+  """A matplotlib Figure of the main parameters over time; frames without a face are shaded. The
+  landmark error (NaN where no face was fitted: a gap in its line, not a zero) is titled with
+  its median, p90 and max; `suspect` (T,) frames are marked on it."""
+  from matplotlib.figure import Figure
+  figure = Figure(figsize=(10, 11))
+  axes = figure.subplots(5, 1, sharex=True)
   series = [
       ("head rotation (deg)", head_degrees, ("pitch", "yaw", "roll")),
       ("camera translation (mm)", 1000.0 * (translation - np.median(translation, axis=0)),
@@ -168,9 +225,7 @@ def plot_track(path, times: np.ndarray, status: np.ndarray, head_degrees: np.nda
     axis.grid(alpha=0.3)
   axes[-1].set_xlabel("time (s); grey: no face (interpolated or held)")
   figure.tight_layout()
-  with atomic_path(path, suffix=".png") as tmp:
-    figure.savefig(tmp, dpi=90, format="png")
-  pyplot.close(figure)
+  return figure
 
 
 def _step(times: np.ndarray) -> float:

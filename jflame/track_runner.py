@@ -111,6 +111,35 @@ def _frames(source, count: int, default_fps: float):
     yield frame
 
 
+def track_columns(result, times: np.ndarray, status: np.ndarray, frame_cameras,
+                  detected: np.ndarray, fitted: np.ndarray, error_px: np.ndarray,
+                  error_relative: np.ndarray, suspect: np.ndarray,
+                  suspect_reason: np.ndarray) -> dict:
+  """The columns of track.parquet (`track_output.TABLE_COLUMNS`), name -> (T, ...) array.
+
+  Args:
+    result: the host copy of `fit_clip`'s result; times, status: (T,); frame_cameras: T dicts
+      of the frame camera (`output.camera_in_original_image`); detected (NaN without a face),
+      fitted: (T, K, 2) frame pixels; error_px, error_relative, suspect, suspect_reason: (T,).
+  """
+  params, camera = result.params, result.camera
+  columns = dict(
+      frame=np.arange(len(times)), time_s=times, status=status.astype(str),
+      expression=params.expression, jaw_rotation=params.jaw_rotation,
+      neck_rotation=params.neck_rotation, global_rotation=params.global_rotation,
+      left_eye_rotation=params.left_eye_rotation, right_eye_rotation=params.right_eye_rotation,
+      head_rotation_deg=track_output.head_rotation_degrees(np.asarray(camera.rotation)),
+      **{f"camera_{key}": np.asarray(getattr(camera, key)) for key in output.CAMERA_FIELDS},
+      **{f"frame_camera_{key}": np.stack([np.asarray(c[key], np.float64) for c in frame_cameras])
+         for key in output.CAMERA_FIELDS},
+      landmarks_detected=detected, landmarks_fitted=fitted, landmark_error_px=error_px,
+      landmark_error_relative=error_relative, suspect=suspect,
+      suspect_reason=suspect_reason.astype(str))
+  if result.photometric_error is not None:
+    columns["photometric_error"] = np.asarray(result.photometric_error)
+  return columns
+
+
 def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions, source,
                 progress: Optional[Callable[[int], None]] = None) -> dict:
   """Tracks one clip and writes its files into `options.output_dir`; returns the manifest."""
@@ -181,30 +210,19 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
       {key: np.asarray(getattr(camera, key))[t] for key in output.CAMERA_FIELDS},
       crop_from_frame) for t in range(count)]
   times = np.arange(count) / info.fps
-  columns = dict(
-      frame=np.arange(count), time_s=times, status=status.astype(str),
-      expression=params.expression, jaw_rotation=params.jaw_rotation,
-      neck_rotation=params.neck_rotation, global_rotation=params.global_rotation,
-      left_eye_rotation=params.left_eye_rotation, right_eye_rotation=params.right_eye_rotation,
-      head_rotation_deg=track_output.head_rotation_degrees(np.asarray(camera.rotation)),
-      **{f"camera_{key}": np.asarray(getattr(camera, key)) for key in output.CAMERA_FIELDS},
-      **{f"frame_camera_{key}": np.stack([np.asarray(c[key], np.float64) for c in cameras])
-         for key in output.CAMERA_FIELDS},
-      landmarks_detected=np.where(found[:, None, None], detected, np.nan),
-      landmarks_fitted=fitted,
-      landmark_error_px=error_px,
-      landmark_error_relative=error_relative)
   suspect, suspect_reason = quality.clip_frame_quality(
       error_relative, tracked, detected, np.asarray(camera.rotation))
-  columns.update(suspect=suspect, suspect_reason=suspect_reason.astype(str))
-  if result.photometric_error is not None:
-    columns["photometric_error"] = np.asarray(result.photometric_error)
+  detected_or_nan = np.where(found[:, None, None], detected, np.nan)
+  columns = track_columns(result, times, status, cameras, detected_or_nan, fitted, error_px,
+                          error_relative, suspect, suspect_reason)
   shape = np.asarray(params.shape[0])
   metadata = dict(format_version=track_output.TABLE_FORMAT_VERSION, model=loaded.model.name,
                   mode=config.fit.mode.value, shape=shape.tolist(),
                   landmark_indices=indices.tolist(), crop_from_frame=crop_from_frame.tolist(),
                   crop_size=crop_size, fps=info.fps)
-  track_output.write_table(out / "track.parquet", columns,
+  schema = track_output.table_schema(np.shape(params.expression)[1], len(indices),
+                                     result.photometric_error is not None)
+  track_output.write_table(out / "track.parquet", columns, schema,
                            {key: json.dumps(value) for key, value in metadata.items()})
   files = ["track.parquet"]
   if options.write_plot:

@@ -142,6 +142,31 @@ def test_every_name_the_tools_import_from_jflame_exists():
   assert not missing, "\n".join(missing)
 
 
+LINTED = ("jflame", "initializers", "tools", "tests")
+
+
+def _ruff(*args, cwd=PROJECT_ROOT):
+  if importlib.util.find_spec("ruff") is None:
+    pytest.skip("ruff is not installed; the test extra pins it (make install, or "
+                "pip install -e '.[test]')")
+  return subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_the_code_passes_the_linter():
+  """`ruff check` with pyproject.toml's [tool.ruff] rules finds nothing in the code."""
+  done = _ruff(*LINTED)
+  assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def test_the_linter_finds_an_unused_import_and_an_undefined_name(tmp_path):
+  """The rules are live: a file with an unused import and an undefined name fails them."""
+  (tmp_path / "bad.py").write_text("import os\n\n\ndef f():\n  return undefined_name\n")
+  done = _ruff("--config", str(PROJECT_ROOT / "pyproject.toml"), "bad.py", cwd=tmp_path)
+  assert done.returncode == 1, done.stdout + done.stderr
+  assert "F401" in done.stdout and "F821" in done.stdout, done.stdout
+
+
 def test_the_local_engine_needs_no_ray():
   probe = subprocess.run(
       [sys.executable, "-c", _NO_RAY + "import jflame.engine, jflame.sinks, jflame.cli.annotate"],

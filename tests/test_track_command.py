@@ -8,12 +8,17 @@ import sys
 import time
 
 import cv2
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import skimage.data
 
-from jflame import output_folder
+from jflame import output_folder, synthetic, track_output
+from jflame.camera import Camera, project
+from jflame.flame import FlameParams, barycentric_points, flame_forward
 from tests.conftest import PROJECT_ROOT
 from tests.test_output_files import isolated_env, run_command
 
@@ -87,6 +92,56 @@ def test_a_clip_gives_a_row_per_frame_an_overlay_video_a_plot_and_a_manifest(cli
                              manifest["focal_length_solved_crop_px"], rtol=1e-5)
   with output_folder.claim_output_folder(out):  # the finished run let go of its lock
     pass
+  check_table_schema_and_rows(table)
+
+
+def written_types(num_landmarks):
+  """What track.parquet's columns have been since format 2 (docs/FORMAT.md), written out here
+  rather than taken from jflame.track_output."""
+  f32, f64 = pa.float32(), pa.float64()
+  vec3_32, vec3_64 = pa.list_(f32, 3), pa.list_(f64, 3)
+  points = pa.list_(pa.list_(f64, 2), num_landmarks)
+  return dict(
+      frame=pa.int64(), time_s=f64, status=pa.string(), expression=pa.list_(f32, 5),
+      jaw_rotation=vec3_32, neck_rotation=vec3_32, global_rotation=vec3_32,
+      left_eye_rotation=vec3_32, right_eye_rotation=vec3_32, head_rotation_deg=vec3_64,
+      camera_rotation=vec3_32, camera_translation=vec3_32, camera_focal_length=f32,
+      camera_principal_point=pa.list_(f32, 2), frame_camera_rotation=vec3_64,
+      frame_camera_translation=vec3_64, frame_camera_focal_length=f64,
+      frame_camera_principal_point=pa.list_(f64, 2), landmarks_detected=points,
+      landmarks_fitted=points, landmark_error_px=f32, landmark_error_relative=f64,
+      suspect=pa.bool_(), suspect_reason=pa.string())
+
+
+def check_table_schema_and_rows(table):
+  """track.parquet has the declared schema (jflame.track_output), and each row rebuilds its
+  frame: the row's FLAME parameters with the clip's one shape (metadata), through the synthetic
+  head the command used and the row's frame camera, land on the row's fitted landmarks."""
+  metadata = {key.decode(): json.loads(value) for key, value in table.schema.metadata.items()}
+  indices = metadata["landmark_indices"]
+  assert table.schema.equals(track_output.table_schema(5, len(indices), photometric=False))
+  assert {field.name: field.type for field in table.schema} == written_types(len(indices))
+  assert metadata["format_version"] == track_output.TABLE_FORMAT_VERSION
+  model, embedding = synthetic.synthetic_flame("flame", seed=0)
+  assert metadata["model"] == model.name
+  order = list(np.asarray(embedding.landmark_indices))
+  rows = np.asarray([order.index(index) for index in indices])
+  params_keys = ("expression", "global_rotation", "neck_rotation", "jaw_rotation",
+                 "left_eye_rotation", "right_eye_rotation")
+  camera_keys = ("rotation", "translation", "focal_length", "principal_point")
+  columns = {name: jnp.asarray(table.column(name).to_pylist(), jnp.float32)
+             for name in params_keys + tuple(f"frame_camera_{key}" for key in camera_keys)}
+
+  def fitted_landmarks(row):
+    params = FlameParams(shape=jnp.asarray(metadata["shape"], jnp.float32),
+                         **{key: row[key] for key in params_keys})
+    camera = Camera(**{key: row[f"frame_camera_{key}"] for key in camera_keys})
+    vertices, _ = flame_forward(model, params)
+    return project(camera, barycentric_points(vertices, model.faces,
+                                              embedding.face_indices[rows],
+                                              embedding.barycentrics[rows]))
+  np.testing.assert_allclose(jax.jit(jax.vmap(fitted_landmarks))(columns),
+                             table.column("landmarks_fitted").to_pylist(), atol=1e-2)
 
 
 @pytest.mark.parametrize("problem", ["missing input", "not a video", "output is a file",

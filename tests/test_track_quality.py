@@ -46,29 +46,59 @@ def test_a_cut_to_the_same_face_flags_only_the_cut():
   assert list(np.flatnonzero(suspect)) == [10] and "a cut" in reasons[10]
 
 
-def test_error_plot_leaves_a_gap_where_no_face_was_fitted(tmp_path, monkeypatch):
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot
-  drawn = {}
-  real_close = pyplot.close
-
-  def keep(figure):
-    drawn["line"] = figure.axes[-1].lines[0].get_ydata()
-    drawn["title"] = figure.axes[-1].get_title()
-    real_close(figure)
-  monkeypatch.setattr(pyplot, "close", keep)
+def _plot_inputs():
   times = np.arange(FRAMES) / 25.0
   tracked = np.ones(FRAMES, bool)
   tracked[10:13] = False
   error = np.where(tracked, 1.0 + np.arange(FRAMES) / 10.0, np.nan)
   status = track_output.frame_statuses(tracked)
-  track_output.plot_track(tmp_path / "track.png", times, status, np.zeros((FRAMES, 3)),
-                          np.zeros((FRAMES, 3)), np.zeros((FRAMES, 3)), np.zeros((FRAMES, 5)),
-                          error, ~tracked)
-  assert (tmp_path / "track.png").stat().st_size > 0
-  line = np.asarray(drawn["line"], float)
+  suspect = ~tracked
+  suspect[20] = True   # a fitted frame flagged, e.g. a large error
+  return (times, status, np.zeros((FRAMES, 3)), np.zeros((FRAMES, 3)), np.zeros((FRAMES, 3)),
+          np.zeros((FRAMES, 5)), error, suspect)
+
+
+def test_error_plot_leaves_a_gap_where_no_face_was_fitted():
+  times, status, *_, error, _ = inputs = _plot_inputs()
+  tracked = status == track_output.STATUS_TRACKED
+  figure = track_output.track_figure(*inputs)
+  line = np.asarray(figure.axes[-1].lines[0].get_ydata(), float)
+  title = figure.axes[-1].get_title()
   assert np.all(np.isnan(line[10:13])) and np.all(np.isfinite(line[tracked]))
   fitted = error[tracked]
-  assert f"p90 {np.percentile(fitted, 90):.2f} px" in drawn["title"], drawn["title"]
-  assert f"max {fitted.max():.2f} px" in drawn["title"], drawn["title"]
+  assert f"p90 {np.percentile(fitted, 90):.2f} px" in title, title
+  assert f"max {fitted.max():.2f} px" in title, title
+  # The suspect frames are marked where there is an error to mark (not without a face).
+  marks = figure.axes[-1].lines[1]
+  assert marks.get_label() == "suspect"
+  np.testing.assert_array_equal(marks.get_xdata(), times[[20]])
+  assert len(figure.axes) == 5 and all(np.array_equal(axis.lines[0].get_xdata(), times)
+                                       for axis in figure.axes)
+
+
+PLOT_KEEPS_THE_BACKEND = """
+import sys
+import matplotlib
+matplotlib.use("template")
+from matplotlib import pyplot
+from tests.test_track_quality import _plot_inputs
+from jflame import track_output
+track_output.plot_track(sys.argv[1], *_plot_inputs())
+print(matplotlib.get_backend(), len(pyplot.get_fignums()))
+"""
+
+
+def test_writing_the_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+  """A library caller with its own backend keeps it (and no figure is left in pyplot's list);
+  the PNG is written all the same, a picture, not a blank."""
+  import subprocess
+  import sys
+  import cv2
+  from tests.conftest import PROJECT_ROOT
+  path = tmp_path / "track.png"
+  done = subprocess.run([sys.executable, "-c", PLOT_KEEPS_THE_BACKEND, str(path)],
+                        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split() == ["template", "0"], done.stdout
+  plot = cv2.imread(str(path))
+  assert plot.shape == (990, 900, 3) and plot.std() > 5, plot.shape
