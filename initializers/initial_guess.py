@@ -1,11 +1,12 @@
-"""The encoders' estimates for one batch, laid out per slot as a `jflame.init.InitialGuess`."""
+"""The encoders' estimates for one batch, laid out per slot as a
+`jflame.starting_point.InitialGuess`."""
 
 from typing import Optional, Sequence
 
 import numpy as np
 
 from jflame.errors import ConfigError
-from jflame.init import InitialGuess, fit_coefficient_count
+from jflame.starting_point import InitialGuess, fit_coefficient_count
 
 
 def initial_guess_for_batch(records: Sequence, batch_size: int, deca=None, mica=None, *,

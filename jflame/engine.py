@@ -29,9 +29,9 @@ from absl import logging
 from jflame import output, quality, sharding
 from jflame.config import FitConfig
 from jflame.errors import ConfigError
-from jflame.fit import FitModel, FittedMeshes, FitResult, fit_batch, fitted_meshes
+from jflame.fit import FitModel, FittedMeshes, FitResult, fit_batch, fitted_meshes, take
+from jflame.model_loading import LoadedModel, load_albedo, load_encoders, prepare_fit_model
 from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
-from jflame.runner import LoadedModel, load_albedo, load_encoders, prepare_fit_model, take
 from jflame.sources import Source, SourceFacts, content_hash
 
 STATUS_SKIPPED = "skipped"
@@ -266,7 +266,7 @@ class Engine:
   returns the summary. Building one loads the device-side model and the optional encoders.
 
   Args:
-    loaded: the model and its embedding (runner.load_model).
+    loaded: the model and its embedding (model_loading.load_model).
     config: the fit settings.
     options: host settings.
     progress: called with the number of inputs settled (skipped, written) as they settle.

@@ -23,7 +23,7 @@ from jflame.config import FitConfig, LearningRates
 from jflame.errors import ConfigError
 from jflame.flame import (FlameModel, FlameParams, SurfaceRows, flame_forward, make_surface_rows,
                           surface_points_forward, vertices_of_batch)
-from jflame.init import InitialGuess, initial_identity_and_camera
+from jflame.starting_point import InitialGuess, initial_identity_and_camera
 from jflame.render import (AlbedoModel, Appearance, RasterSettings, RenderOutput, face_adjacency,
                            laplacian_albedo_model, neutral_lighting, render_mesh, vertex_normals)
 from jflame.observation import Observation
@@ -261,7 +261,7 @@ _GIVEN_SHAPE_PRIOR = 1e3
 def initial_variables(fit_model: FitModel, landmarks, weights, crop_size, config: FitConfig,
                       guess: Optional[InitialGuess] = None, focal_length=None):
   """Start for one image from its landmarks: a closed-form camera alternated with a
-  regularised linear solve for shape and expression (see jflame.init).
+  regularised linear solve for shape and expression (see jflame.starting_point).
 
   A `guess` (one image's slice of an InitialGuess) supplies a shape that is kept, an expression
   that the solve starts from as its prior mean, and a jaw rotation. `focal_length` (crop
@@ -497,7 +497,7 @@ def fit_batch(fit_model: FitModel, observations: Observation, config: FitConfig,
               guess: Optional[InitialGuess] = None):
   """Fits a batch of observations (leading axis B on every array) in one compiled program.
 
-  `guess`, optional, holds initialiser estimates per slot (see jflame.init.InitialGuess).
+  `guess`, optional, holds initialiser estimates per slot (see jflame.starting_point.InitialGuess).
   Images are vmapped, in chunks of `config.vmap_chunk` (or, for the "lm" solver,
   `config.lm_vmap_chunk`) run one after another when it is set (the results are the same
   either way). The program is compiled once per (batch size, crop
@@ -549,3 +549,8 @@ def fitted_meshes(model: FlameModel, fit_model: FitModel, results: FitResult, co
       results)
   return FittedMeshes(vertices=vertices, pixels=pixels, render=renders.image,
                       alpha=renders.alpha)
+
+
+def take(tree, slot: int):
+  """One image of a batched pytree (every leaf indexed on its leading axis)."""
+  return jax.tree.map(lambda x: x[slot], tree)

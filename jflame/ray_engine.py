@@ -36,7 +36,7 @@ from typing import Iterator, List, Optional
 import ray
 from absl import logging
 
-from jflame import engine, runner
+from jflame import engine, model_loading, process_settings
 from jflame.config import FitConfig
 from jflame.engine import Engine, EngineOptions, FittedImage
 from jflame.preprocess import AnalyzerOptions, Preprocessor
@@ -125,7 +125,7 @@ class FitActor:
   def __init__(self, model: list, config: FitConfig, options: EngineOptions,
                compilation_cache: Optional[str] = None):
     if compilation_cache:
-      runner.use_compilation_cache(compilation_cache)
+      process_settings.use_compilation_cache(compilation_cache)
     self.engine = Engine(ray.get(model[0]), config, options)
 
   def __call__(self, row: dict) -> dict:
@@ -184,7 +184,7 @@ class RayEngine(Engine):
     chunk_size: todo items per Ray dataset.
   """
 
-  def __init__(self, loaded: runner.LoadedModel, config: FitConfig, options: EngineOptions,
+  def __init__(self, loaded: model_loading.LoadedModel, config: FitConfig, options: EngineOptions,
                progress=None, *, fit_actors: Optional[int] = None,
                compilation_cache: Optional[str] = None, chunk_size: int = CHUNK_SIZE):
     self.fit_actors, self.compilation_cache = fit_actors, compilation_cache
@@ -195,7 +195,7 @@ class RayEngine(Engine):
     # The driver fits nothing: each actor builds its own device side. Fail here, not in every
     # task, when MediaPipe's model file is missing.
     check_landmarker_task_path(AnalyzerOptions())
-    self.context = dict(landmark_indices=runner.fitted_landmark_indices(self.loaded,
+    self.context = dict(landmark_indices=model_loading.fitted_landmark_indices(self.loaded,
                                                                         self.config))
     self._model_ref = None
     self._where = dict(prepare=Counter(), fit=Counter(), compiles=0)

@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional, Tuple
 import jax
 import numpy as np
 
-from jflame import dataset, output, runner
+from jflame import dataset, model_loading, output
 from jflame.pictures import MAX_PICTURE_SIDE, compose_affine, fit_within
 from jflame.assets import find_asset
 from jflame.camera import Camera, apply_affine, project
@@ -47,9 +47,9 @@ def dataset_model(settings: Mapping, flame_path: Optional[str] = None
   try:
     if variant == "synthetic" and not flame_path:
       seed = re.search(r"seed (\d+)", name)
-      model = runner.synthetic_model(int(seed.group(1)) if seed else 0)[0]
+      model = model_loading.synthetic_model(int(seed.group(1)) if seed else 0)[0]
     else:
-      path = find_asset(flame_path, runner.FLAME_FILE_NAMES, "FLAME model")
+      path = find_asset(flame_path, model_loading.FLAME_FILE_NAMES, "FLAME model")
       if path is None:
         return None, (f"the dataset was made with {name}, and no FLAME model file was given or "
                       "found; pass --flame_model to draw meshes")

@@ -38,7 +38,7 @@ from jflame.fit import (FitModel, FitVariables, fitted_appearance, fitted_camera
                         initial_appearance, landmark_targets, project_landmarks, regularization,
                         render_fit, run_stage, shared_focal_length)
 from jflame.flame import FlameParams, surface_points_forward, vertices_of_batch
-from jflame.init import identity_normal_equations, initial_rigid_camera, landmark_basis
+from jflame.starting_point import identity_normal_equations, initial_rigid_camera, landmark_basis
 from jflame.observation import Observation
 from jflame.render import Appearance
 from jflame.rotation import matrix_to_axis_angle
@@ -464,7 +464,7 @@ def _jaw_basis(rows):
 
 def initial_clip_variables(fit_model: FitModel, targets: ClipTargets, crop_size: int,
                            config: FitConfig, focal_length=None):
-  """The clip's start, weight-free like a photo's (see jflame.init) but with one identity:
+  """The clip's start, weight-free like a photo's (see jflame.starting_point) but with one identity:
   closed-form per-frame cameras alternated with `joint_identity_solve`; then one base rotation
   for the clip (chordal mean) with per-frame deltas, and frames without a face filled from their
   neighbours.

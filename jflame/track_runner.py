@@ -22,7 +22,7 @@ from jflame.camera import apply_affine, invert_affine
 from jflame.errors import InputError
 from jflame.manifest import write_json
 from jflame.preprocess.video import VideoLandmarker, clip_crop, clip_observations, open_clip
-from jflame.runner import LoadedModel, prepare_fit_model
+from jflame.model_loading import LoadedModel, prepare_fit_model
 from jflame.track import TrackConfig, clip_focal_length, clip_meshes, fit_clip
 
 

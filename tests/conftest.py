@@ -72,7 +72,7 @@ SLOW_SUITES = ("test_track_motion", "test_annotate", "test_track", "test_solve",
                "test_bare_image", "test_rotated_photos", "test_render_recovery",
                "test_render_gradients", "test_sharding")
 FAST_SUITES = ("test_build_embedding", "test_flame", "test_flame_files", "test_flame_io",
-               "test_init", "test_initializers_onnx", "test_landmarks", "test_layout",
+               "test_starting_point", "test_initializers_onnx", "test_landmarks", "test_layout",
                "test_optim", "test_preprocess_align", "test_preprocess_batch",
                "test_preprocess_image_io", "test_preprocess_pipeline", "test_render_albedo",
                "test_render_rasterize", "test_render_reference", "test_render_shading",
@@ -110,8 +110,8 @@ QUICK_FLAGS = ["--rigid_iterations", "3", "--full_iterations", "3"]
 @pytest.fixture(scope="module")
 def loaded_model():
   """The model a user without FLAME files gets (the synthetic head, cached on disk)."""
-  from jflame import runner
-  return runner.load_model()
+  from jflame import model_loading
+  return model_loading.load_model()
 
 
 @pytest.fixture(scope="module")

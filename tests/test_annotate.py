@@ -272,18 +272,18 @@ def test_a_cpu_fit_beside_preprocessing_workers_runs_single_threaded():
   """With worker processes preprocessing on the same cores, the commands make XLA's CPU fit
   single-threaded (its spinning threads took a fifth of the workers' time), keeping any other
   XLA flag, and leave a user's own choice and worker-free runs alone."""
-  from jflame import runner
+  from jflame import process_settings
   environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
-  runner.fit_beside_workers(2, environ)
+  process_settings.fit_beside_workers(2, environ)
   assert environ["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x",
                                           "--xla_cpu_multi_thread_eigen=false"]
-  runner.fit_beside_workers(2, environ)  # idempotent
+  process_settings.fit_beside_workers(2, environ)  # idempotent
   assert environ["XLA_FLAGS"].count("multi_thread_eigen") == 1
   users = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"}
-  runner.fit_beside_workers(4, users)
+  process_settings.fit_beside_workers(4, users)
   assert users == {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"}
   empty = {}
-  runner.fit_beside_workers(0, empty)
+  process_settings.fit_beside_workers(0, empty)
   assert empty == {}
-  runner.fit_beside_workers(1, empty)
+  process_settings.fit_beside_workers(1, empty)
   assert empty == {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}

@@ -16,11 +16,11 @@ PROBE = textwrap.dedent("""
       sys.modules[name] = None   # any import of it now raises ImportError
     import jax.numpy as jnp
     import jflame
-    from jflame import config, fit, flame, render, runner
-    loaded = runner.load_model()                            # the synthetic head
+    from jflame import config, fit, flame, model_loading, render
+    loaded = model_loading.load_model()                            # the synthetic head
     settings = jflame.FitConfig(mode="photometric", rigid_iterations=2, full_iterations=2,
                                 num_shape=10, num_expression=10, albedo_per_channel=2)
-    fit_model = runner.prepare_fit_model(loaded, settings)
+    fit_model = model_loading.prepare_fit_model(loaded, settings)
     crop = 32
     observations = jflame.Observation(
         landmarks=jnp.full((1, 478, 2), crop / 2.0) + jnp.arange(478.0)[None, :, None] % 7,

@@ -12,7 +12,7 @@ from jflame import flame, synthetic
 from jflame.camera import FRONTAL_ROTATION, Camera, project, to_camera_space
 from jflame.config import FitConfig
 from jflame.fit import fit_batch
-from jflame.init import InitialGuess
+from jflame.starting_point import InitialGuess
 from jflame.observation import Observation
 from tests.conftest import fit_model_over_embedding
 

@@ -22,7 +22,7 @@ from jflame import flame, losses, synthetic
 from jflame.camera import FRONTAL_ROTATION, Camera, project
 from jflame.config import FitConfig
 from jflame.fit import fit_batch
-from jflame.init import InitialGuess
+from jflame.starting_point import InitialGuess
 from jflame.landmarks import LandmarkWeights
 from jflame.observation import Observation
 from tests.conftest import connection_regions, expected_region_weights

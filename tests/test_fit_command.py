@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from jflame import engine, runner, sinks, sources
+from jflame import engine, model_loading, sinks, sources
 from jflame.config import FitConfig
 from jflame.errors import InputError, ModelFileError
 from jflame.landmarks import LandmarkWeights
@@ -20,7 +20,7 @@ from tests.conftest import PROJECT_ROOT, expected_region_weights, shared_photos
 
 @pytest.fixture(scope="module")
 def loaded_model():
-  return runner.load_model(None, None)
+  return model_loading.load_model(None, None)
 
 
 def _write_rgb(path, rgb):
@@ -157,7 +157,7 @@ def test_missing_inputs_and_models_say_what_to_do(tmp_path):
   with pytest.raises(InputError, match="No image files found"):
     sources.list_sources([str(tmp_path / "empty")])
   with pytest.raises(ModelFileError, match=r"absent\.pkl.*WORKSPACE\.md"):
-    runner.load_model(str(tmp_path / "absent.pkl"), None)
+    model_loading.load_model(str(tmp_path / "absent.pkl"), None)
 
 
 def test_command_exit_codes(tmp_path):

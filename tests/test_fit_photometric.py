@@ -141,7 +141,7 @@ def test_an_encoders_texture_and_lighting_are_where_the_photometric_fit_starts(s
   units, as FitResult reports it), a slot without an estimate at the photo-matched ambient
   light and mean albedo."""
   from jflame.albedo_io import load_texture_albedo
-  from jflame.init import InitialGuess
+  from jflame.starting_point import InitialGuess
   fit_model, observation, config, truths = scene
   model = synthetic.synthetic_flame("small", seed=0)[0]
   _texture_space_file(tmp_path / "FLAME_texture.npz", model)
@@ -163,12 +163,12 @@ def test_an_encoders_texture_and_lighting_are_where_the_photometric_fit_starts(s
 
 
 def test_a_flame_texture_file_is_refused_for_the_synthetic_head(tmp_path):
-  from jflame import runner
+  from jflame import model_loading
   from jflame.engine import EngineOptions
   from jflame.errors import ConfigError
   model, embedding = synthetic.synthetic_flame("small", seed=0)
   _texture_space_file(tmp_path / "FLAME_texture.npz", model)
-  loaded = runner.LoadedModel(model, embedding, model.name)
+  loaded = model_loading.LoadedModel(model, embedding, model.name)
   options = EngineOptions(texture_model=str(tmp_path / "FLAME_texture.npz"))
   with pytest.raises(ConfigError, match="synthetic"):
-    runner.load_albedo(loaded, options)
+    model_loading.load_albedo(loaded, options)

@@ -21,7 +21,7 @@ import pytest
 import scipy.sparse
 import skimage.data
 
-from jflame import flame, flame_io, landmarks_io, runner, synthetic
+from jflame import flame, flame_io, landmarks_io, model_loading, synthetic
 from jflame.errors import ModelFileError
 from tests.conftest import connection_regions
 from tests.test_output_files import isolated_env, load_results, obj_vertices, params_of, \
@@ -210,21 +210,21 @@ def test_wrong_embeddings_are_refused_with_the_reason(flame_size_files, tmp_path
   monkeypatch.setenv("JFLAME_HOME", env["JFLAME_HOME"])
   model_path = str(folder / "generic_model.pkl")
   with pytest.raises(ModelFileError, match="needs a MediaPipe landmark embedding"):
-    runner.load_model(model_path, None)
+    model_loading.load_model(model_path, None)
   with np.load(folder / "mediapipe_landmark_embedding.npz") as data:
     good = {key: data[key] for key in data.files}
   other_mesh = tmp_path / "other_mesh.npz"
   np.savez(other_mesh, **dict(good, lmk_face_idx=good["lmk_face_idx"] + 9976))
   with pytest.raises(ModelFileError, match=r"other_mesh.npz.*triangle \d+ but the model has "
                                            r"only 9976"):
-    runner.load_model(model_path, str(other_mesh))
+    model_loading.load_model(model_path, str(other_mesh))
   not_one = tmp_path / "not_an_embedding.npz"
   np.savez(not_one, lmk_face_idx=good["lmk_face_idx"])
   with pytest.raises(ModelFileError, match="not_an_embedding.npz.*lacks lmk_b_coords"):
-    runner.load_model(model_path, str(not_one))
+    model_loading.load_model(model_path, str(not_one))
   with pytest.raises(ModelFileError, match="absent.npz"):
-    runner.load_model(model_path, str(tmp_path / "absent.npz"))
-  loaded = runner.load_model(model_path, str(folder / "mediapipe_landmark_embedding.npz"))
+    model_loading.load_model(model_path, str(tmp_path / "absent.npz"))
+  loaded = model_loading.load_model(model_path, str(folder / "mediapipe_landmark_embedding.npz"))
   assert loaded.embedding.num_landmarks == 105 and not loaded.model.is_synthetic
   assert landmarks_io.load_mediapipe_embedding(
       folder / "mediapipe_landmark_embedding.npz").num_landmarks == 105

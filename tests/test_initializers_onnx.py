@@ -438,26 +438,26 @@ def test_encoder_guess_drives_the_fit_and_is_refused_for_other_head_models(model
   2020 (here the synthetic one) an explicitly given encoder is a clear error."""
   import jax
   import jax.numpy as jnp
-  from jflame import runner, synthetic
+  from jflame import model_loading, synthetic
   from jflame.config import FitConfig
   from jflame.engine import EngineOptions
   from jflame.errors import ConfigError
   from jflame.fit import fit_batch
   from jflame.preprocess import stack_observations
   model, embedding = synthetic.synthetic_flame("small")
-  loaded = runner.LoadedModel(model, embedding, model.name)
+  loaded = model_loading.LoadedModel(model, embedding, model.name)
   options = EngineOptions(mica_model=str(models["mica"]))
   with pytest.raises(ConfigError, match="FLAME 2020.*--flame_variant"):
-    runner.load_encoders(loaded, options)
+    model_loading.load_encoders(loaded, options)
   # The variant, not the file name, decides: the same model stated as FLAME 2020 takes them.
-  as_2020 = runner.LoadedModel(model.replace(variant="flame2020"), embedding, "renamed.pkl")
-  assert runner.load_encoders(as_2020, options)[1] is not None
+  as_2020 = model_loading.LoadedModel(model.replace(variant="flame2020"), embedding, "renamed.pkl")
+  assert model_loading.load_encoders(as_2020, options)[1] is not None
   config = FitConfig(num_shape=20, num_expression=10, rigid_iterations=3, full_iterations=3,
                      fit_shape=False)
   mica = MicaEncoder.load(str(models["mica"]))
   guess = initial_guess_for_batch(three_records, 4, mica=mica, num_shape=20, num_expression=10)
   observation = stack_observations(three_records, 4, three_records[0].crop_size)
-  result = fit_batch(runner.prepare_fit_model(loaded, config),
+  result = fit_batch(model_loading.prepare_fit_model(loaded, config),
                      jax.tree.map(jnp.asarray, observation), config, guess)
   ok = np.asarray(guess.estimated)
   np.testing.assert_allclose(np.asarray(result.params.shape)[ok], guess.shape[ok], atol=1e-6)

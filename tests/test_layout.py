@@ -22,13 +22,13 @@ from tests.conftest import PROJECT_ROOT, random_flame_arrays
 
 PACKAGE = PROJECT_ROOT / "jflame"
 # Modules that run on the device or describe the model: no files, no host libraries.
-DEVICE_MODULES = ("camera", "config", "fit", "flame", "init", "landmarks", "losses",
+DEVICE_MODULES = ("camera", "config", "fit", "flame", "starting_point", "landmarks", "losses",
                   "observation", "optim", "rotation", "render", "track")
 HOST_ONLY_IMPORTS = ("cv2", "mediapipe", "trimesh", "PIL", "onnxruntime", "absl.flags",
-                     "jflame.preprocess", "jflame.output", "jflame.runner", "jflame.engine",
+                     "jflame.preprocess", "jflame.output", "jflame.model_loading", "jflame.engine",
                      "jflame.dataset", "jflame.initializers")
 # The only modules that may use the optional ONNX layer.
-ENCODER_USERS = ("jflame/runner.py", "jflame/engine.py")
+ENCODER_USERS = ("jflame/model_loading.py", "jflame/engine.py")
 # The only module besides the commands that may import the optional Ray (jflame[ray]).
 RAY_USERS = ("jflame/ray_engine.py",)
 
@@ -262,11 +262,11 @@ def test_mode_is_an_enum_that_accepts_its_names():
 
 
 def test_coefficient_counts_are_checked_against_the_model():
-  from jflame import runner, synthetic
+  from jflame import model_loading, synthetic
   model, embedding = synthetic.synthetic_flame("small")
-  loaded = runner.LoadedModel(model, embedding, model.name)
+  loaded = model_loading.LoadedModel(model, embedding, model.name)
   with pytest.raises(ConfigError, match=rf"num_expression is 50 .* has {model.num_expression}"):
-    runner.prepare_fit_model(loaded, FitConfig(num_shape=10, num_expression=50))
+    model_loading.prepare_fit_model(loaded, FitConfig(num_shape=10, num_expression=50))
 
 
 # --- The model's variant is data -----------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from jflame import dataset, engine, runner, sinks, sources
+from jflame import dataset, engine, model_loading, sinks, sources
 from jflame.config import FitConfig
 from tests.conftest import PROJECT_ROOT, shared_photos
 
@@ -74,7 +74,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def loaded_model():
-  return runner.load_model(None, None)
+  return model_loading.load_model(None, None)
 
 
 def _write_rgb(path, rgb):

@@ -243,7 +243,7 @@ def test_the_report_module_needs_no_model_or_device_code():
            for alias in node.names]
   names += [f"{node.module}.{alias.name}" for node in ast.walk(tree)
             if isinstance(node, ast.ImportFrom) for alias in node.names]
-  forbidden = ("jax", "jflame.flame", "jflame.camera", "jflame.fit", "jflame.runner",
+  forbidden = ("jax", "jflame.flame", "jflame.camera", "jflame.fit", "jflame.model_loading",
                "jflame.render", "jflame.output", "jflame.row_pictures", "jflame.engine")
   assert not [n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden)]
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from jflame import engine, quality, runner, sources
+from jflame import engine, model_loading, quality, sources
 from jflame.camera import apply_affine, invert_affine
 from jflame.config import FitConfig
 from jflame.output import face_size
@@ -63,7 +63,7 @@ def turned_run(tmp_path_factory):
       maps[name] = (path.stem, turned_from_photo)
   sink = _Collect()
   options = engine.EngineOptions(batch_size=16, landmarks_only=True)
-  engine.Engine(runner.load_model(None, None), FitConfig(), options).run(
+  engine.Engine(model_loading.load_model(None, None), FitConfig(), options).run(
       sources.list_sources([str(folder)]), sink)
   return sink.images, maps
 

@@ -224,7 +224,7 @@ def test_real_photo_warped_smoothly(tmp_path, small_model):
   import cv2
   import pyarrow.parquet as pq
   from jflame import track_runner
-  from jflame.runner import LoadedModel
+  from jflame.model_loading import LoadedModel
   photo = cv2.cvtColor(cv2.imread(str(shared_photos()[0])), cv2.COLOR_BGR2RGB)
   frames, angle, scale = _warped_clip(photo)
   folder = tmp_path / "frames"

@@ -157,7 +157,7 @@ def relative_errors(loaded, config, landmarks, found, crop_size=256):
   """(frames with a face,) the track's landmark error over the detected face's size."""
   from jflame import output
   from jflame.preprocess.video import clip_crop, clip_observations
-  from jflame.runner import prepare_fit_model
+  from jflame.model_loading import prepare_fit_model
   crop_from_frame = clip_crop(landmarks, found, crop_size)
   observations = clip_observations(landmarks, found, crop_from_frame, crop_size)
   fit_model = prepare_fit_model(loaded, config.fit)
@@ -175,7 +175,7 @@ def relative_errors(loaded, config, landmarks, found, crop_size=256):
 def test_default_track_stays_on_real_landmarks(real_landmarks, name):
   """Issue 18: the default track's relative landmark error within 1.1x of the frames-
   independent track's at the median and 1.25x at p90 and max (it was 9x at p90)."""
-  from jflame.runner import LoadedModel
+  from jflame.model_loading import LoadedModel
   landmarks, found = real_landmarks[name]
   assert found.sum() >= 0.9 * len(found)
   model, embedding = synthetic.synthetic_flame("flame", seed=0)
@@ -217,7 +217,7 @@ def _check_variant(real_landmarks, variant):
   import cv2
   from jflame import output
   from jflame.preprocess.video import clip_crop, clip_observations
-  from jflame.runner import LoadedModel, prepare_fit_model
+  from jflame.model_loading import LoadedModel, prepare_fit_model
   from jflame.track import clip_focal_length
   model, embedding = synthetic.synthetic_flame("flame", seed=0)
   loaded = LoadedModel(model, embedding, "synthetic")

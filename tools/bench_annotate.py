@@ -98,7 +98,7 @@ def preprocessing_rates(paths):
 def resume_check(folder: Path, rows: int) -> float:
   """A finished dataset of `rows` rows over `rows` real files; returns the seconds the real
   command takes to find nothing to do (process start, model load, listing, key columns)."""
-  from jflame import dataset, runner, sinks
+  from jflame import dataset, model_loading, sinks
   from jflame.config import FitConfig
   from jflame.engine import Engine, EngineOptions
   inputs = folder / "inputs"
@@ -106,7 +106,7 @@ def resume_check(folder: Path, rows: int) -> float:
   blob = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes()
   for index in range(rows):
     (inputs / f"{index:06d}.png").write_bytes(blob)
-  loaded = runner.load_model()
+  loaded = model_loading.load_model()
   config = FitConfig()
   engine = Engine(loaded, config, EngineOptions())
   settings = sinks.dataset_settings(loaded, config, 256, engine.landmark_indices)

@@ -23,7 +23,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from jflame import flame, runner
+from jflame import flame, model_loading
 from jflame.camera import FRONTAL_ROTATION, Camera, project
 from jflame.config import FitConfig
 from jflame.fit import fit_batch
@@ -124,7 +124,7 @@ def bench_preprocessing(count, crop_size):
 
 def main(argv):
   del argv
-  loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value)
+  loaded = model_loading.load_model(_FLAME_MODEL.value, _EMBEDDING.value)
   config = FitConfig(rigid_iterations=_RIGID.value, full_iterations=_FULL.value, mode=_MODE.value,
                      vmap_chunk=_VMAP_CHUNK.value)
   raster = {name: flag.value for name, flag in (("tile_size", _TILE_SIZE),
@@ -133,7 +133,7 @@ def main(argv):
   config = config.replace(raster=dataclasses.replace(config.raster, **raster))
   if _LM_ITERATIONS.value is not None:
     config = config.replace(lm_iterations=_LM_ITERATIONS.value)
-  fit_model = runner.prepare_fit_model(loaded, config)
+  fit_model = model_loading.prepare_fit_model(loaded, config)
   print(f"model: {loaded.model.name}")
   print(f"device: {benchmarking.device_description()}")
   print(f"config: {config.mode} mode, {config.rigid_iterations} + {config.full_iterations} "

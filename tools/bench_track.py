@@ -62,7 +62,7 @@ def synthetic_clip(model, embedding, frames, crop, num_shape, num_expression, se
 
 
 def bench_fit(loaded, config, observation, crop):
-  from jflame.runner import prepare_fit_model
+  from jflame.model_loading import prepare_fit_model
   from jflame.track import fit_clip, segment_count
   fit_model = prepare_fit_model(loaded, config.fit)
   # Median of 5 timed repeats: one call on this noisy VM varied by up to 40%.
@@ -83,7 +83,7 @@ def bench_fit(loaded, config, observation, crop):
 def main(argv):
   del argv
   from jflame import synthetic
-  from jflame.runner import LoadedModel
+  from jflame.model_loading import LoadedModel
   from jflame.track import TrackConfig
   model, embedding = synthetic.synthetic_flame("flame", seed=0)
   loaded = LoadedModel(model, embedding, "synthetic (FLAME size)")

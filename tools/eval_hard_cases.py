@@ -35,7 +35,7 @@ import skimage.data
 from absl import app, flags
 from scipy.spatial.transform import Rotation
 
-from jflame import atomic, engine, quality, runner, sources
+from jflame import atomic, engine, model_loading, quality, sources
 from jflame.camera import apply_affine, invert_affine
 from jflame.config import FitConfig
 from jflame.output import face_size
@@ -289,7 +289,7 @@ def main(argv):
     bases["astronaut"] = skimage.data.astronaut()
   if not bases:
     raise SystemExit(f"no photos under {_PHOTOS.value} and --noastronaut")
-  loaded = runner.load_model(None, None)
+  loaded = model_loading.load_model(None, None)
   rows = evaluate(bases, loaded)
   if _ROWS.value:
     with open(_ROWS.value, "w", newline="") as handle:

@@ -29,7 +29,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from jflame import atomic, flame, runner
+from jflame import atomic, flame, model_loading
 from jflame.camera import FRONTAL_ROTATION, Camera, project, to_camera_space
 from jflame.config import FitConfig, Regularization
 from jflame.fit import fit_batch, shared_focal_length
@@ -218,7 +218,7 @@ def _fmt(value, digits=2, signed=False):
 
 def main(argv):
   del argv
-  loaded = runner.load_model(None, None)
+  loaded = model_loading.load_model(None, None)
   face = face_region_size(loaded.model.num_vertices)
   cache = {}
 
@@ -226,7 +226,7 @@ def main(argv):
     key = (config.num_shape, config.num_expression, config.landmark_regions,
            config.region_weights)
     if key not in cache:
-      cache[key] = runner.prepare_fit_model(loaded, config)
+      cache[key] = model_loading.prepare_fit_model(loaded, config)
     return cache[key]
 
   device = benchmarking.device_description()

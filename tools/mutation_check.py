@@ -43,7 +43,7 @@ MUTATIONS = [
     "      expression_mean = jnp.where(guess.estimated, guess.expression, expression_mean)",
     "      expression_mean = expression_mean",
     ["tests/test_fit_behaviour.py::test_an_initial_guess_is_where_the_fit_starts"]),
-  ("region selection ignored (478 landmarks)", "jflame/runner.py",
+  ("region selection ignored (478 landmarks)", "jflame/model_loading.py",
     "  embedding = landmarks.select_regions(loaded.embedding, config.landmark_regions, reference)",
     "  embedding = loaded.embedding",
     ["tests/test_fit_behaviour.py::"

@@ -58,7 +58,7 @@ def relative_errors(loaded, config, landmarks, found, crop_size=256):
   import jax
   from jflame import output
   from jflame.preprocess.video import clip_crop, clip_observations
-  from jflame.runner import prepare_fit_model
+  from jflame.model_loading import prepare_fit_model
   from jflame.track import fit_clip
   crop_from_frame = clip_crop(landmarks, found, crop_size)
   observations = clip_observations(landmarks, found, crop_from_frame, crop_size)
@@ -86,11 +86,11 @@ def summary(errors):
 
 def main(argv):
   del argv
-  from jflame import runner
+  from jflame import model_loading
   from jflame.track import TrackConfig
   from jflame.track_runner import frames_landmarks, read_landmarks
   cache = Path(_CACHE.value) if _CACHE.value else None
-  loaded = runner.load_model(None, None, 0, None)
+  loaded = model_loading.load_model(None, None, 0, None)
   clips = {}
   if _CLIP.value:
     landmarks, found = cached(cache and cache / "clip.npz",

@@ -149,7 +149,7 @@ def main(argv) -> int:
     ray_engine = _ray_engine()
     if ray_engine is None:
       return common.usage_error("--engine=ray needs Ray: pip install 'jflame[ray]'.")
-  from jflame import output_folder, runner, sinks, sources
+  from jflame import output_folder, process_settings, sinks, sources
   from jflame.errors import JFlameError
   try:
     index, count = _task_split()
@@ -172,7 +172,7 @@ def main(argv) -> int:
     with output_folder.claim_output_folder(folder_name) as folder:
       cache = common.enable_compilation_cache()
       if ray_engine is None:
-        runner.fit_beside_workers(workers)
+        process_settings.fit_beside_workers(workers)
       loaded = common.load_model()
       config = common.fit_config()
       print(f"model: {loaded.description}", flush=True)

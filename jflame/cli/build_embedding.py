@@ -25,14 +25,14 @@ _REPORT = flags.DEFINE_string("report", None, "Write the comparison as JSON here
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from jflame import embedding_builder, landmarks_io, runner
+  from jflame import embedding_builder, landmarks_io, model_loading
   from jflame.preprocess import FaceAnalyzer
   try:
     yaws = [float(y) for y in _YAWS.value]
   except ValueError:
     raise app.UsageError(f"--yaw_degrees takes numbers, got {_YAWS.value}") from None
   try:
-    loaded = runner.load_model(_FLAME_MODEL.value, _REFERENCE.value)
+    loaded = model_loading.load_model(_FLAME_MODEL.value, _REFERENCE.value)
     with FaceAnalyzer() as analyzer:
       embedding, counts = embedding_builder.build_embedding(loaded.model, _SIZE.value, yaws,
                                                             analyzer)

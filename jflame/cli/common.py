@@ -86,8 +86,8 @@ def enable_compilation_cache() -> Optional[str]:
   folder (None when off or when it cannot be created)."""
   if not COMPILATION_CACHE.value:
     return None
-  from jflame import runner
-  return runner.use_default_compilation_cache()
+  from jflame import process_settings
+  return process_settings.use_default_compilation_cache()
 
 
 def fit_config():
@@ -109,8 +109,9 @@ def engine_options(workers: int, **extra):
 
 
 def load_model():
-  from jflame import runner
-  return runner.load_model(FLAME_MODEL.value, EMBEDDING.value, SEED.value, FLAME_VARIANT.value)
+  from jflame import model_loading
+  return model_loading.load_model(FLAME_MODEL.value, EMBEDDING.value, SEED.value,
+                                  FLAME_VARIANT.value)
 
 
 def run_until_interrupted(run, sources, sink, bar, kept: str):

@@ -45,7 +45,7 @@ def main(argv) -> int:
     return common.usage_error("--input is required (a file, folder, glob or list file).")
   # Heavy imports after flag parsing, so --help and usage errors are instant.
   from tqdm import tqdm
-  from jflame import engine, output_folder, runner, sinks, sources
+  from jflame import engine, output_folder, process_settings, sinks, sources
   from jflame.errors import JFlameError
   output = Path(_OUTPUT.value).expanduser()
   try:
@@ -53,7 +53,7 @@ def main(argv) -> int:
     inputs = sources.list_sources(_INPUT.value, _RECURSIVE.value, exclude_folder=output)
     with output_folder.claim_output_folder(output) as folder:
       cache = common.enable_compilation_cache()
-      runner.fit_beside_workers(_WORKERS.value)
+      process_settings.fit_beside_workers(_WORKERS.value)
       loaded = common.load_model()
       config = common.fit_config()
       print(f"model: {loaded.description}", flush=True)

@@ -88,7 +88,8 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from jflame import output_folder, runner, track_runner  # heavy imports after flag parsing
+  # heavy imports after flag parsing
+  from jflame import model_loading, output_folder, process_settings, track_runner
   from jflame.errors import JFlameError
   if not _INPUT.value:
     return cli_app.usage_error("--input is required (a video file or a folder of frames).")
@@ -100,8 +101,8 @@ def main(argv):
   try:
     config = make_config()
     with output_folder.claim_output_folder(Path(_OUTPUT.value).expanduser()) as folder:
-      cache = runner.use_default_compilation_cache() if _COMPILATION_CACHE.value else None
-      loaded = runner.load_model(_FLAME_MODEL.value, _EMBEDDING.value, _SEED.value,
+      cache = process_settings.use_default_compilation_cache() if _COMPILATION_CACHE.value else None
+      loaded = model_loading.load_model(_FLAME_MODEL.value, _EMBEDDING.value, _SEED.value,
                                  _FLAME_VARIANT.value)
       print(f"model: {loaded.description}", flush=True)
       options = track_runner.TrackOptions(output_dir=str(folder), crop_size=crop_size,

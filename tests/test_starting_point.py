@@ -1,11 +1,12 @@
-"""The weight-free start (jflame.init) against references written here in float64 NumPy."""
+"""The weight-free start (jflame.starting_point) against references written here in float64
+NumPy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from jflame.init import identity_normal_equations, initial_rigid_camera
+from jflame.starting_point import identity_normal_equations, initial_rigid_camera
 
 
 def _random_problem(seed, points=40, columns=7):
