@@ -1,5 +1,6 @@
 """Loading FLAME files without chumpy: round trips, the restricted unpickler, clear errors."""
 
+import os
 import pickle
 
 import numpy as np
@@ -125,3 +126,32 @@ def test_convert_command_on_the_synthetic_pickle(tmp_path):
   np.testing.assert_allclose(_vertices(converted), _vertices(flame_io.load_flame(tmp_path / "s.pkl")),
                              atol=1e-6)
   assert (tmp_path / "s.npz").stat().st_size < (tmp_path / "s.pkl").stat().st_size
+
+
+@pytest.mark.parametrize("command, listed, wrong_uses", [
+    ("convert_flame", ("--num_expression", "--flame_variant"),
+     ([], ["only-one.pkl"], ["missing.pkl", "out.npz"], ["--num_expression", "x", "a", "b"])),
+    ("build_embedding", ("--output", "--reference_embedding", "--yaw_degrees", "--report"),
+     (["extra"], ["--yaw_degrees", "left,right"], ["--size", "9"])),
+])
+def test_tool_commands_run_like_the_others(tmp_path, command, listed, wrong_uses):
+  """jflame-convert-flame and jflame-build-embedding run through the same runner as the fitting
+  commands: --help lists their own flags and exits 0; a missing argument, a missing file, a bad
+  flag value each exit 2 with one line on stderr and no traceback."""
+  import subprocess
+  import sys
+  from tests.conftest import PROJECT_ROOT
+
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", f"jflame.cli.{command}", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
+  shown = run("--help")
+  assert shown.returncode == 0, shown.stderr
+  for flag in listed:
+    assert f"  {flag}:" in shown.stdout, (flag, shown.stdout)
+  for args in wrong_uses:
+    done = run(*args)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, (args, done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and lines[0].startswith(f"{command}.py: "), lines

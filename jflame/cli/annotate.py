@@ -41,7 +41,7 @@ from pathlib import Path
 
 from absl import flags
 
-from jflame.cli import common
+from jflame.cli import common, model_flags
 
 _INPUT = flags.DEFINE_list("input", None, "Folder(s) (recursive), glob pattern(s) or list "
                            "file(s) (.txt, one image path per line).")
@@ -173,7 +173,7 @@ def main(argv) -> int:
       cache = common.enable_compilation_cache()
       if ray_engine is None:
         process_settings.fit_beside_workers(workers)
-      loaded = common.load_model()
+      loaded = model_flags.load_model()
       config = common.fit_config()
       print(f"model: {loaded.description}", flush=True)
       options = common.engine_options(workers, overwrite=_OVERWRITE.value,

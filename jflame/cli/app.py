@@ -1,5 +1,6 @@
 """How every jflame command runs (no flags are defined here, so any command may use it):
---help lists the command's flags (and the shared ones of jflame.cli.common when it uses them)
+--help lists the command's flags (and the shared ones of jflame.cli.model_flags and
+jflame.cli.common when it uses them)
 with defaults and ranges and exits 0; a bad flag exits 2 with one line; SIGTERM stops a run like
 Ctrl-C, so what is finished stays committed.
 """
@@ -28,10 +29,13 @@ def usage_error(message: str) -> int:
   return EXIT_USAGE
 
 
+# Modules whose flags several commands share; a command's --help lists those it loaded.
+SHARED_FLAG_MODULES = ("jflame.cli.model_flags", "jflame.cli.common")
+
+
 def _help_text(module_name: str, doc: str) -> str:
   listed = [flags.FLAGS.module_help(module_name)]
-  if "jflame.cli.common" in sys.modules:
-    listed.append(flags.FLAGS.module_help("jflame.cli.common"))
+  listed += [flags.FLAGS.module_help(name) for name in SHARED_FLAG_MODULES if name in sys.modules]
   return doc.strip() + "\n\nFlags:\n" + "\n".join(text for text in listed if text) + (
       "\n\n--helpfull lists absl's own flags too (logging, verbosity).\n")
 

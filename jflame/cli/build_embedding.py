@@ -3,14 +3,15 @@ rendering the model and running MediaPipe on the renders (see jflame.embedding_b
 
   jflame-build-embedding --output mediapipe_embedding.npz [--flame_model PATH]
                          [--reference_embedding KNOWN.npz] [--report report.json]
+
+Exit status: 0 when written, 2 for a usage or file problem (one line), 130 when interrupted.
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags
 
-from jflame.errors import JFlameError
+from jflame.cli import app as cli_app
 
 _OUTPUT = flags.DEFINE_string("output", "mediapipe_embedding.npz", "Embedding file to write.")
 _FLAME_MODEL = flags.DEFINE_string("flame_model", None, "FLAME file (default: synthetic).")
@@ -24,13 +25,14 @@ _REPORT = flags.DEFINE_string("report", None, "Write the comparison as JSON here
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from jflame import embedding_builder, landmarks_io, model_loading
-  from jflame.preprocess import FaceAnalyzer
+    return cli_app.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     yaws = [float(y) for y in _YAWS.value]
   except ValueError:
-    raise app.UsageError(f"--yaw_degrees takes numbers, got {_YAWS.value}") from None
+    return cli_app.usage_error(f"--yaw_degrees takes numbers, got {','.join(_YAWS.value)}")
+  from jflame import embedding_builder, landmarks_io, model_loading
+  from jflame.errors import JFlameError
+  from jflame.preprocess import FaceAnalyzer
   try:
     loaded = model_loading.load_model(_FLAME_MODEL.value, _REFERENCE.value)
     with FaceAnalyzer() as analyzer:
@@ -38,8 +40,7 @@ def main(argv):
                                                             analyzer)
     landmarks_io.save_mediapipe_embedding(embedding, _OUTPUT.value)
   except (JFlameError, OSError) as err:
-    logging.error("%s", err)
-    return 2
+    return cli_app.usage_error(str(err))
   print(f"{embedding.num_landmarks} landmarks embedded on {loaded.model.name}; faces found per "
         f"view {counts}; written to {_OUTPUT.value}")
   if loaded.embedding is not None:
@@ -48,11 +49,11 @@ def main(argv):
     if _REPORT.value:
       with open(_REPORT.value, "w") as handle:
         json.dump(report, handle, indent=2)
-  return 0
+  return cli_app.EXIT_OK
 
 
 def run():
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli_app.run_command(main, __name__, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""What the jflame commands share: the model, fit and engine flags (with their ranges), the
-flag parser (usage problems exit 2 with one line, --help lists the command's flags), the
-persistent compilation cache, and turning flags into settings.
+"""What jflame-fit and jflame-annotate share: the fit and engine flags with their ranges (the
+model flags, shared with jflame-track too, are jflame.cli.model_flags), the flag parser (usage
+problems exit 2 with one line, --help lists the command's flags), the persistent compilation
+cache, and turning flags into settings.
 
 Exit status of every command: 0 when something was fitted (or everything was already done),
 1 when nothing could be fitted, 2 for a usage problem (bad flag, no input found, missing model
@@ -20,20 +21,10 @@ from jflame.cli.app import (EXIT_INTERRUPTED, EXIT_NOTHING_FITTED, EXIT_OK, EXIT
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NOTHING_FITTED", "EXIT_OK", "EXIT_USAGE", "run_command",
            "usage_error", "run_until_interrupted",
            "enable_compilation_cache", "engine_options",
-           "fit_config", "load_model", "missing_note", "quiet_logging"]
+           "fit_config", "missing_note", "quiet_logging"]
 
 MAX_BATCH_SIZE = 4096
 
-FLAME_MODEL = flags.DEFINE_string(
-    "flame_model", None, "FLAME model (.pkl or .npz). Default: $JFLAME_HOME or ~/.cache/jflame, "
-    "else the built-in SYNTHETIC model (not FLAME; for trying jflame out).")
-FLAME_VARIANT = flags.DEFINE_enum(
-    "flame_variant", None, ["flame2020", "flame2023", "flame2023_open"],
-    "Which FLAME release --flame_model is, when its file name does not say (FLAME 2020 and 2023 "
-    "share their topology, so the arrays cannot tell). DECA/MICA need flame2020.")
-EMBEDDING = flags.DEFINE_string(
-    "embedding", None, "MediaPipe landmark embedding (.npz) for a real FLAME model.")
-SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic model (used when no FLAME file).")
 MODE = flags.DEFINE_enum("mode", "landmark", ["landmark", "photometric"], "Fitting mode.")
 BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 16, f"Most images fitted at once, 1..{MAX_BATCH_SIZE} (one compiled program per "
@@ -106,12 +97,6 @@ def engine_options(workers: int, **extra):
                        texture_model=TEXTURE_MODEL.value,
                        texture_components=TEXTURE_COMPONENTS.value,
                        texture_size=TEXTURE_SIZE.value, **extra)
-
-
-def load_model():
-  from jflame import model_loading
-  return model_loading.load_model(FLAME_MODEL.value, EMBEDDING.value, SEED.value,
-                                  FLAME_VARIANT.value)
 
 
 def run_until_interrupted(run, sources, sink, bar, kept: str):

@@ -2,14 +2,13 @@
 instant to load, no pickle).
 
   jflame-convert-flame generic_model.pkl generic_model.npz [--num_expression 100]
+
+Exit status: 0 when written, 2 for a usage or file problem (one line), 130 when interrupted.
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags, logging
-
-from jflame import flame_io
-from jflame.errors import JFlameError
+from jflame.cli import app as cli_app
 
 _NUM_EXPRESSION = flags.DEFINE_integer(
     "num_expression", None,
@@ -24,25 +23,27 @@ _FLAME_VARIANT = flags.DEFINE_enum(
 
 def convert(source: str, target: str, num_expression=None, variant=None) -> int:
   """Converts one file; returns a process exit code."""
+  from jflame import flame_io
+  from jflame.errors import JFlameError
   try:
     model = flame_io.load_flame(source, num_expression, variant)
     flame_io.save_flame_npz(model, target)
-  except JFlameError as err:
-    logging.error("%s", err)
-    return 1
-  print(f"{model.name} ({model.variant}): {model.num_vertices} vertices, {model.faces.shape[0]} triangles, "
-        f"{model.num_shape} shape + {model.num_expression} expression components -> {target}")
-  return 0
+  except (JFlameError, OSError) as err:
+    return cli_app.usage_error(str(err))
+  print(f"{model.name} ({model.variant}): {model.num_vertices} vertices, "
+        f"{model.faces.shape[0]} triangles, {model.num_shape} shape + "
+        f"{model.num_expression} expression components -> {target}")
+  return cli_app.EXIT_OK
 
 
 def main(argv):
   if len(argv) != 3:
-    raise app.UsageError("usage: jflame-convert-flame INPUT.pkl OUTPUT.npz")
-  sys.exit(convert(argv[1], argv[2], _NUM_EXPRESSION.value, _FLAME_VARIANT.value))
+    return cli_app.usage_error("takes INPUT.pkl OUTPUT.npz (two paths); pass --help for more.")
+  return convert(argv[1], argv[2], _NUM_EXPRESSION.value, _FLAME_VARIANT.value)
 
 
 def run():
-  app.run(main)
+  cli_app.run_command(main, __name__, __doc__)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from absl import flags
 
-from jflame.cli import common
+from jflame.cli import common, model_flags
 
 _INPUT = flags.DEFINE_list("input", None, "Image file(s), folder(s), glob pattern(s) or list "
                            "files (.txt: one path per line).")
@@ -54,7 +54,7 @@ def main(argv) -> int:
     with output_folder.claim_output_folder(output) as folder:
       cache = common.enable_compilation_cache()
       process_settings.fit_beside_workers(_WORKERS.value)
-      loaded = common.load_model()
+      loaded = model_flags.load_model()
       config = common.fit_config()
       print(f"model: {loaded.description}", flush=True)
       sink = sinks.FilesSink(folder, loaded.model.faces, loaded.model.name,

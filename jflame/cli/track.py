@@ -17,18 +17,11 @@ from absl import flags, logging
 from tqdm import tqdm
 
 from jflame.cli import app as cli_app
+from jflame.cli import model_flags
 
 _INPUT = flags.DEFINE_string("input", None, "A video file (anything OpenCV reads) or a folder of "
                              "ordered frames (sorted by name).")
 _OUTPUT = flags.DEFINE_string("output", "jflame_track", "Output folder.")
-_FLAME_MODEL = flags.DEFINE_string(
-    "flame_model", None, "FLAME model (.pkl or .npz). Default: $JFLAME_HOME or ~/.cache/jflame, "
-    "else the built-in SYNTHETIC model (not FLAME; for trying jflame out).")
-_FLAME_VARIANT = flags.DEFINE_enum(
-    "flame_variant", None, ["flame2020", "flame2023", "flame2023_open"],
-    "Which FLAME release --flame_model is, when its file name does not say.")
-_EMBEDDING = flags.DEFINE_string(
-    "embedding", None, "MediaPipe landmark embedding (.npz) for a real FLAME model.")
 _MODE = flags.DEFINE_enum("mode", "landmark", ["landmark", "photometric"], "Fitting mode.")
 _CROP_SIZE = flags.DEFINE_integer(
     "crop_size", None, f"Side of the clip's crop in pixels, {cli_app.MIN_CROP_SIZE}.."
@@ -59,7 +52,6 @@ _SOLVE_FOCAL = flags.DEFINE_bool(
     "one joint solve) instead of assuming a 20 degree field of view across the crop. For an "
     "unknown lens: on synthetic clips shot with a 1000 px lens it lands within 3% for most "
     "faces and up to 8% off for some, against 27% for the assumed default.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic model (used when no FLAME file).")
 _COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache", True, "Keep the compiled clip fit on disk (in "
     "$JFLAME_HOME/compilation_cache or ~/.cache/jflame/compilation_cache) so the next clip of a "
@@ -89,7 +81,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   # heavy imports after flag parsing
-  from jflame import model_loading, output_folder, process_settings, track_runner
+  from jflame import output_folder, process_settings, track_runner
   from jflame.errors import JFlameError
   if not _INPUT.value:
     return cli_app.usage_error("--input is required (a video file or a folder of frames).")
@@ -102,8 +94,7 @@ def main(argv):
     config = make_config()
     with output_folder.claim_output_folder(Path(_OUTPUT.value).expanduser()) as folder:
       cache = process_settings.use_default_compilation_cache() if _COMPILATION_CACHE.value else None
-      loaded = model_loading.load_model(_FLAME_MODEL.value, _EMBEDDING.value, _SEED.value,
-                                 _FLAME_VARIANT.value)
+      loaded = model_flags.load_model()
       print(f"model: {loaded.description}", flush=True)
       options = track_runner.TrackOptions(output_dir=str(folder), crop_size=crop_size,
                                           max_frames=_MAX_FRAMES.value,
