@@ -129,6 +129,14 @@ def source_id(path) -> str:
   return f"{readable_name([os.path.basename(path)])}~{path_hash(path)}"
 
 
+def file_id(path) -> str:
+  """The id a command gives the file `path` named as an input of its own (its folder is its
+  root): what the library names a photo passed by path, so one photo has one id everywhere."""
+  absolute = os.path.abspath(os.path.expanduser(str(path)))
+  folder = os.path.dirname(absolute)
+  return _located(Path(absolute), folder, os.path.realpath(folder)).name
+
+
 def _located(path: Path, root: str, real_root: str) -> Source:
   """The Source of `path` found under the absolute folder `root` (resolved: `real_root`), made
   absolute under the resolved root; the file's own link is not followed (two links are two

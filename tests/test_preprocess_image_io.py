@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 from jflame import sources
 from jflame.errors import ImageReadError, InputError
 from jflame.preprocess.align import block_average
-from jflame.preprocess.image_io import (apply_exif_orientation, decode_image, deduplicate_names,
+from jflame.preprocess.image_io import (apply_exif_orientation, decode_image,
                                         read_image, read_source)
 
 _ORIENTATION_TAG = 0x0112
@@ -201,9 +201,25 @@ def test_empty_inputs_raise_input_error(tmp_path):
     sources.list_sources([str(tmp_path / "absent")])
 
 
-def test_in_memory_names_are_made_unique():
-  assert deduplicate_names(["image", "image"]) == ["image", "image-2"]
-  assert deduplicate_names(["face", "face", "face-2"]) == ["face", "face-3", "face-2"]
+def test_the_library_names_a_photo_as_the_commands_do(tmp_path):
+  """One naming scheme: a photo passed to the library by path gets the id a command gives it
+  (whichever way its folder is spelt, through a link too), photos with one name in two folders
+  or with two extensions stay apart, and arrays are told apart by their position."""
+  from jflame.preprocess import Preprocessor
+  blank = np.zeros((64, 64, 3), np.uint8)
+  for relative in ("a/face.png", "b/face.png", "a/face.jpg"):
+    (tmp_path / relative).parent.mkdir(exist_ok=True)
+    cv2.imwrite(str(tmp_path / relative), blank)
+  (tmp_path / "link").symlink_to(tmp_path / "a", target_is_directory=True)
+  paths = [tmp_path / "a" / "face.png", tmp_path / "b" / "face.png", tmp_path / "a" / "face.jpg"]
+  by_command = [sources.list_sources([str(path)])[0].name for path in paths]
+  assert len(set(by_command)) == 3
+  assert [sources.file_id(path) for path in paths] == by_command
+  assert sources.file_id(tmp_path / "link" / "face.png") == by_command[0]
+  assert sources.file_id(tmp_path / "b" / ".." / "a" / "face.png") == by_command[0]
+  with Preprocessor(128, landmarks_only=True) as preprocessor:
+    records = preprocessor.prepare([*paths, blank, blank])
+  assert [record.name for record in records] == [*by_command, "image~3", "image~4"]
 
 
 def test_corrupt_file_that_fails_while_opening_is_an_image_read_error(tmp_path):

@@ -10,7 +10,7 @@ Nothing here runs inside jit.
 
 from jflame.preprocess.align import DEFAULT_CROP_SCALE
 from jflame.preprocess.batch import stack_observations
-from jflame.preprocess.image_io import IMAGE_EXTENSIONS, deduplicate_names, read_image
+from jflame.preprocess.image_io import IMAGE_EXTENSIONS, read_image
 from jflame.preprocess.mediapipe_face import (NUM_LANDMARKS, AnalyzerOptions, FaceAnalyzer,
                                               FaceDetection)
 from jflame.preprocess.pipeline import (DEFAULT_CROP_SIZE, STATUS_ANALYSIS_FAILED, STATUS_NO_FACE,

@@ -29,7 +29,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import Tuple, Union
 
 import cv2
 import numpy as np
@@ -320,23 +320,3 @@ def _to_rgb_uint8(channels: np.ndarray, full_scale: float) -> np.ndarray:
   elif values.shape[2] == 1:
     values = np.repeat(values, 3, axis=2)
   return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
-
-
-def deduplicate_names(names: Sequence[str]) -> List[str]:
-  """Makes names unique, keeping order: the first occurrence of a name keeps it, later ones get
-  `-2`, `-3`, ... (skipping any name already in use), so output files never overwrite each other.
-  """
-  taken = set(names)
-  seen = set()
-  unique = []
-  for name in names:
-    if name in seen:
-      counter = 2
-      while f"{name}-{counter}" in taken:
-        counter += 1
-      unique.append(f"{name}-{counter}")
-      taken.add(unique[-1])
-    else:
-      unique.append(name)
-    seen.add(name)
-  return unique

@@ -40,12 +40,12 @@ from jflame.errors import ImageReadError
 from jflame.preprocess.align import (DEFAULT_CROP_SCALE, affine_scale, compose_affine,
                                      crop_from_landmarks, inside_image_mask, points_inside,
                                      quarter_turns, rotation_about, square_window, warp_affine)
-from jflame.preprocess.image_io import (MAX_REDUCTION, DecodedImage, decode_image,
-                                        deduplicate_names, read_source)
+from jflame.preprocess.image_io import MAX_REDUCTION, DecodedImage, decode_image, read_source
 from jflame.preprocess.masks import face_region_mask
 from jflame.preprocess.mediapipe_face import (MIN_LANDMARK_BOX_IOU, AnalyzerOptions, FaceAnalyzer,
                                               FaceDetection, box_iou,
                                               check_landmarker_task_path, landmark_box)
+from jflame.sources import file_id
 
 STATUS_OK = "ok"
 STATUS_UNREADABLE = "unreadable"
@@ -512,15 +512,15 @@ class Preprocessor:
 
     Args:
       sources: image files and/or RGB uint8 arrays.
-      names: one per source; default: unique file stems ("image" for arrays).
+      names: one per source; default: a file's id as the commands give it
+        (`jflame.sources.file_id`: name~hash of its path), "image~<position>" for an array.
     """
     if self._analyzer is None and self._pool is None:
       raise ValueError("This Preprocessor is closed; create a new one.")
     sources = list(sources)
     if names is None:
-      names = deduplicate_names(
-          ["image" if isinstance(source, np.ndarray) else Path(source).stem
-           for source in sources])
+      names = [f"image~{index}" if isinstance(source, np.ndarray) else file_id(source)
+               for index, source in enumerate(sources)]
     if len(names) != len(sources):
       raise ValueError(f"Got {len(names)} names for {len(sources)} sources.")
     jobs = list(zip(sources, names))
