@@ -17,7 +17,13 @@ from jflame.landmarks import REGION_NAMES, LandmarkWeights
 from jflame.render.rasterize import RasterSettings
 
 
-LANDMARK_SOLVERS = ("adam", "lm")
+def _parse_choice(cls, field: str, value):
+  """`value` as the str enum `cls`, or a ConfigError naming the field and its choices."""
+  try:
+    return cls(value)
+  except ValueError:
+    raise ConfigError(f"FitConfig.{field} must be one of {[m.value for m in cls]}, got "
+                      f"{value!r}.") from None
 
 
 class FitMode(str, enum.Enum):
@@ -29,11 +35,18 @@ class FitMode(str, enum.Enum):
 
   @classmethod
   def parse(cls, value) -> "FitMode":
-    try:
-      return cls(value)
-    except ValueError:
-      raise ConfigError(f"FitConfig.mode must be one of {[m.value for m in cls]}, got "
-                        f"{value!r}.") from None
+    return _parse_choice(cls, "mode", value)
+
+
+class LandmarkSolver(str, enum.Enum):
+  """The landmark stage: Levenberg-Marquardt (`jflame.solve`) or the optax Adam stages. A str
+  enum like FitMode: "lm" and LandmarkSolver.LM compare equal."""
+  LM = "lm"
+  ADAM = "adam"
+
+  @classmethod
+  def parse(cls, value) -> "LandmarkSolver":
+    return _parse_choice(cls, "landmark_solver", value)
 
 
 def _require(condition: bool, field: str, allowed: str, value) -> None:
@@ -188,7 +201,7 @@ class FitConfig:
   albedo_per_channel: int = 16
   raster: RasterSettings = RasterSettings(cull_backfaces=True)
   vmap_chunk: int = 0
-  landmark_solver: str = "lm"
+  landmark_solver: LandmarkSolver = LandmarkSolver.LM
   lm_iterations: int = 5
   lm_vmap_chunk: int = 16
   shared_focal: bool = False
@@ -198,6 +211,7 @@ class FitConfig:
     """Refuses settings that cannot mean anything, naming the field and what it accepts
     (counts against the model are checked where the model is known, in `make_fit_model`)."""
     object.__setattr__(self, "mode", FitMode.parse(self.mode))
+    object.__setattr__(self, "landmark_solver", LandmarkSolver.parse(self.landmark_solver))
     if isinstance(self.landmark_regions, list):
       object.__setattr__(self, "landmark_regions", tuple(self.landmark_regions))
     for field in ("num_shape", "num_expression"):
@@ -220,8 +234,6 @@ class FitConfig:
     _require(isinstance(self.fit_shape, bool), "fit_shape", "True or False", self.fit_shape)
     _require(isinstance(self.shared_focal, bool), "shared_focal", "True or False",
              self.shared_focal)
-    _require(self.landmark_solver in LANDMARK_SOLVERS, "landmark_solver",
-             f"one of {list(LANDMARK_SOLVERS)}", self.landmark_solver)
     for field, rates in (("rigid_rates", self.rigid_rates), ("full_rates", self.full_rates)):
       _require(isinstance(rates, LearningRates), field, "a LearningRates", rates)
       rates.validate(field)

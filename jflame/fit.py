@@ -19,7 +19,7 @@ from flax import struct
 
 from jflame import losses, solve
 from jflame.camera import Camera, focal_length_from_fov, pinhole, project
-from jflame.config import FitConfig, LearningRates
+from jflame.config import FitConfig, LandmarkSolver, LearningRates
 from jflame.errors import ConfigError
 from jflame.flame import (FlameModel, FlameParams, SurfaceRows, flame_forward, make_surface_rows,
                           surface_points_forward, vertices_of_batch)
@@ -442,7 +442,7 @@ def fit_one(fit_model: FitModel, observation: Observation, config: FitConfig,
   if not config.fit_shape:
     full_rates = dataclasses.replace(full_rates, shape=None)
   full_iterations = config.full_iterations
-  if config.landmark_solver == "lm":
+  if config.landmark_solver == LandmarkSolver.LM:
     # One solve replaces the landmark stages; photometric mode goes on with its Adam stage.
     problem = landmark_problem(fit_model, landmarks, weights, crop_size, config, base_rotation,
                                principal_point)
@@ -513,7 +513,7 @@ def fit_batch(fit_model: FitModel, observations: Observation, config: FitConfig,
 
   batch = observations.valid.shape[0]
   chunk = config.vmap_chunk
-  if not chunk and config.landmark_solver == "lm":
+  if not chunk and config.landmark_solver == LandmarkSolver.LM:
     chunk = config.lm_vmap_chunk
   if not chunk or chunk >= batch:
     return jax.vmap(fit_slot)((observations, guess))
