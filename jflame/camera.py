@@ -90,8 +90,8 @@ def apply_affine(affine, points):
 def invert_affine(affine):
   """Inverse of a (2, 3) affine map, NumPy, for going from crop pixels back to the original."""
   affine = np.asarray(affine, np.float64)
-  # The 2 x 2 inverse written out: np.linalg.inv goes through LAPACK and OpenBLAS, whose thread
-  # wake-up cost 3-4 ms per call next to MediaPipe's busy threads during preprocessing.
+  # The 2 x 2 inverse written out: np.linalg.inv goes through LAPACK and OpenBLAS, whose threads
+  # wake up slowly next to MediaPipe's busy ones during preprocessing (docs/BENCHMARKS.md).
   (a, b), (c, d) = affine[:, :2]
   linear_inv = np.array([[d, -b], [-c, a]]) / (a * d - b * c)
   return np.concatenate([linear_inv, -linear_inv @ affine[:, 2:3]], axis=1)

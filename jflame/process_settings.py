@@ -22,9 +22,8 @@ def fit_beside_workers(workers: int, environ=None):
   """Makes a CPU fit single-threaded when `workers` preprocessing processes share the cores.
 
   XLA's multi-threaded CPU kernels keep threads spinning between the fit's small operations,
-  and those cycles come out of the workers, which are what limits a run's rate: with one thread
-  for the fit a run's steady rate was 93% of the preprocessing rate on 2 cores, against 80%
-  with the default (tools/bench_annotate.py, docs/BENCHMARKS.md). Accelerators are unaffected.
+  and those cycles come out of the workers, which are what limits a run's rate
+  (tools/bench_annotate.py, docs/BENCHMARKS.md). Accelerators are unaffected.
   A choice the user made in XLA_FLAGS wins. `environ`: the environment to change (default
   os.environ). Call before the first JAX computation: XLA reads its flags then.
   """

@@ -93,8 +93,7 @@ class TrackConfig:
     photometric_rates: its learning rates.
     segment_chunk: segments of the landmark stages vectorised at a time, the chunks run in
       sequence in the same program (0: all at once). All at once is fastest on a CPU too
-      (measured: 423 frames / s at 1024 frames against 360 in chunks of 8 and 332 in chunks
-      of 4, and no worse at 103, 256 or 4096 frames).
+      (docs/BENCHMARKS.md, video tracking).
     photometric_segment_chunk: the same for the photometric stage, whose renders make a
       frame's step megabytes: chunks bound the memory of a long clip (on an accelerator with
       room, 0 vectorises them all).

@@ -118,8 +118,8 @@ def warp_affine(image: np.ndarray, dst_from_src: np.ndarray, size: int,
 def block_average(image: np.ndarray, factor: int) -> np.ndarray:
   """Means of `factor` x `factor` pixel blocks; a ragged last block is padded with zeros.
 
-  OpenCV's INTER_AREA takes a fast path only for an exact integer ratio (measured: ~0.3 ms for a
-  1024-pixel RGB image, against 6-8 ms for a fractional ratio), hence the padding. The zeros lie
+  OpenCV's INTER_AREA takes a fast path only for an exact integer ratio (docs/BENCHMARKS.md),
+  hence the padding. The zeros lie
   outside the source, which `warp_affine` shows as zero anyway.
   """
   height, width = image.shape[:2]
