@@ -78,6 +78,7 @@ def known_truth_clip(model, embedding, noise_px=1.0, seed=3):
   return np.asarray(points), head, observation
 
 
+@jax.jit
 def face_points(model, embedding, params):
   """(T, P, 3) the face's landmark surface points in model space (shape, expression, jaw)."""
   vertices = jax.vmap(lambda p: flame.flame_forward(model, p)[0])(params)
