@@ -16,12 +16,12 @@ import pytest
 import skimage.data
 from skimage.transform import estimate_transform, warp
 
-from initializers import deca as deca_module
-from initializers import mica as mica_module
-from initializers.deca import DecaEncoder, deca_input_image, lighting_from_deca
-from initializers.mica import MicaEncoder
-from initializers.initial_guess import InitialGuess, initial_guess_for_batch
-from initializers.onnx_runtime import choose_providers
+from jflame.initializers import deca as deca_module
+from jflame.initializers import mica as mica_module
+from jflame.initializers.deca import DecaEncoder, deca_input_image, lighting_from_deca
+from jflame.initializers.mica import MicaEncoder
+from jflame.initializers.initial_guess import InitialGuess, initial_guess_for_batch
+from jflame.initializers.onnx_runtime import choose_providers
 from jflame.camera import apply_affine, invert_affine
 from jflame.errors import ModelFileError
 from jflame.preprocess import FaceAnalyzer, PreparedImage, prepare_image
