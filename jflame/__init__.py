@@ -32,6 +32,7 @@ _EXPORTS = {
     "read_image": "jflame.preprocess",
     "LoadedModel": "jflame.model_loading", "load_model": "jflame.model_loading",
     "prepare_fit_model": "jflame.model_loading", "take": "jflame.fit",
+    "fit_images": "jflame.engine", "FittedImage": "jflame.fitted_image",
     "result_record": "jflame.output", "save_mesh": "jflame.output",
     "save_parameters": "jflame.output", "write_pictures": "jflame.output",
     "JFlameError": "jflame.errors", "ConfigError": "jflame.errors",

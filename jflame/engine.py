@@ -12,6 +12,7 @@ batch of 16 and a run compiles at most one program per bucket it uses. Every inp
 one entry: ok, or a status and a message that say what happened.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -20,24 +21,25 @@ import platform
 import queue
 import threading
 import time
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import (Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol,
+                    Sequence)
 
 import jax
 import numpy as np
 from absl import logging
 
-from jflame import output, quality, sharding
+from jflame import sharding, sources
 from jflame.config import FitConfig
 from jflame.errors import ConfigError
-from jflame.fit import FitModel, FittedMeshes, FitResult, fit_batch, fitted_meshes, take
-from jflame.model_loading import LoadedModel, load_albedo, load_encoders, prepare_fit_model
+from jflame.fit import FitModel, fit_batch, fitted_meshes, take
+from jflame.fitted_image import FittedImage, describe_fit
+from jflame.model_loading import (LoadedModel, load_albedo, load_encoders, load_model,
+                                  prepare_fit_model)
 from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
+from jflame.sinks import KeptResults, Sink
 from jflame.sources import Source, SourceFacts, content_hash
 
 STATUS_SKIPPED = "skipped"
-STATUS_FIT_FAILED = "fit_failed"
-FIT_FAILED_MESSAGE = ("the optimisation diverged (non-finite loss or gradient); the last finite "
-                      "values were discarded and nothing was written")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,55 +78,6 @@ def bucket_size(count: int, batch_size: int, multiple: int = 1) -> int:
   size = max(size, multiple)
   size = -(-size // multiple) * multiple
   return min(size, batch_size)
-
-
-@dataclasses.dataclass
-class FittedImage:
-  """One image after the fit, what a Sink writes.
-
-  Attributes:
-    record: the preprocessing record (status ok or a failure).
-    entry: the manifest entry / table row scalars: name, source facts, status, message,
-      quality and timings.
-    result: this image's FitResult (host arrays), None unless the fit succeeded.
-    meshes: this image's FittedMeshes, None unless the fit succeeded.
-    arrays: `output.result_record` of a successful fit, else None.
-  """
-  record: PreparedImage
-  entry: dict
-  result: Optional[FitResult] = None
-  meshes: Optional[FittedMeshes] = None
-  arrays: Optional[dict] = None
-
-  @property
-  def ok(self) -> bool:
-    return self.entry["status"] == "ok"
-
-
-class Sink:
-  """Where fitted images go. Called from the writer thread only (plus `committed` before the
-  run starts and `close` after it ends)."""
-
-  def committed(self) -> Mapping[str, Mapping]:
-    """name -> entry of every image already finished in the output (with source facts)."""
-    raise NotImplementedError
-
-  def write(self, images: Sequence[FittedImage]) -> None:
-    """Writes one batch of images; each is finished (durably recorded) on return or after the
-    next `flush`."""
-    raise NotImplementedError
-
-  def flush(self) -> None:
-    """Commits whatever `write` has buffered."""
-
-  def close(self, summary: Mapping) -> None:
-    """Ends the run: flushes and writes the run's summary."""
-
-
-def source_entry(source: Source, facts: Optional[SourceFacts]) -> dict:
-  return dict(name=source.name, source=str(source.path), source_relpath=source.relpath,
-              source_size=facts.size if facts else None,
-              source_mtime_ns=facts.mtime_ns if facts else None, source_hash=None)
 
 
 def needs_fit(source: Source, facts: Optional[SourceFacts], previous: Optional[Mapping],
@@ -166,40 +119,6 @@ def _exists(path) -> bool:
     return bool(path) and os.path.lexists(path)
   except (OSError, ValueError):
     return False
-
-
-def _describe(record: PreparedImage, source: Source, result, meshes, context) -> FittedImage:
-  """A record and its fit (this image's slices) as a FittedImage with its entry."""
-  entry = source_entry(source, SourceFacts.of(source.path))
-  for key in ("source_size", "source_mtime_ns", "source_hash"):
-    value = getattr(record, key, None)
-    if value is not None:
-      entry[key] = value
-  entry.update(status=record.status, message=record.message, num_faces=record.num_faces,
-               image_width=record.image_width, image_height=record.image_height)
-  if not record.ok:
-    return FittedImage(record=record, entry=entry)
-  if not bool(result.fitted):
-    entry.update(status=STATUS_FIT_FAILED, message=FIT_FAILED_MESSAGE)
-    return FittedImage(record=record, entry=entry)
-  arrays = output.result_record(
-      record, result, model_name=context["model_name"], mode=context["mode"],
-      crop_size=context["crop_size"], landmark_indices=context["landmark_indices"],
-      albedo_name=context["albedo_name"])
-  # The last stage that ran: Adam's full stage, or the landmark solve when it did all the work.
-  history = arrays["full_loss_history"]
-  if np.size(history) == 0:
-    history = arrays["rigid_loss_history"]
-  measures = quality.fit_quality(
-      arrays["landmark_error_relative"], arrays["shape"], arrays["expression"], history,
-      upright_score=getattr(record, "upright_score", None),
-      landmarks_outside=1.0 - float(np.mean(arrays["landmark_weights"] > 0)))
-  entry.update(landmark_error_px=arrays["landmark_error_px"], **measures.as_dict())
-  arrays.update({key: entry[key] for key in ("source", "source_relpath", "source_size",
-                                              "source_mtime_ns", "source_hash")
-                 if entry[key] is not None})
-  arrays.update(measures.as_dict())
-  return FittedImage(record=record, entry=entry, result=result, meshes=meshes, arrays=arrays)
 
 
 class _Writer(threading.Thread):
@@ -261,34 +180,51 @@ def preprocessor_of(options: EngineOptions, workers: Optional[int] = None) -> Pr
                       landmarks_only=options.landmarks_only)
 
 
-class Engine:
-  """Fits runs of sources: `run(sources, sink)` fits what the sink does not hold yet and
-  returns the summary. Building one loads the device-side model and the optional encoders.
+class Fitter(Protocol):
+  """The fit stage of a run, the part an `Engine` is given: it turns the sources to fit into
+  fitted images. `LocalFitter` prepares on this machine's worker processes and fits on its
+  devices; `jflame.ray_engine.RayFitter` runs both stages on a Ray cluster; the tests plug in
+  canned ones.
+
+  Attributes:
+    landmark_indices: (K,) the MediaPipe landmark of each fitted point (what a sink records).
+    timings: preprocess_s, fit_s and first_fit_s (the first batch, compilation included, or
+      None), added up over the fitter's runs.
+    buckets_used: the padded batch sizes fitted so far.
+  """
+  landmark_indices: np.ndarray
+  timings: dict
+  buckets_used: set
+
+  def fitted(self, todo: Iterator[Source]) -> Iterator[List[FittedImage]]:
+    """One list of FittedImages per batch, every source of `todo` exactly once and in order.
+    Closed early when the run stops (an interrupt, a sink error): it then stops its work."""
+    ...
+
+  def describe(self) -> dict:
+    """What the run summary says of where the fit ran (at least `device`)."""
+    ...
+
+
+def fitter_timings() -> dict:
+  return dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None)
+
+
+class LocalFitter:
+  """The fit stage on this machine: a pool of preprocessing processes a few batches ahead and
+  one batch in flight on the local devices (a `Fitter`). Building one loads the device-side
+  model and the optional encoders.
 
   Args:
     loaded: the model and its embedding (model_loading.load_model).
     config: the fit settings.
     options: host settings.
-    progress: called with the number of inputs settled (skipped, written) as they settle.
   """
 
-  def __init__(self, loaded: LoadedModel, config: FitConfig, options: EngineOptions,
-               progress: Optional[Callable[[int], None]] = None):
-    if options.batch_size < 1:
-      raise ConfigError(f"batch_size must be >= 1, got {options.batch_size}.")
+  def __init__(self, loaded: LoadedModel, config: FitConfig, options: EngineOptions):
     self.loaded, self.config, self.options = loaded, config, options
-    self.progress = progress or (lambda count: None)
-    self.counts: Dict[str, int] = {}
+    self.timings = fitter_timings()
     self.buckets_used: set = set()
-    self.timings = dict(preprocess_s=0.0, fit_s=0.0, first_fit_s=None, write_s=0.0,
-                        wall_s=0.0, steady_s=0.0, steady_images=0)
-    self._first_written = None
-    self._load_device_side()
-
-  def _load_device_side(self):
-    """Builds what the fit needs on this process's devices: the batch mesh, the fit model,
-    the optional albedo space and encoders. (A driver that fits elsewhere skips this.)"""
-    loaded, config, options = self.loaded, self.config, self.options
     self.mesh = sharding.batch_mesh() if len(jax.local_devices()) > 1 else None
     self.devices = 1 if self.mesh is None else self.mesh.size
     if options.batch_size % self.devices:
@@ -304,29 +240,14 @@ class Engine:
                         albedo_name=(self.fit_model.albedo.name
                                      if self.fit_model.albedo is not None else None))
 
-  # --- what to do ---------------------------------------------------------------------------
+  @property
+  def landmark_indices(self) -> np.ndarray:
+    return self.context["landmark_indices"]
 
-  def _todo(self, sources: Iterable[Source], committed: Mapping[str, Mapping],
-            unseen: set) -> Iterator[Source]:
-    """The sources to fit; each one listed is taken out of `unseen` (committed ids)."""
-    for source in sources:
-      unseen.discard(source.name)
-      reason = needs_fit(source, SourceFacts.of(source.path), committed.get(source.name),
-                         self.options.overwrite)
-      if reason is None:
-        self._count(STATUS_SKIPPED)
-        self.progress(1)
-        continue
-      if reason not in ("new",):
-        logging.info("%s: refitting: %s", source.name, reason)
-      yield source
+  def describe(self) -> dict:
+    return dict(device=str(jax.devices()[0]))
 
-  def _count(self, status: str, amount: int = 1):
-    self.counts[status] = self.counts.get(status, 0) + amount
-
-  # --- the device part ------------------------------------------------------------------------
-
-  def _fit(self, records: List[PreparedImage]):
+  def _dispatch(self, records: List[PreparedImage]):
     """Dispatches the fit of one batch (asynchronously); returns device arrays, or (None, None)
     when no record of the batch was prepared (corrupt files, no faces)."""
     options, config = self.options, self.config
@@ -351,7 +272,7 @@ class Engine:
   def _settle(self, sources: List[Source], records: List[PreparedImage], results, meshes,
               started: float) -> List[FittedImage]:
     if results is None:  # nothing in the batch could be fitted: no device work was done
-      return [_describe(record, source, None, None, self.context)
+      return [describe_fit(record, source, None, None, self.context)
               for source, record in zip(sources, records)]
     results, meshes = jax.device_get((results, meshes))
     elapsed = time.perf_counter() - started
@@ -362,7 +283,7 @@ class Engine:
       self.timings["fit_s"] += elapsed
     images = []
     for slot, (source, record) in enumerate(zip(sources, records)):
-      images.append(_describe(record, source, take(results, slot), take(meshes, slot),
+      images.append(describe_fit(record, source, take(results, slot), take(meshes, slot),
                               self.context))
       # The first batch of a run also compiles: its time says nothing about the fit.
       images[-1].entry["fit_ms"] = None if first else 1000.0 * elapsed / len(records)
@@ -371,18 +292,100 @@ class Engine:
   def fit_batch(self, sources: List[Source], records: List[PreparedImage]
                 ) -> List[FittedImage]:
     """Fits one batch of prepared records and waits for it: one FittedImage per source, in
-    order. The local pipeline splits this in two to overlap the device with the host; the Ray
-    engine's fit actors call it whole."""
+    order. `fitted` splits this in two to overlap the device with the host; the Ray fit actors
+    call it whole."""
     started = time.perf_counter()
-    results, meshes = self._fit(records)
+    results, meshes = self._dispatch(records)
     return self._settle(sources, records, results, meshes, started)
 
-  # --- the run --------------------------------------------------------------------------------
+  def fitted(self, todo: Iterator[Source]) -> Iterator[List[FittedImage]]:
+    options = self.options
+    todo_batches = batches(todo, options.batch_size)
+    first = next(todo_batches, None)
+    if first is None:
+      return  # nothing to do: no workers started, nothing compiled
+    todo_batches = itertools.chain([first], todo_batches)
+    with preprocessor_of(options) as preprocessor:
+      pending = []  # (sources, record iterator), oldest first, at most prefetch + 1
+
+      def submit():
+        batch = next(todo_batches, None)
+        if batch is not None:
+          pending.append((batch, preprocessor.prepare_iter([s.path for s in batch],
+                                                           [s.name for s in batch])))
+
+      for _ in range(max(options.prefetch, 0) + 1):
+        submit()
+      in_flight = None  # the batch on the device: (sources, records, results, meshes, start)
+      while pending:
+        batch, records_iter = pending.pop(0)
+        start = time.perf_counter()
+        records = list(records_iter)
+        self.timings["preprocess_s"] += time.perf_counter() - start
+        submit()
+        started = time.perf_counter()
+        results, meshes = self._dispatch(records)
+        # The device works on this batch while the caller writes the one before.
+        if in_flight is not None:
+          yield self._settle(*in_flight)
+        in_flight = (batch, records, results, meshes, started)
+      if in_flight is not None:
+        yield self._settle(*in_flight)
+
+
+class Engine:
+  """Runs sources through a fit stage into a sink: `run(sources, sink)` fits what the sink does
+  not hold yet and returns the summary. The engine keeps what every run shares (the resume
+  decision, the writer thread, counts, timings, the summary); the fit stage is the `Fitter` it
+  is given.
+
+  Args:
+    loaded: the model and its embedding (model_loading.load_model).
+    config: the fit settings.
+    options: host settings.
+    progress: called with the number of inputs settled (skipped, written) as they settle.
+    fitter: the fit stage (default: a LocalFitter of loaded, config and options).
+  """
+
+  def __init__(self, loaded: LoadedModel, config: FitConfig, options: EngineOptions,
+               progress: Optional[Callable[[int], None]] = None,
+               fitter: Optional[Fitter] = None):
+    if options.batch_size < 1:
+      raise ConfigError(f"batch_size must be >= 1, got {options.batch_size}.")
+    self.loaded, self.config, self.options = loaded, config, options
+    self.progress = progress or (lambda count: None)
+    self.fitter: Fitter = fitter if fitter is not None else LocalFitter(loaded, config, options)
+    self.counts: Dict[str, int] = {}
+    self.timings = dict(write_s=0.0, wall_s=0.0, steady_s=0.0, steady_images=0)
+    self.source_missing = None
+    self._first_written = None
 
   @property
   def landmark_indices(self) -> np.ndarray:
     """(K,) the MediaPipe landmark of each fitted point."""
-    return self.context["landmark_indices"]
+    return self.fitter.landmark_indices
+
+  # --- what to do ---------------------------------------------------------------------------
+
+  def _todo(self, sources: Iterable[Source], committed: Mapping[str, Mapping],
+            unseen: set) -> Iterator[Source]:
+    """The sources to fit; each one listed is taken out of `unseen` (committed ids)."""
+    for source in sources:
+      unseen.discard(source.name)
+      reason = needs_fit(source, SourceFacts.of(source.path), committed.get(source.name),
+                         self.options.overwrite)
+      if reason is None:
+        self._count(STATUS_SKIPPED)
+        self.progress(1)
+        continue
+      if reason not in ("new",):
+        logging.info("%s: refitting: %s", source.name, reason)
+      yield source
+
+  def _count(self, status: str, amount: int = 1):
+    self.counts[status] = self.counts.get(status, 0) + amount
+
+  # --- the run --------------------------------------------------------------------------------
 
   def run(self, sources: Iterable[Source], sink: Sink) -> dict:
     started_at = datetime.datetime.now(datetime.timezone.utc)
@@ -397,7 +400,10 @@ class Engine:
     writer.start()
     interrupted = None
     try:
-      self._pipeline(self._todo(sources, committed, unseen), writer)
+      # Closed on the way out, so the fit stage stops its workers (or its cluster's tasks).
+      with contextlib.closing(self.fitter.fitted(self._todo(sources, committed, unseen))) as fitted:
+        for images in fitted:
+          writer.put(images)
       self.source_missing = missing_sources(committed, unseen)
     except BaseException as error:  # KeyboardInterrupt, SystemExit from SIGTERM, disk full
       interrupted = error
@@ -425,48 +431,46 @@ class Engine:
       self.timings["steady_s"] = now - self._first_written
     self.progress(len(images))
 
-  def _pipeline(self, todo: Iterator[Source], writer: _Writer):
-    options = self.options
-    todo_batches = batches(todo, options.batch_size)
-    first = next(todo_batches, None)
-    if first is None:
-      return  # nothing to do: no workers started, nothing compiled
-    todo_batches = itertools.chain([first], todo_batches)
-    with preprocessor_of(options) as preprocessor:
-      pending = []  # (sources, record iterator), oldest first, at most prefetch + 1
-
-      def submit():
-        batch = next(todo_batches, None)
-        if batch is not None:
-          pending.append((batch, preprocessor.prepare_iter([s.path for s in batch],
-                                                           [s.name for s in batch])))
-
-      for _ in range(max(options.prefetch, 0) + 1):
-        submit()
-      in_flight = None  # the batch on the device: (sources, records, results, meshes, start)
-      while pending:
-        batch, records_iter = pending.pop(0)
-        start = time.perf_counter()
-        records = list(records_iter)
-        self.timings["preprocess_s"] += time.perf_counter() - start
-        submit()
-        started = time.perf_counter()
-        results, meshes = self._fit(records)
-        if in_flight is not None:
-          writer.put(self._settle(*in_flight))
-        in_flight = (batch, records, results, meshes, started)
-      if in_flight is not None:
-        writer.put(self._settle(*in_flight))
-
   def _summary(self, started_at, interrupted) -> dict:
-    return dict(
+    summary = dict(
         jflame_run=2, started=started_at.isoformat(),
         finished=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         interrupted=None if interrupted is None else type(interrupted).__name__,
         model=self.loaded.description, model_variant=self.loaded.model.variant,
         synthetic_model=self.loaded.model.is_synthetic, embedding=self.loaded.embedding.name,
-        device=str(jax.devices()[0]), python=platform.python_version(), jax=jax.__version__,
+        device=None, python=platform.python_version(), jax=jax.__version__,
         config=dataclasses.asdict(self.config), options=dataclasses.asdict(self.options),
-        batch_buckets=sorted(self.buckets_used), timings=self.timings,
+        batch_buckets=sorted(self.fitter.buckets_used),
+        timings={**self.fitter.timings, **self.timings},
         this_run=dict(self.counts), source_missing=self.source_missing)
+    summary.update(self.fitter.describe())
+    return summary
+
+
+def fit_images(paths: Sequence, loaded: Optional[LoadedModel] = None,
+               config: Optional[FitConfig] = None,
+               options: Optional[EngineOptions] = None) -> List[FittedImage]:
+  """Fits photos through the engine the commands use and returns them, in input order.
+
+  Args:
+    paths: image files and folders (a folder's images sorted by name), as `--input` takes them.
+    loaded: the model (default: `load_model()`: a FLAME file in $JFLAME_HOME or ~/.cache/jflame,
+      else the SYNTHETIC head).
+    config: fit settings (default FitConfig()).
+    options: host settings (default EngineOptions(); landmarks_only follows the fit mode).
+
+  Returns:
+    one FittedImage per input: `entry` (id, source, status, message, quality), and for a fit
+    `arrays` (the result record, as a result's .npz holds it), `result` and `meshes`.
+
+  Raises:
+    InputError: a path names nothing, or no image was found.
+  """
+  loaded = load_model() if loaded is None else loaded
+  config = FitConfig() if config is None else config
+  if options is None:
+    options = EngineOptions(landmarks_only=not config.photometric)
+  kept = KeptResults()
+  Engine(loaded, config, options).run(sources.list_sources([str(path) for path in paths]), kept)
+  return kept.images
 

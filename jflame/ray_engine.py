@@ -9,10 +9,10 @@ cluster's CPUs, the fits in accelerator actors, the writing where the local engi
                                                           CPU), one fit batch per call
     driver:  iter_rows ──► the writer thread ──► the same Sink
 
-Only the middle runs on the cluster. The driver keeps deciding what to fit and keeps writing,
-through `Engine.run` itself, so shards, index, resume and superseding are the local engine's by
-construction; each actor fits with a plain `Engine` built from the driver's own model, so a row
-is the row the local engine would write. The driver forms the batches as the local engine
+Only the middle runs on the cluster. The driver keeps deciding what to fit and keeps writing:
+`RayFitter` is the fit stage an `engine.Engine` is given, so shards, index, resume and
+superseding are the local engine's by construction; each actor fits with a `LocalFitter` built
+from the driver's own model, so a row is the row the local engine would write. The driver forms the batches as the local engine
 does (consecutive runs of batch_size in todo order), so the actors fit the same batches with the
 same compiled programs and give the same numbers. Records and fitted images travel between the
 stages as pickles (lists of dataclasses of NumPy arrays).
@@ -38,7 +38,7 @@ from absl import logging
 
 from jflame import engine, model_loading, process_settings
 from jflame.config import FitConfig
-from jflame.engine import Engine, EngineOptions, FittedImage
+from jflame.engine import EngineOptions, FittedImage, LocalFitter
 from jflame.preprocess import AnalyzerOptions, Preprocessor
 from jflame.preprocess.mediapipe_face import check_landmarker_task_path
 from jflame.sources import Source
@@ -111,8 +111,8 @@ class FitActor:
   """Ray Data stage (a callable class, so an actor pool): builds the device side once, as the
   local engine does, then fits one batch (one row) per call.
 
-  Each actor is an `Engine` of its own, so its first batch compiles and has fit_ms None, as the
-  first batch of a local run has; the driver adds up the actors' timings from `report`.
+  Each actor is a `LocalFitter` of its own, so its first batch compiles and has fit_ms None, as
+  the first batch of a local run has; the driver adds up the actors' timings from `report`.
 
   Args:
     model: [ObjectRef of the driver's LoadedModel] (in a list, so Ray hands over the reference
@@ -126,18 +126,18 @@ class FitActor:
                compilation_cache: Optional[str] = None):
     if compilation_cache:
       process_settings.use_compilation_cache(compilation_cache)
-    self.engine = Engine(ray.get(model[0]), config, options)
+    self.fitter = LocalFitter(ray.get(model[0]), config, options)
 
   def __call__(self, row: dict) -> dict:
-    timings = self.engine.timings
+    timings = self.fitter.timings
     fit_s, compiled_before = timings["fit_s"], timings["first_fit_s"] is not None
-    images = self.engine.fit_batch(pickle.loads(row["sources"]), pickle.loads(row["records"]))
+    images = self.fitter.fit_batch(pickle.loads(row["sources"]), pickle.loads(row["records"]))
     for image in images:
       image.result = None  # no sink reads it; the entry and arrays hold what it writes
     report = pickle.loads(row["report"])
     report.update(fit_s=timings["fit_s"] - fit_s, fit_node=_node_id(),
                   first_fit_s=None if compiled_before else timings["first_fit_s"],
-                  buckets=sorted(self.engine.buckets_used))
+                  buckets=sorted(self.fitter.buckets_used))
     return dict(images=_pack(images), report=_pack(report))
 
 
@@ -167,17 +167,18 @@ def _close_within(generator, seconds: float) -> None:
     logging.warning("Ray Data did not stop within %.0f s; going on without waiting.", seconds)
 
 
-class RayEngine(Engine):
-  """`Engine` whose prepare and fit stages run on Ray Data; `run(sources, sink)` as the local
-  one (the driver skips, counts, writes and summarises). Connect first (`connect`).
+class RayFitter:
+  """The fit stage on Ray Data (an `engine.Fitter`): preprocessing in CPU tasks over the
+  cluster, fits in actors; give it to `engine.Engine`, which skips, counts, writes and
+  summarises on the driver as for a local run. Connect first (`connect`).
 
-  Timings in the summary add up the cluster's work: `preprocess_s` is the preprocessing tasks'
-  seconds (over all nodes, not the driver's wait), `fit_s` the actors' fits after their first
-  batch, `first_fit_s` the first compile-including batch to arrive (each actor compiles once);
-  `ray` says where the batches ran.
+  Timings add up the cluster's work: `preprocess_s` is the preprocessing tasks' seconds (over
+  all nodes, not the driver's wait), `fit_s` the actors' fits after their first batch,
+  `first_fit_s` the first compile-including batch to arrive (each actor compiles once); the
+  summary's `ray` says where the batches ran.
 
   Args:
-    loaded, config, options, progress: as for `Engine` (options.workers is not used: Ray
+    loaded, config, options: as for `engine.LocalFitter` (options.workers is not used: Ray
       spreads the preprocessing).
     fit_actors: fit actors (default: one per GPU of the cluster, else one).
     compilation_cache: the actors' JAX compilation cache folder, or None.
@@ -185,18 +186,17 @@ class RayEngine(Engine):
   """
 
   def __init__(self, loaded: model_loading.LoadedModel, config: FitConfig, options: EngineOptions,
-               progress=None, *, fit_actors: Optional[int] = None,
-               compilation_cache: Optional[str] = None, chunk_size: int = CHUNK_SIZE):
-    self.fit_actors, self.compilation_cache = fit_actors, compilation_cache
-    self.chunk_size = max(1, chunk_size)
-    super().__init__(loaded, config, options, progress)
-
-  def _load_device_side(self):
+               *, fit_actors: Optional[int] = None, compilation_cache: Optional[str] = None,
+               chunk_size: int = CHUNK_SIZE):
     # The driver fits nothing: each actor builds its own device side. Fail here, not in every
     # task, when MediaPipe's model file is missing.
     check_landmarker_task_path(AnalyzerOptions())
-    self.context = dict(landmark_indices=model_loading.fitted_landmark_indices(self.loaded,
-                                                                        self.config))
+    self.loaded, self.config, self.options = loaded, config, options
+    self.fit_actors, self.compilation_cache = fit_actors, compilation_cache
+    self.chunk_size = max(1, chunk_size)
+    self.landmark_indices = model_loading.fitted_landmark_indices(loaded, config)
+    self.timings = engine.fitter_timings()
+    self.buckets_used: set = set()
     self._model_ref = None
     self._where = dict(prepare=Counter(), fit=Counter(), compiles=0)
 
@@ -231,7 +231,7 @@ class RayEngine(Engine):
     self._where["prepare"][report["prepare_node"]] += 1
     self._where["fit"][report["fit_node"]] += 1
 
-  def _fitted(self, chunk: List[Source]) -> Iterator[List[FittedImage]]:
+  def _chunk_fitted(self, chunk: List[Source]) -> Iterator[List[FittedImage]]:
     # Closed on the way out (an interrupt, a writer error): Ray Data then stops the chunk's
     # tasks and actors instead of running on behind a driver that no longer reads.
     with contextlib.closing(iter(self.dataset_of(chunk).iter_rows())) as rows:
@@ -239,21 +239,20 @@ class RayEngine(Engine):
         self._settled(pickle.loads(row["report"]))
         yield pickle.loads(row["images"])
 
-  def _pipeline(self, todo: Iterator[Source], writer):
+  def fitted(self, todo: Iterator[Source]) -> Iterator[List[FittedImage]]:
     self._where = dict(prepare=Counter(), fit=Counter(), compiles=0)
     for chunk in engine.batches(todo, self.chunk_size):
-      fitted = self._fitted(chunk)
+      fitted = self._chunk_fitted(chunk)
       try:
-        for images in fitted:
-          writer.put(images)
+        for images in fitted:  # not `yield from`: closing must not wait on Ray unbounded
+          yield images
       finally:
         _close_within(fitted, CLOSE_SECONDS)
 
-  def _summary(self, started_at, interrupted) -> dict:
-    summary = super()._summary(started_at, interrupted)
+  def describe(self) -> dict:
     resources = ray.cluster_resources()
     nodes = sum(node["Alive"] for node in ray.nodes())
-    summary.update(
+    return dict(
         engine="ray",
         device=(f"ray cluster: {nodes} nodes, {int(resources.get('CPU', 0))} CPUs, "
                 f"{int(resources.get('GPU', 0))} GPUs"),
@@ -261,4 +260,10 @@ class RayEngine(Engine):
         # whose first batch (a compile) fell in this run.
         ray=dict(nodes=nodes, prepare_batches=dict(self._where["prepare"]),
                  fit_batches=dict(self._where["fit"]), compiles=self._where["compiles"]))
-    return summary
+
+
+def engine_on_ray(loaded: model_loading.LoadedModel, config: FitConfig, options: EngineOptions,
+               progress=None, **fitter_args) -> engine.Engine:
+  """An `engine.Engine` whose fit stage is a `RayFitter(loaded, config, options, **fitter_args)`."""
+  return engine.Engine(loaded, config, options, progress,
+                       fitter=RayFitter(loaded, config, options, **fitter_args))

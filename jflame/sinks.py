@@ -1,25 +1,64 @@
-"""Where the engine's results go.
+"""Where the engine's results go: the `Sink` interface and its implementations.
 
 * `FilesSink` (jflame-fit): per image `<name>.npz` (parameters, cameras, landmarks, source,
   quality), a mesh and pictures, and the folder's `manifest.jsonl` appended batch by batch;
   `run_summary.json` at the end.
 * `DatasetSink` (jflame-annotate): rows in Parquet shards committed atomically (see
   `jflame.dataset`), optional meshes and pictures, the same manifest summary.
+* `KeptResults` (`engine.fit_images`, tools): every fitted image kept in memory, in order.
 """
 
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 
 from jflame import dataset, manifest, output
-from jflame.engine import FittedImage, Sink
+from jflame.fitted_image import FittedImage
 from jflame.errors import ConfigError
 
 OVERLAY_POLICIES = ("none", "sample", "failures", "all")
 SAMPLE_ONE_IN = 500
+
+
+class Sink:
+  """Where fitted images go. Called from the writer thread only (plus `committed` before the
+  run starts and `close` after it ends)."""
+
+  def committed(self) -> Mapping[str, Mapping]:
+    """name -> entry of every image already finished in the output (with source facts)."""
+    raise NotImplementedError
+
+  def write(self, images: Sequence[FittedImage]) -> None:
+    """Writes one batch of images; each is finished (durably recorded) on return or after the
+    next `flush`."""
+    raise NotImplementedError
+
+  def flush(self) -> None:
+    """Commits whatever `write` has buffered."""
+
+  def close(self, summary: Mapping) -> None:
+    """Ends the run: flushes and writes the run's summary."""
+
+
+class KeptResults(Sink):
+  """Keeps every fitted image in memory, in the order written (a library call's or a tool's
+  sink: nothing is committed anywhere, so nothing is skipped)."""
+
+  def __init__(self):
+    self.images: List[FittedImage] = []
+    self.summary: Dict = {}
+
+  def committed(self) -> Mapping[str, Mapping]:
+    return {}
+
+  def write(self, images: Sequence[FittedImage]) -> None:
+    self.images.extend(images)
+
+  def close(self, summary: Mapping) -> None:
+    self.summary = dict(summary)
 
 
 def _entry_with_files(image: FittedImage, files: List[str]) -> dict:

@@ -69,9 +69,10 @@ def random_flame_arrays(seed=0, num_vertices=60, num_faces=80, num_shape=12, num
 SLOW_SUITES = ("test_track_motion", "test_annotate", "test_track", "test_solve", "test_ray_engine",
                "test_fit", "test_fit_hostile", "test_output_files", "test_fit_command", "test_ids",
                "test_track_command", "test_fit_photometric", "test_fit_behaviour",
-               "test_bare_image", "test_rotated_photos", "test_render_recovery",
+               "test_bare_image", "test_rotated_photos", "test_library", "test_render_recovery",
                "test_render_gradients", "test_sharding")
-FAST_SUITES = ("test_build_embedding", "test_flame", "test_flame_files", "test_flame_io",
+FAST_SUITES = ("test_build_embedding", "test_engine_rules", "test_flame", "test_flame_files",
+               "test_flame_io",
                "test_starting_point", "test_initializers_onnx", "test_landmarks", "test_layout",
                "test_optim", "test_preprocess_align", "test_preprocess_batch",
                "test_preprocess_image_io", "test_preprocess_pipeline", "test_render_albedo",

@@ -117,7 +117,7 @@ def both_runs(cluster, loaded_model, photos, tmp_path_factory):
   settings; (local folder, Ray folder, Ray summary)."""
   local, distributed = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("ray")
   _annotate(engine.Engine(loaded_model, CONFIG, OPTIONS), photos, local, loaded_model)
-  summary = _annotate(ray_engine.RayEngine(loaded_model, CONFIG, OPTIONS), photos, distributed,
+  summary = _annotate(ray_engine.engine_on_ray(loaded_model, CONFIG, OPTIONS), photos, distributed,
                       loaded_model)
   return local, distributed, summary
 
@@ -125,8 +125,8 @@ def both_runs(cluster, loaded_model, photos, tmp_path_factory):
 def test_preprocessing_and_fit_are_separate_stages(cluster, loaded_model, photos, capsys):
   """Preprocessing runs as CPU tasks over the cluster, not inside the fit actors (Ray Data fuses
   a task stage into the next actor stage when their resource requests match)."""
-  run = ray_engine.RayEngine(loaded_model, CONFIG, OPTIONS)
-  run.dataset_of(sources.list_sources([str(photos)])).explain()
+  fitter = ray_engine.RayFitter(loaded_model, CONFIG, OPTIONS)
+  fitter.dataset_of(sources.list_sources([str(photos)])).explain()
   physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
   assert "TaskPoolMapOperator[Map(prepare_fit_batch)]" in physical, physical
   assert "ActorPoolMapOperator[Map(FitActor)]" in physical, physical
@@ -188,7 +188,7 @@ def test_ray_resume_redoes_only_the_changed_source(both_runs, loaded_model, phot
   changed = photos / "coffee.png"
   _write_rgb(changed, cv2.resize(skimage.data.coffee(), (300, 200),
                                  interpolation=cv2.INTER_AREA))
-  summary = _annotate(ray_engine.RayEngine(loaded_model, CONFIG, OPTIONS), photos, distributed,
+  summary = _annotate(ray_engine.engine_on_ray(loaded_model, CONFIG, OPTIONS), photos, distributed,
                       loaded_model)
   assert summary["this_run"] == {"skipped": 7, "no_face": 1}
   index = dataset.read_index(distributed)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from jflame import engine, model_loading, quality, sources
+from jflame import engine, model_loading, quality
 from jflame.camera import apply_affine, invert_affine
 from jflame.config import FitConfig
 from jflame.output import face_size
@@ -22,19 +22,6 @@ from tests.conftest import shared_photos
 
 TURNS_DEGREES = (90, 180, 270, 30, -30, 60, -60)
 PHOTOS = 2
-
-
-class _Collect(engine.Sink):
-
-  def __init__(self):
-    self.images = {}
-
-  def committed(self):
-    return {}
-
-  def write(self, images):
-    for image in images:
-      self.images[Path(image.entry["source"]).stem] = image
 
 
 def _turned(image, degrees):
@@ -61,11 +48,9 @@ def turned_run(tmp_path_factory):
       name = f"{path.stem}_turned{degrees:+d}"
       cv2.imwrite(str(folder / f"{name}.png"), turned)
       maps[name] = (path.stem, turned_from_photo)
-  sink = _Collect()
   options = engine.EngineOptions(batch_size=16, landmarks_only=True)
-  engine.Engine(model_loading.load_model(None, None), FitConfig(), options).run(
-      sources.list_sources([str(folder)]), sink)
-  return sink.images, maps
+  fitted = engine.fit_images([folder], model_loading.load_model(None, None), FitConfig(), options)
+  return {Path(image.entry["source"]).stem: image for image in fitted}, maps
 
 
 def _head(arrays):

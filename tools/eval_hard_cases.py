@@ -35,7 +35,7 @@ import skimage.data
 from absl import app, flags
 from scipy.spatial.transform import Rotation
 
-from jflame import atomic, engine, model_loading, quality, sources
+from jflame import atomic, engine, model_loading, quality
 from jflame.camera import apply_affine, invert_affine
 from jflame.config import FitConfig
 from jflame.output import face_size
@@ -132,26 +132,12 @@ def build_cases(bases: dict, face_boxes: dict) -> List[Case]:
   return cases
 
 
-class _Collect(engine.Sink):
-  """A sink that keeps every fitted image in memory."""
-
-  def __init__(self):
-    self.images = {}
-
-  def committed(self):
-    return {}
-
-  def write(self, images):
-    for image in images:   # keyed by file stem: source names carry the extension
-      self.images[Path(image.entry["source"]).stem] = image
-
-
 def fit_folder(loaded, folder: Path) -> dict:
-  """name -> FittedImage for every photo in `folder`, one landmark-mode run."""
-  sink = _Collect()
+  """file stem -> FittedImage for every photo in `folder`, one landmark-mode run."""
   options = engine.EngineOptions(batch_size=_BATCH.value, landmarks_only=True)
-  engine.Engine(loaded, FitConfig(), options).run(sources.list_sources([str(folder)]), sink)
-  return sink.images
+  fitted = engine.fit_images([folder], loaded, FitConfig(), options)
+  # keyed by file stem: source names carry the extension
+  return {Path(image.entry["source"]).stem: image for image in fitted}
 
 
 def _head_turn(arrays) -> np.ndarray:

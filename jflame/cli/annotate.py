@@ -133,7 +133,7 @@ def _make_engine(loaded, config, options, progress, cache, ray_engine):
     from jflame import engine
     return engine.Engine(loaded, config, options, progress=progress)
   ray_engine.connect(_RAY_ADDRESS.value)
-  return ray_engine.RayEngine(loaded, config, options, progress, compilation_cache=cache)
+  return ray_engine.engine_on_ray(loaded, config, options, progress, compilation_cache=cache)
 
 
 def main(argv) -> int:
