@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from jflame import flame
 from jflame.atomic import atomic_path, write_text
 from jflame.errors import ConfigError, IdConflictError, InputError
 
@@ -43,8 +44,7 @@ SHARD_FOLDER = "shards"
 
 _F32_LIST = pa.list_(pa.float32())
 _F64_LIST = pa.list_(pa.float64())
-FLAME_PARAMETERS = ("shape", "expression", "global_rotation", "neck_rotation", "jaw_rotation",
-                    "left_eye_rotation", "right_eye_rotation")
+FLAME_PARAMETERS = flame.PARAMETER_NAMES
 _CAMERA_LISTS = ("rotation", "translation", "principal_point")
 _LANDMARK_COLUMNS = ("landmarks_detected", "landmarks_fitted", "landmarks_detected_original",
                      "landmarks_fitted_original")
@@ -345,15 +345,13 @@ def settings(folder) -> dict:
 def flame_params(row: Mapping):
   """The FlameParams of one row (a dict from `Table.to_pylist()` or any mapping of columns)."""
   import jax.numpy as jnp
-  from jflame.flame import FlameParams
   if row.get("status") != "ok":
     raise ValueError(f"row {row.get('id')!r} has status {row.get('status')!r}: no fit to rebuild")
-  return FlameParams(**{name: jnp.asarray(row[name], jnp.float32) for name in FLAME_PARAMETERS})
+  return flame.FlameParams(**{name: jnp.asarray(row[name], jnp.float32) for name in FLAME_PARAMETERS})
 
 
 def vertices(row: Mapping, model) -> np.ndarray:
   """(V, 3) the fitted mesh of one row in FLAME model space (metres), rebuilt with `model`
   (the FlameModel the dataset was made with; see `settings(folder)["model"]`)."""
-  from jflame.flame import flame_forward
-  return np.asarray(flame_forward(model, flame_params(row))[0])
+  return np.asarray(flame.flame_forward(model, flame_params(row))[0])
 

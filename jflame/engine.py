@@ -17,7 +17,6 @@ import dataclasses
 import datetime
 import itertools
 import os
-import platform
 import queue
 import threading
 import time
@@ -34,7 +33,7 @@ from jflame.errors import ConfigError
 from jflame.fit import FitModel, fit_batch, fitted_meshes, take
 from jflame.fitted_image import FittedImage, describe_fit
 from jflame.model_loading import (LoadedModel, load_albedo, load_encoders, load_model,
-                                  prepare_fit_model)
+                                  prepare_fit_model, run_provenance)
 from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
 from jflame.sinks import KeptResults, Sink
 from jflame.sources import Source, SourceFacts, content_hash
@@ -436,10 +435,7 @@ class Engine:
         jflame_run=2, started=started_at.isoformat(),
         finished=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         interrupted=None if interrupted is None else type(interrupted).__name__,
-        model=self.loaded.description, model_variant=self.loaded.model.variant,
-        synthetic_model=self.loaded.model.is_synthetic, embedding=self.loaded.embedding.name,
-        device=None, python=platform.python_version(), jax=jax.__version__,
-        config=dataclasses.asdict(self.config), options=dataclasses.asdict(self.options),
+        **run_provenance(self.loaded, self.config), options=dataclasses.asdict(self.options),
         batch_buckets=sorted(self.fitter.buckets_used),
         timings={**self.fitter.timings, **self.timings},
         this_run=dict(self.counts), source_missing=self.source_missing)

@@ -11,6 +11,7 @@ Two evaluation paths share the same maths:
   host. Landmark fitting needs nothing else, and it is a fraction of the work.
 """
 
+import dataclasses
 from typing import Optional, Tuple
 
 import jax
@@ -97,10 +98,20 @@ class FlameParams:
                global_rotation=rot, neck_rotation=rot, jaw_rotation=rot,
                left_eye_rotation=rot, right_eye_rotation=rot)
 
+  def as_dict(self) -> dict:
+    """name -> array, in PARAMETER_NAMES order (what the writers store under these names)."""
+    return {name: getattr(self, name) for name in PARAMETER_NAMES}
+
   def joint_rotations(self) -> jax.Array:
     """(5, 3) axis-angle per joint, in JOINT_NAMES order."""
     return jnp.stack([self.global_rotation, self.neck_rotation, self.jaw_rotation,
                       self.left_eye_rotation, self.right_eye_rotation])
+
+
+# The names of the FLAME parameters, in field order: every file format's name for them.
+PARAMETER_NAMES = tuple(field.name for field in dataclasses.fields(FlameParams))
+# The axis-angle rotations among them, (3,) each.
+ROTATION_NAMES = PARAMETER_NAMES[2:]
 
 
 def _leading(basis, coefficients, name):

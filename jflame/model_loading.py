@@ -4,9 +4,11 @@ device-side fit model, the optional albedo space and encoders). The run itself i
 
 import dataclasses
 import hashlib
+import platform
 from pathlib import Path
 from typing import Optional
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -110,6 +112,16 @@ def load_albedo(loaded: LoadedModel, options):
 def _fitted_embedding(loaded: LoadedModel, config: FitConfig, reference):
   """The embedding restricted to the landmark regions the fit uses."""
   return landmarks.select_regions(loaded.embedding, config.landmark_regions, reference)
+
+
+def run_provenance(loaded: LoadedModel, config) -> dict:
+  """What produced a run's results, as every command's summary or manifest records it: the
+  model, its variant and embedding, this process's first device, Python, JAX and the fit
+  settings (a FitConfig or TrackConfig)."""
+  return dict(model=loaded.description, model_variant=loaded.model.variant,
+              synthetic_model=loaded.model.is_synthetic, embedding=loaded.embedding.name,
+              device=str(jax.devices()[0]), python=platform.python_version(),
+              jax=jax.__version__, config=dataclasses.asdict(config))
 
 
 def fitted_landmark_indices(loaded: LoadedModel, config: FitConfig) -> np.ndarray:

@@ -61,10 +61,7 @@ def result_record(record, result, *, model_name: str, mode: str, crop_size: int,
   params = result.params
   arrays = dict(
       format_version=RESULT_FORMAT_VERSION, status="ok", name=record.name, model=model_name,
-      mode=str(getattr(mode, "value", mode)), shape=params.shape, expression=params.expression,
-      global_rotation=params.global_rotation, neck_rotation=params.neck_rotation,
-      jaw_rotation=params.jaw_rotation, left_eye_rotation=params.left_eye_rotation,
-      right_eye_rotation=params.right_eye_rotation,
+      mode=str(getattr(mode, "value", mode)), **params.as_dict(),
       **{f"camera_{key}": value for key, value in camera.items()},
       **{f"original_camera_{key}": value for key, value in
          camera_in_original_image(camera, record.crop_from_original).items()},

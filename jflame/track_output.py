@@ -12,6 +12,7 @@ from scipy.spatial.transform import Rotation
 
 from jflame.atomic import atomic_path
 from jflame.camera import FRONTAL_ROTATION
+from jflame.flame import ROTATION_NAMES
 
 STATUS_TRACKED = "tracked"
 STATUS_INTERPOLATED = "interpolated"   # no face; values interpolated between tracked frames
@@ -43,9 +44,8 @@ def head_rotation_degrees(camera_rotation: np.ndarray) -> np.ndarray:
 _F32, _F64 = pa.float32(), pa.float64()
 TABLE_COLUMNS = (
     ("frame", pa.int64(), ()), ("time_s", _F64, ()), ("status", pa.string(), ()),
-    ("expression", _F32, ("E",)), ("jaw_rotation", _F32, (3,)), ("neck_rotation", _F32, (3,)),
-    ("global_rotation", _F32, (3,)), ("left_eye_rotation", _F32, (3,)),
-    ("right_eye_rotation", _F32, (3,)), ("head_rotation_deg", _F64, (3,)),
+    ("expression", _F32, ("E",)), *((name, _F32, (3,)) for name in ROTATION_NAMES),
+    ("head_rotation_deg", _F64, (3,)),
     ("camera_rotation", _F32, (3,)), ("camera_translation", _F32, (3,)),
     ("camera_focal_length", _F32, ()), ("camera_principal_point", _F32, (2,)),
     ("frame_camera_rotation", _F64, (3,)), ("frame_camera_translation", _F64, (3,)),

@@ -9,7 +9,6 @@ silently.
 import dataclasses
 import datetime
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -22,7 +21,7 @@ from jflame.camera import apply_affine, invert_affine
 from jflame.errors import InputError
 from jflame.manifest import write_json
 from jflame.preprocess.video import VideoLandmarker, clip_crop, clip_observations, open_clip
-from jflame.model_loading import LoadedModel, prepare_fit_model
+from jflame.model_loading import LoadedModel, prepare_fit_model, run_provenance
 from jflame.track import TrackConfig, clip_focal_length, clip_meshes, fit_clip
 
 
@@ -125,9 +124,7 @@ def track_columns(result, times: np.ndarray, status: np.ndarray, frame_cameras,
   params, camera = result.params, result.camera
   columns = dict(
       frame=np.arange(len(times)), time_s=times, status=status.astype(str),
-      expression=params.expression, jaw_rotation=params.jaw_rotation,
-      neck_rotation=params.neck_rotation, global_rotation=params.global_rotation,
-      left_eye_rotation=params.left_eye_rotation, right_eye_rotation=params.right_eye_rotation,
+      **{name: value for name, value in params.as_dict().items() if name != "shape"},
       head_rotation_deg=track_output.head_rotation_degrees(np.asarray(camera.rotation)),
       **{f"camera_{key}": np.asarray(getattr(camera, key)) for key in output.CAMERA_FIELDS},
       **{f"frame_camera_{key}": np.stack([np.asarray(c[key], np.float64) for c in frame_cameras])
@@ -154,10 +151,7 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
   timings["landmarks_s"] = time.perf_counter() - clock
   manifest = dict(jflame_track=1, source=str(source), started=started.isoformat(),
                   frames=count, fps=info.fps, frame_size=[info.width, info.height],
-                  model=loaded.description, model_variant=loaded.model.variant,
-                  synthetic_model=loaded.model.is_synthetic, device=str(jax.devices()[0]),
-                  python=platform.python_version(), jax=jax.__version__,
-                  config=dataclasses.asdict(config),
+                  **run_provenance(loaded, config),
                   options={k: str(v) for k, v in dataclasses.asdict(options).items()})
   if not found.any():
     manifest.update(status="no_face", message="MediaPipe found no face in any frame; nothing "

@@ -103,7 +103,7 @@ def written_types(num_landmarks):
   points = pa.list_(pa.list_(f64, 2), num_landmarks)
   return dict(
       frame=pa.int64(), time_s=f64, status=pa.string(), expression=pa.list_(f32, 5),
-      jaw_rotation=vec3_32, neck_rotation=vec3_32, global_rotation=vec3_32,
+      global_rotation=vec3_32, neck_rotation=vec3_32, jaw_rotation=vec3_32,
       left_eye_rotation=vec3_32, right_eye_rotation=vec3_32, head_rotation_deg=vec3_64,
       camera_rotation=vec3_32, camera_translation=vec3_32, camera_focal_length=f32,
       camera_principal_point=pa.list_(f32, 2), frame_camera_rotation=vec3_64,
