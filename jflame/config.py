@@ -1,4 +1,5 @@
-"""Fitting settings: frozen and hashable, so a FitConfig can be a static argument of jit.
+"""Fitting settings: frozen and hashable, so a FitConfig (a photo) or a TrackConfig (a clip) can
+be a static argument of jit; both validate on construction with the same helpers.
 
 Every default lives here, once. Learning rates follow the seed table of the design guide
 (expression 0.01 -> 0.005 with L2 0.025; jaw 0.025 -> 0.01; eyes 0.03 -> 0.01; shape 0.001 with
@@ -7,6 +8,7 @@ L2 0.1; texture 0.005; lighting 0.005).
 
 import dataclasses
 import enum
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -49,9 +51,9 @@ class LandmarkSolver(str, enum.Enum):
     return _parse_choice(cls, "landmark_solver", value)
 
 
-def _require(condition: bool, field: str, allowed: str, value) -> None:
+def _require(condition: bool, field: str, allowed: str, value, owner: str = "FitConfig") -> None:
   if not condition:
-    raise ConfigError(f"FitConfig.{field} must be {allowed}, got {value!r}.")
+    raise ConfigError(f"{owner}.{field} must be {allowed}, got {value!r}.")
 
 
 def _is_int(value) -> bool:
@@ -260,4 +262,120 @@ class FitConfig:
     return self.mode is FitMode.PHOTOMETRIC
 
   def replace(self, **changes) -> "FitConfig":
+    return dataclasses.replace(self, **changes)
+
+
+# --- a clip (jflame-track) ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Smoothness:
+  """Weights of one order of temporal difference, per group: weight * squared difference between
+  neighbouring frames, summed over the group's values and averaged over frames. Units:
+  coefficients as they are, rotations in radians, camera translation in millimetres."""
+  expression: float = 0.0
+  jaw: float = 0.0
+  eyes: float = 0.0
+  rotation: float = 0.0
+  translation: float = 0.0
+
+
+# Fewer iterations than a single photo needs: the clip's joint start is close to its answer. The
+# shared shape gets ten times a photo's rate: every frame pulls on it, and the start's
+# linearisation leaves more to correct than 0.001 per step can in 150 steps. No
+# rigid stage: the start's cameras are already fitted, and the rigid stage's large first steps
+# only move them away (measured: landmark error 1.8 -> 2.7 px after 30 rigid steps).
+TRACK_FIT = FitConfig(rigid_iterations=0, full_iterations=150,
+                      full_rates=dataclasses.replace(FULL_RATES, shape=Schedule(0.01, 0.001)))
+# The photometric refinement moves every group but shape at rates a few times below stage 2's:
+# the landmark stages have done the large moves.
+PHOTOMETRIC_RATES = LearningRates(
+    expression=Schedule(0.003), jaw=Schedule(0.005), eyes=Schedule(0.005),
+    camera_rotation=Schedule(0.002), camera_translation=Schedule(0.0005),
+    texture=Schedule(0.03), lighting=Schedule(0.03), shape=Schedule(0.001))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackConfig:
+  """Settings of a clip fit (static: hashable, part of the compiled program).
+
+  Attributes:
+    fit: the per-frame settings (coefficient counts, iterations, rates, priors, mode).
+    segment_length: frames per segment.
+    overlap: frames shared by neighbouring segments (< segment_length).
+    velocity, acceleration: weights of first and second temporal differences.
+    velocity_scale, acceleration_scale: per group, the difference (norm over the group's values)
+      up to which its penalty is the square and beyond which it grows linearly (Charbonnier,
+      `robust_square`); 0: the square everywhere.
+    motion_scale: reference pixels (0: off). The weights of the differences starting at a frame
+      are divided by 1 + (m / motion_scale)^2, m the coherent motion of the detected landmarks
+      there (`motion_weights`): still stretches are smoothed fully, moving ones let go.
+    agreement: weight of the squared difference between two segments' values of a frame they
+      share (same units as the temporal weights).
+    photometric_iterations: photometric mode: steps of the photometric stage after the two
+      landmark stages.
+    photometric_rates: its learning rates.
+    segment_chunk: segments of the landmark stages vectorised at a time, the chunks run in
+      sequence in the same program (0: all at once). All at once is fastest on a CPU too
+      (docs/BENCHMARKS.md, video tracking).
+    photometric_segment_chunk: the same for the photometric stage, whose renders make a
+      frame's step megabytes: chunks bound the memory of a long clip (on an accelerator with
+      room, 0 vectorises them all).
+  """
+  fit: FitConfig = TRACK_FIT
+  segment_length: int = 32
+  overlap: int = 4
+  # Measured on the synthetic clips of tests/test_track.py: these weights cut a static head's
+  # landmark jitter about 4x against independent fits. On their own (quadratic, as they were)
+  # they held real head turns 20-40 px off their landmarks: the Charbonnier data term gives way
+  # beyond 2 px, a quadratic prior never does. Two things now make them give way first:
+  # `motion_scale` (weights fall where the detected landmarks themselves move) and the scales
+  # (each difference is penalised quadratically up to its scale, linearly beyond). Measured on
+  # the shared real clip, 3x / 5x frame-dropped and a photo shaken at 314 degrees / s: relative
+  # landmark error p90 18-31% -> within 1.1x of frames fitted independently (docs/ACCURACY.md).
+  velocity: Smoothness = Smoothness(expression=0.04, jaw=4.0, eyes=0.2, rotation=4.0,
+                                    translation=0.01)
+  acceleration: Smoothness = Smoothness(expression=0.4, jaw=40.0, eyes=1.0, rotation=100.0,
+                                        translation=0.2)
+  # About twice each group's frame-to-frame noise in independent fits of a still head (units as
+  # the weights': radians, millimetres, coefficients).
+  velocity_scale: Smoothness = Smoothness(expression=1.0, jaw=0.05, eyes=0.2, rotation=0.05,
+                                          translation=5.0)
+  acceleration_scale: Smoothness = Smoothness(expression=1.0, jaw=0.03, eyes=0.1, rotation=0.01,
+                                              translation=2.0)
+  motion_scale: float = 1.0
+  agreement: float = 100.0
+  photometric_iterations: int = 40
+  photometric_rates: LearningRates = PHOTOMETRIC_RATES
+  segment_chunk: int = 0
+  photometric_segment_chunk: int = 4
+
+  def __post_init__(self):
+    require = functools.partial(_require, owner="TrackConfig")
+    require(isinstance(self.fit, FitConfig), "fit", "a FitConfig", self.fit)
+    for field in ("segment_length", "overlap", "photometric_iterations", "segment_chunk",
+                  "photometric_segment_chunk"):
+      value = getattr(self, field)
+      require(_is_int(value) and value >= 0, field, "an integer >= 0", value)
+    require(self.segment_length >= 2, "segment_length", "an integer >= 2", self.segment_length)
+    require(self.overlap < self.segment_length, "overlap", "smaller than segment_length",
+            self.overlap)
+    for name in ("velocity", "acceleration", "velocity_scale", "acceleration_scale"):
+      smoothness = getattr(self, name)
+      require(isinstance(smoothness, Smoothness), name, "a Smoothness", smoothness)
+      for group in dataclasses.fields(smoothness):
+        value = getattr(smoothness, group.name)
+        require(_is_number(value) and value >= 0, f"{name}.{group.name}", "a number >= 0",
+                value)
+    for field in ("motion_scale", "agreement"):
+      value = getattr(self, field)
+      require(_is_number(value) and value >= 0, field, "a number >= 0", value)
+    require(isinstance(self.photometric_rates, LearningRates), "photometric_rates",
+            "a LearningRates", self.photometric_rates)
+    self.photometric_rates.validate("photometric_rates")
+
+  @property
+  def stride(self) -> int:
+    return self.segment_length - self.overlap
+
+  def replace(self, **changes) -> "TrackConfig":
     return dataclasses.replace(self, **changes)

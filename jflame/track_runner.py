@@ -22,7 +22,8 @@ from jflame.errors import InputError
 from jflame.manifest import write_json
 from jflame.preprocess.video import VideoLandmarker, clip_crop, clip_observations, open_clip
 from jflame.model_loading import LoadedModel, prepare_fit_model, run_provenance
-from jflame.track import TrackConfig, clip_focal_length, clip_meshes, fit_clip
+from jflame.config import TrackConfig
+from jflame.track import clip_focal_length, clip_meshes, fit_clip
 
 
 # Below this many frames with a face a solved focal length gets a warning (one image leaves it

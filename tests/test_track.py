@@ -9,12 +9,12 @@ from scipy.spatial.transform import Rotation
 
 from jflame import flame, synthetic
 from jflame.camera import FRONTAL_ROTATION, Camera, project
-from jflame.config import FitConfig
+from jflame.config import TRACK_FIT, FitConfig, Smoothness, TrackConfig
 from jflame.errors import ConfigError
 from jflame.fit import fit_batch
 from jflame.observation import Observation
-from jflame.track import (TRACK_FIT, Smoothness, TrackConfig, clip_focal_length, fit_clip,
-                          focal_frames, frames_from_segments, padded_length, segment_count)
+from jflame.track import (clip_focal_length, fit_clip, focal_frames, frames_from_segments,
+                          padded_length, segment_count)
 from jflame.track_output import frame_statuses, head_rotation_degrees
 from tests.conftest import fit_model_over_embedding, shared_photos
 

@@ -13,7 +13,8 @@ from scipy.spatial.transform import Rotation
 from jflame import flame, synthetic
 from jflame.camera import FRONTAL_ROTATION, Camera, project
 from jflame.observation import Observation
-from jflame.track import TRACK_FIT, TrackConfig, fit_clip
+from jflame.config import TRACK_FIT, TrackConfig
+from jflame.track import fit_clip
 from tests.conftest import SHARED_ASSETS, fit_model_over_embedding, shared_photos
 
 CROP = 256

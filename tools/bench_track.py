@@ -84,7 +84,7 @@ def main(argv):
   del argv
   from jflame import synthetic
   from jflame.model_loading import LoadedModel
-  from jflame.track import TrackConfig
+  from jflame.config import TrackConfig
   model, embedding = synthetic.synthetic_flame("flame", seed=0)
   loaded = LoadedModel(model, embedding, "synthetic (FLAME size)")
   figures = dict(device=str(jax.devices()[0]), jax=jax.__version__)

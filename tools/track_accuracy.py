@@ -87,7 +87,7 @@ def summary(errors):
 def main(argv):
   del argv
   from jflame import model_loading
-  from jflame.track import TrackConfig
+  from jflame.config import TrackConfig
   from jflame.track_runner import frames_landmarks, read_landmarks
   cache = Path(_CACHE.value) if _CACHE.value else None
   loaded = model_loading.load_model(None, None, 0, None)

@@ -61,7 +61,7 @@ _COMPILATION_CACHE = flags.DEFINE_bool(
 def make_config():
   """The TrackConfig the flags ask for."""
   import dataclasses
-  from jflame.track import TRACK_FIT, TrackConfig
+  from jflame.config import TRACK_FIT, TrackConfig
   base = TrackConfig()
 
   def scaled(smoothness):
