@@ -21,10 +21,6 @@ class ImageReadError(JFlameError):
   """An image file could not be read or decoded."""
 
 
-class NoFaceError(JFlameError):
-  """No face was found in an image."""
-
-
 class InputError(JFlameError):
   """The input set is empty or names nothing that exists."""
 

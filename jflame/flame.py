@@ -233,10 +233,6 @@ class SurfaceRows:
   num_expression: int = struct.field(pytree_node=False)
   parents: Tuple[int, ...] = struct.field(pytree_node=False)
 
-  @property
-  def num_points(self) -> int:
-    return sum(self.group_sizes)
-
 
 def _grouped_corners(face_indices, barycentrics, faces):
   """Rows (vertex, weight) grouped by how many corners of each point carry weight."""

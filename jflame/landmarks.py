@@ -3,13 +3,10 @@ one counts in the fit.
 
 An embedding fixes each landmark to a point of the mesh surface, given as a triangle index and
 barycentric coordinates, so the landmark follows the mesh through shape, expression and pose.
-Public FLAME embeddings come in two file formats, both read here:
-
-* `mediapipe_landmark_embedding.npz` (keys `lmk_face_idx`, `lmk_b_coords`, `landmark_indices`):
-  105 of MediaPipe's 478 landmarks. The synthetic model's own embedding (all 478) is written in
-  the same format.
-* the 68-point `landmark_embedding.npy` of DECA/RingNet: a pickled dict with 51 static
-  landmarks, the 17-point jaw contour tabulated per head yaw ("dynamic"), and all 68 together.
+The public FLAME embedding for MediaPipe, `mediapipe_landmark_embedding.npz` (keys
+`lmk_face_idx`, `lmk_b_coords`, `landmark_indices`), holds 105 of MediaPipe's 478 landmarks; the
+synthetic model's own embedding (all 478) is written in the same format. (DECA's 68-point iBUG
+embedding is not read: jflame's landmarks come from MediaPipe.)
 
 MediaPipe's face layout itself (a symmetric 3D reference face, its triangles and the landmark
 index set of every facial region) ships in `jflame/data/mediapipe_face.npz`, made by
@@ -33,7 +30,6 @@ from jflame.flame import barycentric_points
 
 MEDIAPIPE_NUM_LANDMARKS = 478
 MEDIAPIPE_LAYOUT = "mediapipe478"
-IBUG68_LAYOUT = "ibug68"
 # Regions in order of precedence: a landmark in two sets takes the first one's weight.
 REGION_NAMES = ("iris", "eyes", "lips", "brows", "nose", "face_oval")
 
@@ -48,7 +44,7 @@ class LandmarkEmbedding:
     landmark_indices: (K,) int32 which detector landmark each row is (MediaPipe 0..477, or
       iBUG 0..67, as `layout` says).
     name: static label saying where the embedding came from.
-    layout: static detector layout, "mediapipe478" or "ibug68".
+    layout: the detector layout, "mediapipe478".
   """
   face_indices: jax.Array
   barycentrics: jax.Array
@@ -63,23 +59,6 @@ class LandmarkEmbedding:
   def points(self, vertices, faces):
     """(K, 3) landmark positions on a mesh with (V, 3) `vertices` and (F, 3) `faces`."""
     return barycentric_points(vertices, faces, self.face_indices, self.barycentrics)
-
-
-@flax_struct.dataclass
-class Flame68Embedding:
-  """The 68-point iBUG embedding of DECA/RingNet (`landmark_embedding.npy`).
-
-  Attributes:
-    static: the 51 inner-face landmarks (iBUG 17..67), fixed to the surface.
-    dynamic_face_indices: (Y, 17) triangles of the jaw contour (iBUG 0..16), one row per head
-      yaw bin (DECA uses 79 bins over -39..39 degrees).
-    dynamic_barycentrics: (Y, 17, 3) their barycentric coordinates.
-    full: all 68 landmarks with a frontal jaw contour.
-  """
-  static: LandmarkEmbedding
-  dynamic_face_indices: jax.Array
-  dynamic_barycentrics: jax.Array
-  full: LandmarkEmbedding
 
 
 # --- The MediaPipe reference face ------------------------------------------------------------
@@ -158,31 +137,6 @@ def select_regions(embedding: LandmarkEmbedding, regions: Optional[Sequence[str]
   return embedding.replace(face_indices=jnp.asarray(embedding.face_indices)[keep],
                            barycentrics=jnp.asarray(embedding.barycentrics)[keep],
                            landmark_indices=jnp.asarray(embedding.landmark_indices)[keep])
-
-
-def gather_landmarks(embedding: LandmarkEmbedding, detected, detected_weights=None,
-                     region_weights=None):
-  """Detected landmarks in the embedding's order, with the weight of each.
-
-  Works for one image or any leading batch axes: only the landmark axis (-2 of `detected`,
-  -1 of the weights) is gathered.
-
-  Args:
-    embedding: the model's landmark embedding (rows say which detector landmark they are).
-    detected: (..., N, 2) detected landmarks in the detector's order (N = 478 for MediaPipe).
-    detected_weights: optional (..., N) per-detection confidence/validity (0 = missing).
-    region_weights: optional (N,) per-landmark weights, e.g. `mediapipe_landmark_weights(...)`.
-  Returns:
-    ((..., K, 2) landmarks, (..., K) weights) matching the embedding's rows.
-  """
-  index = jnp.asarray(embedding.landmark_indices)
-  points = jnp.take(jnp.asarray(detected), index, axis=-2)
-  weights = jnp.ones(points.shape[:-1], points.dtype)
-  if detected_weights is not None:
-    weights = weights * jnp.take(jnp.asarray(detected_weights, points.dtype), index, axis=-1)
-  if region_weights is not None:
-    weights = weights * jnp.take(jnp.asarray(region_weights, points.dtype), index)
-  return points, weights
 
 
 # --- The MediaPipe embedding format ----------------------------------------------------------

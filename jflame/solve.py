@@ -121,12 +121,6 @@ def _camera_rotation(problem: LandmarkProblem, delta):
   return axis_angle_to_matrix(delta) @ problem.base_rotation
 
 
-def _pixels_from_points(problem, points, camera, log_focal):
-  """(K, 3) model points -> (K, 2) crop pixels for camera unknowns (6,) and log focal."""
-  points_cam = points @ _camera_rotation(problem, camera[:3]).T + camera[3:]
-  return pinhole(points_cam, jnp.exp(log_focal), problem.principal_point)
-
-
 def _skinned(rows: SurfaceRows, params: FlameParams, identity, pose):
   """Model-space points (K, 3) for identity (S + E,) and jaw/eye pose (9,), plus what the
   identity Jacobian reuses: (points, rotations, joints, blended row transforms (R, 3, 4))."""

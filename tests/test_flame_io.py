@@ -8,6 +8,7 @@ import pytest
 
 from jflame import flame, flame_io
 from jflame.errors import ModelFileError, UnsafePickleError
+from tests import flame_pickle
 from tests.conftest import FLAME_FILE_NAMES, SHARED_ASSETS, real_flame_files
 
 # Compared with float64 / NumPy references: full float32 matmul precision (GPUs default to TF32).
@@ -25,7 +26,7 @@ def _vertices(model, seed=0):
 
 def test_pickle_to_npz_round_trip_keeps_vertices(tmp_path, random_arrays):
   pkl_path, npz_path = tmp_path / "model.pkl", tmp_path / "model.npz"
-  flame_io.save_flame_pkl(random_arrays, pkl_path)
+  flame_pickle.save_flame_pkl(random_arrays, pkl_path)
   from_pickle = flame_io.load_flame(pkl_path)
   flame_io.save_flame_npz(from_pickle, npz_path)
   from_npz = flame_io.load_flame(npz_path)
@@ -37,7 +38,7 @@ def test_pickle_to_npz_round_trip_keeps_vertices(tmp_path, random_arrays):
 
 
 def test_pickle_holds_chumpy_and_sparse_like_the_official_files(random_arrays):
-  data = flame_io.flame_pickle_bytes(random_arrays)
+  data = flame_pickle.flame_pickle_bytes(random_arrays)
   assert b"chumpy.ch\nCh" in data and b"scipy.sparse.csc\ncsc_matrix" in data
   arrays = flame_io.read_flame_pickle(data)
   np.testing.assert_allclose(arrays["J_regressor"], random_arrays["J_regressor"])
@@ -66,11 +67,11 @@ def test_missing_damaged_and_wrong_files_name_the_file(tmp_path, random_arrays):
   with pytest.raises(ModelFileError, match=r"not found: .*absent\.pkl.*WORKSPACE\.md"):
     flame_io.load_flame(tmp_path / "absent.pkl")
   truncated = tmp_path / "truncated.pkl"
-  truncated.write_bytes(flame_io.flame_pickle_bytes(random_arrays)[:5000])
+  truncated.write_bytes(flame_pickle.flame_pickle_bytes(random_arrays)[:5000])
   with pytest.raises(ModelFileError, match="truncated.pkl"):
     flame_io.load_flame(truncated)
   incomplete = tmp_path / "incomplete.pkl"
-  flame_io.save_flame_pkl({k: v for k, v in random_arrays.items() if k != "weights"}, incomplete)
+  flame_pickle.save_flame_pkl({k: v for k, v in random_arrays.items() if k != "weights"}, incomplete)
   with pytest.raises(ModelFileError, match="missing weights"):
     flame_io.load_flame(incomplete)
   mismatched = dict(random_arrays, weights=random_arrays["weights"][:-1])
@@ -86,7 +87,7 @@ def test_a_converted_npz_loads_the_same_model(tmp_path, random_arrays):
   # (The command itself runs as a subprocess below: importing a command module would define
   # its flags in the test process.)
   pkl_path, npz_path = tmp_path / "in.pkl", tmp_path / "out.npz"
-  flame_io.save_flame_pkl(random_arrays, pkl_path)
+  flame_pickle.save_flame_pkl(random_arrays, pkl_path)
   flame_io.save_flame_npz(flame_io.load_flame(pkl_path), npz_path)
   np.testing.assert_allclose(_vertices(flame_io.load_flame(npz_path)),
                              _vertices(flame_io.load_flame(pkl_path)), atol=1e-6)
@@ -115,7 +116,7 @@ def test_convert_command_on_the_synthetic_pickle(tmp_path):
   import sys
   from jflame import synthetic
   from tests.conftest import PROJECT_ROOT
-  flame_io.save_flame_pkl(synthetic.synthetic_flame_arrays("small", seed=0), tmp_path / "s.pkl")
+  flame_pickle.save_flame_pkl(synthetic.synthetic_flame_arrays("small", seed=0), tmp_path / "s.pkl")
   done = subprocess.run([sys.executable, "-m", "jflame.cli.convert_flame", str(tmp_path / "s.pkl"),
                          str(tmp_path / "s.npz")], cwd=PROJECT_ROOT, capture_output=True,
                         text=True, timeout=120)

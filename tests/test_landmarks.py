@@ -1,13 +1,8 @@
 """Landmark embeddings: the MediaPipe reference face, the public file formats, region weights."""
 
-import collections
 import dataclasses
-import io
-import pickle
-import struct
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +10,7 @@ import numpy as np
 import pytest
 
 from jflame import landmarks, landmarks_io
-from jflame.errors import ModelFileError, UnsafePickleError
+from jflame.errors import ModelFileError
 from jflame.landmarks import LandmarkEmbedding, LandmarkWeights
 from tests.conftest import PROJECT_ROOT
 
@@ -180,189 +175,7 @@ def test_embedding_that_names_missing_triangles_is_caught():
     landmarks.check_embedding_fits(embedding, 2560)
 
 
-# --- The 68-point DECA format ------------------------------------------------------------------
-
-def _embedding_68_content(rng, as_tensor=lambda a: a):
-  return {
-      "static_lmk_faces_idx": rng.integers(0, 9976, 51).astype(np.int64),
-      "static_lmk_bary_coords": rng.dirichlet(np.ones(3), 51),
-      "dynamic_lmk_faces_idx": as_tensor(rng.integers(0, 9976, (79, 17)).astype(np.int64)),
-      "dynamic_lmk_bary_coords": as_tensor(rng.dirichlet(np.ones(3), (79, 17)).astype(np.float32)),
-      "full_lmk_faces_idx": rng.integers(0, 9976, (1, 68)).astype(np.int64),
-      "full_lmk_bary_coords": rng.dirichlet(np.ones(3), (1, 68)),
-  }
-
-
-def _check_68(loaded, content):
-  np.testing.assert_array_equal(np.asarray(loaded.static.face_indices),
-                                content["static_lmk_faces_idx"])
-  np.testing.assert_allclose(np.asarray(loaded.static.barycentrics),
-                             content["static_lmk_bary_coords"], rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(loaded.static.landmark_indices), np.arange(17, 68))
-  np.testing.assert_array_equal(np.asarray(loaded.full.landmark_indices), np.arange(68))
-  np.testing.assert_array_equal(np.asarray(loaded.full.face_indices),
-                                content["full_lmk_faces_idx"][0])
-  assert loaded.static.layout == loaded.full.layout == "ibug68"
-  assert loaded.dynamic_face_indices.shape == (79, 17)
-  assert loaded.dynamic_barycentrics.shape == (79, 17, 3)
-
-
-def test_loads_a_68_point_embedding_of_numpy_arrays(tmp_path):
-  content = _embedding_68_content(np.random.default_rng(0))
-  path = tmp_path / "landmark_embedding.npy"
-  np.save(path, content, allow_pickle=True)
-  loaded = landmarks_io.load_flame68_embedding(path)
-  _check_68(loaded, content)
-  np.testing.assert_array_equal(np.asarray(loaded.dynamic_face_indices),
-                                content["dynamic_lmk_faces_idx"])
-
-
-# torch is not installed here, so the test builds the pickle that DECA's file holds by hand:
-# tensors reduce to torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
-# requires_grad, hooks) and storages to torch.storage._load_from_bytes(legacy torch.save bytes:
-# magic, protocol, sys_info, the storage as a persistent id, its key list, then the raw data).
-
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-def _fake_torch_modules(monkeypatch):
-  torch = types.ModuleType("torch")
-  utils = types.ModuleType("torch._utils")
-  storage_module = types.ModuleType("torch.storage")
-
-  def _rebuild_tensor_v2(*args):
-    raise AssertionError("only pickled, never called")
-
-  def _load_from_bytes(data):
-    raise AssertionError("only pickled, never called")
-
-  for function, module in ((_rebuild_tensor_v2, utils), (_load_from_bytes, storage_module)):
-    function.__module__, function.__qualname__ = module.__name__, function.__name__
-  utils._rebuild_tensor_v2 = _rebuild_tensor_v2
-  storage_module._load_from_bytes = _load_from_bytes
-  storage_types = {}
-  for name in ("LongStorage", "FloatStorage", "DoubleStorage"):
-    storage_types[name] = type(name, (), {"__module__": "torch"})
-    setattr(torch, name, storage_types[name])
-  for module in (torch, utils, storage_module):
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-  return _rebuild_tensor_v2, _load_from_bytes, storage_types
-
-
-def _legacy_storage_bytes(array, storage_type):
-  marker = object()
-
-  class LegacyPickler(pickle.Pickler):
-    def persistent_id(self, obj):
-      if obj is marker:
-        return ("storage", storage_type, "94837", "cpu", array.size, None)
-      return None
-
-  stream = io.BytesIO()
-  for header in (_LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True,
-                                       "type_sizes": {"short": 2, "int": 4, "long": 8}}):
-    pickle.dump(header, stream, protocol=2)
-  LegacyPickler(stream, protocol=2).dump(marker)
-  pickle.dump(["94837"], stream, protocol=2)
-  stream.write(struct.pack("<q", array.size))
-  stream.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
-  return stream.getvalue()
-
-
-def test_loads_a_68_point_embedding_holding_torch_tensors_without_torch(tmp_path, monkeypatch):
-  rebuild, load_from_bytes, storage_types = _fake_torch_modules(monkeypatch)
-  storage_name = {np.dtype(np.int64): "LongStorage", np.dtype(np.float32): "FloatStorage"}
-
-  class FakeStorage:
-    def __init__(self, array):
-      self.array = array
-
-    def __reduce__(self):
-      storage_type = storage_types[storage_name[self.array.dtype]]
-      return (load_from_bytes, (_legacy_storage_bytes(self.array.ravel(), storage_type),))
-
-  class FakeTensor:
-    """Pickles like a torch tensor: a strided view (here transposed) of a flat storage."""
-
-    def __init__(self, array):
-      self.array = array
-
-    def __reduce__(self):
-      flat = np.ascontiguousarray(self.array.T).ravel()  # column-major storage
-      size = self.array.shape
-      stride = tuple(int(np.prod(size[:i])) for i in range(len(size)))
-      return (rebuild, (FakeStorage(flat), 0, size, stride, False,
-                        collections.OrderedDict()))
-
-  content = _embedding_68_content(np.random.default_rng(2), as_tensor=FakeTensor)
-  path = tmp_path / "landmark_embedding.npy"
-  np.save(path, content, allow_pickle=True)
-  raw = path.read_bytes()
-  assert b"_rebuild_tensor_v2" in raw and b"_load_from_bytes" in raw
-  monkeypatch.delitem(sys.modules, "torch")  # loading must not need torch
-  loaded = landmarks_io.load_flame68_embedding(path)
-  plain = {key: getattr(value, "array", value) for key, value in content.items()}
-  _check_68(loaded, plain)
-  np.testing.assert_array_equal(np.asarray(loaded.dynamic_face_indices),
-                                plain["dynamic_lmk_faces_idx"])
-  np.testing.assert_allclose(np.asarray(loaded.dynamic_barycentrics),
-                             plain["dynamic_lmk_bary_coords"])
-
-
-class _Exploit:
-  def __reduce__(self):
-    return (print, ("this must never run",))
-
-
-def test_68_point_loader_refuses_code_and_reports_bad_files(tmp_path, capsys):
-  evil = tmp_path / "evil.npy"
-  np.save(evil, {"static_lmk_faces_idx": _Exploit()}, allow_pickle=True)
-  with pytest.raises(UnsafePickleError, match=r"evil\.npy.*print"):
-    landmarks_io.load_flame68_embedding(evil)
-  assert "must never run" not in capsys.readouterr().out
-  with pytest.raises(ModelFileError, match=r"landmark_embedding\.npy.*WORKSPACE\.md"):
-    landmarks_io.load_flame68_embedding(tmp_path / "landmark_embedding.npy")
-  plain = tmp_path / "plain.npy"
-  np.save(plain, np.zeros((3, 3)))
-  with pytest.raises(ModelFileError, match=r"plain\.npy.*not a pickled dict"):
-    landmarks_io.load_flame68_embedding(plain)
-  partial = tmp_path / "partial.npy"
-  np.save(partial, {"static_lmk_faces_idx": np.zeros(51, np.int64)}, allow_pickle=True)
-  with pytest.raises(ModelFileError, match=r"partial\.npy.*dynamic_lmk_faces_idx"):
-    landmarks_io.load_flame68_embedding(partial)
-  broken = tmp_path / "broken.npy"
-  broken.write_bytes(b"\x93NUMPY garbage")
-  with pytest.raises(ModelFileError, match=r"broken\.npy"):
-    landmarks_io.load_flame68_embedding(broken)
-
-
-# --- Gathering and weights ---------------------------------------------------------------------
-
-def _embedding_for(indices):
-  count = len(indices)
-  return LandmarkEmbedding(face_indices=jnp.zeros(count, jnp.int32),
-                           barycentrics=jnp.full((count, 3), 1 / 3, jnp.float32),
-                           landmark_indices=jnp.asarray(indices, jnp.int32), name="test")
-
-
-def test_gather_picks_detections_in_embedding_order_with_weights():
-  rng = np.random.default_rng(0)
-  indices = np.array([10, 473, 0, 152, 468, 61])
-  embedding = _embedding_for(indices)
-  detected = rng.uniform(0, 256, (4, 478, 2)).astype(np.float32)  # a batch of four images
-  validity = (rng.uniform(size=(4, 478)) > 0.2).astype(np.float32)
-  region = np.linspace(0.5, 2.0, 478).astype(np.float32)
-  points, weights = landmarks.gather_landmarks(embedding, detected, validity, region)
-  assert points.shape == (4, 6, 2) and weights.shape == (4, 6)
-  np.testing.assert_array_equal(np.asarray(points), detected[:, indices])
-  np.testing.assert_allclose(np.asarray(weights), validity[:, indices] * region[indices])
-  # One image, no weights given: all ones; and it works under vmap and jit.
-  single_points, single_weights = landmarks.gather_landmarks(embedding, detected[0])
-  np.testing.assert_array_equal(np.asarray(single_points), detected[0, indices])
-  np.testing.assert_array_equal(np.asarray(single_weights), np.ones(6))
-  mapped = jax.jit(jax.vmap(lambda d, v: landmarks.gather_landmarks(embedding, d, v, region)))
-  np.testing.assert_allclose(np.asarray(mapped(detected, validity)[1]), np.asarray(weights))
-
+# --- Weights -----------------------------------------------------------------------------------------
 
 def test_region_weights_follow_mediapipe_regions(reference):
   config = LandmarkWeights(iris=0.1, eyes=0.2, lips=0.3, brows=0.4, nose=0.5, face_oval=0.6,

@@ -18,6 +18,7 @@ from jflame import flame_io
 from jflame.config import FitConfig, FitMode, LearningRates, Regularization, Schedule
 from jflame.errors import ConfigError, ModelFileError
 from jflame.landmarks import LandmarkWeights
+from tests import flame_pickle
 from tests.conftest import PROJECT_ROOT, random_flame_arrays
 
 PACKAGE = PROJECT_ROOT / "jflame"
@@ -286,7 +287,7 @@ def test_variant_of_the_synthetic_model():
 
 def test_variant_from_an_official_file_name_needs_flame_topology(tmp_path, flame_size_arrays):
   official = tmp_path / "generic_model.pkl"
-  flame_io.save_flame_pkl(flame_size_arrays, official)
+  flame_pickle.save_flame_pkl(flame_size_arrays, official)
   assert flame_io.load_flame(official).variant == "flame2020"
   open_model = tmp_path / "flame2023_Open.pkl"
   shutil.copy(official, open_model)
@@ -298,7 +299,7 @@ def test_variant_from_an_official_file_name_needs_flame_topology(tmp_path, flame
   # A small model under an official name is not FLAME whatever it is called.
   impostor = tmp_path / "sub" / "generic_model.pkl"
   impostor.parent.mkdir()
-  flame_io.save_flame_pkl(random_flame_arrays(), impostor)
+  flame_pickle.save_flame_pkl(random_flame_arrays(), impostor)
   assert flame_io.load_flame(impostor).variant == "unknown"
   with pytest.raises(ModelFileError, match="unknown FLAME variant"):
     flame_io.load_flame(official, variant="flame2021")
@@ -306,7 +307,7 @@ def test_variant_from_an_official_file_name_needs_flame_topology(tmp_path, flame
 
 def test_variant_travels_with_a_converted_file(tmp_path, flame_size_arrays):
   official = tmp_path / "generic_model.pkl"
-  flame_io.save_flame_pkl(flame_size_arrays, official)
+  flame_pickle.save_flame_pkl(flame_size_arrays, official)
   converted = tmp_path / "anything.npz"
   flame_io.save_flame_npz(flame_io.load_flame(official), converted)
   assert flame_io.load_flame(converted).variant == "flame2020"

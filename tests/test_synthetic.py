@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jflame import flame, flame_io, synthetic
+from tests import flame_pickle
 from jflame.synthetic import head as synthetic_head
 from jflame.landmarks_io import load_mediapipe_reference
 
@@ -334,7 +335,7 @@ def test_face_is_mirror_symmetric(small, reference):
 
 def test_pickle_and_npz_round_trips_give_the_same_vertices(tmp_path, small):
   arrays, model, _ = small
-  flame_io.save_flame_pkl(arrays, tmp_path / "synthetic.pkl")
+  flame_pickle.save_flame_pkl(arrays, tmp_path / "synthetic.pkl")
   from_pickle = flame_io.load_flame(tmp_path / "synthetic.pkl")
   flame_io.save_flame_npz(from_pickle, tmp_path / "synthetic.npz")
   from_npz = flame_io.load_flame(tmp_path / "synthetic.npz")

@@ -129,11 +129,6 @@ class FaceAnalyzer:
       self.close()
       raise
 
-  @property
-  def uses_tasks_api(self) -> bool:
-    """True when landmarks come from a user-supplied FaceLandmarker `.task` model."""
-    return self._task_landmarker is not None
-
   def detect_faces(self, image: np.ndarray) -> List[FaceDetection]:
     """All faces in an RGB uint8 (H, W, 3) image, largest box first.
 
