@@ -86,35 +86,69 @@ def face_points(model, embedding, params):
   return jax.vmap(lambda v: embedding.points(v, model.faces))(vertices)
 
 
-def test_known_truth_fast_motion_followed_and_still_stretches_smoothed():
+# Noise draws of the known-truth clip (the shape and the landmark noise): one draw flatters or
+# condemns the vertex-error comparison (seed 3 alone gave 1.006x, these four 1.006-1.42x).
+TRUTH_SEEDS = (3, 0, 2, 7)
+
+
+@pytest.fixture(scope="module")
+def known_truth_tracks():
+  """seed -> (truth points, true head rotations, {"default" | "independent": track result}) of
+  the synthetic head's fast-motion clip, tracked by the default TrackConfig and without
+  smoothing (one compiled program each, shared by the draws)."""
   model, embedding = synthetic.synthetic_flame("small", seed=0)
-  truth, head, observation = known_truth_clip(model, embedding)
-  peak = np.degrees(np.max(np.abs(np.diff(head[:, 1])))) * FPS
-  assert peak >= 400.0, peak
   fit_model = fit_model_over_embedding(model, embedding, CONFIG.fit)
-  tracks = {name: jax.device_get(fit_clip(fit_model, observation, config, CROP))
-            for name, config in (("default", CONFIG), ("independent", without_smoothing(CONFIG)))}
-  errors, jitter = {}, {}
-  for name, result in tracks.items():
-    assert not bool(result.failed) and np.all(result.tracked), name
-    fitted = np.asarray(face_points(model, embedding, result.params))
-    # Per frame, after removing the mean offset (the model's origin is not observable apart
-    # from the camera translation): mm.
-    offset = (fitted - truth).mean(axis=1, keepdims=True)
-    errors[name] = 1000 * np.linalg.norm(fitted - truth - offset, axis=-1).mean(axis=1)
-    landmarks = np.asarray(result.landmarks_2d)
-    jitter[name] = np.mean([np.linalg.norm(np.diff(landmarks[s], 2, axis=0), axis=-1).mean()
-                            for s in STILL])
-  for statistic in (np.median, lambda e: np.percentile(e, 90)):
-    default, independent = statistic(errors["default"]), statistic(errors["independent"])
-    # Within 1%: the shared shape comes out a little different (measured 0.6% at the median).
-    assert default <= 1.01 * independent, (default, independent)
-  assert jitter["default"] <= 0.5 * jitter["independent"], jitter
-  # And the shake itself is followed: the fitted yaw against the truth, in degrees.
-  yaw = Rotation.from_rotvec(FRONTAL_ROTATION).inv() * Rotation.from_rotvec(
-      tracks["default"].camera.rotation)
-  yaw_error = np.degrees(np.abs(yaw.as_rotvec()[:, 1] - head[:, 1]))
-  assert np.percentile(yaw_error, 90) < 3.0 and yaw_error.max() < 6.0, yaw_error.max()
+  runs = {}
+  for seed in TRUTH_SEEDS:
+    truth, head, observation = known_truth_clip(model, embedding, seed=seed)
+    tracks = {name: jax.device_get(fit_clip(fit_model, observation, config, CROP))
+              for name, config in (("default", CONFIG),
+                                   ("independent", without_smoothing(CONFIG)))}
+    runs[seed] = (truth, head, tracks)
+  return model, embedding, runs
+
+
+def _vertex_errors(model, embedding, truth, result):
+  """(T,) mm: per frame, the mean distance of the fitted face points to the truth after removing
+  their mean offset (the model's origin is not observable apart from the camera translation)."""
+  fitted = np.asarray(face_points(model, embedding, result.params))
+  offset = (fitted - truth).mean(axis=1, keepdims=True)
+  return 1000 * np.linalg.norm(fitted - truth - offset, axis=-1).mean(axis=1)
+
+
+def test_known_truth_fast_motion_followed_and_still_stretches_smoothed(known_truth_tracks):
+  _, _, runs = known_truth_tracks
+  for seed, (_, head, tracks) in runs.items():
+    peak = np.degrees(np.max(np.abs(np.diff(head[:, 1])))) * FPS
+    assert peak >= 400.0, peak
+    jitter = {}
+    for name, result in tracks.items():
+      assert not bool(result.failed) and np.all(result.tracked), (seed, name)
+      landmarks = np.asarray(result.landmarks_2d)
+      jitter[name] = np.mean([np.linalg.norm(np.diff(landmarks[s], 2, axis=0), axis=-1).mean()
+                              for s in STILL])
+    assert jitter["default"] <= 0.5 * jitter["independent"], (seed, jitter)
+    # The shake itself is followed: the fitted yaw against the truth, in degrees.
+    yaw = Rotation.from_rotvec(FRONTAL_ROTATION).inv() * Rotation.from_rotvec(
+        tracks["default"].camera.rotation)
+    yaw_error = np.degrees(np.abs(yaw.as_rotvec()[:, 1] - head[:, 1]))
+    assert np.percentile(yaw_error, 90) < 3.0 and yaw_error.max() < 6.0, (seed, yaw_error.max())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 18, open: the default track's face-point error is 1.006-1.42x the frames-"
+    "independent track's over these four noise draws (0.73-1.42x over eight, worse on six): "
+    "the temporal terms slow the 150 Adam "
+    "steps' convergence of the shared shape (450 steps narrow it, camera-translation smoothing "
+    "is most of it): docs/ACCURACY.md"))
+def test_known_truth_default_track_face_points_no_worse_than_independent(known_truth_tracks):
+  model, embedding, runs = known_truth_tracks
+  for seed, (truth, _, tracks) in runs.items():
+    errors = {name: _vertex_errors(model, embedding, truth, result)
+              for name, result in tracks.items()}
+    for statistic in (np.median, lambda e: np.percentile(e, 90)):
+      default, independent = statistic(errors["default"]), statistic(errors["independent"])
+      assert default <= 1.01 * independent, (seed, default, independent)
 
 
 CLIP = SHARED_ASSETS / "clips" / "talking_head_182.mp4"
