@@ -1,0 +1,223 @@
+"""Camera files of capture rigs (issue 20): each format and intrinsics form read into jflame's
+convention and checked by projecting with OpenCV's own `projectPoints` from the file's numbers;
+every way a camera file goes wrong ends in one line naming the file and the camera."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from jflame import camera_files
+from jflame.errors import ConfigError, InputError
+
+HEAD = np.random.default_rng(0).normal(scale=0.05, size=(40, 3))   # points around the origin
+
+
+def _look_at(centre, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0)):
+  """(4, 4) OpenCV world-to-camera of a camera at `centre` looking at `target` (y down)."""
+  forward = np.asarray(target, float) - centre
+  forward /= np.linalg.norm(forward)
+  right = np.cross(forward, up)
+  right /= np.linalg.norm(right)
+  down = np.cross(forward, right)
+  rotation = np.stack([right, down, forward])
+  matrix = np.eye(4)
+  matrix[:3, :3], matrix[:3, 3] = rotation, -rotation @ centre
+  return matrix
+
+
+def _rig(yaws_degrees=(-30.0, 0.0, 30.0), distance=1.0):
+  return {f"2216{index:04d}": _look_at(distance * np.array([np.sin(np.radians(yaw)), 0.05,
+                                                            np.cos(np.radians(yaw))]))
+          for index, yaw in enumerate(yaws_degrees)}
+
+
+def _k(fx, fy, cx, cy, skew=0.0):
+  return [[fx, skew, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]]
+
+
+def _opencv_pixels(k, world_to_camera, distortion, points):
+  rvec, _ = cv2.Rodrigues(world_to_camera[:3, :3])
+  pixels, _ = cv2.projectPoints(points.astype(np.float64), rvec, world_to_camera[:3, 3],
+                                np.asarray(k, np.float64),
+                                np.asarray(distortion, np.float64) if len(distortion) else None)
+  return pixels[:, 0]
+
+
+def _write(path, content):
+  path.write_text(json.dumps(content))
+  return path
+
+
+def test_nersemble_file_with_one_shared_intrinsics_and_sizes_from_the_images(tmp_path):
+  rig = _rig()
+  k = _k(2400.0, 2410.0, 1090.0, 1620.0)   # off-centre principal point, non-square image
+  path = _write(tmp_path / "camera_params.json",
+                dict(world_2_cam={s: m.tolist() for s, m in rig.items()}, intrinsics=k))
+  sizes = {serial: (2200, 3208) for serial in rig}
+  cameras = camera_files.load_cameras(path, image_sizes=sizes)
+  assert list(cameras) == list(rig)
+  for serial, camera in cameras.items():
+    assert camera.image_size == (2200, 3208)
+    np.testing.assert_allclose(camera_files.project_points(camera, HEAD),
+                               _opencv_pixels(k, rig[serial], [], HEAD), atol=1e-6)
+    # The camera sits where the rig put it and the head is in front of it.
+    assert np.all((HEAD @ camera.rotation.T + camera.translation)[:, 2] > 0)
+
+
+def test_nersemble_file_with_intrinsics_per_camera_and_a_size_in_the_file(tmp_path):
+  rig = _rig()
+  ks = {serial: _k(2000.0 + 100 * i, 2000.0 + 100 * i, 500.0 + i, 700.0 - i)
+        for i, serial in enumerate(rig)}
+  path = _write(tmp_path / "camera_params.json",
+                dict(world_2_cam={s: m.tolist() for s, m in rig.items()}, intrinsics=ks,
+                     width=1100, height=1604))
+  cameras = camera_files.load_cameras(path)
+  for serial, camera in cameras.items():
+    assert camera.image_size == (1100, 1604)
+    np.testing.assert_allclose(camera_files.project_points(camera, HEAD),
+                               _opencv_pixels(ks[serial], rig[serial], [], HEAD), atol=1e-6)
+
+
+@pytest.mark.parametrize("distortion", [
+    [-0.21, 0.08, 0.001, -0.0007],
+    [-0.21, 0.08, 0.001, -0.0007, 0.02],
+    [0.1, -0.05, 0.002, 0.001, 0.01, 0.05, -0.02, 0.01],
+    [0.1, -0.05, 0.002, 0.001, 0.01, 0.05, -0.02, 0.01, 0.001, -0.002, 0.0015, 0.0005]])
+def test_jflame_format_with_lens_distortion_projects_as_opencv_does(tmp_path, distortion):
+  rig = _rig()
+  k = _k(1800.0, 1790.0, 620.0, 510.0)   # OpenCV's model has no skew
+  path = _write(tmp_path / "cameras.json", dict(jflame_cameras=1, cameras={
+      serial: dict(K=k, R=m[:3, :3].tolist(), t=m[:3, 3].tolist(), width=1280, height=1024,
+                   distortion=distortion) for serial, m in rig.items()}))
+  cameras = camera_files.load_cameras(path)
+  for serial, camera in cameras.items():
+    got = camera_files.project_points(camera, HEAD)
+    np.testing.assert_allclose(got, _opencv_pixels(k, rig[serial], distortion, HEAD),
+                               atol=1e-6)
+    # and the distortion moves the pixels (the comparison can fail)
+    assert np.abs(got - _opencv_pixels(k, rig[serial], [], HEAD)).max() > 0.1
+
+
+def test_skew_is_applied_as_the_intrinsic_matrix_says(tmp_path):
+  """K's skew (OpenCV's projectPoints ignores it): u = fx x + s y + cx."""
+  rig = _rig((0.0,))
+  path = _write(tmp_path / "cameras.json", dict(jflame_cameras=1, cameras={
+      serial: dict(K=_k(1800.0, 1790.0, 620.0, 510.0, skew=3.0), R=m[:3, :3].tolist(),
+                   t=m[:3, 3].tolist(), width=1280, height=1024) for serial, m in rig.items()}))
+  camera, = camera_files.load_cameras(path).values()
+  in_camera = HEAD @ camera.rotation.T + camera.translation
+  x, y = in_camera[:, 0] / in_camera[:, 2], in_camera[:, 1] / in_camera[:, 2]
+  np.testing.assert_allclose(camera_files.project_points(camera, HEAD),
+                             np.stack([1800 * x + 3 * y + 620, 1790 * y + 510], -1), atol=1e-9)
+
+
+def _nersemble(tmp_path, rig, **extra):
+  content = dict(world_2_cam={s: np.asarray(m).tolist() for s, m in rig.items()},
+                 intrinsics=_k(2400.0, 2400.0, 1100.0, 1600.0), width=2200, height=3208)
+  content.update(extra)
+  return _write(tmp_path / "camera_params.json", content)
+
+
+def _refused(path, match, image_sizes=None):
+  with pytest.raises((ConfigError, InputError), match=match) as caught:
+    camera_files.load_cameras(path, image_sizes=image_sizes)
+  message = str(caught.value)
+  assert "\n" not in message and str(path) in message
+  return message
+
+
+def test_a_file_without_image_size_is_refused_unless_the_images_give_it(tmp_path):
+  rig = _rig()
+  path = _write(tmp_path / "camera_params.json", dict(
+      world_2_cam={s: m.tolist() for s, m in rig.items()}, intrinsics=_k(2400, 2400, 1100, 1600)))
+  message = _refused(path, "no image size for camera")
+  assert "never assumed" in message
+  assert len(camera_files.load_cameras(
+      path, image_sizes={s: (2200, 3208) for s in rig})) == 3
+  # A size in the file that disagrees with the images: the intrinsics are for other images.
+  sized = _nersemble(tmp_path, rig)
+  _refused(sized, "calibrated for 2200 x 3208 images but its image is 550 x 802",
+           image_sizes={s: (550, 802) for s in rig})
+
+
+def test_cameras_that_cannot_be_cameras_are_refused_naming_the_camera(tmp_path):
+  rig = _rig()
+  serial = next(iter(rig))
+  bent = dict(rig)
+  bent[serial] = rig[serial].copy()
+  bent[serial][:3, :3] *= 1.1
+  _refused(_nersemble(tmp_path, bent), f"camera {serial}: the extrinsics' 3 x 3 block is not "
+                                       "a rotation")
+  mirrored = dict(rig)
+  mirrored[serial] = rig[serial].copy()
+  mirrored[serial][:3, 0] *= -1
+  _refused(_nersemble(tmp_path, mirrored), "not a rotation")
+  _refused(_nersemble(tmp_path, rig, intrinsics=np.asarray(_k(2400, 2400, 1100, 1600)).T.tolist()),
+           "transposed K")
+  _refused(_nersemble(tmp_path, rig, intrinsics=_k(-2400, 2400, 1100, 1600)), "positive")
+  _refused(_nersemble(tmp_path, rig, intrinsics=_k(2400, 2400, 4400, 1600)),
+           r"principal point \(4400, 1600\) lies outside its 2200 x 3208 image")
+  _refused(_nersemble(tmp_path, rig, intrinsics={serial: _k(2400, 2400, 1100, 1600)}),
+           "has extrinsics but no intrinsics")
+  _refused(_nersemble(tmp_path, {serial: np.eye(3)}), r"world_2_cam must be 4 x 4")
+  path = _write(tmp_path / "cameras.json", dict(jflame_cameras=1, cameras={serial: dict(
+      K=_k(1800, 1800, 600, 500), R=np.eye(3).tolist(), t=[0, 0, 1], width=1200, height=1000,
+      distortion=[0.1, 0.2, 0.3])}))
+  _refused(path, "distortion must be OpenCV's")
+  _refused(_write(tmp_path / "cameras.json", dict(jflame_cameras=2, cameras={})),
+           "reads version 1")
+  _refused(_write(tmp_path / "other.json", dict(frames=[])), "not a camera file jflame reads")
+  (tmp_path / "broken.json").write_text("{not json")
+  _refused(tmp_path / "broken.json", "not a JSON camera file")
+  _refused(tmp_path / "absent.json", "camera file not found")
+
+
+def test_camera_to_world_extrinsics_are_refused(tmp_path):
+  rig = _rig((-40.0, -15.0, 10.0, 35.0))
+  assert len(camera_files.load_cameras(_nersemble(tmp_path, rig))) == 4
+  inverted = {serial: np.linalg.inv(matrix) for serial, matrix in rig.items()}
+  message = _refused(_nersemble(tmp_path, inverted), "look away from the point their axes meet")
+  assert "camera-to-world" in message
+
+
+def test_one_camera_turned_by_ten_degrees_still_loads(tmp_path):
+  """A small calibration error is not detectable from the file alone; the fit flags that view
+  (its landmarks disagree); loading must not refuse it."""
+  rig = _rig()
+  serial = list(rig)[1]
+  turned = dict(rig)
+  turned[serial] = rig[serial].copy()
+  # Turned in place: both R and t of the world-to-camera turn.
+  turned[serial] = np.diag([1.0, 1.0, 1.0, 1.0])
+  turned[serial][:3, :3] = Rotation.from_euler("y", 10, degrees=True).as_matrix()
+  turned[serial] = turned[serial] @ rig[serial]
+  cameras = camera_files.load_cameras(_nersemble(tmp_path, turned))
+  moved = camera_files.project_points(cameras[serial], HEAD)
+  assert np.abs(moved - _opencv_pixels(_k(2400, 2400, 1100, 1600), rig[serial], [], HEAD)
+                ).max() > 100
+
+
+def test_a_moment_folder_matches_its_images_to_the_cameras(tmp_path):
+  serials = ["222200037", "222200038", "222200039"]
+  folder = tmp_path / "timestep_000000"
+  folder.mkdir()
+  image = np.zeros((30, 20, 3), np.uint8)
+  for serial in serials:
+    cv2.imwrite(str(folder / f"cam_{serial}.png"), image)
+  (folder / "notes.txt").write_text("not an image")
+  images = camera_files.moment_images(folder, serials)
+  assert list(images) == serials and images[serials[0]].name == "cam_222200037.png"
+  assert camera_files.image_size_of(images[serials[0]]) == (20, 30)
+  with pytest.raises(InputError, match="no image of camera.s. 222200040"):
+    camera_files.moment_images(folder, serials + ["222200040"])
+  cv2.imwrite(str(folder / "cam_999.jpg"), image)
+  with pytest.raises(InputError, match="images of cameras the camera file does not have: "
+                                       "cam_999"):
+    camera_files.moment_images(folder, serials)
+  (folder / "cam_999.jpg").unlink()
+  cv2.imwrite(str(folder / "cam_222200037.jpg"), image)
+  with pytest.raises(InputError, match="two images of camera 222200037"):
+    camera_files.moment_images(folder, serials)
