@@ -75,6 +75,34 @@ def project(camera: Camera, points):
   return project_camera_space(camera, to_camera_space(camera, points))
 
 
+# OpenCV's distortion coefficients, padded to its longest vector: (k1, k2, p1, p2, k3, k4, k5, k6,
+# s1, s2, s3, s4, tx, ty); zeros leave a point where it is, exactly.
+DISTORTION_SIZE = 14
+
+
+def distort(coefficients, x, y):
+  """OpenCV's lens model on normalised image coordinates x, y (any shape): radial (k1..k6),
+  tangential (p1, p2) and thin prism (s1..s4) terms; `coefficients` (DISTORTION_SIZE,), the
+  tilt terms tx, ty unused (camera_files refuses them)."""
+  k1, k2, p1, p2, k3, k4, k5, k6, s1, s2, s3, s4 = (coefficients[i] for i in range(12))
+  r2 = x * x + y * y
+  radial = (1 + r2 * (k1 + r2 * (k2 + r2 * k3))) / (1 + r2 * (k4 + r2 * (k5 + r2 * k6)))
+  xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x) + s1 * r2 + s2 * r2 * r2
+  yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y + s3 * r2 + s4 * r2 * r2
+  return xd, yd
+
+
+def project_calibrated(intrinsics, world_to_camera, distortion, points, min_depth=1e-4):
+  """(N, 3) world points -> (N, 2) pixels of a calibrated camera: (3, 3) intrinsics K (fx, fy,
+  skew, cx, cy), (4, 4) world-to-camera, (DISTORTION_SIZE,) OpenCV distortion. Depth is clamped
+  away from zero as in `pinhole`."""
+  points_cam = points @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
+  depth = jnp.maximum(points_cam[:, 2], min_depth)
+  x, y = distort(distortion, points_cam[:, 0] / depth, points_cam[:, 1] / depth)
+  k = intrinsics
+  return jnp.stack([k[0, 0] * x + k[0, 1] * y + k[0, 2], k[1, 1] * y + k[1, 2]], axis=-1)
+
+
 def screen_space(camera: Camera, points):
   """(N, 3) model-space points -> (N, 3) as (x_pixel, y_pixel, depth in metres): what the
   rasterizer takes."""

@@ -26,6 +26,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from jflame.camera import DISTORTION_SIZE, distort
 from jflame.errors import ConfigError, InputError
 
 JFLAME_CAMERAS_VERSION = 1
@@ -66,27 +67,22 @@ class RigCamera:
     return -self.rotation.T @ self.translation
 
 
+def padded_distortion(camera: RigCamera) -> np.ndarray:
+  """(camera.DISTORTION_SIZE,) the camera's coefficients padded with zeros: one shape for every
+  camera of a rig, so views batch."""
+  padded = np.zeros(DISTORTION_SIZE)
+  padded[:len(camera.distortion)] = camera.distortion
+  return padded
+
+
 def project_points(camera: RigCamera, points_world) -> np.ndarray:
-  """(N, 3) world points -> (N, 2) pixels of the camera's image, lens distortion applied
-  (OpenCV's model up to k6 and the thin prism terms; the tilt terms tx, ty are refused on load
-  unless zero)."""
+  """(N, 3) world points -> (N, 2) pixels of the camera's image in float64 on the host, with the
+  lens model the fit uses (`jflame.camera.distort`; `project_calibrated` is the JAX version)."""
   points = np.asarray(points_world, np.float64) @ camera.rotation.T + camera.translation
-  x, y = points[:, 0] / points[:, 2], points[:, 1] / points[:, 2]
-  x, y = distort(camera.distortion, x, y)
+  x, y = distort(padded_distortion(camera), points[:, 0] / points[:, 2],
+                 points[:, 1] / points[:, 2])
   k = camera.intrinsics
   return np.stack([k[0, 0] * x + k[0, 1] * y + k[0, 2], k[1, 1] * y + k[1, 2]], axis=-1)
-
-
-def distort(coefficients, x, y):
-  """OpenCV's lens model on normalised image coordinates (x, y)."""
-  c = np.zeros(14)
-  c[:len(coefficients)] = coefficients
-  k1, k2, p1, p2, k3, k4, k5, k6, s1, s2, s3, s4 = c[:12]
-  r2 = x * x + y * y
-  radial = (1 + r2 * (k1 + r2 * (k2 + r2 * k3))) / (1 + r2 * (k4 + r2 * (k5 + r2 * k6)))
-  xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x) + s1 * r2 + s2 * r2 * r2
-  yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y + s3 * r2 + s4 * r2 * r2
-  return xd, yd
 
 
 # --- reading -------------------------------------------------------------------------------------

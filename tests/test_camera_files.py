@@ -221,3 +221,32 @@ def test_a_moment_folder_matches_its_images_to_the_cameras(tmp_path):
   cv2.imwrite(str(folder / "cam_222200037.jpg"), image)
   with pytest.raises(InputError, match="two images of camera 222200037"):
     camera_files.moment_images(folder, serials)
+
+
+def test_the_device_projection_equals_the_host_one_and_has_true_gradients(tmp_path):
+  """`camera.project_calibrated` (JAX, what a multi-view fit differentiates) against the host
+  projection checked above, and its gradients against finite differences."""
+  import jax
+  import jax.numpy as jnp
+  from jax.test_util import check_grads
+  from jflame.camera import project_calibrated
+  rig = _rig()
+  distortion = [-0.21, 0.08, 0.001, -0.0007, 0.02, 0.01, -0.005, 0.002]
+  path = _write(tmp_path / "cameras.json", dict(jflame_cameras=1, cameras={
+      serial: dict(K=_k(1800.0, 1790.0, 620.0, 510.0, skew=2.0), R=m[:3, :3].tolist(),
+                   t=m[:3, 3].tolist(), width=1280, height=1024, distortion=distortion)
+      for serial, m in rig.items()}))
+  cameras = list(camera_files.load_cameras(path).values())
+  stack = lambda field: jnp.asarray(np.stack([field(c) for c in cameras]), jnp.float32)
+  intrinsics, extrinsics = stack(lambda c: c.intrinsics), stack(lambda c: c.world_to_camera)
+  distortions = stack(camera_files.padded_distortion)
+  # All views at once, as a fit batches them.
+  pixels = jax.jit(jax.vmap(project_calibrated, in_axes=(0, 0, 0, None)))(
+      intrinsics, extrinsics, distortions, jnp.asarray(HEAD, jnp.float32))
+  for view, camera in enumerate(cameras):
+    np.testing.assert_allclose(np.asarray(pixels[view]), camera_files.project_points(camera, HEAD),
+                               atol=2e-3)
+  points = jnp.asarray(HEAD[:6], jnp.float32)
+  project = lambda k, e, p: project_calibrated(k, e, distortions[0], p)
+  check_grads(project, (intrinsics[0], extrinsics[0], points), order=1, modes=("rev",),
+              atol=0.05, rtol=0.05, eps=1e-3)
