@@ -1,0 +1,215 @@
+"""Fitting one moment of a calibrated capture rig: one head seen by several fixed cameras.
+
+The cameras are known (`jflame.camera_files`), so there is no focal length or camera pose to
+fit: the unknowns are the FLAME parameters and the head's pose in WORLD coordinates (model ->
+world rotation and translation, metres). Every view's landmarks pull on the same head through
+its own calibrated projection (`camera.project_calibrated`, lens distortion included), which is
+what fixes the size and the distance that one view cannot tell apart.
+
+    start: each landmark triangulated from the views that detected it (linear, distortion
+           ignored), the neutral model's landmarks rigidly aligned to those points (Kabsch)
+    stage 1: Adam on the head pose       (config.rigid_rates, rigid_iterations)
+    stage 2: Adam on everything           (config.full_rates, full_iterations) + the priors
+
+Residuals are measured per view in pixels of a `config.landmark_scale` crop around that view's
+detected face (`RigViews.face_scale`), so a 4K camera and a 512-pixel one weigh the same, and
+summed over the views: more views, more data against the same priors. One moment is one
+example; batch moments with `jax.vmap`.
+"""
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jflame import losses
+from jflame.camera import project_calibrated
+from jflame.camera_files import RigCamera, padded_distortion
+from jflame.config import FitConfig
+from jflame.fit import FitModel, FitVariables, regularization, run_stage
+from jflame.flame import FlameParams, surface_points_forward
+from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
+
+
+@struct.dataclass
+class RigViews:
+  """One moment seen by V calibrated cameras (leading axis V; a further leading axis for a batch
+  of moments).
+
+  Attributes:
+    intrinsics: (V, 3, 3) K in pixels of each view's image.
+    world_to_camera: (V, 4, 4).
+    distortion: (V, 14) OpenCV coefficients, zero padded.
+    landmarks: (V, N, 2) detected landmarks in image pixels, the detector's order (N = 478).
+    landmark_weights: (V, N) detection weights (0: missing).
+    valid: (V,) the view has a face to fit.
+    face_scale: (V,) crop pixels per image pixel: config.landmark_scale over the view's face
+      size, so residuals weigh the same in every view.
+  """
+  intrinsics: jax.Array
+  world_to_camera: jax.Array
+  distortion: jax.Array
+  landmarks: jax.Array
+  landmark_weights: jax.Array
+  valid: jax.Array
+  face_scale: jax.Array
+
+
+def rig_views(cameras: Sequence[RigCamera], landmarks, landmark_weights, valid,
+              config: FitConfig) -> RigViews:
+  """RigViews of one moment from its cameras and each view's detections (host side)."""
+  landmarks = np.asarray(landmarks, np.float32)
+  weights = np.asarray(landmark_weights, np.float32)
+  valid = np.asarray(valid, bool)
+  scales = []
+  for view_landmarks, view_weights in zip(landmarks, weights):
+    seen = view_landmarks[view_weights > 0]
+    size = float(np.max(np.ptp(seen, axis=0))) if len(seen) >= 2 else 0.0
+    scales.append(config.landmark_scale / size if size > 0 else 0.0)
+  return RigViews(
+      intrinsics=np.stack([c.intrinsics for c in cameras]).astype(np.float32),
+      world_to_camera=np.stack([c.world_to_camera for c in cameras]).astype(np.float32),
+      distortion=np.stack([padded_distortion(c) for c in cameras]).astype(np.float32),
+      landmarks=landmarks, landmark_weights=weights, valid=valid & (np.asarray(scales) > 0),
+      face_scale=np.asarray(scales, np.float32))
+
+
+@struct.dataclass
+class MomentResult:
+  """The fit of one moment.
+
+  Attributes:
+    params: FLAME parameters (`shape` the run's when given, else this moment's).
+    head_rotation: (3,) axis-angle, model -> world.
+    head_translation: (3,) metres, world.
+    landmarks_2d: (V, K, 2) the fitted landmarks in each view's image pixels.
+    landmark_error: (V,) mean distance to the detected landmarks per view, image pixels.
+    rigid_loss_history, full_loss_history: (iterations,).
+    failed: () a non-finite loss or gradient stopped the fit.
+  """
+  params: FlameParams
+  head_rotation: jax.Array
+  head_translation: jax.Array
+  landmarks_2d: jax.Array
+  landmark_error: jax.Array
+  rigid_loss_history: jax.Array
+  full_loss_history: jax.Array
+  failed: jax.Array
+
+
+def triangulate(projections, pixels, weights):
+  """(3,) the point whose projections through `projections` (V, 3, 4) best meet `pixels`
+  (V, 2), weighted by `weights` (V,) (0: that view did not see it): linear (DLT)."""
+  rows = jnp.concatenate([pixels[:, 0:1] * projections[:, 2] - projections[:, 0],
+                          pixels[:, 1:2] * projections[:, 2] - projections[:, 1]], axis=0)
+  rows = rows * jnp.concatenate([weights, weights])[:, None]
+  _, _, vh = jnp.linalg.svd(rows, full_matrices=False)
+  homogeneous = vh[-1]
+  return homogeneous[:3] / jnp.where(jnp.abs(homogeneous[3]) > 1e-12, homogeneous[3], 1e-12)
+
+
+def rigid_alignment(source, target, weights):
+  """(R, t) with R source + t closest to target (weighted least squares, Kabsch): (K, 3)
+  points, (K,) weights."""
+  total = jnp.maximum(jnp.sum(weights), 1e-9)
+  source_mean = jnp.sum(weights[:, None] * source, 0) / total
+  target_mean = jnp.sum(weights[:, None] * target, 0) / total
+  covariance = ((target - target_mean) * weights[:, None]).T @ (source - source_mean)
+  u, _, vt = jnp.linalg.svd(covariance)
+  sign = jnp.sign(jnp.linalg.det(u @ vt))
+  rotation = u @ jnp.diag(jnp.array([1.0, 1.0, 1.0]).at[2].set(sign)) @ vt
+  return rotation, target_mean - rotation @ source_mean
+
+
+def _project_views(views: RigViews, points_world):
+  """(V, K, 2) the world points in every view's image."""
+  return jax.vmap(project_calibrated, in_axes=(0, 0, 0, None))(
+      views.intrinsics, views.world_to_camera, views.distortion, points_world)
+
+
+def _landmark_targets(fit_model: FitModel, views: RigViews):
+  landmarks = views.landmarks[:, fit_model.landmark_indices]
+  detection = views.landmark_weights[:, fit_model.landmark_indices]
+  finite = jnp.all(jnp.isfinite(landmarks), axis=-1)
+  landmarks = jnp.where(finite[..., None], landmarks, 0.0)
+  detected = finite & (detection > 0) & views.valid[:, None]
+  weights = jnp.where(detected, detection * fit_model.landmark_weights, 0.0)
+  return landmarks, weights, detected
+
+
+def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=None
+               ) -> MomentResult:
+  """Fits ONE moment of a calibrated rig (vmap for several). `shape` (S,): the run's identity,
+  held fixed; None fits this moment's own."""
+  landmarks, weights, detected = _landmark_targets(fit_model, views)
+  rows = fit_model.landmark_rows
+  zeros = FlameParams.zeros(config.num_shape, config.num_expression)
+  if shape is not None:
+    zeros = zeros.replace(shape=jnp.asarray(shape, jnp.float32))
+  neutral, _ = surface_points_forward(rows, zeros)
+  projections = views.intrinsics @ views.world_to_camera[:, :3, :]
+  seen = detected.astype(jnp.float32)
+  world = jax.vmap(triangulate, in_axes=(None, 1, 1))(projections, landmarks, seen)
+  usable = (jnp.sum(seen, axis=0) >= 2) & jnp.all(jnp.isfinite(world), axis=-1)
+  base_rotation, translation = rigid_alignment(neutral, jnp.where(usable[:, None], world, 0.0),
+                                               usable.astype(jnp.float32))
+  variables = FitVariables(flame=zeros, camera_rotation=jnp.zeros(3),
+                           camera_translation=translation, focal_length=jnp.ones(()))
+  scale = views.face_scale[:, None, None]
+
+  def predicted(variables):
+    points, _ = surface_points_forward(rows, variables.flame)
+    rotation = axis_angle_to_matrix(variables.camera_rotation) @ base_rotation
+    return _project_views(views, points @ rotation.T + variables.camera_translation)
+
+  def data_loss(variables):
+    per_view = jax.vmap(losses.landmark_loss, in_axes=(0, 0, 0, None, None, None))(
+        predicted(variables) * scale, landmarks * scale, weights, config.landmark_scale,
+        config.landmark_scale, config.landmark_robust_scale)
+    return jnp.sum(jnp.where(views.valid, per_view, 0.0))
+
+  def full_loss(variables):
+    return data_loss(variables) + regularization(variables.flame, config)
+
+  active = jnp.sum(views.valid) >= 1
+  full_rates = config.full_rates
+  if shape is not None or not config.fit_shape:
+    full_rates = dataclasses.replace(full_rates, shape=None)
+  variables, rigid_history, rigid_failed = run_stage(
+      data_loss, variables, config.rigid_rates, config.rigid_iterations, active)
+  variables, full_history, full_failed = run_stage(
+      full_loss, variables, full_rates, config.full_iterations, active & ~rigid_failed)
+  fitted = predicted(variables)
+  errors = jax.vmap(losses.landmark_error)(fitted, landmarks, detected)
+  rotation = axis_angle_to_matrix(variables.camera_rotation) @ base_rotation
+  return MomentResult(params=variables.flame, head_rotation=matrix_to_axis_angle(rotation),
+                      head_translation=variables.camera_translation, landmarks_2d=fitted,
+                      landmark_error=errors, rigid_loss_history=rigid_history,
+                      full_loss_history=full_history, failed=rigid_failed | full_failed)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def fit_moments(fit_model: FitModel, views: RigViews, config: FitConfig, shape=None
+                ) -> MomentResult:
+  """`fit_moment` over a batch of moments (leading axis M on every leaf of `views`), one
+  compiled program."""
+  return jax.vmap(fit_moment, in_axes=(None, 0, None, None))(fit_model, views, config, shape)
+
+
+def disagreeing_views(relative_errors, ratio: float = 3.0, floor: float = 0.02):
+  """Indices of the views whose landmark error (over the face size) is above `floor` and
+  `ratio` times the median of the other views': a wrong camera (calibration, a swapped serial,
+  another convention) shows as one view that cannot agree with the rest."""
+  errors = np.asarray(relative_errors, np.float64)
+  flagged = []
+  for view, error in enumerate(errors):
+    others = np.delete(errors, view)
+    others = others[np.isfinite(others)]
+    if len(others) and np.isfinite(error) and error > floor and error > ratio * np.median(
+        others):
+      flagged.append(view)
+  return flagged

@@ -1,0 +1,164 @@
+"""Calibrated multi-view fitting of one moment (issue 20): known truth on the synthetic head seen
+by three calibrated cameras (off-centre principal points, non-square images, lens distortion,
+1 px landmark noise): the head's world pose and distance recovered, every view fitted to the
+noise, and a camera turned by 10 degrees in the file shows as the one view that disagrees."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from jflame import camera_files, flame, multiview, synthetic
+from jflame.config import FitConfig
+from jflame.flame import FlameParams
+from tests.conftest import fit_model_over_embedding
+
+NUM_SHAPE, NUM_EXPRESSION = 20, 10
+# Adam's full stage needs more steps with three views' data than the photo default's 200 to
+# reach the noise floor (measured: 1.72-1.83 px per view at 200, 1.37-1.44 px at 800).
+CONFIG = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION, full_iterations=800)
+YAWS = (-30.0, 0.0, 30.0)
+SIZES = ((640, 800), (600, 720), (640, 800))          # width, height per camera
+FIVE_YAWS = (-40.0, -20.0, 0.0, 20.0, 40.0)
+
+
+def _look_at(centre):
+  forward = -centre / np.linalg.norm(centre)
+  right = np.cross(forward, (0.0, 1.0, 0.0))
+  right /= np.linalg.norm(right)
+  rotation = np.stack([right, np.cross(forward, right), forward])
+  matrix = np.eye(4)
+  matrix[:3, :3], matrix[:3, 3] = rotation, -rotation @ centre
+  return matrix
+
+
+def rig(yaws=YAWS, sizes=SIZES, distance=0.6):
+  cameras = []
+  for index, (yaw, (width, height)) in enumerate(zip(yaws, sizes)):
+    centre = distance * np.array([np.sin(np.radians(yaw)), 0.03, np.cos(np.radians(yaw))])
+    k = np.array([[1500.0 + 40 * index, 0, width / 2 + 13], [0, 1500.0 + 40 * index,
+                                                              height / 2 - 21], [0, 0, 1]])
+    cameras.append(camera_files.RigCamera(
+        serial=f"2222000{37 + index}", intrinsics=k, world_to_camera=_look_at(centre),
+        image_size=(width, height), distortion=np.array([-0.12, 0.05, 0.0008, -0.0005, 0.0])))
+  return cameras
+
+
+def make_scene(cameras):
+  """The small synthetic head with a known identity, expression and jaw, turned 12 degrees and
+  moved in the world; its landmarks in each of `cameras` with 1 px noise."""
+  model, embedding = synthetic.synthetic_flame("small", seed=0)
+  rng = np.random.default_rng(4)
+  truth = FlameParams.zeros(NUM_SHAPE, NUM_EXPRESSION).replace(
+      shape=jnp.asarray(rng.normal(size=NUM_SHAPE) * 0.8, jnp.float32),
+      expression=jnp.asarray(rng.normal(size=NUM_EXPRESSION) * 0.5, jnp.float32),
+      jaw_rotation=jnp.asarray([0.12, 0.0, 0.0], jnp.float32))
+  head_rotation = Rotation.from_euler("yx", [12.0, -5.0], degrees=True).as_matrix()
+  head_translation = np.array([0.012, -0.018, 0.025])
+  vertices = np.asarray(flame.flame_forward(model, truth)[0], np.float64)
+  points_model = np.asarray(embedding.points(vertices, model.faces), np.float64)
+  world = points_model @ head_rotation.T + head_translation
+  indices = np.asarray(embedding.landmark_indices)
+  landmarks = np.zeros((len(cameras), 478, 2), np.float32)
+  weights = np.zeros((len(cameras), 478), np.float32)
+  for view, camera in enumerate(cameras):
+    landmarks[view, indices] = camera_files.project_points(camera, world) + rng.normal(
+        size=(len(indices), 2))
+    weights[view, indices] = 1.0
+  fit_model = fit_model_over_embedding(model, embedding, CONFIG)
+  return dict(model=model, embedding=embedding, fit_model=fit_model, cameras=cameras,
+              landmarks=landmarks, weights=weights, world=world, vertices=vertices,
+              head_rotation=head_rotation, head_translation=head_translation, truth=truth)
+
+
+@pytest.fixture(scope="module")
+def scene():
+  return make_scene(rig())
+
+
+def _turned(camera, degrees=10.0):
+  """The camera as a file that has it turned in place by `degrees` about its own y axis."""
+  turn = np.eye(4)
+  turn[:3, :3] = Rotation.from_euler("y", degrees, degrees=True).as_matrix()
+  return camera_files.RigCamera(camera.serial, camera.intrinsics, turn @ camera.world_to_camera,
+                                camera.image_size, camera.distortion)
+
+
+def _relative(scene, errors):
+  face_size = np.ptp(scene["landmarks"][:, np.asarray(scene["embedding"].landmark_indices)],
+                     axis=1).max(axis=-1)
+  return np.asarray(errors) / face_size
+
+
+def _fit(scene, cameras):
+  views = multiview.rig_views(cameras, scene["landmarks"], scene["weights"],
+                              np.ones(len(cameras), bool), CONFIG)
+  batch = jax.tree.map(lambda x: jnp.asarray(x)[None], views)
+  return jax.device_get(jax.tree.map(lambda x: x[0], multiview.fit_moments(
+      scene["fit_model"], batch, CONFIG)))
+
+
+def test_a_moment_of_three_calibrated_views_recovers_the_head_in_the_world(scene):
+  result = _fit(scene, scene["cameras"])
+  assert not bool(result.failed)
+  # Every view fitted to the noise (1 px per coordinate: about 1.25 px mean distance).
+  assert np.all(np.asarray(result.landmark_error) < 1.55), result.landmark_error
+  # The head's world pose and, what one view cannot give, its distance: the fitted mesh in the
+  # world against the true one.
+  fitted_vertices = np.asarray(flame.flame_forward(scene["model"], result.params)[0])
+  rotation = Rotation.from_rotvec(np.asarray(result.head_rotation, np.float64)).as_matrix()
+  fitted_world = fitted_vertices @ rotation.T + np.asarray(result.head_translation)
+  true_world = scene["vertices"] @ scene["head_rotation"].T + scene["head_translation"]
+  face = np.unique(np.asarray(scene["model"].faces)[np.asarray(scene["embedding"].face_indices)])
+  error_mm = 1000 * np.linalg.norm(fitted_world[face] - true_world[face], axis=-1)
+  assert np.median(error_mm) < 0.5, np.median(error_mm)   # measured 0.25
+  depth_bias_mm = 1000 * abs(np.mean(fitted_world[face, 2] - true_world[face, 2]))
+  assert depth_bias_mm < 0.3, depth_bias_mm               # measured 0.02
+  turn = Rotation.from_matrix(rotation).inv() * Rotation.from_matrix(scene["head_rotation"])
+  assert np.degrees(turn.magnitude()) < 2.0
+  assert multiview.disagreeing_views(np.asarray(result.landmark_error) / 200.0) == []
+
+
+def test_a_camera_turned_by_ten_degrees_makes_the_views_disagree(scene):
+  """Three views: the moment shows the disagreement, but which view is wrong is not determined
+  (measured: the fit can follow the wrong camera and one right one, and blame the third)."""
+  cameras = list(scene["cameras"])
+  cameras[2] = _turned(cameras[2])
+  relative = _relative(scene, _fit(scene, cameras).landmark_error)
+  assert multiview.disagreeing_views(relative), relative
+
+
+@pytest.mark.parametrize("wrong", [1, 3])
+def test_five_views_name_the_camera_turned_by_ten_degrees(wrong):
+  """Five views: the wrong camera is the one view that disagrees (measured over every camera:
+  its error 259-284 px, the others' at most 5 px)."""
+  five = make_scene(rig(FIVE_YAWS, ((640, 800),) * 5))
+  cameras = list(five["cameras"])
+  cameras[wrong] = _turned(cameras[wrong])
+  relative = _relative(five, _fit(five, cameras).landmark_error)
+  assert multiview.disagreeing_views(relative) == [wrong], relative
+
+
+def test_disagreeing_views_needs_an_error_that_stands_out():
+  assert multiview.disagreeing_views([0.012, 0.011, 0.013]) == []
+  assert multiview.disagreeing_views([0.012, 0.011, 0.09]) == [2]
+  assert multiview.disagreeing_views([0.03, 0.031, 0.029]) == []     # all alike: not one camera
+  assert multiview.disagreeing_views([0.012, 0.019]) == []            # below 3x
+
+
+def test_triangulation_and_alignment_are_exact_on_exact_data():
+  rng = np.random.default_rng(0)
+  cameras = rig()
+  point = np.array([0.01, -0.02, 0.03])
+  projections = np.stack([c.intrinsics @ c.world_to_camera[:3] for c in cameras])
+  pixels = np.stack([(p @ np.append(point, 1))[:2] / (p @ np.append(point, 1))[2]
+                     for p in projections])
+  got = multiview.triangulate(jnp.asarray(projections), jnp.asarray(pixels), jnp.ones(3))
+  np.testing.assert_allclose(np.asarray(got), point, atol=1e-5)
+  source = rng.normal(size=(30, 3))
+  rotation = Rotation.from_rotvec([0.3, -0.2, 0.5]).as_matrix()
+  target = source @ rotation.T + [0.1, 0.2, -0.3]
+  r, t = multiview.rigid_alignment(jnp.asarray(source), jnp.asarray(target), jnp.ones(30))
+  np.testing.assert_allclose(np.asarray(r), rotation, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(t), [0.1, 0.2, -0.3], atol=1e-5)
