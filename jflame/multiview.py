@@ -11,9 +11,9 @@ what fixes the size and the distance that one view cannot tell apart.
     stage 1: Adam on the head pose       (config.rigid_rates, rigid_iterations)
     stage 2: Adam on everything           (config.full_rates, full_iterations) + the priors
 
-Residuals are measured per view in pixels of a `config.landmark_scale` crop around that view's
-detected face (`RigViews.face_scale`), so a 4K camera and a 512-pixel one weigh the same, and
-summed over the views: more views, more data against the same priors. One moment is one
+Residuals are measured per view in pixels of a `config.landmark_scale` crop framing that view's
+detected face as a photo's crop does (`RigViews.face_scale`), so a 4K camera and a 512-pixel
+one weigh the same, and summed over the views: more views, more data against the same priors. One moment is one
 example; batch moments with `jax.vmap`.
 """
 
@@ -47,8 +47,8 @@ class RigViews:
     landmarks: (V, N, 2) detected landmarks in image pixels, the detector's order (N = 478).
     landmark_weights: (V, N) detection weights (0: missing).
     valid: (V,) the view has a face to fit.
-    face_scale: (V,) crop pixels per image pixel: config.landmark_scale over the view's face
-      size, so residuals weigh the same in every view.
+    face_scale: (V,) crop pixels per image pixel (see `rig_views`), so residuals weigh the same
+      in every view whatever its resolution.
   """
   intrinsics: jax.Array
   world_to_camera: jax.Array
@@ -61,7 +61,11 @@ class RigViews:
 
 def rig_views(cameras: Sequence[RigCamera], landmarks, landmark_weights, valid,
               config: FitConfig) -> RigViews:
-  """RigViews of one moment from its cameras and each view's detections (host side)."""
+  """RigViews of one moment from its cameras and each view's detections (host side). A view's
+  residuals are scaled as the photo fit's crop frames a face (its longest side is
+  crop_size / DEFAULT_CROP_SCALE of the crop), so priors weigh against one view's landmarks as
+  they do for a photo."""
+  from jflame.preprocess.align import DEFAULT_CROP_SCALE  # host only: OpenCV
   landmarks = np.asarray(landmarks, np.float32)
   weights = np.asarray(landmark_weights, np.float32)
   valid = np.asarray(valid, bool)
@@ -69,7 +73,7 @@ def rig_views(cameras: Sequence[RigCamera], landmarks, landmark_weights, valid,
   for view_landmarks, view_weights in zip(landmarks, weights):
     seen = view_landmarks[view_weights > 0]
     size = float(np.max(np.ptp(seen, axis=0))) if len(seen) >= 2 else 0.0
-    scales.append(config.landmark_scale / size if size > 0 else 0.0)
+    scales.append(config.landmark_scale / DEFAULT_CROP_SCALE / size if size > 0 else 0.0)
   return RigViews(
       intrinsics=np.stack([c.intrinsics for c in cameras]).astype(np.float32),
       world_to_camera=np.stack([c.world_to_camera for c in cameras]).astype(np.float32),

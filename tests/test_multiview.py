@@ -16,7 +16,7 @@ from tests.conftest import fit_model_over_embedding
 
 NUM_SHAPE, NUM_EXPRESSION = 20, 10
 # Adam's full stage needs more steps with three views' data than the photo default's 200 to
-# reach the noise floor (measured: 1.72-1.83 px per view at 200, 1.37-1.44 px at 800).
+# reach the noise floor (measured: 1.77-1.88 px per view at 200, 1.42-1.51 px at 800).
 CONFIG = FitConfig(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION, full_iterations=800)
 YAWS = (-30.0, 0.0, 30.0)
 SIZES = ((640, 800), (600, 720), (640, 800))          # width, height per camera
@@ -112,9 +112,9 @@ def test_a_moment_of_three_calibrated_views_recovers_the_head_in_the_world(scene
   true_world = scene["vertices"] @ scene["head_rotation"].T + scene["head_translation"]
   face = np.unique(np.asarray(scene["model"].faces)[np.asarray(scene["embedding"].face_indices)])
   error_mm = 1000 * np.linalg.norm(fitted_world[face] - true_world[face], axis=-1)
-  assert np.median(error_mm) < 0.5, np.median(error_mm)   # measured 0.25
+  assert np.median(error_mm) < 0.5, np.median(error_mm)   # measured 0.31
   depth_bias_mm = 1000 * abs(np.mean(fitted_world[face, 2] - true_world[face, 2]))
-  assert depth_bias_mm < 0.3, depth_bias_mm               # measured 0.02
+  assert depth_bias_mm < 0.3, depth_bias_mm               # measured 0.03
   turn = Rotation.from_matrix(rotation).inv() * Rotation.from_matrix(scene["head_rotation"])
   assert np.degrees(turn.magnitude()) < 2.0
   assert multiview.disagreeing_views(np.asarray(result.landmark_error) / 200.0) == []
