@@ -68,9 +68,9 @@ def random_flame_arrays(seed=0, num_vertices=60, num_faces=80, num_shape=12, num
 # runs longest first (measured, docs/TESTING.md), so that the two workers finish together.
 SLOW_SUITES = ("test_track_motion", "test_annotate", "test_track", "test_solve", "test_ray_engine",
                "test_fit", "test_fit_hostile", "test_output_files", "test_fit_command", "test_ids",
-               "test_track_command", "test_fit_photometric", "test_fit_behaviour",
-               "test_bare_image", "test_rotated_photos", "test_library", "test_render_recovery",
-               "test_render_gradients", "test_sharding")
+               "test_capture_command", "test_track_command", "test_fit_photometric",
+               "test_fit_behaviour", "test_bare_image", "test_rotated_photos", "test_library",
+               "test_render_recovery", "test_render_gradients", "test_sharding")
 FAST_SUITES = ("test_build_embedding", "test_camera_files", "test_engine_rules", "test_flame",
                "test_flame_files", "test_flame_io", "test_initializers_onnx", "test_landmarks",
                "test_layout", "test_multiview", "test_optim", "test_preprocess_align",

@@ -32,6 +32,11 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo images that already hav
                                "result made from the same file.")
 _MESH_FORMAT = flags.DEFINE_enum("mesh_format", "obj", ["obj", "ply", ""], "Mesh file format "
                                  "('' writes none).")
+_CAMERAS = flags.DEFINE_string(
+    "cameras", None, "A calibrated rig's camera file (NeRSemble camera_params.json or jflame's "
+    "cameras.json, docs/FORMAT.md): --input is then one folder of moments (timesteps), each "
+    "holding cam_<serial>.<ext> per camera, or one such folder; one head per moment, its pose in "
+    "the file's world coordinates. Landmark mode.")
 _OVERLAY = flags.DEFINE_bool(
     "overlay", True, "Write the overlay picture(s). Drawing on the full-size photo re-reads it, "
     "which can cost more than a landmark fit: --nooverlay for the fastest runs.")
@@ -43,6 +48,8 @@ def main(argv) -> int:
   common.quiet_logging()
   if not _INPUT.value:
     return common.usage_error("--input is required (a file, folder, glob or list file).")
+  if _CAMERAS.value:
+    return _fit_capture()
   # Heavy imports after flag parsing, so --help and usage errors are instant.
   from tqdm import tqdm
   from jflame import engine, output_folder, process_settings, sinks, sources
@@ -71,6 +78,41 @@ def main(argv) -> int:
   except JFlameError as error:
     return common.usage_error(str(error))
   return _report(summary, folder, cache)
+
+
+def _fit_capture() -> int:
+  """--cameras: every moment of a calibrated capture (jflame.capture_runner)."""
+  if len(_INPUT.value) != 1:
+    return common.usage_error("with --cameras, --input is one folder (of moments, or of one "
+                              "moment's cam_<serial> images).")
+  from tqdm import tqdm
+  from jflame import capture_runner, output_folder, sources
+  from jflame.errors import JFlameError
+  output = Path(_OUTPUT.value).expanduser()
+  try:
+    sources.check_output_not_an_input(_INPUT.value, output, True)
+    moments = capture_runner.capture_moments(_INPUT.value[0])
+    with output_folder.claim_output_folder(output) as folder:
+      cache = common.enable_compilation_cache()
+      loaded = model_flags.load_model()
+      config = common.fit_config()
+      if config.photometric:
+        return common.usage_error("--cameras fits landmarks only for now (--mode landmark).")
+      print(f"model: {loaded.description}", flush=True)
+      with tqdm(total=len(moments), unit="moment", desc="jflame-fit --cameras") as bar:
+        manifest = capture_runner.fit_capture(loaded, config, _CAMERAS.value, _INPUT.value[0],
+                                              folder, progress=bar.update)
+  except JFlameError as error:
+    return common.usage_error(str(error))
+  counts = {}
+  for entry in manifest["moments"]:
+    counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+  suspect = [entry for entry in manifest["moments"] if entry.get("suspect")]
+  print(f"done: {len(manifest['moments'])} moments {counts}, {len(suspect)} suspect -> "
+        f"{folder / 'manifest.json'}" + (f" (compilation cache: {cache})" if cache else ""))
+  for entry in suspect:
+    print(f"  {entry['moment']}: {entry['status']}: {entry['suspect_reason']}")
+  return common.EXIT_OK if counts.get("ok", 0) else common.EXIT_NOTHING_FITTED
 
 
 def _report(summary, folder, cache) -> int:

@@ -1,0 +1,222 @@
+"""`jflame-fit --cameras FILE`: a calibrated capture, one head per moment (host side).
+
+    input: one folder per moment (timestep) holding cam_<serial>.<ext> per camera, or one such
+           folder (a single moment)
+      ──► MediaPipe landmarks of every view (jflame's Preprocessor, full-image coordinates)
+      ──► multiview.fit_moments: every moment with its own shape, then (several moments) again
+          with the run's shape (the median over the moments fitted) held
+      ──► per moment: <moment>.npz, <moment>.obj (world coordinates, metres),
+          <moment>_views.png (every view with its detected and fitted landmarks);
+          manifest.json for the run
+
+A view whose landmark error stands out from the others' (`multiview.disagreeing_views`) makes
+its moment `suspect` with "view <serial> disagrees with the others (calibration?)"; with three
+views or fewer the disagreement is reported without a camera (it cannot be told which). A moment
+where only one view had a face is `suspect` too: one view cannot tell size from distance.
+"""
+
+import dataclasses
+import datetime
+from pathlib import Path
+from typing import Dict, List
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jflame import camera_files, multiview, output
+from jflame.config import FitConfig
+from jflame.errors import InputError
+from jflame.flame import flame_forward
+from jflame.manifest import write_json
+from jflame.model_loading import LoadedModel, prepare_fit_model, run_provenance
+from jflame.pictures import MAX_PICTURE_SIDE
+from jflame.preprocess import Preprocessor
+from jflame.rotation import axis_angle_to_matrix
+
+STATUS_OK = "ok"
+STATUS_NO_FACE = "no_face"   # fewer than one view with a face
+
+
+def capture_moments(folder) -> List[Path]:
+  """The moment folders of a capture: `folder` itself when it holds cam_* images, else its
+  subfolders that do, sorted by name."""
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise InputError(f"--input for --cameras must be a folder (of moments, or of one moment's "
+                     f"cam_<serial> images), got {folder}")
+
+  def has_views(path: Path) -> bool:
+    return any(child.name.startswith("cam_") and child.suffix.lower()
+               in camera_files.IMAGE_SUFFIXES for child in path.iterdir())
+
+  if has_views(folder):
+    return [folder]
+  moments = sorted(child for child in folder.iterdir() if child.is_dir() and has_views(child))
+  if not moments:
+    raise InputError(f"{folder} holds no cam_<serial>.<ext> images, directly or in moment "
+                     f"subfolders (NeRSemble's layout: <moment>/cam_<serial>.png)")
+  return moments
+
+
+@dataclasses.dataclass
+class Moment:
+  name: str
+  images: Dict[str, Path]
+  landmarks: np.ndarray           # (V, 478, 2) image pixels (NaN-free; weight 0 when missing)
+  weights: np.ndarray             # (V, 478)
+  valid: np.ndarray               # (V,)
+  messages: List[str]
+
+
+def read_moment(folder: Path, rig, preprocessor) -> Moment:
+  """One moment's images and MediaPipe landmarks (full-image pixels), view by view."""
+  serials = [camera.serial for camera in rig]
+  images = camera_files.moment_images(folder, serials)
+  records = preprocessor.prepare([images[s] for s in serials], [f"cam_{s}" for s in serials])
+  for camera, record in zip(rig, records):
+    size = (record.image_width, record.image_height)
+    if record.image_width and size != tuple(camera.image_size):
+      raise InputError(f"{images[camera.serial]} is {size[0]} x {size[1]} but camera "
+                       f"{camera.serial} is calibrated for {camera.image_size[0]} x "
+                       f"{camera.image_size[1]} (all moments must share the cameras' sizes)")
+  landmarks = np.zeros((len(serials), 478, 2), np.float32)
+  weights = np.zeros((len(serials), 478), np.float32)
+  valid = np.zeros(len(serials), bool)
+  messages = []
+  for view, (serial, record) in enumerate(zip(serials, records)):
+    if record.ok:
+      landmarks[view] = record.landmarks_original
+      weights[view] = record.landmark_weights
+      valid[view] = True
+    else:
+      messages.append(f"view {serial}: {record.status}: {record.message}")
+  return Moment(folder.name, images, landmarks, weights, valid, messages)
+
+
+def _contact_sheet(moment: Moment, serials, fitted, detected_valid) -> np.ndarray:
+  """Every view side by side (each scaled to a common height), detected landmarks green,
+  fitted red, capped at MAX_PICTURE_SIDE."""
+  tiles = []
+  height = min(512, MAX_PICTURE_SIDE // max(len(serials), 1) * 4 // 3)
+  for view, serial in enumerate(serials):
+    image = cv2.imread(str(moment.images[serial]), cv2.IMREAD_COLOR)
+    scale = height / image.shape[0]
+    tile = cv2.resize(image, (max(1, round(image.shape[1] * scale)), height),
+                      interpolation=cv2.INTER_AREA)
+    for points, colour, valid in ((moment.landmarks[view], (0, 200, 0), detected_valid[view]),
+                                  (fitted[view], (0, 0, 255), True)):
+      if not valid:
+        continue
+      for x, y in np.asarray(points) * scale:
+        if np.isfinite(x) and np.isfinite(y):
+          cv2.circle(tile, (int(round(x)), int(round(y))), 1, colour, -1)
+    cv2.putText(tile, serial, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
+    tiles.append(tile)
+  sheet = np.concatenate(tiles, axis=1)
+  if max(sheet.shape[:2]) > MAX_PICTURE_SIDE:
+    factor = MAX_PICTURE_SIDE / max(sheet.shape[:2])
+    sheet = cv2.resize(sheet, (round(sheet.shape[1] * factor), round(sheet.shape[0] * factor)),
+                       interpolation=cv2.INTER_AREA)
+  return sheet
+
+
+def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_folder,
+                output_dir, crop_size: int = 256, progress=None) -> dict:
+  """Fits every moment of a capture and writes its files; returns the manifest."""
+  started = datetime.datetime.now(datetime.timezone.utc)
+  moments_folders = capture_moments(input_folder)
+  first = moments_folders[0]
+  # The image sizes come from the images (NeRSemble's file has none): the first moment's.
+  sizes = {path.stem[len("cam_"):]: camera_files.image_size_of(path)
+           for path in sorted(first.iterdir())
+           if path.name.startswith("cam_") and path.suffix.lower() in camera_files.IMAGE_SUFFIXES}
+  cameras = camera_files.load_cameras(cameras_path, image_sizes=sizes)
+  serials = list(cameras)
+  rig = [cameras[s] for s in serials]
+  out = Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  with Preprocessor(crop_size, workers=1, landmarks_only=True) as preprocessor:
+    moments = []
+    for folder in moments_folders:
+      moments.append(read_moment(folder, rig, preprocessor))
+      if progress:
+        progress(1)
+  fit_model = prepare_fit_model(loaded, config)
+  views = [multiview.rig_views(rig, m.landmarks, m.weights, m.valid, config) for m in moments]
+  batch = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *views)
+  fittable = np.array([np.sum(v.valid) >= 1 for v in views])
+  result = jax.device_get(multiview.fit_moments(fit_model, batch, config))
+  ok = fittable & ~np.asarray(result.failed)
+  shape = None
+  if ok.sum() >= 2:
+    # One identity for the run: the median of the moments' own, then every moment again with it.
+    shape = np.median(np.asarray(result.params.shape)[ok], axis=0)
+    result = jax.device_get(multiview.fit_moments(fit_model, batch, config,
+                                                  jnp.asarray(shape, jnp.float32)))
+    ok = fittable & ~np.asarray(result.failed)
+  indices = np.asarray(fit_model.landmark_indices)
+  entries = []
+  for index, moment in enumerate(moments):
+    entries.append(_write_moment(out, moment, serials, jax.tree.map(lambda x: x[index], result),
+                                 bool(fittable[index]), bool(ok[index]), indices, loaded))
+  manifest = dict(jflame_capture=1, started=started.isoformat(), cameras=str(cameras_path),
+                  input=str(input_folder), serials=serials, moments=entries,
+                  shared_shape=None if shape is None else shape.tolist(),
+                  **run_provenance(loaded, config))
+  write_json(out / "manifest.json", manifest)
+  return manifest
+
+
+def _write_moment(out: Path, moment: Moment, serials, result, fittable: bool, ok: bool,
+                  indices, loaded: LoadedModel) -> dict:
+  entry = dict(moment=moment.name, views=len(serials), views_with_face=int(moment.valid.sum()),
+               messages=moment.messages)
+  if not fittable:
+    entry.update(status=STATUS_NO_FACE, suspect=True,
+                 suspect_reason="no view had a face", files=[])
+    return entry
+  if not ok:
+    entry.update(status="fit_failed", suspect=True, suspect_reason="the fit diverged", files=[])
+    return entry
+  detected = moment.landmarks[:, indices]
+  face_sizes = np.array([output.face_size(d[moment.weights[v, indices] > 0])
+                         if moment.valid[v] else np.nan for v, d in enumerate(detected)])
+  errors_px = np.where(moment.valid, np.asarray(result.landmark_error), np.nan)
+  relative = errors_px / face_sizes
+  flagged = multiview.disagreeing_views(relative)
+  reasons = []
+  if moment.valid.sum() < 2:
+    reasons.append(f"a face in {int(moment.valid.sum())} view of {len(serials)}: its size and "
+                   f"distance are a single view's guess")
+  if flagged and len(serials) >= 4:
+    reasons += [f"view {serials[v]} disagrees with the others (calibration?)" for v in flagged]
+  elif flagged:
+    reasons.append("the views disagree (calibration?); with this few cameras the wrong one "
+                   "cannot be told")
+  rotation = np.asarray(result.head_rotation, np.float64)
+  translation = np.asarray(result.head_translation, np.float64)
+  params = result.params
+  arrays = dict(format_version=1, status=STATUS_OK, moment=moment.name, serials=np.array(serials),
+                model=loaded.model.name, **{k: np.asarray(v) for k, v in params.as_dict().items()},
+                head_rotation=rotation, head_translation=translation,
+                landmark_indices=indices, landmarks_detected=detected,
+                landmarks_fitted=np.asarray(result.landmarks_2d),
+                view_has_face=moment.valid, landmark_error_px=errors_px,
+                landmark_error_relative=relative, suspect=bool(reasons),
+                suspect_reason="; ".join(reasons))
+  name = moment.name
+  output.save_parameters(out / f"{name}.npz", arrays)
+  vertices = np.asarray(flame_forward(loaded.model, params)[0], np.float64)
+  world = vertices @ np.asarray(axis_angle_to_matrix(jnp.asarray(rotation, jnp.float32)),
+                                np.float64).T + translation
+  output.save_mesh(out / f"{name}.obj", world, loaded.model.faces,
+                   header=f"{loaded.model.name}, world coordinates of the camera file, metres")
+  sheet = _contact_sheet(moment, serials, np.asarray(result.landmarks_2d), moment.valid)
+  cv2.imwrite(str(out / f"{name}_views.png"), sheet)
+  entry.update(status=STATUS_OK, suspect=bool(reasons), suspect_reason="; ".join(reasons),
+               landmark_error_relative=[None if not np.isfinite(e) else float(e)
+                                        for e in relative],
+               files=[f"{name}.npz", f"{name}.obj", f"{name}_views.png"])
+  return entry

@@ -1,0 +1,130 @@
+"""Writes a synthetic calibrated capture in NeRSemble's layout, with its truth.
+
+  python tools/make_multiview_capture.py --output /tmp/capture [--views 3] [--moments 2]
+      [--width 550] [--height 802] [--seed 0]
+
+    <output>/camera_params.json          NeRSemble: world_2_cam serial -> 4x4 (OpenCV),
+                                         intrinsics serial -> 3x3 (per camera, no image size)
+    <output>/frames/<moment>/cam_<serial>.png
+    <output>/truth.npz                   FLAME parameters per moment, the head's world pose,
+                                         its world vertices (metres), the serials
+
+The SYNTHETIC FLAME-size head (labelled so in truth.npz), one identity, an expression and jaw per
+moment, rendered grey by jflame's rasterizer from cameras spread over +-30 degrees (yaw) around
+it, each with its own focal length and an off-centre principal point, in non-square images. The
+renders are pinhole: the file has no distortion. For tests (tests/test_capture_command.py) and
+for users to try `jflame-fit --cameras`.
+"""
+
+import json
+from pathlib import Path
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from scipy.spatial.transform import Rotation
+
+from jflame import flame, model_loading
+from jflame.camera import project_calibrated
+from jflame.render import (Appearance, RasterSettings, face_adjacency, laplacian_albedo_model,
+                           neutral_lighting, render_mesh, vertex_normals)
+
+_OUTPUT = flags.DEFINE_string("output", None, "Folder to write the capture into.")
+_VIEWS = flags.DEFINE_integer("views", 3, "Cameras.")
+_MOMENTS = flags.DEFINE_integer("moments", 2, "Moments (timesteps).")
+_WIDTH = flags.DEFINE_integer("width", 550, "Image width.")
+_HEIGHT = flags.DEFINE_integer("height", 802, "Image height.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+
+
+def rig(views: int, width: int, height: int, distance: float = 0.8):
+  """serial -> (K, world-to-camera) of cameras spread over +-30 degrees yaw, looking at the
+  world origin (where the head is), y down."""
+  cameras = {}
+  yaws = np.linspace(-30.0, 30.0, views) if views > 1 else np.zeros(1)
+  for index, yaw in enumerate(yaws):
+    centre = distance * np.array([np.sin(np.radians(yaw)), -0.04, np.cos(np.radians(yaw))])
+    forward = -centre / np.linalg.norm(centre)
+    right = np.cross(forward, (0.0, 1.0, 0.0))
+    right /= np.linalg.norm(right)
+    rotation = np.stack([right, np.cross(forward, right), forward])
+    world_to_camera = np.eye(4)
+    world_to_camera[:3, :3], world_to_camera[:3, 3] = rotation, -rotation @ centre
+    focal = 2.2 * width * (1 + 0.03 * index)
+    k = np.array([[focal, 0, width / 2 + 9 * (index - 1)],
+                  [0, focal * 1.001, height / 2 - 17 + 5 * index], [0, 0, 1]])
+    cameras[f"2222000{37 + index}"] = (k, world_to_camera)
+  return cameras
+
+
+def render(model, vertices_world, k, world_to_camera, width, height, albedo, neighbors):
+  """A grey render of the mesh through a pinhole camera: (image (H, W, 3), alpha (H, W))."""
+  camera_space = vertices_world @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
+  pixels = project_calibrated(k, world_to_camera, jnp.zeros(14), vertices_world)
+  screen = jnp.concatenate([pixels, camera_space[:, 2:3]], axis=1)
+  lighting = neutral_lighting() * 0.75
+  lighting = lighting.at[1].set(0.9).at[2].set(-0.9)
+  output = render_mesh(screen, model.faces, vertex_normals(camera_space, model.faces), albedo,
+                       Appearance(texture=jnp.zeros(3), lighting=lighting), height, width,
+                       RasterSettings(cull_backfaces=True), neighbors)
+  return output.image, output.alpha
+
+
+def to_bgr(image, alpha):
+  """uint8 BGR on a dark grey background."""
+  image = np.asarray(image) + (1 - np.asarray(alpha))[..., None] * 0.15
+  return cv2.cvtColor(np.clip(image * 255, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
+
+
+def main(argv):
+  del argv
+  out = Path(_OUTPUT.value)
+  loaded = model_loading.load_model(None, None)
+  model = loaded.model
+  rng = np.random.default_rng(_SEED.value)
+  width, height = _WIDTH.value, _HEIGHT.value
+  cameras = rig(_VIEWS.value, width, height)
+  shape = rng.normal(scale=0.5, size=100)
+  albedo = laplacian_albedo_model(model.v_template, model.faces, 1)
+  neighbors = jnp.asarray(face_adjacency(np.asarray(model.faces)))
+  draw = jax.jit(lambda v, k, e: render(model, v, k, e, width, height, albedo, neighbors))
+  truth = dict(synthetic_model=model.name, serials=np.array(list(cameras)), shape=shape,
+               expression=[], jaw_rotation=[], head_rotation=[], head_translation=[],
+               vertices_world=[], moments=[])
+  for moment in range(_MOMENTS.value):
+    params = flame.FlameParams.zeros(100, 50).replace(
+        shape=jnp.asarray(shape, jnp.float32),
+        expression=jnp.asarray(rng.normal(scale=0.5, size=50), jnp.float32),
+        jaw_rotation=jnp.asarray([abs(rng.normal(scale=0.08)), 0, 0], jnp.float32))
+    head_rotation = Rotation.from_euler("yx", rng.normal(scale=8.0, size=2), degrees=True)
+    head_translation = rng.normal(scale=0.01, size=3)
+    vertices = np.asarray(flame.flame_forward(model, params)[0], np.float64)
+    # The synthetic head's face centre at the world origin, the head turned about it.
+    centre = vertices[vertices[:, 2] > np.percentile(vertices[:, 2], 70)].mean(axis=0)
+    world = (vertices - centre) @ head_rotation.as_matrix().T + head_translation
+    translation = head_translation - head_rotation.as_matrix() @ centre
+    name = f"timestep_{moment:06d}"
+    folder = out / "frames" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for serial, (k, world_to_camera) in cameras.items():
+      image = to_bgr(*draw(jnp.asarray(world, jnp.float32), jnp.asarray(k, jnp.float32),
+                           jnp.asarray(world_to_camera, jnp.float32)))
+      cv2.imwrite(str(folder / f"cam_{serial}.png"), image)
+    truth["expression"].append(np.asarray(params.expression))
+    truth["jaw_rotation"].append(np.asarray(params.jaw_rotation))
+    truth["head_rotation"].append(head_rotation.as_rotvec())
+    truth["head_translation"].append(translation)
+    truth["vertices_world"].append(world)
+    truth["moments"].append(name)
+  (out / "camera_params.json").write_text(json.dumps(dict(
+      world_2_cam={s: e.tolist() for s, (k, e) in cameras.items()},
+      intrinsics={s: k.tolist() for s, (k, e) in cameras.items()})))
+  np.savez(out / "truth.npz", **{key: np.asarray(value) for key, value in truth.items()})
+  print(f"wrote {_MOMENTS.value} moments x {len(cameras)} views of the SYNTHETIC head to {out}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("output")
+  app.run(main)
