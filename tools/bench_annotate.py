@@ -98,7 +98,7 @@ def preprocessing_rates(paths):
 def resume_check(folder: Path, rows: int) -> float:
   """A finished dataset of `rows` rows over `rows` real files; returns the seconds the real
   command takes to find nothing to do (process start, model load, listing, key columns)."""
-  from jflame import dataset, model_loading, sinks
+  from jflame import dataset, model_loading, sinks, sources
   from jflame.config import FitConfig
   from jflame.engine import Engine, EngineOptions
   inputs = folder / "inputs"
@@ -111,13 +111,19 @@ def resume_check(folder: Path, rows: int) -> float:
   engine = Engine(loaded, config, EngineOptions())
   settings = sinks.dataset_settings(loaded, config, 256, engine.landmark_indices)
   writer = dataset.ShardWriter(folder / "out", settings, rows_per_shard=1000)
-  for index in range(rows):
-    path = inputs / f"{index:06d}.png"
-    stat = path.stat()
-    writer.add([dict(id=path.name, source_path=str(path), source_size=stat.st_size,
+  # Rows under the ids and paths the command gives these files (name~hash of the path): rows
+  # under other ids are other sources to it, and it would fit every file again.
+  for source in sources.list_sources([str(inputs)]):
+    stat = source.path.stat()
+    writer.add([dict(id=source.name, source_path=str(source.path),
+                     source_relpath=source.relpath, source_size=stat.st_size,
                      source_mtime_ns=stat.st_mtime_ns, status="no_face", message="")])
   writer.commit()
-  return run_annotate(inputs, folder / "out")
+  seconds = run_annotate(inputs, folder / "out")
+  this_run = json.loads((folder / "out" / "run_summary.json").read_text())["this_run"]
+  if this_run != {"skipped": rows}:  # a figure of something else: say so, not a number
+    raise RuntimeError(f"the resume check's rerun did work: {this_run}")
+  return seconds
 
 
 def compare_ray(scratch: Path) -> dict:
