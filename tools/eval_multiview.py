@@ -1,6 +1,6 @@
 """Accuracy of calibrated multi-view fitting against one view, on the scenes of eval_synthetic.py.
 
-  python tools/eval_multiview.py [--num_faces 16] [--noise_px 1] [--views 1,2,3]
+  python tools/eval_multiview.py [--num_faces 32] [--noise_px 0,1] [--views 1,2,3]
                                  [--full_iterations 800] [--json_out FILE]
 
 The random faces and first cameras of tools/eval_synthetic.py (FLAME-size synthetic head, all
@@ -30,12 +30,11 @@ from jflame.fit import fit_batch
 from jflame.rotation import axis_angle_to_matrix
 import eval_synthetic  # tools/ is a folder of scripts: its own folder is on sys.path
 
-_NUM_FACES = flags.DEFINE_integer("num_faces", 16, "Random faces per row.")
-_NOISE = flags.DEFINE_list("noise_px", ["1"], "Landmark noise levels (pixels, sigma).")
+# --num_faces, --noise_px and --seed are eval_synthetic's flags (defined where it is imported).
+_NUM_FACES, _NOISE, _SEED = eval_synthetic._NUM_FACES, eval_synthetic._NOISE, eval_synthetic._SEED
 _VIEWS = flags.DEFINE_list("views", ["1", "2", "3"], "View counts (1: the photo fit).")
 _FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", 800, "Multi-view Adam full steps.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows as JSON here.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 
 YAWS = {2: (0.0, 30.0), 3: (-30.0, 0.0, 30.0)}
 CROP = eval_synthetic.CROP
