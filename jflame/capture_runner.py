@@ -122,17 +122,23 @@ def _contact_sheet(moment: Moment, serials, fitted, detected_valid) -> np.ndarra
   return sheet
 
 
+def open_capture(cameras_path, input_folder):
+  """(moment folders, serial -> RigCamera) of a capture, checked before anything is written:
+  the camera file read with the image sizes of the first moment's images (NeRSemble's file has
+  none)."""
+  moments_folders = capture_moments(input_folder)
+  first = moments_folders[0]
+  sizes = {path.stem[len("cam_"):]: camera_files.image_size_of(path)
+           for path in sorted(first.iterdir())
+           if path.name.startswith("cam_") and path.suffix.lower() in camera_files.IMAGE_SUFFIXES}
+  return moments_folders, camera_files.load_cameras(cameras_path, image_sizes=sizes)
+
+
 def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_folder,
                 output_dir, crop_size: int = 256, progress=None) -> dict:
   """Fits every moment of a capture and writes its files; returns the manifest."""
   started = datetime.datetime.now(datetime.timezone.utc)
-  moments_folders = capture_moments(input_folder)
-  first = moments_folders[0]
-  # The image sizes come from the images (NeRSemble's file has none): the first moment's.
-  sizes = {path.stem[len("cam_"):]: camera_files.image_size_of(path)
-           for path in sorted(first.iterdir())
-           if path.name.startswith("cam_") and path.suffix.lower() in camera_files.IMAGE_SUFFIXES}
-  cameras = camera_files.load_cameras(cameras_path, image_sizes=sizes)
+  moments_folders, cameras = open_capture(cameras_path, input_folder)
   serials = list(cameras)
   rig = [cameras[s] for s in serials]
   out = Path(output_dir)

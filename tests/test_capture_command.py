@@ -106,6 +106,11 @@ def test_captures_and_camera_files_that_do_not_match_exit_2_with_one_line(captur
   assert "camera-to-world" in _one_line_exit_2(_run(
       ["--cameras", str(inverted), "--input", str(capture / "frames"), "--output",
        str(tmp_path / "b")], command_env))
+  # A camera file that is not there: refused before the output folder is made.
+  assert "camera file not found" in _one_line_exit_2(_run(
+      ["--cameras", str(tmp_path / "absent.json"), "--input", str(capture / "frames"),
+       "--output", str(tmp_path / "e")], command_env))
+  assert not (tmp_path / "e").exists()
   # A folder without cam_* images, and two inputs.
   (tmp_path / "empty").mkdir()
   assert "no cam_<serial>" in _one_line_exit_2(_run(

@@ -91,7 +91,8 @@ def _fit_capture() -> int:
   output = Path(_OUTPUT.value).expanduser()
   try:
     sources.check_output_not_an_input(_INPUT.value, output, True)
-    moments = capture_runner.capture_moments(_INPUT.value[0])
+    # The camera file and the capture are checked before the output folder is touched.
+    moments, _ = capture_runner.open_capture(_CAMERAS.value, _INPUT.value[0])
     with output_folder.claim_output_folder(output) as folder:
       cache = common.enable_compilation_cache()
       loaded = model_flags.load_model()
