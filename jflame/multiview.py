@@ -35,6 +35,11 @@ from jflame.flame import FlameParams, surface_points_forward
 from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 
 
+# Adam's full stage with several views' data needs more steps than a photo's 200 to reach the
+# noise floor (docs/ACCURACY.md, multi-view): what `jflame-fit --cameras` runs unless told.
+FULL_ITERATIONS = 800
+
+
 @struct.dataclass
 class RigViews:
   """One moment seen by V calibrated cameras (leading axis V; a further leading axis for a batch

@@ -99,6 +99,9 @@ def _fit_capture() -> int:
       config = common.fit_config()
       if config.photometric:
         return common.usage_error("--cameras fits landmarks only for now (--mode landmark).")
+      if not common.FULL_ITERATIONS.present:
+        from jflame import multiview
+        config = config.replace(full_iterations=multiview.FULL_ITERATIONS)
       print(f"model: {loaded.description}", flush=True)
       with tqdm(total=len(moments), unit="moment", desc="jflame-fit --cameras") as bar:
         manifest = capture_runner.fit_capture(loaded, config, _CAMERAS.value, _INPUT.value[0],
