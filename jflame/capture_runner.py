@@ -152,13 +152,16 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
   fit_model = prepare_fit_model(loaded, config)
   views = [multiview.rig_views(rig, m.landmarks, m.weights, m.valid, config) for m in moments]
   batch = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *views)
-  fittable = np.array([np.sum(v.valid) >= 1 for v in views])
+  views_with_face = np.array([np.sum(v.valid) for v in views])
+  fittable = views_with_face >= 1
   result = jax.device_get(multiview.fit_moments(fit_model, batch, config))
   ok = fittable & ~np.asarray(result.failed)
+  # One identity for the run: the median of the moments' own (those seen by two views or more
+  # when there are such: one view guesses the size), then every moment again with it.
+  trusted = ok & (views_with_face >= 2) if np.any(ok & (views_with_face >= 2)) else ok
   shape = None
   if ok.sum() >= 2:
-    # One identity for the run: the median of the moments' own, then every moment again with it.
-    shape = np.median(np.asarray(result.params.shape)[ok], axis=0)
+    shape = np.median(np.asarray(result.params.shape)[trusted], axis=0)
     result = jax.device_get(multiview.fit_moments(fit_model, batch, config,
                                                   jnp.asarray(shape, jnp.float32)))
     ok = fittable & ~np.asarray(result.failed)
