@@ -67,6 +67,20 @@ class RigCamera:
     return -self.rotation.T @ self.translation
 
 
+def look_at(centre, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0)) -> np.ndarray:
+  """(4, 4) world-to-camera (OpenCV: x right, y down, z forward) of a camera at `centre` looking
+  at `target`, the world's `up` up in its image: for building a rig by hand."""
+  centre = np.asarray(centre, np.float64)
+  forward = np.asarray(target, np.float64) - centre
+  forward /= np.linalg.norm(forward)
+  right = np.cross(forward, up)
+  right /= np.linalg.norm(right)
+  rotation = np.stack([right, np.cross(forward, right), forward])
+  matrix = np.eye(4)
+  matrix[:3, :3], matrix[:3, 3] = rotation, -rotation @ centre
+  return matrix
+
+
 def padded_distortion(camera: RigCamera) -> np.ndarray:
   """(camera.DISTORTION_SIZE,) the camera's coefficients padded with zeros: one shape for every
   camera of a rig, so views batch."""

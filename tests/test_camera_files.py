@@ -15,23 +15,12 @@ from jflame.errors import ConfigError, InputError
 HEAD = np.random.default_rng(0).normal(scale=0.05, size=(40, 3))   # points around the origin
 
 
-def _look_at(centre, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0)):
-  """(4, 4) OpenCV world-to-camera of a camera at `centre` looking at `target` (y down)."""
-  forward = np.asarray(target, float) - centre
-  forward /= np.linalg.norm(forward)
-  right = np.cross(forward, up)
-  right /= np.linalg.norm(right)
-  down = np.cross(forward, right)
-  rotation = np.stack([right, down, forward])
-  matrix = np.eye(4)
-  matrix[:3, :3], matrix[:3, 3] = rotation, -rotation @ centre
-  return matrix
-
-
 def _rig(yaws_degrees=(-30.0, 0.0, 30.0), distance=1.0):
-  return {f"2216{index:04d}": _look_at(distance * np.array([np.sin(np.radians(yaw)), 0.05,
-                                                            np.cos(np.radians(yaw))]))
-          for index, yaw in enumerate(yaws_degrees)}
+  """serial -> world-to-camera of cameras around the origin, looking at it."""
+  centres = [distance * np.array([np.sin(np.radians(yaw)), 0.05, np.cos(np.radians(yaw))])
+             for yaw in yaws_degrees]
+  return {f"2216{index:04d}": camera_files.look_at(centre)
+          for index, centre in enumerate(centres)}
 
 
 def _k(fx, fy, cx, cy, skew=0.0):

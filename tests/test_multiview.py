@@ -23,16 +23,6 @@ SIZES = ((640, 800), (600, 720), (640, 800))          # width, height per camera
 FIVE_YAWS = (-40.0, -20.0, 0.0, 20.0, 40.0)
 
 
-def _look_at(centre):
-  forward = -centre / np.linalg.norm(centre)
-  right = np.cross(forward, (0.0, 1.0, 0.0))
-  right /= np.linalg.norm(right)
-  rotation = np.stack([right, np.cross(forward, right), forward])
-  matrix = np.eye(4)
-  matrix[:3, :3], matrix[:3, 3] = rotation, -rotation @ centre
-  return matrix
-
-
 def rig(yaws=YAWS, sizes=SIZES, distance=0.6):
   cameras = []
   for index, (yaw, (width, height)) in enumerate(zip(yaws, sizes)):
@@ -40,7 +30,7 @@ def rig(yaws=YAWS, sizes=SIZES, distance=0.6):
     k = np.array([[1500.0 + 40 * index, 0, width / 2 + 13], [0, 1500.0 + 40 * index,
                                                               height / 2 - 21], [0, 0, 1]])
     cameras.append(camera_files.RigCamera(
-        serial=f"2222000{37 + index}", intrinsics=k, world_to_camera=_look_at(centre),
+        serial=f"2222000{37 + index}", intrinsics=k, world_to_camera=camera_files.look_at(centre),
         image_size=(width, height), distortion=np.array([-0.12, 0.05, 0.0008, -0.0005, 0.0])))
   return cameras
 

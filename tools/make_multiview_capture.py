@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from scipy.spatial.transform import Rotation
 
-from jflame import flame, model_loading
+from jflame import camera_files, flame, model_loading
 from jflame.camera import project_calibrated
 from jflame.render import (Appearance, RasterSettings, face_adjacency, laplacian_albedo_model,
                            neutral_lighting, render_mesh, vertex_normals)
@@ -46,12 +46,7 @@ def rig(views: int, width: int, height: int, distance: float = 0.8):
   yaws = np.linspace(-30.0, 30.0, views) if views > 1 else np.zeros(1)
   for index, yaw in enumerate(yaws):
     centre = distance * np.array([np.sin(np.radians(yaw)), -0.04, np.cos(np.radians(yaw))])
-    forward = -centre / np.linalg.norm(centre)
-    right = np.cross(forward, (0.0, 1.0, 0.0))
-    right /= np.linalg.norm(right)
-    rotation = np.stack([right, np.cross(forward, right), forward])
-    world_to_camera = np.eye(4)
-    world_to_camera[:3, :3], world_to_camera[:3, 3] = rotation, -rotation @ centre
+    world_to_camera = camera_files.look_at(centre)
     focal = 2.2 * width * (1 + 0.03 * index)
     k = np.array([[focal, 0, width / 2 + 9 * (index - 1)],
                   [0, focal * 1.001, height / 2 - 17 + 5 * index], [0, 0, 1]])
