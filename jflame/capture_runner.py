@@ -135,10 +135,11 @@ def open_capture(cameras_path, input_folder):
 
 
 def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_folder,
-                output_dir, crop_size: int = 256, progress=None) -> dict:
-  """Fits every moment of a capture and writes its files; returns the manifest."""
+                output_dir, crop_size: int = 256, progress=None, opened=None) -> dict:
+  """Fits every moment of a capture and writes its files; returns the manifest. `opened`: what
+  `open_capture(cameras_path, input_folder)` returned, when the caller has checked it already."""
   started = datetime.datetime.now(datetime.timezone.utc)
-  moments_folders, cameras = open_capture(cameras_path, input_folder)
+  moments_folders, cameras = opened or open_capture(cameras_path, input_folder)
   serials = list(cameras)
   rig = [cameras[s] for s in serials]
   out = Path(output_dir)
@@ -176,6 +177,12 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
                   **run_provenance(loaded, config))
   write_json(out / "manifest.json", manifest)
   return manifest
+
+
+@jax.jit
+def _world_vertices(model, params, rotation, translation):
+  """(V, 3) the fitted mesh moved into the world (one compiled program for every moment)."""
+  return flame_forward(model, params)[0] @ axis_angle_to_matrix(rotation).T + translation
 
 
 def _write_moment(out: Path, moment: Moment, serials, result, fittable: bool, ok: bool,
@@ -217,9 +224,8 @@ def _write_moment(out: Path, moment: Moment, serials, result, fittable: bool, ok
                 suspect_reason="; ".join(reasons))
   name = moment.name
   output.save_parameters(out / f"{name}.npz", arrays)
-  vertices = np.asarray(flame_forward(loaded.model, params)[0], np.float64)
-  world = vertices @ np.asarray(axis_angle_to_matrix(jnp.asarray(rotation, jnp.float32)),
-                                np.float64).T + translation
+  world = np.asarray(_world_vertices(loaded.model, params, jnp.asarray(rotation, jnp.float32),
+                                     jnp.asarray(translation, jnp.float32)), np.float64)
   output.save_mesh(out / f"{name}.obj", world, loaded.model.faces,
                    header=f"{loaded.model.name}, world coordinates of the camera file, metres")
   sheet = _contact_sheet(moment, serials, np.asarray(result.landmarks_2d), moment.valid)

@@ -92,7 +92,7 @@ def _fit_capture() -> int:
   try:
     sources.check_output_not_an_input(_INPUT.value, output, True)
     # The camera file and the capture are checked before the output folder is touched.
-    moments, _ = capture_runner.open_capture(_CAMERAS.value, _INPUT.value[0])
+    opened = capture_runner.open_capture(_CAMERAS.value, _INPUT.value[0])
     with output_folder.claim_output_folder(output) as folder:
       cache = common.enable_compilation_cache()
       loaded = model_flags.load_model()
@@ -103,9 +103,9 @@ def _fit_capture() -> int:
         from jflame import multiview
         config = config.replace(full_iterations=multiview.FULL_ITERATIONS)
       print(f"model: {loaded.description}", flush=True)
-      with tqdm(total=len(moments), unit="moment", desc="jflame-fit --cameras") as bar:
+      with tqdm(total=len(opened[0]), unit="moment", desc="jflame-fit --cameras") as bar:
         manifest = capture_runner.fit_capture(loaded, config, _CAMERAS.value, _INPUT.value[0],
-                                              folder, progress=bar.update)
+                                              folder, progress=bar.update, opened=opened)
   except JFlameError as error:
     return common.usage_error(str(error))
   counts = {}
