@@ -311,7 +311,11 @@ class TrackConfig:
       there (`motion_weights`): still stretches are smoothed fully, moving ones let go.
     agreement: weight of the squared difference between two segments' values of a frame they
       share (same units as the temporal weights).
-    photometric_iterations: photometric mode: steps of the photometric stage after the two
+    clip_lm_iterations: Levenberg-Marquardt steps over the whole clip after the Adam stages
+      (`jflame.clip_solve`), which then fit the frames independently but for the shape; the
+      temporal terms join the solve. 0: they join the Adam stages instead.
+    clip_cg_iterations: conjugate-gradient iterations per step of that solve.
+    photometric_iterations: photometric mode: steps of the photometric stage after the
       landmark stages.
     photometric_rates: its learning rates.
     segment_chunk: segments of the landmark stages vectorised at a time, the chunks run in
@@ -344,6 +348,9 @@ class TrackConfig:
                                               translation=2.0)
   motion_scale: float = 1.0
   agreement: float = 100.0
+  # Two steps of 20 iterations settle the smoothing (docs/ACCURACY.md, video tracking).
+  clip_lm_iterations: int = 2
+  clip_cg_iterations: int = 20
   photometric_iterations: int = 40
   photometric_rates: LearningRates = PHOTOMETRIC_RATES
   segment_chunk: int = 0
@@ -352,8 +359,8 @@ class TrackConfig:
   def __post_init__(self):
     require = functools.partial(_require, owner="TrackConfig")
     require(isinstance(self.fit, FitConfig), "fit", "a FitConfig", self.fit)
-    for field in ("segment_length", "overlap", "photometric_iterations", "segment_chunk",
-                  "photometric_segment_chunk"):
+    for field in ("segment_length", "overlap", "clip_lm_iterations", "clip_cg_iterations",
+                  "photometric_iterations", "segment_chunk", "photometric_segment_chunk"):
       value = getattr(self, field)
       require(_is_int(value) and value >= 0, field, "an integer >= 0", value)
     require(self.segment_length >= 2, "segment_length", "an integer >= 2", self.segment_length)

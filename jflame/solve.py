@@ -134,16 +134,17 @@ def _skinned(rows: SurfaceRows, params: FlameParams, identity, pose):
   return combine_corners(rows, rows_out), rotations, joints, blended
 
 
-def _identity_point_jacobian(rows: SurfaceRows, rotations, joints, blended):
-  """d points / d identity (K, 3, S + E) at fixed rotations, where the map is linear: each
-  basis row turns with its row's blended rotation, and each joint moves the translation of its
-  transform (hence of every row it skins)."""
+def _identity_point_jacobian(rows: SurfaceRows, rotations, joints, blended, first: int = 0):
+  """d points / d identity (K, 3, S + E - first) at fixed rotations, where the map is linear:
+  each basis row turns with its row's blended rotation, and each joint moves the translation of
+  its transform (hence of every row it skins). Columns before `first` are left out."""
   n = rows.num_shape + rows.num_expression
   num_joints = joints.shape[0]
   translation = lambda j: relative_joint_transforms(rotations, j, rows.parents)[:, :, 3]
   d_translation = jax.jacfwd(translation)(joints).reshape(num_joints * 3, num_joints * 3)
-  d_joint_t = d_translation @ rows.joint_basis.T                        # (J * 3, N)
-  row_basis = rows.basis[:n].reshape(n, -1, 3).transpose(1, 2, 0)      # (R, 3, N)
+  d_joint_t = d_translation @ rows.joint_basis[first:n].T              # (J * 3, N)
+  n = n - first
+  row_basis = rows.basis[first:first + n].reshape(n, -1, 3).transpose(1, 2, 0)   # (R, 3, N)
   d_rows = sum(blended[:, :, b, None] * row_basis[:, None, b, :] for b in range(3))
   d_rows = d_rows + (rows.lbs_weights @ d_joint_t.reshape(num_joints, 3 * n)).reshape(-1, 3, n)
   num_rows = d_rows.shape[0]
@@ -151,9 +152,9 @@ def _identity_point_jacobian(rows: SurfaceRows, rotations, joints, blended):
 
 
 def residuals_and_jacobian(rows: SurfaceRows, problem: LandmarkProblem, params: FlameParams, x,
-                           log_focal):
+                           log_focal, held_shape: bool = False):
   """Scaled landmark residuals r (K, 2) and their Jacobians: d r / d x (K, 2, N) and
-  d r / d log focal (K, 2).
+  d r / d log focal (K, 2). `held_shape` leaves the shape's S columns out of d r / d x.
 
   Model-space point Jacobians come from the linear structure in the identity
   (`_identity_point_jacobian`, no N-column forward pass) and by forward mode over the 9
@@ -163,7 +164,8 @@ def residuals_and_jacobian(rows: SurfaceRows, problem: LandmarkProblem, params: 
   identity, pose, camera = x[:n], x[n:n + 9], x[n + 9:]
   points, rotations, joints, blended = _skinned(rows, params, identity, pose)
   d_pose = jax.jacfwd(lambda q: _skinned(rows, params, identity, q)[0])(pose)   # (K, 3, 9)
-  d_identity = _identity_point_jacobian(rows, rotations, joints, blended)       # (K, 3, S+E)
+  d_identity = _identity_point_jacobian(rows, rotations, joints, blended,
+                                       rows.num_shape if held_shape else 0)  # (K, 3, S+E)
   rotate = lambda delta: points @ _camera_rotation(problem, delta).T
   rotated = rotate(camera[:3])
   d_rotation = jax.jacfwd(rotate)(camera[:3])                                   # (K, 3, 3)
@@ -183,6 +185,15 @@ def residuals_and_jacobian(rows: SurfaceRows, problem: LandmarkProblem, params: 
   residual = (pixels - problem.targets) * problem.pixel_scale
   # pinhole is linear in the focal length: d pixels / d log f = pixels - principal point.
   return residual, jacobian, (pixels - problem.principal_point) * problem.pixel_scale
+
+
+def residuals(rows: SurfaceRows, problem: LandmarkProblem, params: FlameParams, x, log_focal):
+  """Scaled landmark residuals r (K, 2) alone (no Jacobian)."""
+  n = rows.num_shape + rows.num_expression
+  points = _skinned(rows, params, x[:n], x[n:n + 9])[0]
+  points_cam = points @ _camera_rotation(problem, x[n + 9:n + 12]).T + x[n + 12:]
+  pixels = pinhole(points_cam, jnp.exp(log_focal), problem.principal_point)
+  return (pixels - problem.targets) * problem.pixel_scale
 
 
 def _weight_total(problem):
@@ -248,7 +259,7 @@ def _finite(*arrays):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
-def _nielsen(mu, nu, gain, accepted):
+def nielsen(mu, nu, gain, accepted):
   """Nielsen's damping update from the gain ratio (actual / predicted decrease)."""
   shrink = jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * gain - 1.0) ** 3)
   new_mu = jnp.where(accepted, mu * shrink, mu * nu)
@@ -256,7 +267,7 @@ def _nielsen(mu, nu, gain, accepted):
   return jnp.clip(new_mu, 1e-10, 1e10), new_nu
 
 
-def _evaluate(rows, problem, params, x, log_focal):
+def evaluate(rows, problem: LandmarkProblem, params: FlameParams, x, log_focal):
   """(cost, A, b, focal blocks) at x, and whether all of it is finite."""
   residual, jacobian, focal_column = residuals_and_jacobian(rows, problem, params, x, log_focal)
   cost = objective(problem, residual, x)
@@ -283,7 +294,7 @@ def solve_landmarks(rows: SurfaceRows, problem: LandmarkProblem, params: FlamePa
   Returns:
     (x (N,), SolveInfo).
   """
-  cost, system, ok = _evaluate(rows, problem, params, x, log_focal)
+  cost, system, ok = evaluate(rows, problem, params, x, log_focal)
   moving = jnp.asarray(active) & ok
   dtype = x.dtype
 
@@ -293,7 +304,7 @@ def solve_landmarks(rows: SurfaceRows, problem: LandmarkProblem, params: FlamePa
     factor, scale = _damped_factor(a, mu)
     dx = -_damped_solve(factor, scale, b)
     trial = x + dx
-    trial_cost, trial_system, trial_ok = _evaluate(rows, problem, params, trial, log_focal)
+    trial_cost, trial_system, trial_ok = evaluate(rows, problem, params, trial, log_focal)
     # Predicted decrease of the Gauss-Newton model: dx^T A dx + 2 mu dx^T diag(A) dx >= 0.
     predicted = dx @ (a @ dx) + 2.0 * mu * jnp.sum(jnp.diag(a) * dx * dx)
     decrease = cost - trial_cost
@@ -304,7 +315,7 @@ def solve_landmarks(rows: SurfaceRows, problem: LandmarkProblem, params: FlamePa
     # Stop moving once the model cannot change f by one float32 step: what is left is
     # rounding, and a batch must give what its images give alone (not stop one step apart).
     done = predicted <= _EPS * cost
-    new_mu, new_nu = _nielsen(mu, nu, gain, accepted)
+    new_mu, new_nu = nielsen(mu, nu, gain, accepted)
     keep = lambda new, old: jax.tree.map(lambda u, v: jnp.where(accepted, u, v), new, old)
     carry = (keep(trial, x), keep(trial_cost, cost), keep(trial_system, system),
              jnp.where(moving, new_mu, mu), jnp.where(moving, new_nu, nu), moving & ~done,
@@ -349,10 +360,8 @@ def solve_shared_focal(rows: SurfaceRows, problems: LandmarkProblem, params: Fla
   Returns:
     (x (B, N), log focal (), cost history (iterations,), members (B,) images that took part).
   """
-  def evaluate(problem, p, xi, lf):
-    return _evaluate(rows, problem, p, xi, lf)
-
-  evaluate_all = jax.vmap(evaluate, in_axes=(0, 0, 0, None))
+  evaluate_all = jax.vmap(lambda problem, p, xi, lf: evaluate(rows, problem, p, xi, lf),
+                          in_axes=(0, 0, 0, None))
   costs, systems, ok = evaluate_all(problems, params, x, log_focal)
   members = active & ok
   dtype = x.dtype
@@ -387,7 +396,7 @@ def solve_shared_focal(rows: SurfaceRows, problems: LandmarkProblem, params: Fla
     decrease = masked_sum(costs - trial_costs, members)
     gain = decrease / jnp.maximum(predicted, 1e-30)
     accepted = jnp.isfinite(decrease) & (decrease > 0) & jnp.any(members)
-    new_mu, new_nu = _nielsen(mu, nu, gain, accepted)
+    new_mu, new_nu = nielsen(mu, nu, gain, accepted)
     keep = lambda new, old: jax.tree.map(lambda u, w: jnp.where(accepted, u, w), new, old)
     carry = (keep(trial_x, x), keep(trial_focal, log_focal), keep(trial_costs, costs),
              keep(trial_systems, systems), members, new_mu, new_nu)

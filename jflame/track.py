@@ -9,9 +9,12 @@ single leaves shared by all segments; the per-frame leaves of neighbouring segme
 together where they overlap and cross-faded when the clip is assembled.
 
 The per-frame terms are fit.py's (Charbonnier landmark loss, L2 priors, photometric term). The
-temporal terms smooth noise, not motion: each difference is Charbonnier beyond about twice its
-noise, and its weight falls where the detected landmarks themselves move (`motion_weights`), so
-the data term never gives way before they do.
+temporal terms (`jflame.temporal`) smooth noise, not motion: each difference is Charbonnier
+beyond about twice its noise, and its weight falls where the detected landmarks themselves move,
+so the data term never gives way before they do. The landmark fit runs in two parts: Adam
+settles the clip's shape with the frames otherwise independent, then a Levenberg-Marquardt over
+the whole clip (`jflame.clip_solve`, shape held) adds the temporal terms; under Adam alone they
+slowed the shape's convergence. The photometric stage keeps them in its Adam steps.
 Camera rotations are small axis-angles on the left of ONE base rotation for the clip (the
 chordal mean of the per-frame closed-form starts), so differences between frames mean something.
 A frame without a face carries no data term: the temporal priors interpolate it.
@@ -30,16 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jflame import losses
+from jflame import clip_solve, losses, solve
 from jflame.camera import Camera, focal_length_from_fov, project
 from jflame.config import FitConfig, TrackConfig
 from jflame.errors import ConfigError
 from jflame.fit import (FitModel, FitVariables, fitted_appearance, fitted_camera,
-                        initial_appearance, landmark_targets, project_landmarks, regularization,
-                        render_fit, run_stage, shared_focal_length)
+                        initial_appearance, landmark_problem, landmark_targets, project_landmarks,
+                        regularization, render_fit, run_stage, shared_focal_length)
 from jflame.flame import FlameParams, surface_points_forward, vertices_of_batch
 from jflame.starting_point import identity_normal_equations, initial_rigid_camera, landmark_basis
 from jflame.observation import Observation
+from jflame.temporal import agreement_penalty, motion_weights, temporal_penalty
 from jflame.render import Appearance
 from jflame.rotation import matrix_to_axis_angle
 
@@ -112,112 +116,6 @@ def _with_shared(frame: FitVariables, variables: FitVariables) -> FitVariables:
                        focal_length=variables.focal_length, appearance=variables.appearance)
 
 
-def _per_frame_leaves(variables: FitVariables):
-  """(group, values, scale) of every smoothed per-frame quantity (translation in mm)."""
-  flame = variables.flame
-  eyes = jnp.concatenate([flame.left_eye_rotation, flame.right_eye_rotation], axis=-1)
-  return (("expression", flame.expression, 1.0), ("jaw", flame.jaw_rotation, 1.0),
-          ("eyes", eyes, 1.0), ("rotation", variables.camera_rotation, 1.0),
-          ("translation", variables.camera_translation, 1000.0))
-
-
-def robust_square(squared, scale):
-  """Charbonnier penalty of a difference's squared norm: the square below `scale`, linear (slope
-  2 scale) above it (0: the plain square)."""
-  if not scale:
-    return squared
-  return 2.0 * scale * scale * (jnp.sqrt(1.0 + squared / (scale * scale)) - 1.0)
-
-
-def temporal_penalty(variables: FitVariables, config: TrackConfig, motion_weights=None):
-  """Sum of weighted robust first and second differences over ONE segment's frames (per-frame
-  leaves (L, ...)); `motion_weights` (L, 2) scale the difference starting at each frame."""
-  total = 0.0
-  for group, values, scale in _per_frame_leaves(variables):
-    first = jnp.diff(values * scale, axis=0)
-    second = jnp.diff(first, axis=0)
-    first = robust_square(jnp.sum(first * first, -1), getattr(config.velocity_scale, group))
-    second = robust_square(jnp.sum(second * second, -1),
-                           getattr(config.acceleration_scale, group))
-    if motion_weights is not None:
-      first = first * motion_weights[:-1, 0]
-      second = second * motion_weights[:-2, 1]
-    total = (total + getattr(config.velocity, group) * jnp.sum(first)
-             + getattr(config.acceleration, group) * jnp.sum(second))
-  return total
-
-
-def _coherent_motion(points, difference, both, cells: int = 3):
-  """How far the face moved coherently between frames, in the difference's units: over a
-  `cells` x `cells` grid of the face (positions `points` (K, 2)), the least-squares affine fit
-  of the landmark difference (K, 2) in each cell, the largest of their root-mean-square
-  lengths, over landmarks `both` (K,) seen. A head turn, a jaw or a blink moves many
-  neighbouring landmarks alike; the detector's independent jitter does not, and a cell's fit
-  keeps only 3 / (its landmarks) of its energy."""
-  weight = both.astype(points.dtype)
-  count = jnp.maximum(jnp.sum(weight), 1.0)
-  centre = jnp.sum(weight[:, None] * points, 0) / count
-  spread = jnp.sqrt(jnp.sum(weight[:, None] * (points - centre) ** 2, 0) / count) + 1e-6
-  normalised = (points - centre) / spread
-  cell = jnp.clip(jnp.floor((normalised + 1.5) / 3.0 * cells), 0, cells - 1).astype(jnp.int32)
-  cell = cell[:, 0] * cells + cell[:, 1]
-  basis = jnp.concatenate([jnp.ones_like(normalised[:, :1]), normalised], axis=1)   # (K, 3)
-
-  def fitted_motion(index):
-    inside = weight * (cell == index)
-    normal = basis.T @ (inside[:, None] * basis) + 1e-4 * jnp.eye(3)
-    coefficients = jnp.linalg.solve(normal, basis.T @ (inside[:, None] * difference))
-    fitted = basis @ coefficients
-    members = jnp.sum(inside)
-    rms = jnp.sqrt(jnp.sum(inside * jnp.sum(fitted * fitted, -1)) / jnp.maximum(members, 1.0))
-    return jnp.where(members >= 12, rms, 0.0)
-  return jnp.max(jax.vmap(fitted_motion)(jnp.arange(cells * cells)))
-
-
-def motion_weights(targets, crop_size: int, config: TrackConfig):
-  """(T, 2) factors of the temporal weights of the first and second difference starting at each
-  frame: 1 / (1 + (m / motion_scale)^2), with m the coherent motion of the detected landmarks
-  there (`_coherent_motion`, reference pixels); 1 where a frame involved has no face."""
-  valid = targets.valid
-  # Frames before the first face and after the last one (padding included) are held at their
-  # nearest tracked frame after the fit: a difference that reaches them would only drag the end
-  # of the track towards values that are thrown away.
-  span = (jax.lax.cummax(valid.astype(jnp.int32)) > 0) & (
-      jax.lax.cummax(valid.astype(jnp.int32), reverse=True) > 0)
-  first_span = span[1:] & span[:-1]
-  second_span = span[2:] & span[1:-1] & span[:-2]
-  first = second = None
-  if config.motion_scale:
-    points = targets.landmarks * (config.fit.landmark_scale / crop_size)
-    seen = targets.is_detected & valid[:, None]
-
-    def factor(anchor, difference, both):
-      motion = jax.vmap(_coherent_motion)(anchor, difference, both)
-      ratio = motion / config.motion_scale
-      return jnp.where(jnp.sum(both, -1) >= 6, 1.0 / (1.0 + ratio * ratio), 1.0)
-    first = factor(points[:-1], points[1:] - points[:-1], seen[1:] & seen[:-1])
-    second = factor(points[1:-1], points[2:] - 2.0 * points[1:-1] + points[:-2],
-                    seen[2:] & seen[1:-1] & seen[:-2])
-  first = jnp.where(first_span, 1.0 if first is None else first, 0.0)
-  second = jnp.where(second_span, 1.0 if second is None else second, 0.0)
-  first = jnp.concatenate([first, jnp.zeros(1)])
-  second = jnp.concatenate([second, jnp.zeros(2)])
-  return jnp.stack([first, second], axis=1).astype(jnp.float32)
-
-
-def agreement_penalty(variables: FitVariables, config: TrackConfig):
-  """Squared difference of neighbouring segments' values of the frames they share (leaves
-  (G, L, ...)), times the agreement weight."""
-  overlap = config.overlap
-  if not overlap or variables.camera_rotation.shape[0] < 2:
-    return 0.0
-  total = 0.0
-  for _, values, scale in _per_frame_leaves(variables):
-    gap = (values[:-1, -overlap:] - values[1:, :overlap]) * scale
-    total = total + jnp.sum(gap * gap)
-  return config.agreement * total
-
-
 @struct.dataclass
 class ClipTargets:
   """What the fit matches in each frame slot (leading axis T, or (G, L) inside segments).
@@ -251,6 +149,8 @@ class TrackResult:
       (between tracked frames) or held (before the first, after the last).
     failed: () True when the loss or a gradient became non-finite.
     rigid_loss_history, full_loss_history: (iterations,) clip loss per step of each stage.
+    clip_cost_history: with the clip solve (`TrackConfig.clip_lm_iterations`): (iterations,)
+      its objective after each step.
     photometric_loss_history: photometric mode: (iterations,) of the photometric stage.
     appearance: photometric mode: the clip's albedo coefficients and SH lighting.
     photometric_error: photometric mode: (T,) mean absolute colour error over the face mask.
@@ -263,6 +163,7 @@ class TrackResult:
   failed: jax.Array
   rigid_loss_history: jax.Array
   full_loss_history: jax.Array
+  clip_cost_history: Optional[jax.Array] = None
   photometric_loss_history: Optional[jax.Array] = None
   appearance: Optional[Appearance] = None
   photometric_error: Optional[jax.Array] = None
@@ -432,10 +333,12 @@ def _frame_loss(fit_model, frame, target, base_rotation, principal_point, crop_s
 
 
 def clip_loss(fit_model: FitModel, variables: FitVariables, targets: ClipTargets, base_rotation,
-              principal_point, crop_size: int, config: TrackConfig, photometric: bool):
+              principal_point, crop_size: int, config: TrackConfig, photometric: bool,
+              smoothed: bool = True):
   """The clip's objective over segments (per-frame leaves and targets (G, L, ...)): per-frame
   terms and temporal priors summed over segment slots and divided by the frames with a face,
-  plus the shape (and texture) prior once and the agreement of overlapping segments."""
+  plus the shape (and texture) prior once and the agreement of overlapping segments
+  (`smoothed` False: the per-frame terms alone, frames independent but for the shape)."""
   fit_config = config.fit
 
   def segment(segment_variables, segment_targets):
@@ -444,6 +347,8 @@ def clip_loss(fit_model: FitModel, variables: FitVariables, targets: ClipTargets
                                    config=fit_config, photometric=photometric)
     per_frame = jax.vmap(frame_loss, in_axes=(_shared_axes(segment_variables, 0), 0))(
         segment_variables, segment_targets)
+    if not smoothed:
+      return jnp.sum(per_frame)
     return jnp.sum(per_frame) + temporal_penalty(segment_variables, config,
                                                  segment_targets.motion)
 
@@ -456,7 +361,8 @@ def clip_loss(fit_model: FitModel, variables: FitVariables, targets: ClipTargets
         (_map_per_frame(lambda x: x, variables, drop_shared=True), targets),
         batch_size=chunk)
   frames_with_data = jnp.maximum(jnp.sum(targets.valid), 1.0)
-  loss = ((jnp.sum(per_segment) + agreement_penalty(variables, config)) / frames_with_data
+  agreement = agreement_penalty(variables, config) if smoothed else 0.0
+  loss = ((jnp.sum(per_segment) + agreement) / frames_with_data
           + losses.l2(variables.flame.shape, fit_config.regularization.shape))
   if photometric:
     loss = loss + losses.l2(variables.appearance.texture, fit_config.regularization.texture)
@@ -486,6 +392,41 @@ def _shape_held(rates, fit_config):
   return rates if fit_config.fit_shape else dataclasses.replace(rates, shape=None)
 
 
+def _clip_solve(fit_model: FitModel, frames: FitVariables, targets: ClipTargets, base_rotation,
+                principal_point, crop_size: int, config: TrackConfig, active):
+  """The landmark objective with the temporal terms over the clip's frames (per-frame leaves
+  (T, ...)), the shape held, by `clip_solve.solve_clip` from `frames`: (frames, cost history,
+  failed)."""
+  fit_config = config.fit
+  rates = fit_config.full_rates
+  problems = jax.vmap(lambda landmarks, weights: landmark_problem(
+      fit_model, landmarks, weights, crop_size, fit_config, base_rotation, principal_point))(
+          targets.landmarks, targets.weights)
+  shape = frames.flame.shape
+  params = frames.flame.replace(shape=jnp.broadcast_to(shape, frames.flame.expression.shape[:1]
+                                                       + shape.shape))
+  x = jax.vmap(solve.pack)(params, frames.camera_rotation, frames.camera_translation)
+  num_shape = shape.shape[0]
+  # Groups the landmark stage does not move stay where they are.
+  moving = [(rates.expression, params.expression.shape[1]), (rates.jaw, 3), (rates.eyes, 6),
+            (rates.camera_rotation, 3), (rates.camera_translation, 3)]
+  free = jnp.asarray(np.concatenate([np.full(width, rate is not None)
+                                     for rate, width in moving]))
+  solve_with = functools.partial(
+      clip_solve.solve_clip, fit_model.landmark_rows, problems, params,
+      log_focal=jnp.log(frames.focal_length), valid=targets.valid, motion=targets.motion,
+      free=free, iterations=config.clip_lm_iterations, cg_iterations=config.clip_cg_iterations)
+  # The shape stays where the Adam stages put it (frames independent): solved here with the
+  # temporal terms, or first alone, it came out worse against the truth on some known-truth
+  # draws (docs/ACCURACY.md).
+  _, y, history, failed = solve_with(shape=shape, y=x[:, num_shape:], config=config,
+                                     active=active)
+  solved, rotation, translation = jax.vmap(solve.unpack)(
+      jnp.concatenate([jnp.broadcast_to(shape, x[:, :num_shape].shape), y], axis=1), params)
+  return (frames.replace(flame=solved.replace(shape=shape), camera_rotation=rotation,
+                         camera_translation=translation), history, failed)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "crop_size"))
 def track_padded(fit_model: FitModel, observations: Observation, config: TrackConfig,
                  crop_size: int, focal_length=None) -> TrackResult:
@@ -511,24 +452,36 @@ def track_padded(fit_model: FitModel, observations: Observation, config: TrackCo
   variables = to_segments(variables)
   active = jnp.any(targets.valid) & start_ok
 
-  def loss_fn(photometric_term):
+  # With the clip solve, the Adam stages fit the frames independently (but for the shape, which
+  # they settle) and the solve adds the temporal terms: under Adam those slow the shape down.
+  joint_solve = config.clip_lm_iterations > 0
+
+  def loss_fn(photometric_term, smoothed=True):
     return lambda v: clip_loss(fit_model, v, segment_targets, base_rotation, principal_point,
-                               crop_size, config, photometric_term)
+                               crop_size, config, photometric_term, smoothed)
 
   variables, rigid_history, rigid_failed = run_stage(
-      loss_fn(False), variables, fit_config.rigid_rates, fit_config.rigid_iterations, active)
+      loss_fn(False, not joint_solve), variables, fit_config.rigid_rates,
+      fit_config.rigid_iterations, active)
   variables, full_history, full_failed = run_stage(
-      loss_fn(False), variables, _shape_held(fit_config.full_rates, fit_config),
+      loss_fn(False, not joint_solve), variables, _shape_held(fit_config.full_rates, fit_config),
       fit_config.full_iterations, active & ~rigid_failed)
   failed = rigid_failed | full_failed
   extra = {}
+  if joint_solve:
+    solved, clip_history, clip_failed = _clip_solve(
+        fit_model, to_frames(variables), targets, base_rotation, principal_point, crop_size,
+        config, active & ~failed)
+    variables = to_segments(solved)
+    failed = failed | clip_failed
+    extra["clip_cost_history"] = clip_history
   if photometric:
     variables = variables.replace(appearance=_clip_appearance(fit_model, targets))
     variables, photometric_history, photometric_failed = run_stage(
         loss_fn(True), variables, _shape_held(config.photometric_rates, fit_config),
         config.photometric_iterations, active & ~failed)
     failed = failed | photometric_failed
-    extra = dict(photometric_loss_history=photometric_history,
+    extra.update(photometric_loss_history=photometric_history,
                  appearance=fitted_appearance(variables))
   frame_variables = _map_per_frame(lambda x: _gap_filled(x, targets.valid), to_frames(variables))
 

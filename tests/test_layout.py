@@ -23,8 +23,9 @@ from tests.conftest import PROJECT_ROOT, random_flame_arrays
 
 PACKAGE = PROJECT_ROOT / "jflame"
 # Modules that run on the device or describe the model: no files, no host libraries.
-DEVICE_MODULES = ("camera", "config", "fit", "flame", "starting_point", "landmarks", "losses",
-                  "observation", "optim", "rotation", "render", "track")
+DEVICE_MODULES = ("camera", "clip_solve", "config", "fit", "flame", "starting_point", "landmarks",
+                  "losses", "observation", "optim", "rotation", "render", "solve", "temporal",
+                  "track")
 HOST_ONLY_IMPORTS = ("cv2", "mediapipe", "trimesh", "PIL", "onnxruntime", "absl.flags",
                      "jflame.preprocess", "jflame.output", "jflame.model_loading", "jflame.engine",
                      "jflame.dataset", "jflame.initializers")
