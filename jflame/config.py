@@ -315,6 +315,10 @@ class TrackConfig:
       (`jflame.clip_solve`), which then fit the frames independently but for the shape; the
       temporal terms join the solve. 0: they join the Adam stages instead.
     clip_cg_iterations: conjugate-gradient iterations per step of that solve.
+    shape_frames: with the clip solve, the Adam stages (which settle the shared shape; the solve
+      holds it) fit this many frames with a face, spread evenly over the clip, and the solve
+      starts the others from their closed-form start (0: every frame). Their cost then no
+      longer grows with the clip.
     photometric_iterations: photometric mode: steps of the photometric stage after the
       landmark stages.
     photometric_rates: its learning rates.
@@ -348,9 +352,11 @@ class TrackConfig:
                                               translation=2.0)
   motion_scale: float = 1.0
   agreement: float = 100.0
-  # Two steps of 20 iterations settle the smoothing (docs/ACCURACY.md, video tracking).
-  clip_lm_iterations: int = 2
+  # Three steps of 20 iterations settle the smoothing from the frames' own starts
+  # (docs/ACCURACY.md, video tracking).
+  clip_lm_iterations: int = 3
   clip_cg_iterations: int = 20
+  shape_frames: int = 64
   photometric_iterations: int = 40
   photometric_rates: LearningRates = PHOTOMETRIC_RATES
   segment_chunk: int = 0
@@ -360,7 +366,8 @@ class TrackConfig:
     require = functools.partial(_require, owner="TrackConfig")
     require(isinstance(self.fit, FitConfig), "fit", "a FitConfig", self.fit)
     for field in ("segment_length", "overlap", "clip_lm_iterations", "clip_cg_iterations",
-                  "photometric_iterations", "segment_chunk", "photometric_segment_chunk"):
+                  "shape_frames", "photometric_iterations", "segment_chunk",
+                  "photometric_segment_chunk"):
       value = getattr(self, field)
       require(_is_int(value) and value >= 0, field, "an integer >= 0", value)
     require(self.segment_length >= 2, "segment_length", "an integer >= 2", self.segment_length)

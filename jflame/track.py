@@ -387,6 +387,26 @@ def _clip_appearance(fit_model: FitModel, targets: ClipTargets) -> Appearance:
   return jax.tree.map(lambda x: jnp.tensordot(weight, x, axes=1), starts)
 
 
+def spread_frames(valid, count: int):
+  """(count,) indices of frames with a face spread evenly over the clip, first to last (a frame
+  repeats when fewer have one; frame 0 when none has); every frame when `count` is 0 or not
+  below the clip's length."""
+  frames = valid.shape[0]
+  if count == 0 or count >= frames:
+    return jnp.arange(frames)
+  with_face = jnp.nonzero(valid, size=frames, fill_value=0)[0]
+  last = jnp.maximum(jnp.sum(valid), 1) - 1
+  return with_face[jnp.round(jnp.linspace(0.0, 1.0, count) * last).astype(jnp.int32)]
+
+
+def _frames_put(variables: FitVariables, picked, fitted: FitVariables) -> FitVariables:
+  """`variables` (per-frame leaves (T, ...)) with the frames `picked` replaced by `fitted`'s
+  (per-frame leaves (1, len(picked), ...)), and `fitted`'s shared leaves."""
+  return jax.tree.map(lambda axis, full, part: part if axis is None else full.at[picked].set(part[0]),
+                      _shared_axes(variables, 0), variables, fitted,
+                      is_leaf=lambda x: x is None)
+
+
 def _shape_held(rates, fit_config):
   """The rates of a stage, with shape frozen when the config holds it (fit_shape False)."""
   return rates if fit_config.fit_shape else dataclasses.replace(rates, shape=None)
@@ -449,32 +469,39 @@ def track_padded(fit_model: FitModel, observations: Observation, config: TrackCo
   segment_targets = jax.tree.map(lambda x: x[index], targets)
   to_segments = functools.partial(_map_per_frame, lambda x: x[index])
   to_frames = functools.partial(_map_per_frame, lambda x: frames_from_segments(x, config))
-  variables = to_segments(variables)
   active = jnp.any(targets.valid) & start_ok
 
-  # With the clip solve, the Adam stages fit the frames independently (but for the shape, which
-  # they settle) and the solve adds the temporal terms: under Adam those slow the shape down.
-  joint_solve = config.clip_lm_iterations > 0
-
-  def loss_fn(photometric_term, smoothed=True):
-    return lambda v: clip_loss(fit_model, v, segment_targets, base_rotation, principal_point,
+  def loss_fn(photometric_term, smoothed=True, loss_targets=segment_targets):
+    return lambda v: clip_loss(fit_model, v, loss_targets, base_rotation, principal_point,
                                crop_size, config, photometric_term, smoothed)
 
-  variables, rigid_history, rigid_failed = run_stage(
-      loss_fn(False, not joint_solve), variables, fit_config.rigid_rates,
-      fit_config.rigid_iterations, active)
-  variables, full_history, full_failed = run_stage(
-      loss_fn(False, not joint_solve), variables, _shape_held(fit_config.full_rates, fit_config),
-      fit_config.full_iterations, active & ~rigid_failed)
-  failed = rigid_failed | full_failed
+  def landmark_stages(variables, loss):
+    variables, rigid_history, rigid_failed = run_stage(
+        loss, variables, fit_config.rigid_rates, fit_config.rigid_iterations, active)
+    variables, full_history, full_failed = run_stage(
+        loss, variables, _shape_held(fit_config.full_rates, fit_config),
+        fit_config.full_iterations, active & ~rigid_failed)
+    return variables, rigid_history, full_history, rigid_failed | full_failed
+
   extra = {}
-  if joint_solve:
+  if config.clip_lm_iterations > 0:
+    # The Adam stages settle the shared shape on frames fitted independently (under Adam the
+    # temporal terms slow the shape down), on `shape_frames` of them as one segment; the clip
+    # solve then fits every frame with the temporal terms, the shape held.
+    picked = spread_frames(targets.valid, config.shape_frames)
+    take = lambda x: x[picked][None]
+    fitted, rigid_history, full_history, failed = landmark_stages(
+        _map_per_frame(take, variables),
+        loss_fn(False, smoothed=False, loss_targets=jax.tree.map(take, targets)))
     solved, clip_history, clip_failed = _clip_solve(
-        fit_model, to_frames(variables), targets, base_rotation, principal_point, crop_size,
-        config, active & ~failed)
+        fit_model, _frames_put(variables, picked, fitted), targets, base_rotation,
+        principal_point, crop_size, config, active & ~failed)
     variables = to_segments(solved)
     failed = failed | clip_failed
     extra["clip_cost_history"] = clip_history
+  else:
+    variables, rigid_history, full_history, failed = landmark_stages(
+        to_segments(variables), loss_fn(False))
   if photometric:
     variables = variables.replace(appearance=_clip_appearance(fit_model, targets))
     variables, photometric_history, photometric_failed = run_stage(

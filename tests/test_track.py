@@ -14,6 +14,7 @@ from jflame.errors import ConfigError
 from jflame.fit import fit_batch
 from jflame.observation import Observation
 from jflame.track import (clip_focal_length, fit_clip, focal_frames, frames_from_segments,
+                          spread_frames,
                           padded_length, segment_count)
 from jflame.track_output import frame_statuses, head_rotation_degrees
 from tests.conftest import fit_model_over_embedding, shared_photos
@@ -153,6 +154,23 @@ def test_shape_at_least_as_good_as_the_best_single_frame(small_model, moving_cli
   assert clip_error <= np.median(single_errors)
 
 
+def test_shape_from_a_few_frames_tracks_every_frame(small_model, moving_clip):
+  """`shape_frames`: the Adam stages settle the shape on 12 of the 60 frames; the clip solve
+  starts the other 48 from their closed-form starts and tracks them as closely as when every
+  frame had the Adam steps (landmark error, median and p90, within 10%; shape within 10%)."""
+  model, embedding = small_model
+  shape, _, observation, every = moving_clip
+  config = CONFIG.replace(shape_frames=12)
+  few = jax.device_get(fit_clip(fit_model_over_embedding(model, embedding, config.fit),
+                                observation, config, CROP))
+  assert not bool(few.failed) and np.all(few.tracked)
+  for statistic in (np.median, lambda e: np.percentile(e, 90)):
+    assert statistic(few.landmark_error) <= 1.1 * statistic(every.landmark_error)
+  errors = _shape_errors_mm(model, embedding, np.stack([few.params.shape[0],
+                                                        every.params.shape[0]]), shape)
+  assert errors[0] <= 1.1 * errors[1], errors
+
+
 def test_static_head_jitters_three_times_less_than_independent_fits(small_model):
   model, embedding = small_model
   frames = 32   # one segment (measured over the moving clip's two, the ratio was 2.9: the seam)
@@ -219,6 +237,8 @@ def test_track_config_refuses_nonsense():
     TrackConfig(overlap=32)
   with pytest.raises(ConfigError, match="photometric_segment_chunk"):
     TrackConfig(photometric_segment_chunk=-1)
+  with pytest.raises(ConfigError, match="shape_frames"):
+    TrackConfig(shape_frames=2.5)
   with pytest.raises(ConfigError, match="velocity.jaw"):
     TrackConfig(velocity=Smoothness(jaw=-1.0))
   assert head_rotation_degrees(np.asarray([FRONTAL_ROTATION])).tolist() == [[0.0, 0.0, 0.0]]
@@ -293,6 +313,21 @@ def test_a_clip_solves_its_focal_length_and_then_its_distance(small_model):
   assert abs(depth(assumed) / 0.75 - 1.0) > 0.2
   assert abs(depth(solved) / 0.75 - 1.0) < 0.05
   np.testing.assert_allclose(solved.camera.focal_length, float(focal), rtol=1e-6)
+
+
+def test_shape_frames_spread_over_the_frames_with_a_face():
+  valid = np.zeros(40, bool)
+  valid[5:35] = True
+  valid[20] = False
+  picked = np.asarray(spread_frames(jnp.asarray(valid), 8))
+  assert picked.shape == (8,) and valid[picked].all() and np.all(np.diff(picked) > 0)
+  assert picked[0] == 5 and picked[-1] == 34 and np.ptp(np.diff(picked)) <= 2
+  for count in (0, 40, 50):   # every frame
+    np.testing.assert_array_equal(spread_frames(jnp.asarray(valid), count), np.arange(40))
+  two = np.zeros(40, bool)
+  two[[3, 9]] = True
+  assert set(np.asarray(spread_frames(jnp.asarray(two), 8)).tolist()) == {3, 9}
+  assert set(np.asarray(spread_frames(jnp.zeros(40, bool), 8)).tolist()) == {0}
 
 
 def test_focal_frames_spread_over_the_frames_with_a_face():
