@@ -8,8 +8,11 @@ what fixes the size and the distance that one view cannot tell apart.
 
     start: each landmark triangulated from the views that detected it (linear, distortion
            ignored), the neutral model's landmarks rigidly aligned to those points (Kabsch)
-    stage 1: Adam on the head pose       (config.rigid_rates, rigid_iterations)
-    stage 2: Adam on everything           (config.full_rates, full_iterations) + the priors
+    then, with config.landmark_solver "lm" (the default): one Levenberg-Marquardt solve of
+           every unknown over all views (`jflame.solve.levenberg_marquardt`, lm_iterations)
+    or, with "adam":
+      stage 1: Adam on the head pose      (config.rigid_rates, rigid_iterations)
+      stage 2: Adam on everything          (config.full_rates, full_iterations) + the priors
 
 Residuals are measured per view in pixels of a `config.landmark_scale` crop framing that view's
 detected face as a photo's crop does (`RigViews.face_scale`), so a 4K camera and a 512-pixel
@@ -26,18 +29,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jflame import losses
+from jflame import losses, solve
 from jflame.camera import project_calibrated
 from jflame.camera_files import RigCamera, padded_distortion
-from jflame.config import FitConfig
+from jflame.config import FitConfig, LandmarkSolver
 from jflame.fit import FitModel, FitVariables, regularization, run_stage
 from jflame.flame import FlameParams, surface_points_forward
 from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 
 
 # Adam's full stage with several views' data needs more steps than a photo's 200 to reach the
-# noise floor (docs/ACCURACY.md, multi-view): what `jflame-fit --cameras` runs unless told.
+# noise floor (docs/ACCURACY.md, multi-view): what `jflame-fit --cameras` runs with
+# --landmark_solver adam unless told.
 FULL_ITERATIONS = 800
+# The solve starts from a neutral face (a photo's from a closed-form identity): a few more steps
+# than a photo's 5 (docs/ACCURACY.md, multi-view): what `jflame-fit --cameras` runs unless told.
+LM_ITERATIONS = 10
 
 
 @struct.dataclass
@@ -140,7 +147,8 @@ def _project_views(views: RigViews, points_world):
       views.intrinsics, views.world_to_camera, views.distortion, points_world)
 
 
-def _landmark_targets(fit_model: FitModel, views: RigViews):
+def landmark_targets(fit_model: FitModel, views: RigViews):
+  """The fitted landmarks of every view: (targets (V, K, 2), weights (V, K), detected (V, K))."""
   landmarks = views.landmarks[:, fit_model.landmark_indices]
   detection = views.landmark_weights[:, fit_model.landmark_indices]
   finite = jnp.all(jnp.isfinite(landmarks), axis=-1)
@@ -154,7 +162,7 @@ def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=No
                ) -> MomentResult:
   """Fits ONE moment of a calibrated rig (vmap for several). `shape` (S,): the run's identity,
   held fixed; None fits this moment's own."""
-  landmarks, weights, detected = _landmark_targets(fit_model, views)
+  landmarks, weights, detected = landmark_targets(fit_model, views)
   rows = fit_model.landmark_rows
   zeros = FlameParams.zeros(config.num_shape, config.num_expression)
   if shape is not None:
@@ -185,13 +193,27 @@ def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=No
     return data_loss(variables) + regularization(variables.flame, config)
 
   active = jnp.sum(views.valid) >= 1
-  full_rates = config.full_rates
-  if shape is not None or not config.fit_shape:
-    full_rates = dataclasses.replace(full_rates, shape=None)
-  variables, rigid_history, rigid_failed = run_stage(
-      data_loss, variables, config.rigid_rates, config.rigid_iterations, active)
-  variables, full_history, full_failed = run_stage(
-      full_loss, variables, full_rates, config.full_iterations, active & ~rigid_failed)
+  shape_held = shape is not None or not config.fit_shape
+  if config.landmark_solver == LandmarkSolver.LM:
+    x = solve.pack(variables.flame, variables.camera_rotation, variables.camera_translation)
+    free = jnp.ones(x.shape, bool).at[:rows.num_shape].set(not shape_held)
+    x, info = solve.levenberg_marquardt(
+        functools.partial(views_system, rows, views, landmarks, weights, config,
+                          variables.flame, base_rotation),
+        x, free, config.lm_iterations, active)
+    flame, rotation, translation = solve.unpack(x, variables.flame)
+    variables = variables.replace(flame=flame, camera_rotation=rotation,
+                                  camera_translation=translation)
+    rigid_history, full_history = info.cost_history, jnp.zeros((0,), jnp.float32)
+    rigid_failed = full_failed = info.failed
+  else:
+    full_rates = config.full_rates
+    if shape_held:
+      full_rates = dataclasses.replace(full_rates, shape=None)
+    variables, rigid_history, rigid_failed = run_stage(
+        data_loss, variables, config.rigid_rates, config.rigid_iterations, active)
+    variables, full_history, full_failed = run_stage(
+        full_loss, variables, full_rates, config.full_iterations, active & ~rigid_failed)
   fitted = predicted(variables)
   errors = jax.vmap(losses.landmark_error)(fitted, landmarks, detected)
   rotation = axis_angle_to_matrix(variables.camera_rotation) @ base_rotation
@@ -199,6 +221,45 @@ def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=No
                       head_translation=variables.camera_translation, landmarks_2d=fitted,
                       landmark_error=errors, rigid_loss_history=rigid_history,
                       full_loss_history=full_history, failed=rigid_failed | full_failed)
+
+
+def views_system(rows, views: RigViews, landmarks, weights, config: FitConfig, params,
+                  base_rotation, x):
+  """The landmark objective of `fit_moment` over all views at x (see `solve.pack`; its camera
+  part is the head's rotation delta and world translation): (cost, (A, b), finite) as
+  `solve.evaluate` gives for a photo, each view's residuals in its face-scaled pixels and the
+  priors counted once."""
+  n = rows.num_shape + rows.num_expression
+  points, d_model = solve.model_points_and_jacobian(rows, params, x)
+  delta, translation = x[n + 9:n + 12], x[n + 12:]
+  rotate = lambda d: points @ (axis_angle_to_matrix(d) @ base_rotation).T
+  rotation = axis_angle_to_matrix(delta) @ base_rotation
+  d_rotation = jax.jacfwd(rotate)(delta)                                      # (K, 3, 3)
+  world = rotate(delta) + translation
+  prior = solve.landmark_priors(rows.num_shape, rows.num_expression, config.regularization)
+  unweighted = solve.LandmarkProblem(
+      targets=None, weights=None, base_rotation=None, principal_point=None, pixel_scale=None,
+      robust_scale=jnp.asarray(config.landmark_robust_scale, jnp.float32),
+      prior=jnp.zeros_like(prior), free=None)
+
+  def view(intrinsics, world_to_camera, distortion, targets, view_weights, scale):
+    project = lambda p: project_calibrated(intrinsics, world_to_camera, distortion, p[None])[0]
+    pixels = jax.vmap(project)(world)
+    d_pixel = jax.vmap(jax.jacfwd(project))(world) * scale                  # (K, 2, 3)
+    jacobian = jnp.concatenate([
+        solve.chain_points(jnp.einsum("kac,cd->kad", d_pixel, rotation), d_model),
+        solve.chain_points(d_pixel, d_rotation), d_pixel], axis=-1)
+    residual = (pixels - targets) * scale
+    problem = unweighted.replace(weights=view_weights)
+    return (solve.objective(problem, residual, x),
+            *solve.normal_equations(problem, residual, jacobian, x))
+
+  costs, a, b = jax.vmap(view)(views.intrinsics, views.world_to_camera, views.distortion,
+                               landmarks, weights, views.face_scale)
+  cost = jnp.sum(costs) + jnp.sum(prior * x * x)
+  a = jnp.sum(a, axis=0) + jnp.diag(prior)
+  b = jnp.sum(b, axis=0) + prior * x
+  return cost, (a, b), jnp.isfinite(cost) & jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

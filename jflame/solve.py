@@ -151,21 +151,46 @@ def _identity_point_jacobian(rows: SurfaceRows, rotations, joints, blended, firs
   return combine_corners(rows, d_rows.reshape(num_rows, 3 * n)).reshape(-1, 3, n)
 
 
+def model_points(rows: SurfaceRows, params: FlameParams, x):
+  """(K, 3) model-space landmark points for the unknowns `x` (see `pack`; the camera part is
+  not read)."""
+  n = rows.num_shape + rows.num_expression
+  return _skinned(rows, params, x[:n], x[n:n + 9])[0]
+
+
+def model_points_and_jacobian(rows: SurfaceRows, params: FlameParams, x,
+                              held_shape: bool = False):
+  """(K, 3) model-space landmark points and d points / d [identity, jaw, eyes]
+  (K, 3, S + E + 9), the shape's S columns left out with `held_shape`.
+
+  The identity's columns come from the map's linear structure (`_identity_point_jacobian`, no
+  N-column forward pass), the 9 jaw/eye ones by forward mode."""
+  n = rows.num_shape + rows.num_expression
+  identity, pose = x[:n], x[n:n + 9]
+  points, rotations, joints, blended = _skinned(rows, params, identity, pose)
+  d_pose = jax.jacfwd(lambda q: _skinned(rows, params, identity, q)[0])(pose)   # (K, 3, 9)
+  d_identity = _identity_point_jacobian(rows, rotations, joints, blended,
+                                       rows.num_shape if held_shape else 0)
+  return points, jnp.concatenate([d_identity, d_pose], axis=-1)
+
+
+def chain_points(matrix, columns):
+  """(K, A, 3) x (K, 3, M) -> (K, A, M), one product per point (elementwise: a batched dot
+  becomes thousands of tiny matrix products)."""
+  return sum(matrix[:, :, c, None] * columns[:, None, c, :] for c in range(3))
+
+
 def residuals_and_jacobian(rows: SurfaceRows, problem: LandmarkProblem, params: FlameParams, x,
                            log_focal, held_shape: bool = False):
   """Scaled landmark residuals r (K, 2) and their Jacobians: d r / d x (K, 2, N) and
   d r / d log focal (K, 2). `held_shape` leaves the shape's S columns out of d r / d x.
 
-  Model-space point Jacobians come from the linear structure in the identity
-  (`_identity_point_jacobian`, no N-column forward pass) and by forward mode over the 9
-  jaw/eye unknowns; the camera and the projection are chained on by hand.
+  Model-space point Jacobians from `model_points_and_jacobian`; the camera and the projection
+  are chained on by hand.
   """
   n = rows.num_shape + rows.num_expression
-  identity, pose, camera = x[:n], x[n:n + 9], x[n + 9:]
-  points, rotations, joints, blended = _skinned(rows, params, identity, pose)
-  d_pose = jax.jacfwd(lambda q: _skinned(rows, params, identity, q)[0])(pose)   # (K, 3, 9)
-  d_identity = _identity_point_jacobian(rows, rotations, joints, blended,
-                                       rows.num_shape if held_shape else 0)  # (K, 3, S+E)
+  camera = x[n + 9:]
+  points, d_model = model_points_and_jacobian(rows, params, x, held_shape)
   rotate = lambda delta: points @ _camera_rotation(problem, delta).T
   rotated = rotate(camera[:3])
   d_rotation = jax.jacfwd(rotate)(camera[:3])                                   # (K, 3, 3)
@@ -176,12 +201,8 @@ def residuals_and_jacobian(rows: SurfaceRows, problem: LandmarkProblem, params: 
   project = lambda p: pinhole(p[None], focal, problem.principal_point)[0]
   d_pixel = jax.vmap(jax.jacfwd(project))(points_cam) * problem.pixel_scale    # (K, 2, 3)
   to_pixels = jnp.einsum("kac,cd->kad", d_pixel, rotation)  # model space -> pixels (K, 2, 3)
-
-  def chain(matrix, columns):  # (K, 2, 3) x (K, 3, M) -> (K, 2, M), elementwise over rows
-    return sum(matrix[:, :, c, None] * columns[:, None, c, :] for c in range(3))
-
-  jacobian = jnp.concatenate([chain(to_pixels, d_identity), chain(to_pixels, d_pose),
-                              chain(d_pixel, d_rotation), d_pixel], axis=-1)
+  jacobian = jnp.concatenate([chain_points(to_pixels, d_model),
+                              chain_points(d_pixel, d_rotation), d_pixel], axis=-1)
   residual = (pixels - problem.targets) * problem.pixel_scale
   # pinhole is linear in the focal length: d pixels / d log f = pixels - principal point.
   return residual, jacobian, (pixels - problem.principal_point) * problem.pixel_scale
@@ -190,7 +211,7 @@ def residuals_and_jacobian(rows: SurfaceRows, problem: LandmarkProblem, params: 
 def residuals(rows: SurfaceRows, problem: LandmarkProblem, params: FlameParams, x, log_focal):
   """Scaled landmark residuals r (K, 2) alone (no Jacobian)."""
   n = rows.num_shape + rows.num_expression
-  points = _skinned(rows, params, x[:n], x[n:n + 9])[0]
+  points = model_points(rows, params, x)
   points_cam = points @ _camera_rotation(problem, x[n + 9:n + 12]).T + x[n + 12:]
   pixels = pinhole(points_cam, jnp.exp(log_focal), problem.principal_point)
   return (pixels - problem.targets) * problem.pixel_scale
@@ -225,9 +246,8 @@ def normal_equations(problem: LandmarkProblem, residual, jacobian, x, focal_colu
   return a, b, weighted.T @ weighted_f, weighted_f @ weighted_f, weighted_f @ weighted_r
 
 
-def _held(problem, a, b):
-  """Unknowns that are not free get a unit diagonal, no coupling and no gradient: dx = 0."""
-  free = problem.free
+def _held(free, a, b):
+  """Unknowns that are not `free` get a unit diagonal, no coupling and no gradient: dx = 0."""
   a = jnp.where(free[:, None] & free[None, :], a, 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0))
   return a, jnp.where(free, b, 0.0)
 
@@ -286,25 +306,43 @@ def solve_landmarks(rows: SurfaceRows, problem: LandmarkProblem, params: FlamePa
     params: FlameParams whose global and neck rotations are kept (the rest comes from x).
     x: (N,) start (see `pack`).
     log_focal: () log of the focal length in pixels.
-    iterations: fixed number of steps (a static int).
-    active: () False holds the image still (padding, failed preprocessing).
-    tolerance: `converged` reports a last step that lowered f by less than tolerance * f (or
-      whose model promised that little). An image stops moving once its model promises less
-      than float32 resolution; inactive and failed images never move.
+    iterations, active, initial_damping, tolerance: as `levenberg_marquardt`'s.
   Returns:
     (x (N,), SolveInfo).
   """
-  cost, system, ok = evaluate(rows, problem, params, x, log_focal)
+  return levenberg_marquardt(
+      lambda x: evaluate(rows, problem, params, x, log_focal), x, problem.free, iterations,
+      active, initial_damping, tolerance)
+
+
+def levenberg_marquardt(evaluate_at, x, free, iterations: int, active=True,
+                        initial_damping: float = 1e-3, tolerance: float = 1e-6):
+  """Levenberg-Marquardt with Nielsen's damping on ONE least-squares problem.
+
+  Args:
+    evaluate_at: x -> (cost, system, finite) with system's first two entries the IRLS
+      Gauss-Newton A (N, N) and b (N,) of the cost at x (gradient 2 b), as `evaluate` gives.
+    x: (N,) start.
+    free: (N,) bool; False holds an unknown at its start.
+    iterations: fixed number of steps (a static int).
+    active: () False holds the problem still (padding, failed preprocessing).
+    tolerance: `converged` reports a last step that lowered f by less than tolerance * f (or
+      whose model promised that little). A problem stops moving once its model promises less
+      than float32 resolution; inactive and failed ones never move.
+  Returns:
+    (x (N,), SolveInfo).
+  """
+  cost, system, ok = evaluate_at(x)
   moving = jnp.asarray(active) & ok
   dtype = x.dtype
 
   def step(carry, _):
     x, cost, system, mu, nu, moving, count, _ = carry
-    a, b = _held(problem, *system[:2])
+    a, b = _held(free, *system[:2])
     factor, scale = _damped_factor(a, mu)
     dx = -_damped_solve(factor, scale, b)
     trial = x + dx
-    trial_cost, trial_system, trial_ok = evaluate(rows, problem, params, trial, log_focal)
+    trial_cost, trial_system, trial_ok = evaluate_at(trial)
     # Predicted decrease of the Gauss-Newton model: dx^T A dx + 2 mu dx^T diag(A) dx >= 0.
     predicted = dx @ (a @ dx) + 2.0 * mu * jnp.sum(jnp.diag(a) * dx * dx)
     decrease = cost - trial_cost
@@ -371,7 +409,7 @@ def solve_shared_focal(rows: SurfaceRows, problems: LandmarkProblem, params: Fla
 
   def image_step(problem, system, mu):
     """Per image: M^-1 b and M^-1 A_xf with M = A + mu diag(A) (held unknowns removed)."""
-    a, b = _held(problem, system[0], system[1])
+    a, b = _held(problem.free, system[0], system[1])
     a_xf = jnp.where(problem.free, system[2], 0.0)
     factor, scale = _damped_factor(a, mu)
     solved = _damped_solve(factor, scale, jnp.stack([b, a_xf], axis=1))

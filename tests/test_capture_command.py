@@ -13,8 +13,6 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT
 
-QUICK = ["--rigid_iterations", "100", "--full_iterations", "300"]
-
 
 def _run(args, env, timeout=600):
   return subprocess.run([sys.executable, "-m", "jflame.cli.fit", *args], cwd=PROJECT_ROOT,
@@ -36,7 +34,7 @@ def capture(tmp_path_factory, command_env):
 def fitted(capture, command_env, tmp_path_factory):
   out = tmp_path_factory.mktemp("capture_out")
   done = _run(["--cameras", str(capture / "camera_params.json"), "--input",
-               str(capture / "frames"), "--output", str(out), *QUICK], command_env)
+               str(capture / "frames"), "--output", str(out)], command_env)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
   return out, done.stdout
 

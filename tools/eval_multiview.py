@@ -1,6 +1,7 @@
 """Accuracy of calibrated multi-view fitting against one view, on the scenes of eval_synthetic.py.
 
   python tools/eval_multiview.py [--num_faces 32] [--noise_px 0,1] [--views 1,2,3]
+                                 [--landmark_solver lm] [--lm_iterations 10]
                                  [--full_iterations 800] [--json_out FILE]
 
 The random faces and first cameras of tools/eval_synthetic.py (FLAME-size synthetic head, all
@@ -33,7 +34,11 @@ import eval_synthetic  # tools/ is a folder of scripts: its own folder is on sys
 # --num_faces, --noise_px and --seed are eval_synthetic's flags (defined where it is imported).
 _NUM_FACES, _NOISE, _SEED = eval_synthetic._NUM_FACES, eval_synthetic._NOISE, eval_synthetic._SEED
 _VIEWS = flags.DEFINE_list("views", ["1", "2", "3"], "View counts (1: the photo fit).")
-_FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", 800, "Multi-view Adam full steps.")
+_SOLVER = flags.DEFINE_enum("landmark_solver", "lm", ["lm", "adam"], "Multi-view solver.")
+_LM_ITERATIONS = flags.DEFINE_integer("lm_iterations", multiview.LM_ITERATIONS,
+                                      "Multi-view Levenberg-Marquardt steps.")
+_FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", multiview.FULL_ITERATIONS,
+                                        "Multi-view Adam full steps (--landmark_solver adam).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows as JSON here.")
 
 YAWS = {2: (0.0, 30.0), 3: (-30.0, 0.0, 30.0)}
@@ -104,7 +109,8 @@ def main(argv):
         fitted = eval_synthetic._camera_vertices(loaded.model, result.params, result.camera,
                                                  face)
       else:
-        config = FitConfig(full_iterations=_FULL_ITERATIONS.value)
+        config = FitConfig(landmark_solver=_SOLVER.value, lm_iterations=_LM_ITERATIONS.value,
+                           full_iterations=_FULL_ITERATIONS.value)
         fit_model = model_loading.prepare_fit_model(loaded, config)
         views, _ = _views(loaded, params, cameras, noise, np.random.default_rng(_SEED.value + 1),
                           YAWS[count])
@@ -115,7 +121,7 @@ def main(argv):
         fitted = _world_face(loaded.model, result.params, result.head_rotation,
                              result.head_translation, face)
       row = eval_synthetic.accuracy(fitted, truth)
-      row.update(views=count, noise_px=noise,
+      row.update(views=count, noise_px=noise, solver="lm" if count == 1 else _SOLVER.value,
                  ms_per_view=1000 * seconds / (_NUM_FACES.value * count))
       rows.append(row)
       print(json.dumps(row), flush=True)

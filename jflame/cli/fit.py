@@ -99,9 +99,11 @@ def _fit_capture() -> int:
       config = common.fit_config()
       if config.photometric:
         return common.usage_error("--cameras fits landmarks only for now (--mode landmark).")
+      from jflame import multiview
       if not common.FULL_ITERATIONS.present:
-        from jflame import multiview
         config = config.replace(full_iterations=multiview.FULL_ITERATIONS)
+      if not common.LM_ITERATIONS.present:
+        config = config.replace(lm_iterations=multiview.LM_ITERATIONS)
       print(f"model: {loaded.description}", flush=True)
       with tqdm(total=len(opened[0]), unit="moment", desc="jflame-fit --cameras") as bar:
         manifest = capture_runner.fit_capture(loaded, config, _CAMERAS.value, _INPUT.value[0],
