@@ -1,8 +1,10 @@
-"""Writers for a tracked clip (host side): the per-frame Parquet table, the overlay video, the
-parameter plot and the manifest. Every file is written atomically (temporary name, rename).
+"""Writers for a tracked clip (host side): the per-frame Parquet table (and its reader), the
+overlay video, the parameter plot and the manifest. Every file is written atomically (temporary
+name, rename).
 """
 
-from typing import Dict, Iterable
+import json
+from typing import Dict, Iterable, Tuple
 
 import cv2
 import numpy as np
@@ -98,6 +100,27 @@ def write_table(path, columns: Dict[str, np.ndarray], schema: pa.Schema,
   table = table.replace_schema_metadata({key: str(value) for key, value in metadata.items()})
   with atomic_path(path, suffix=".parquet") as tmp:
     pq.write_table(table, tmp)
+
+
+def read_table(path) -> Tuple[dict, Dict[str, np.ndarray]]:
+  """A clip's track.parquet as written by `write_table`: (metadata, each value parsed from its
+  JSON string; columns, name -> (T, ...) NumPy array, fixed-size lists as trailing axes)."""
+  table = pq.read_table(path)
+  metadata = {key.decode(): json.loads(value) for key, value in
+              (table.schema.metadata or {}).items()}
+  columns = {}
+  for field in table.schema:
+    column = table.column(field.name).combine_chunks()
+    shape, column_type = [], field.type
+    while pa.types.is_fixed_size_list(column_type):
+      shape.append(column_type.list_size)
+      column_type = column_type.value_type
+    values = column
+    for _ in shape:
+      values = values.flatten()
+    array = values.to_numpy(zero_copy_only=False)
+    columns[field.name] = np.array(array).reshape((len(column), *shape))  # writable copy
+  return metadata, columns
 
 
 def mesh_edges(faces: np.ndarray) -> np.ndarray:

@@ -73,6 +73,7 @@ SLOW_SUITES = ("test_track_motion", "test_annotate", "test_track", "test_solve",
                "test_fit_behaviour", "test_bare_image", "test_rotated_photos", "test_library",
                "test_render_recovery", "test_render_gradients", "test_sharding")
 FAST_SUITES = ("test_build_embedding", "test_camera_files", "test_clip_solve", "test_engine_rules",
+               "test_export",
                "test_flame", "test_flame_files", "test_flame_io", "test_initializers_onnx", "test_landmarks",
                "test_layout", "test_multiview", "test_optim", "test_preprocess_align",
                "test_preprocess_batch", "test_preprocess_image_io", "test_preprocess_pipeline",

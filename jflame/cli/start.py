@@ -48,3 +48,7 @@ def build_embedding():
 
 def report():
   return start("jflame.cli.report", "jflame-report")
+
+
+def export():
+  return start("jflame.cli.export", "jflame-export")

@@ -1,0 +1,151 @@
+"""The export jobs of a tracked clip (host side): read the folder, compute what the format
+needs in one vmapped call, write each file atomically. A rerun rewrites the small files and
+keeps the images already written, so an interrupted export finishes where it stopped."""
+
+import json
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import cv2
+import numpy as np
+
+from jflame import atomic
+from jflame.errors import InputError
+from jflame.exports import common, gaussian_avatars as ga
+from jflame.flame import FlameModel
+from jflame.preprocess.video import open_clip
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+  with atomic.atomic_path(path, suffix=".npz") as tmp:
+    np.savez(tmp, **arrays)
+
+
+def _write_json(path: Path, value) -> None:
+  atomic.write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def check_model(clip: common.TrackedClip, model: FlameModel) -> None:
+  """The model given to the export must be the one the clip was tracked with (its root joints
+  depend on it)."""
+  if model.name != clip.metadata.get("model"):
+    raise InputError(f"the clip was tracked with the model {clip.metadata.get('model')!r}, but "
+                     f"the export loaded {model.name!r}: pass the same --flame_model (and "
+                     "--flame_variant / --seed) as the jflame-track run.")
+
+
+def _ga_motion(clip: common.TrackedClip, model: FlameModel, notes: List[str]):
+  params = clip.params()
+  root = np.asarray(ga.root_joints(model, params), np.float64)
+  rotation, translation = ga.head_pose_in_fixed_camera(
+      clip.columns["frame_camera_rotation"], clip.columns["frame_camera_translation"],
+      params.global_rotation, root)
+  expression = common.padded(params.expression, ga.NUM_EXPRESSION, "expression", notes)
+  motion = ga.motion_arrays(params, rotation, translation, model.num_vertices, expression)
+  shape = common.padded(np.asarray(clip.metadata["shape"]), ga.NUM_SHAPE, "shape", notes)
+  return motion, shape
+
+
+def _tracked_frames(clip: common.TrackedClip, keep_suspect: bool, notes: List[str]) -> List[int]:
+  status = clip.columns["status"]
+  suspect = clip.columns["suspect"]
+  keep = (status == "tracked") & (keep_suspect | ~suspect)
+  left = {"without a face": int(np.sum(status != "tracked")),
+          "suspect (--keep_suspect keeps them)": int(np.sum((status == "tracked") & suspect
+                                                            & ~keep))}
+  for reason, count in left.items():
+    if count:
+      notes.append(f"{count} frame(s) {reason} left out of the splits.")
+  return [int(frame) for frame in np.flatnonzero(keep)]
+
+
+def export_motion(clip: common.TrackedClip, model: FlameModel, output: Path) -> List[str]:
+  """`gaussian_avatars_motion`: motion.npz (every frame, in order). Returns the warnings."""
+  warnings = common.check_variant(clip.manifest.get("model_variant", "unknown"),
+                                  ga.EXPECTED_VARIANT, "gaussian_avatars_motion", ga.READER)
+  check_model(clip, model)
+  notes: List[str] = []
+  motion, _ = _ga_motion(clip, model, notes)
+  _write_npz(output / "motion.npz", motion)
+  common.write_readme(output, "GaussianAvatars motion file (jflame-export)", [
+      f"`motion.npz`: {clip.num_frames} frames of `{clip.folder}` (every frame, in order; "
+      "frames without a face carry the track's interpolated or held values), float32 arrays "
+      "`translation`, `rotation`, `neck_pose`, `jaw_pose` (T, 3), `eyes_pose` (T, 6), `expr` "
+      "(T, 100), `dynamic_offset` (T, V + 120, 3) zeros. The head moves in front of a camera "
+      "fixed at the origin (docs/FORMAT.md, Exports). Drive a trained avatar with "
+      "`local_viewer.py --point_path .../point_cloud.ply --motion_path motion.npz`.", ""]
+      + [f"- {note}" for note in notes], warnings)
+  return warnings
+
+
+def export_dataset(clip: common.TrackedClip, model: FlameModel, output: Path,
+                   source: Optional[str], test_fraction: float, keep_suspect: bool,
+                   progress: Optional[Callable[[int], None]] = None) -> List[str]:
+  """`gaussian_avatars`: the NeRF-style dataset VHAP writes for GaussianAvatars (module doc of
+  jflame.exports.gaussian_avatars). Returns the warnings."""
+  warnings = common.check_variant(clip.manifest.get("model_variant", "unknown"),
+                                  ga.EXPECTED_VARIANT, "gaussian_avatars", ga.READER)
+  check_model(clip, model)
+  notes: List[str] = []
+  motion, shape = _ga_motion(clip, model, notes)
+  frames = _tracked_frames(clip, keep_suspect, notes)
+  if not frames:
+    raise InputError(f"{clip.folder}: no frame is tracked and trusted; nothing to export.")
+  focal = float(clip.columns["frame_camera_focal_length"][0])
+  principal_point = clip.columns["frame_camera_principal_point"][0]
+  if not (np.allclose(clip.columns["frame_camera_focal_length"], focal) and np.allclose(
+      clip.columns["frame_camera_principal_point"], principal_point)):
+    raise InputError(f"{clip.folder}: the frame camera's intrinsics change over the clip; "
+                     "this export needs one camera.")
+  frame_size = tuple(int(side) for side in clip.manifest["frame_size"])
+  canvas, shift = ga.centred_canvas(frame_size, principal_point)
+  source = source or clip.manifest["source"]
+  if not Path(source).exists():
+    raise InputError(f"the clip's source {source} is gone; pass --source with the video (or "
+                     "folder of frames) that was tracked.")
+  info, images = open_clip(source)
+  if (info.width, info.height) != frame_size:
+    raise InputError(f"{source} has {info.width} x {info.height} frames, the track "
+                     f"{frame_size[0]} x {frame_size[1]}: not the clip that was tracked.")
+  warp = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]]])
+  wanted = set(frames)
+  entries = {}
+  for index, image in enumerate(images):
+    if index >= clip.num_frames:
+      break
+    if index not in wanted:
+      continue
+    image_path, parameter_path = f"images/{index:05d}.png", f"flame_param/{index:05d}.npz"
+    target = output / image_path
+    if not target.is_file():
+      placed = cv2.warpAffine(image, warp, canvas, flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      with atomic.atomic_path(target) as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(placed, cv2.COLOR_RGB2BGR)):
+          raise InputError(f"cannot write {target}.")
+    _write_npz(output / parameter_path, ga.frame_parameters(motion, shape, index))
+    entries[index] = ga.frame_entry(index, canvas, focal, image_path, parameter_path)
+    if progress:
+      progress(1)
+  missing = wanted - set(entries)
+  if missing:
+    raise InputError(f"{source} ended before frame {min(missing)}: not the clip that was "
+                     "tracked.")
+  _write_npz(output / "canonical_flame_param.npz",
+             ga.canonical_parameters(shape, model.num_vertices))
+  chosen = ga.splits(frames, test_fraction)
+  for name, members in chosen.items():
+    _write_json(output / f"transforms_{name}.json", ga.transforms(entries, members, canvas, focal))
+  _write_json(output / "transforms.json", ga.transforms(entries, frames, canvas, focal))
+  notes.append("No fg_masks/: jflame runs no head segmentation; the transforms carry no "
+               "fg_mask_path. The canvas border (black) is GaussianAvatars' default background.")
+  common.write_readme(output, "GaussianAvatars / VHAP dataset (jflame-export)", [
+      f"From `{clip.folder}` (source `{source}`): {len(frames)} frames, train "
+      f"{len(chosen['train'])}, val and test {len(chosen['test'])} (the last frames).",
+      f"One camera, fixed at the world's origin; focal length {focal:.2f} px; each "
+      f"{frame_size[0]} x {frame_size[1]} frame placed on a {canvas[0]} x {canvas[1]} canvas so "
+      "that the principal point is its centre (the reader assumes it there).",
+      "Train with GaussianAvatars' `train.py -s <this folder> --bind_to_mesh` and FLAME 2023 "
+      "(docs/FORMAT.md, Exports).", ""] + [f"- {note}" for note in notes], warnings)
+  return warnings

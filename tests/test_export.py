@@ -1,0 +1,321 @@
+"""jflame-export (issue 21): each format read back with that format's own conventions, written
+here from its reader's code and documentation, not from jflame's: the mesh rebuilt from the
+exported files and the fitted landmarks projected with the exported camera land on the track's
+fitted landmarks (< 0.05 px), on a synthetic clip with every joint turned and on the shared real
+clip; the FLAME variant rule; a rerun finishes an interrupted export."""
+
+import json
+import math
+import shutil
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from jflame import synthetic, track_output
+from jflame.camera import Camera, project
+from jflame.errors import InputError
+from jflame.exports import clip_export, common
+from jflame.flame import FlameParams, barycentric_points, flame_forward
+from tests.conftest import SHARED_ASSETS
+from tests.test_output_files import run_command
+
+FRAMES, FRAME_SIZE = 12, (320, 240)
+NUM_SHAPE, NUM_EXPRESSION = 20, 10
+
+
+# --- GaussianAvatars' conventions, from its flame_model/flame.py, lbs.py and
+# --- scene/dataset_readers.py (readCamerasFromTransforms), written out in NumPy.
+
+def _rodrigues(rotvec):
+  return Rotation.from_rotvec(np.asarray(rotvec, np.float64)).as_matrix()
+
+
+def gaussian_avatars_vertices(model, params: dict, num_model_vertices: int):
+  """FlameHead.forward: betas = [shape, expr]; full_pose = [rotation, neck, jaw, eyes]; LBS with
+  the joints regressed from the shaped mesh; + translation. `params` as in a flame_param npz
+  (the coefficients beyond the model's own must be zero); FLAME's own vertices only."""
+  shape, expr = np.asarray(params["shape"]), np.asarray(params["expr"][0])
+  num_shape, num_expression = model.shapedirs.shape[-1], model.exprdirs.shape[-1]
+  assert not np.any(shape[num_shape:]) and not np.any(expr[num_expression:])
+  v_shaped = (np.asarray(model.v_template, np.float64)
+              + np.asarray(model.shapedirs, np.float64) @ shape[:num_shape]
+              + np.asarray(model.exprdirs, np.float64) @ expr[:num_expression])
+  if "static_offset" in params:
+    v_shaped = v_shaped + params["static_offset"][0, :num_model_vertices]
+  joints = np.asarray(model.j_regressor, np.float64) @ v_shaped
+  pose = np.concatenate([params["rotation"][0], params["neck_pose"][0], params["jaw_pose"][0],
+                         params["eyes_pose"][0]]).reshape(5, 3)
+  rotations = np.stack([_rodrigues(r) for r in pose])
+  pose_feature = (rotations[1:] - np.eye(3)).reshape(-1)
+  v_posed = v_shaped + np.asarray(model.posedirs, np.float64) @ pose_feature
+  parents = model.parents
+  chain = [None] * 5
+  for joint in range(5):
+    local = np.eye(4)
+    local[:3, :3] = rotations[joint]
+    local[:3, 3] = joints[joint] - (joints[parents[joint]] if parents[joint] >= 0 else 0.0)
+    chain[joint] = local if parents[joint] < 0 else chain[parents[joint]] @ local
+  transforms = np.stack(chain)
+  transforms[:, :3, 3] -= np.einsum("jab,jb->ja", transforms[:, :3, :3], joints)
+  blended = np.einsum("vj,jab->vab", np.asarray(model.lbs_weights, np.float64), transforms)
+  vertices = np.einsum("vab,vb->va", blended[:, :3, :3], v_posed) + blended[:, :3, 3]
+  return vertices + params["translation"][0]
+
+
+def gaussian_avatars_pixels(frame: dict, points):
+  """readCamerasFromTransforms + the 3DGS projection: the camera-to-world in OpenGL axes
+  turned to COLMAP's, a field of view, the principal point at the image centre."""
+  c2w = np.array(frame["transform_matrix"], np.float64)
+  c2w[:3, 1:3] *= -1
+  w2c = np.linalg.inv(c2w)
+  camera = points @ w2c[:3, :3].T + w2c[:3, 3]
+  width, height = frame["w"], frame["h"]
+  focal = width / (2.0 * math.tan(frame["camera_angle_x"] / 2.0))
+  focal_y = height / (2.0 * math.tan(2.0 * math.atan(height / (2.0 * focal)) / 2.0))
+  return np.stack([focal * camera[:, 0] / camera[:, 2] + width / 2.0,
+                   focal_y * camera[:, 1] / camera[:, 2] + height / 2.0], axis=-1)
+
+
+# --- A synthetic clip's track folder: every joint turned, the head moving in the frame camera.
+
+def _synthetic_track(folder, frames_folder):
+  model, embedding = synthetic.synthetic_flame("small", seed=0)
+  rng = np.random.default_rng(5)
+  t = np.arange(FRAMES)
+  rotations = {name: np.stack([amplitude * np.sin(0.4 * t + phase + start)
+                               for phase in (0.0, 1.0, 2.0)], -1).astype(np.float32)
+               for start, (name, amplitude) in enumerate((
+                   ("global_rotation", 0.15), ("neck_rotation", 0.1), ("jaw_rotation", 0.08),
+                   ("left_eye_rotation", 0.1), ("right_eye_rotation", 0.12)))}
+  shape = (rng.normal(size=NUM_SHAPE) * 0.8).astype(np.float32)
+  expression = (rng.normal(size=(FRAMES, NUM_EXPRESSION)) * 0.5).astype(np.float32)
+  camera = dict(
+      rotation=np.stack([Rotation.from_euler("xy", [np.pi + 0.1, 0.3 * np.sin(0.3 * i)])
+                         .as_rotvec() for i in t]),
+      translation=np.stack([[0.01 * np.sin(0.5 * i), 0.02, 0.7 + 0.01 * i] for i in t]),
+      focal_length=np.full(FRAMES, 610.0), principal_point=np.tile([171.3, 104.8], (FRAMES, 1)))
+  order = list(np.asarray(embedding.landmark_indices))
+  indices = order[::7]
+  rows = np.asarray([order.index(index) for index in indices])
+
+  def fitted(params, cam):
+    vertices, _ = flame_forward(model, params)
+    return project(cam, barycentric_points(vertices, model.faces, embedding.face_indices[rows],
+                                           embedding.barycentrics[rows]))
+  params = FlameParams(shape=jnp.broadcast_to(jnp.asarray(shape), (FRAMES, NUM_SHAPE)),
+                       expression=jnp.asarray(expression),
+                       **{k: jnp.asarray(v) for k, v in rotations.items()})
+  landmarks = np.asarray(jax.vmap(fitted)(params, Camera(**{
+      k: jnp.asarray(v, jnp.float32) for k, v in camera.items()})), np.float64)
+  status = np.array(["tracked"] * FRAMES)
+  status[3] = "interpolated"
+  suspect = np.zeros(FRAMES, bool)
+  suspect[3] = suspect[7] = True
+  nan = np.full(FRAMES, np.nan)
+  columns = dict(
+      frame=t, time_s=t / 25.0, status=status, expression=expression, **rotations,
+      head_rotation_deg=np.zeros((FRAMES, 3)),
+      **{f"camera_{k}": v for k, v in camera.items()},
+      **{f"frame_camera_{k}": v for k, v in camera.items()},
+      landmarks_detected=landmarks, landmarks_fitted=landmarks, landmark_error_px=nan,
+      landmark_error_relative=nan, suspect=suspect,
+      suspect_reason=np.where(suspect, "a reason", ""))
+  schema = track_output.table_schema(NUM_EXPRESSION, len(indices), photometric=False)
+  track_output.write_table(folder / "track.parquet", columns, schema, {
+      "model": json.dumps(model.name), "shape": json.dumps(shape.tolist()),
+      "landmark_indices": json.dumps([int(i) for i in indices])})
+  frames_folder.mkdir()
+  for index in range(FRAMES):   # a pale frame with one bright pixel at the first landmark
+    image = np.full((FRAME_SIZE[1], FRAME_SIZE[0], 3), 40, np.uint8)
+    x, y = (int(v) for v in np.floor(landmarks[index, 0]))
+    image[y, x] = 255
+    cv2.imwrite(str(frames_folder / f"f{index:03d}.png"), image)
+  (folder / "manifest.json").write_text(json.dumps(dict(
+      status="ok", model_variant="synthetic", frame_size=list(FRAME_SIZE),
+      source=str(frames_folder))))
+  return model, embedding, rows
+
+
+@pytest.fixture(scope="module")
+def synthetic_export(tmp_path_factory):
+  root = tmp_path_factory.mktemp("export")
+  track = root / "track"
+  track.mkdir()
+  model, embedding, rows = _synthetic_track(track, root / "frames")
+  clip = common.read_tracked_clip(track)
+  dataset, motion = root / "ga", root / "motion"
+  warnings = clip_export.export_dataset(clip, model, dataset, None, 0.25, False)
+  clip_export.export_motion(clip, model, motion)
+  return dict(model=model, embedding=embedding, rows=rows, clip=clip, dataset=dataset,
+              motion=motion, warnings=warnings)
+
+
+def _landmarks_from(model, embedding, rows, vertices):
+  return np.asarray(barycentric_points(jnp.asarray(vertices, jnp.float32), model.faces,
+                                       embedding.face_indices[rows],
+                                       embedding.barycentrics[rows]), np.float64)
+
+
+def _camera_mesh(model, clip, index):
+  """jflame's mesh of frame `index` in its frame camera's coordinates (p_cam = R p + t)."""
+  params = jax.tree.map(lambda leaf: jnp.asarray(leaf[index]), clip.params())
+  vertices = np.asarray(flame_forward(model, params)[0], np.float64)
+  rotation = _rodrigues(clip.columns["frame_camera_rotation"][index])
+  return vertices @ rotation.T + clip.columns["frame_camera_translation"][index]
+
+
+def test_gaussian_avatars_dataset_rebuilds_the_fitted_landmarks(synthetic_export):
+  model, clip, dataset = (synthetic_export[k] for k in ("model", "clip", "dataset"))
+  every = json.loads((dataset / "transforms.json").read_text())
+  splits = {name: json.loads((dataset / f"transforms_{name}.json").read_text())
+            for name in ("train", "val", "test")}
+  # Frame 3 has no face and frame 7 is suspect: left out; the last quarter held out.
+  kept = [i for i in range(FRAMES) if i not in (3, 7)]
+  assert [f["timestep_index"] for f in every["frames"]] == kept
+  assert [f["timestep_index"] for f in splits["test"]["frames"]] == kept[-2:]
+  assert splits["val"]["frames"] == splits["test"]["frames"]
+  assert [f["timestep_index"] for f in splits["train"]["frames"]] == kept[:-2]
+  fitted = clip.columns["landmarks_fitted"]
+  principal_point = clip.columns["frame_camera_principal_point"][0]
+  errors = []
+  for frame in every["frames"]:
+    with np.load(dataset / frame["flame_param_path"]) as data:
+      params = {key: data[key] for key in data.files}
+    assert all(value.dtype == np.float32 for value in params.values())
+    assert params["shape"].shape == (300,) and params["expr"].shape == (1, 100)
+    assert params["eyes_pose"].shape == (1, 6)
+    assert params["static_offset"].shape == (1, model.num_vertices + 120, 3)
+    vertices = gaussian_avatars_vertices(model, params, model.num_vertices)
+    # The whole mesh (eyeballs included) where jflame's frame camera saw it, in metres.
+    np.testing.assert_allclose(vertices, _camera_mesh(model, clip, frame["timestep_index"]),
+                               atol=2e-6)
+    points = _landmarks_from(model, synthetic_export["embedding"], synthetic_export["rows"],
+                             vertices)
+    pixels = gaussian_avatars_pixels(frame, points)
+    # The frame sits on the canvas with its principal point at the canvas centre.
+    shift = np.array([frame["w"] / 2.0, frame["h"] / 2.0]) - principal_point
+    errors.append(np.abs(pixels - (fitted[frame["timestep_index"]] + shift)).max())
+    image = cv2.imread(str(dataset / frame["file_path"]))
+    assert image.shape[:2] == (frame["h"], frame["w"])
+    marked = np.floor(fitted[frame["timestep_index"], 0]) + 0.5 + shift   # the bright pixel
+    brightest = np.unravel_index(np.argmax(image[..., 0]), image.shape[:2])[::-1]
+    assert np.abs(np.asarray(brightest) + 0.5 - marked).max() <= 0.5, (brightest, marked)
+  assert max(errors) < 0.05, errors
+  assert "SYNTHETIC" in synthetic_export["warnings"][0]
+  readme = (dataset / "README.md").read_text()
+  assert "SYNTHETIC" in readme and "padded with zeros to 300" in readme
+  assert "fg_mask" in readme
+
+
+def test_gaussian_avatars_motion_drives_the_tracked_head(synthetic_export):
+  """local_viewer's motion file: float32 only (others are dropped), every frame; with the
+  identity of the dataset's canonical file it rebuilds every frame's fitted landmarks."""
+  model, clip = synthetic_export["model"], synthetic_export["clip"]
+  with np.load(synthetic_export["motion"] / "motion.npz") as data:
+    motion = {key: data[key] for key in data.files}
+  assert all(value.dtype == np.float32 for value in motion.values())
+  assert motion["expr"].shape == (FRAMES, 100) and motion["eyes_pose"].shape == (FRAMES, 6)
+  assert motion["dynamic_offset"].shape == (FRAMES, model.num_vertices + 120, 3)
+  with np.load(synthetic_export["dataset"] / "canonical_flame_param.npz") as data:
+    shape = data["shape"]
+  camera = json.loads((synthetic_export["dataset"] / "transforms.json").read_text())["frames"][0]
+  principal_point = clip.columns["frame_camera_principal_point"][0]
+  shift = np.array([camera["w"] / 2.0, camera["h"] / 2.0]) - principal_point
+  for index in range(FRAMES):
+    params = {key: motion[key][index:index + 1] for key in
+              ("rotation", "translation", "neck_pose", "jaw_pose", "eyes_pose", "expr")}
+    vertices = gaussian_avatars_vertices(model, dict(params, shape=shape), model.num_vertices)
+    points = _landmarks_from(model, synthetic_export["embedding"], synthetic_export["rows"],
+                             vertices)
+    error = np.abs(gaussian_avatars_pixels(camera, points)
+                   - (clip.columns["landmarks_fitted"][index] + shift)).max()
+    assert error < 0.05, (index, error)
+
+
+def test_a_fit_of_another_flame_release_is_refused_and_a_rerun_finishes(synthetic_export,
+                                                                         tmp_path):
+  clip = synthetic_export["clip"]
+  for variant, expected in (("flame2020", "flame2023.pkl"), ("unknown", "--flame_variant")):
+    other = common.TrackedClip(clip.folder, dict(clip.manifest, model_variant=variant),
+                               clip.metadata, clip.columns)
+    with pytest.raises(InputError, match=expected):
+      clip_export.export_motion(other, synthetic_export["model"], tmp_path / "refused")
+  assert not (tmp_path / "refused" / "motion.npz").exists()
+  # An export that stopped after some images: the same call writes the rest, keeps the others.
+  copy = tmp_path / "again"
+  shutil.copytree(synthetic_export["dataset"], copy)
+  for name in ("images/00005.png", "transforms.json", "transforms_train.json"):
+    (copy / name).unlink()
+  kept = (copy / "images/00000.png").stat().st_mtime_ns
+  clip_export.export_dataset(clip, synthetic_export["model"], copy, None, 0.25, False)
+  assert (copy / "images/00005.png").is_file() and (copy / "transforms.json").is_file()
+  assert (copy / "images/00000.png").stat().st_mtime_ns == kept
+  assert (json.loads((copy / "transforms.json").read_text())
+          == json.loads((synthetic_export["dataset"] / "transforms.json").read_text()))
+
+
+def test_not_a_track_folder_and_a_missing_source_are_one_line(synthetic_export, tmp_path):
+  with pytest.raises(InputError, match="not a jflame-track folder"):
+    common.read_tracked_clip(tmp_path)
+  clip = synthetic_export["clip"]
+  moved = common.TrackedClip(clip.folder, dict(clip.manifest, source=str(tmp_path / "gone")),
+                             clip.metadata, clip.columns)
+  with pytest.raises(InputError, match="--source"):
+    clip_export.export_dataset(moved, synthetic_export["model"], tmp_path / "o", None, 0.1, False)
+
+
+# --- The shared real clip, through the commands as a user runs them.
+
+CLIP = SHARED_ASSETS / "clips" / "talking_head_182.mp4"
+EXPORT = ("-m", "jflame.cli.export")
+
+
+@pytest.mark.slow
+def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
+  if not CLIP.is_file():
+    pytest.skip(f"no shared clip at {CLIP}")
+  track = tmp_path / "track"
+  done = run_command(["--input", CLIP, "--output", track, "--max_frames", "24", "--nooverlay",
+                      "--noplot"], tmp_path, script=("-m", "jflame.cli.track"))
+  assert done.returncode == 0, done.stderr[-2000:]
+  dataset, motion = tmp_path / "ga", tmp_path / "motion"
+  for output, name in ((dataset, "gaussian_avatars"), (motion, "gaussian_avatars_motion")):
+    done = run_command(["--input", track, "--format", name, "--output", output], tmp_path,
+                       script=EXPORT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warning:" in done.stderr and "SYNTHETIC" in done.stderr
+  model, embedding = synthetic.synthetic_flame("flame", seed=0)
+  metadata, columns = track_output.read_table(track / "track.parquet")
+  order = list(np.asarray(embedding.landmark_indices))
+  rows = np.asarray([order.index(index) for index in metadata["landmark_indices"]])
+  every = json.loads((dataset / "transforms.json").read_text())
+  assert len(every["frames"]) == int(np.sum(~columns["suspect"]))
+  principal_point = columns["frame_camera_principal_point"][0]
+  errors = []
+  for frame in every["frames"]:
+    with np.load(dataset / frame["flame_param_path"]) as data:
+      params = {key: data[key] for key in data.files}
+    points = _landmarks_from(model, embedding, rows,
+                             gaussian_avatars_vertices(model, params, model.num_vertices))
+    shift = np.array([frame["w"] / 2.0, frame["h"] / 2.0]) - principal_point
+    errors.append(np.abs(gaussian_avatars_pixels(frame, points)
+                         - (columns["landmarks_fitted"][frame["timestep_index"]] + shift)).max())
+    assert cv2.imread(str(dataset / frame["file_path"])).shape[:2] == (frame["h"], frame["w"])
+  assert max(errors) < 0.05, errors
+  with np.load(motion / "motion.npz") as data:
+    assert data["expr"].shape == (24, 100)
+  # Usage problems: one line, exit 2.
+  for args, said in (([], "--input is required"),
+                     (["--input", tmp_path, "--format", "gaussian_avatars", "--output",
+                       tmp_path / "x"], "not a jflame-track folder"),
+                     (["--input", track, "--format", "gaussian_avatars", "--output", track],
+                      "--output is the --input folder"),
+                     (["--input", track, "--format", "metrical", "--output", tmp_path / "y"],
+                      "--format")):
+    done = run_command(args, tmp_path, script=EXPORT)
+    assert done.returncode == 2 and said in done.stderr, (args, done.stderr[-1000:])
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
