@@ -319,3 +319,122 @@ def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
     done = run_command(args, tmp_path, script=EXPORT)
     assert done.returncode == 2 and said in done.stderr, (args, done.stderr[-1000:])
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+# --- NoW: per photo a mesh in millimetres and its 7 points, read as NoW's compute_error does.
+
+def _fit_folder(folder, model, photos):
+  """A jflame-fit result folder as the command writes it (manifest.jsonl + one .npz per ok
+  photo): {relpath: FlameParams}."""
+  from jflame import manifest
+  rng = np.random.default_rng(2)
+  entries, params = [], {}
+  for index, relpath in enumerate(photos):
+    name = f"{relpath.replace('/', '_')}~{index:08x}"
+    values = FlameParams(
+        shape=(rng.normal(size=NUM_SHAPE) * 0.8).astype(np.float32),
+        expression=(rng.normal(size=NUM_EXPRESSION)).astype(np.float32),
+        global_rotation=np.float32([0.1, 0.3, 0.0]), neck_rotation=np.float32([0.1, 0, 0]),
+        jaw_rotation=np.float32([0.2, 0, 0]), left_eye_rotation=np.zeros(3, np.float32),
+        right_eye_rotation=np.zeros(3, np.float32))
+    np.savez(folder / f"{name}.npz", model=model.name, **values.as_dict())
+    entries.append(dict(name=name, status="ok", source_relpath=relpath, files=[f"{name}.npz"]))
+    params[relpath] = values
+  entries.append(dict(name="broken~0", status="unreadable", source_relpath="broken.jpg",
+                      files=[]))
+  manifest.append_entries(folder, entries)
+  return params
+
+
+def _on_surface(points, vertices, faces):
+  """(P,) distance of each point to the nearest triangle whose plane it lies in and inside of
+  which it falls (inf when none): the points must lie on the mesh."""
+  a, b, c = (vertices[faces[:, k]] for k in range(3))
+  normal = np.cross(b - a, c - a)
+  normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+  distances = []
+  for point in points:
+    height = np.einsum("fk,fk->f", point - a, normal)
+    foot = point - height[:, None] * normal
+    areas = [np.einsum("fk,fk->f", np.cross(q - p, foot - p), normal)
+             for p, q in ((a, b), (b, c), (c, a))]
+    inside = np.all(np.stack(areas) >= -1e-6, axis=0)   # a point on an edge or a vertex too
+    distances.append(np.min(np.abs(height[inside])) if np.any(inside) else np.inf)
+  return np.asarray(distances)
+
+
+def test_now_meshes_in_millimetres_and_seven_points_in_nows_order(tmp_path):
+  import trimesh
+  from jflame.exports import fit_export
+  model, embedding = synthetic.synthetic_flame("small", seed=0)
+  results = tmp_path / "results"
+  results.mkdir()
+  photos = ["FaMoS_180424_03335_TA/multiview_neutral/IMG_0101.jpg",
+            "FaMoS_180424_03335_TA/selfie/IMG_0102.jpg", "a/../escape.jpg"]
+  params = _fit_folder(results, model, photos)
+  fitted = fit_export.read_fitted_photos(results)
+  assert sorted(photo.relpath for photo in fitted) == sorted(photos)   # the failed one skipped
+  out = tmp_path / "now"
+  warnings = fit_export.export_now(fitted, model, embedding, out, fitted_face=False)
+  assert "SYNTHETIC" in warnings[0]
+  for relpath in photos[:2]:
+    stem = out / relpath[:-len(".jpg")]
+    mesh = trimesh.load(f"{stem}.obj", process=False)       # as NoW's mesh loader reads it
+    assert not mesh.visual.kind == "vertex"                    # no vertex colours
+    points = np.load(f"{stem}.npy")
+    assert points.shape == (7, 3)
+    # Millimetres: the identity alone (NoW's scans are neutral), 1000x jflame's metres.
+    neutral = FlameParams.zeros(NUM_SHAPE, NUM_EXPRESSION).replace(
+        shape=jnp.asarray(params[relpath].shape))
+    np.testing.assert_allclose(mesh.vertices, 1000 * np.asarray(flame_forward(model, neutral)[0]),
+                               atol=1e-4)
+    assert np.all(_on_surface(points, mesh.vertices, mesh.faces) < 1e-3)
+    # NoW's order, as its landmarks_7_annotated.png shows the face from the front (x to the
+    # subject's left, y up): eye corners 1-4 left to right, 5 below the nose between the
+    # inner corners, mouth corners 6 and 7 below it.
+    x, y = points[:, 0], points[:, 1]
+    assert x[0] < x[1] < x[4] < x[2] < x[3] and x[5] < x[4] < x[6]
+    assert max(y[5], y[6]) < y[4] < min(y[:4])
+    eye_span = np.linalg.norm(points[3] - points[0])
+    assert 40 < eye_span < 150, eye_span                        # millimetres, a head's size
+  # A path that leaves its folder is written under the photo's unique name, and said so.
+  assert (out / f"{fitted[2].name}.obj").is_file() and not (tmp_path / "escape.obj").exists()
+  assert "a/../escape.jpg: written as" in (out / "README.md").read_text()
+  # --fitted_face: the fitted expression and pose.
+  face = tmp_path / "face"
+  fit_export.export_now(fitted[:1], model, embedding, face, fitted_face=True)
+  mesh = trimesh.load(face / (fitted[0].relpath[:-4] + ".obj"), process=False)
+  np.testing.assert_allclose(mesh.vertices, 1000 * np.asarray(flame_forward(
+      model, params[fitted[0].relpath])[0]), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_now_from_a_fit_folder_and_from_a_dataset_of_the_same_photos(tmp_path):
+  """jflame-fit and jflame-annotate on two shared photos, each exported through the command:
+  the same files, the same meshes (one engine fits both)."""
+  from tests.conftest import shared_photos
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  for photo in shared_photos()[:2]:
+    (photos / photo.name).symlink_to(photo)
+  fitted, annotated = tmp_path / "results", tmp_path / "dataset"
+  for script, out, extra in ((("-m", "jflame.cli.fit"), fitted, []),
+                             (("-m", "jflame.cli.annotate"), annotated, ["--noreport"])):
+    done = run_command(["--input", photos, "--output", out, *extra], tmp_path, script=script)
+    assert done.returncode == 0, done.stderr[-2000:]
+  exports = {}
+  for source in (fitted, annotated):
+    out = tmp_path / f"now_{source.name}"
+    done = run_command(["--input", source, "--format", "now", "--output", out], tmp_path,
+                       script=EXPORT)
+    assert done.returncode == 0 and "SYNTHETIC" in done.stderr, done.stderr[-2000:]
+    exports[source.name] = out
+  names = sorted(photo.stem for photo in photos.iterdir())
+  for out in exports.values():
+    assert sorted(path.stem for path in out.glob("*.npy")) == names
+  for name in names:
+    first, second = (np.load(exports[key] / f"{name}.npy") for key in ("results", "dataset"))
+    np.testing.assert_allclose(first, second, atol=0.05)        # millimetres
+  done = run_command(["--input", fitted, "--format", "gaussian_avatars", "--output",
+                      tmp_path / "wrong"], tmp_path, script=EXPORT)
+  assert done.returncode == 2 and "not a jflame-track folder" in done.stderr

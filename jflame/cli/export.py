@@ -1,12 +1,18 @@
-"""jflame-export: a jflame-track folder in the files another tool reads.
+"""jflame-export: a jflame folder in the files another tool reads.
 
   jflame-export --input tracked/ --format gaussian_avatars --output ga_dataset/
                 [--flame_model flame2023.pkl --embedding mediapipe_landmark_embedding.npz]
+  jflame-export --input results/ --format now --output now_predictions/
 
 Formats (docs/FORMAT.md, "Exports", has every key and convention):
-  gaussian_avatars         GaussianAvatars / VHAP's NeRF-style dataset: transforms_*.json,
-                           images/, flame_param/, canonical_flame_param.npz (FLAME 2023)
-  gaussian_avatars_motion  one motion.npz that drives a trained GaussianAvatars avatar
+  gaussian_avatars         from a jflame-track folder: GaussianAvatars / VHAP's NeRF-style
+                           dataset: transforms_*.json, images/, flame_param/,
+                           canonical_flame_param.npz (FLAME 2023)
+  gaussian_avatars_motion  from a jflame-track folder: one motion.npz that drives a trained
+                           GaussianAvatars avatar
+  now                      from a jflame-fit folder or a jflame-annotate dataset: per photo a
+                           mesh in millimetres and NoW's 7 landmarks (.npy), for the NoW and
+                           NeRSemble single-image benchmarks
 
 The model flags must name the model the clip was tracked with (the export needs its joints).
 A fit made with another FLAME release than the format's readers expect is refused (never
@@ -24,8 +30,11 @@ from tqdm import tqdm
 from jflame.cli import app as cli_app
 from jflame.cli import model_flags
 
-FORMATS = ("gaussian_avatars", "gaussian_avatars_motion")
-_INPUT = flags.DEFINE_string("input", None, "A jflame-track output folder.")
+CLIP_FORMATS = ("gaussian_avatars", "gaussian_avatars_motion")
+PHOTO_FORMATS = ("now",)
+FORMATS = CLIP_FORMATS + PHOTO_FORMATS
+_INPUT = flags.DEFINE_string("input", None, "A jflame-track output folder (gaussian_avatars*), "
+                             "or a jflame-fit folder or jflame-annotate dataset (now).")
 _FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "What to write.")
 _OUTPUT = flags.DEFINE_string("output", None, "The export's folder (created if absent).")
 _SOURCE = flags.DEFINE_string(
@@ -34,6 +43,9 @@ _SOURCE = flags.DEFINE_string(
 _TEST_FRACTION = flags.DEFINE_float(
     "test_fraction", 0.1, "gaussian_avatars: the share of the clip's last frames held out as "
     "the test (and val) split, 0..0.9.", lower_bound=0.0, upper_bound=0.9)
+_FITTED_FACE = flags.DEFINE_bool(
+    "fitted_face", False, "now: write the fitted face (expression, jaw, eyes) instead of the "
+    "identity alone (NoW's scans are neutral).")
 _KEEP_SUSPECT = flags.DEFINE_bool(
     "keep_suspect", False, "gaussian_avatars: keep the frames the track marked suspect in the "
     "splits (frames without a face are always left out).")
@@ -43,28 +55,36 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  for flag, what in ((_INPUT, "a jflame-track output folder"), (_FORMAT, "one of " +
-                     ", ".join(FORMATS)), (_OUTPUT, "the export's folder")):
+  for flag, what in ((_INPUT, "a jflame folder"), (_FORMAT, "one of " + ", ".join(FORMATS)),
+                     (_OUTPUT, "the export's folder")):
     if not flag.value:
       return cli_app.usage_error(f"--{flag.name} is required ({what}).")
   from jflame import output_folder
   from jflame.errors import JFlameError
-  from jflame.exports import clip_export, common
+  from jflame.exports import clip_export, common, fit_export
   source_folder = Path(_INPUT.value).expanduser()
   output = Path(_OUTPUT.value).expanduser()
   try:
     if output.resolve() == source_folder.resolve():
       return cli_app.usage_error("--output is the --input folder; export into another folder.")
-    clip = common.read_tracked_clip(source_folder)
+    if _FORMAT.value in CLIP_FORMATS:
+      clip = common.read_tracked_clip(source_folder)
+      total = clip.num_frames
+    else:
+      photos = fit_export.read_fitted_photos(source_folder)
+      total = len(photos)
     with output_folder.claim_output_folder(output) as folder:
       loaded = model_flags.load_model()
-      if _FORMAT.value == "gaussian_avatars_motion":
-        warnings = clip_export.export_motion(clip, loaded.model, folder)
-      else:
-        with tqdm(total=clip.num_frames, unit="frame", desc="jflame-export", delay=1.0) as bar:
+      with tqdm(total=total, unit="item", desc="jflame-export", delay=1.0) as bar:
+        if _FORMAT.value == "gaussian_avatars_motion":
+          warnings = clip_export.export_motion(clip, loaded.model, folder)
+        elif _FORMAT.value == "gaussian_avatars":
           warnings = clip_export.export_dataset(clip, loaded.model, folder, _SOURCE.value,
                                                 _TEST_FRACTION.value, _KEEP_SUSPECT.value,
                                                 progress=bar.update)
+        else:
+          warnings = fit_export.export_now(photos, loaded.model, loaded.embedding, folder,
+                                           _FITTED_FACE.value, progress=bar.update)
   except JFlameError as error:
     return cli_app.usage_error(str(error))
   except KeyboardInterrupt:
