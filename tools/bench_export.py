@@ -1,0 +1,66 @@
+"""Benchmark of jflame-export on a finished jflame-track folder: reading the track, the
+vmapped root joints and the motion file, and the whole dataset export with and without its
+image writing (a rerun keeps the images, so its time is the export without them).
+
+  .venv/bin/python tools/bench_export.py --track tracked/ [--repeats 5]
+      [--flame_model ... --embedding ...]   # the model the clip was tracked with
+
+Figures are medians of --repeats runs after one warm-up (which also compiles the joints).
+"""
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+import numpy as np
+
+from jflame.cli import model_flags
+
+_TRACK = flags.DEFINE_string("track", None, "A jflame-track output folder.", required=True)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the figures here.")
+
+
+def _median_seconds(run, repeats):
+  run()   # warm-up: compiles, fills the file cache
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def main(argv):
+  del argv
+  from jflame.exports import clip_export, common
+  loaded = model_flags.load_model()
+  folder = Path(_TRACK.value)
+  clip = common.read_tracked_clip(folder)
+  scratch = Path(tempfile.mkdtemp(prefix="bench_export_"))
+  try:
+    figures = dict(frames=clip.num_frames, frame_size=clip.manifest["frame_size"])
+    figures["read_track_s"] = _median_seconds(lambda: common.read_tracked_clip(folder),
+                                              _REPEATS.value)
+    figures["motion_s"] = _median_seconds(
+        lambda: clip_export.export_motion(clip, loaded.model, scratch / "motion"), _REPEATS.value)
+
+    def dataset_fresh():
+      shutil.rmtree(scratch / "fresh", ignore_errors=True)
+      clip_export.export_dataset(clip, loaded.model, scratch / "fresh", None, 0.1, False)
+    figures["dataset_with_images_s"] = _median_seconds(dataset_fresh, _REPEATS.value)
+    figures["dataset_images_kept_s"] = _median_seconds(
+        lambda: clip_export.export_dataset(clip, loaded.model, scratch / "fresh", None, 0.1,
+                                           False), _REPEATS.value)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+  print(json.dumps(figures, indent=1))
+  if _JSON_OUT.value:
+    Path(_JSON_OUT.value).write_text(json.dumps(figures, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
