@@ -438,3 +438,111 @@ def test_now_from_a_fit_folder_and_from_a_dataset_of_the_same_photos(tmp_path):
   done = run_command(["--input", fitted, "--format", "gaussian_avatars", "--output",
                       tmp_path / "wrong"], tmp_path, script=EXPORT)
   assert done.returncode == 2 and "not a jflame-track folder" in done.stderr
+
+
+# --- A calibrated capture (jflame-fit --cameras) as GaussianAvatars' multi-view dataset.
+
+def _capture_folder(root, model, embedding):
+  """Three calibrated cameras (lens distortion, fx != fy, off-centre principal points) around
+  the small head over three moments, as jflame-fit --cameras leaves them: the camera file, the
+  moments' images (one bright pixel where landmark 0 lands, through the lens) and per moment
+  the npz of parameters and head pose in the world. Returns (fit folder, cameras)."""
+  from jflame import camera_files
+  rng = np.random.default_rng(9)
+  serials = ["220700191", "221501007", "222200037"]
+  sizes = [(300, 360), (280, 340), (300, 360)]
+  cameras, entries = {}, {}
+  for index, (serial, (width, height)) in enumerate(zip(serials, sizes)):
+    yaw = np.radians((-25.0, 0.0, 30.0)[index])
+    centre = 0.6 * np.array([np.sin(yaw), 0.05, np.cos(yaw)])
+    w2c = camera_files.look_at(centre)
+    k = np.array([[900.0 + 20 * index, 0.0, width / 2 + 9.3 - 5 * index],
+                  [0.0, 905.0 + 25 * index, height / 2 - 7.1], [0.0, 0.0, 1.0]])
+    distortion = [-0.08 + 0.02 * index, 0.03, 0.0006, -0.0004, 0.0]
+    cameras[serial] = camera_files.RigCamera(serial, k, w2c, (width, height),
+                                             np.asarray(distortion))
+    entries[serial] = dict(K=k.tolist(), R=w2c[:3, :3].tolist(), t=w2c[:3, 3].tolist(),
+                           width=width, height=height, distortion=distortion)
+  camera_file = root / "cameras.json"
+  camera_file.write_text(json.dumps(dict(jflame_cameras=1, cameras=entries)))
+  frames, fit = root / "frames", root / "fit"
+  fit.mkdir()
+  order = list(np.asarray(embedding.landmark_indices))
+  moments = []
+  shape = (rng.normal(size=NUM_SHAPE) * 0.8).astype(np.float32)   # the run's one identity
+  for index in range(3):
+    name = f"{index:03d}"
+    params = FlameParams(
+        shape=shape,
+        expression=(rng.normal(size=NUM_EXPRESSION) * 0.5).astype(np.float32),
+        global_rotation=np.float32([0.05, 0.1 * index, 0.0]),
+        neck_rotation=np.float32([0.1, -0.05, 0.02]), jaw_rotation=np.float32([0.15, 0, 0]),
+        left_eye_rotation=np.float32([0.05, 0.1, 0]),
+        right_eye_rotation=np.float32([0.02, 0.12, 0]))
+    head_rotation = np.float64([0.1, 0.2 * index - 0.2, 0.05])
+    head_translation = np.float64([0.01, -0.02, 0.03 * index])
+    np.savez(fit / f"{name}.npz", model=model.name, head_rotation=head_rotation,
+             head_translation=head_translation, **params.as_dict())
+    world = _rodrigues(head_rotation)
+    vertices = np.asarray(flame_forward(model, params)[0], np.float64) @ world.T + head_translation
+    point = _landmarks_from(model, embedding, np.asarray([order.index(order[0])]), vertices)
+    (frames / name).mkdir(parents=True)
+    for serial, camera in cameras.items():
+      width, height = camera.image_size
+      image = np.full((height, width, 3), 30, np.uint8)
+      x, y = (int(v) for v in np.floor(camera_files.project_points(camera, point)[0]))
+      image[y, x] = 255
+      cv2.imwrite(str(frames / name / f"cam_{serial}.png"), image)
+    moments.append(dict(moment=name, status="ok", suspect=False, suspect_reason=""))
+  (fit / "manifest.json").write_text(json.dumps(dict(
+      jflame_capture=1, cameras=str(camera_file), input=str(frames), serials=serials,
+      moments=moments, shared_shape=None, model_variant="synthetic")))
+  return fit, cameras
+
+
+def test_a_calibrated_capture_becomes_a_multi_view_dataset(tmp_path):
+  from jflame.exports import capture_export
+  model, embedding = synthetic.synthetic_flame("small", seed=0)
+  fit, cameras = _capture_folder(tmp_path, model, embedding)
+  out = tmp_path / "ga"
+  warnings = capture_export.export_capture_dataset(fit, model, out, 0.34, False)
+  assert "SYNTHETIC" in warnings[0]
+  every = json.loads((out / "transforms.json").read_text())
+  assert len(every["frames"]) == 9 and every["camera_indices"] == [0, 1, 2]
+  test = json.loads((out / "transforms_test.json").read_text())
+  assert {f["timestep_index"] for f in test["frames"]} == {2}
+  rows = np.arange(len(np.asarray(embedding.landmark_indices)))
+  serials = list(cameras)
+  for frame in every["frames"]:
+    with np.load(out / frame["flame_param_path"]) as data:
+      params = {key: data[key] for key in data.files}
+    vertices = gaussian_avatars_vertices(model, params, model.num_vertices)
+    with np.load(fit / f"{frame['timestep_index']:03d}.npz") as data:
+      flame_params = FlameParams(**{k: jnp.asarray(data[k]) for k in (
+          "shape", "expression", "global_rotation", "neck_rotation", "jaw_rotation",
+          "left_eye_rotation", "right_eye_rotation")})
+      world = (np.asarray(flame_forward(model, flame_params)[0], np.float64)
+               @ _rodrigues(data["head_rotation"]).T + data["head_translation"])
+    np.testing.assert_allclose(vertices, world, atol=2e-6)   # the head in the file's world
+    camera = cameras[serials[frame["camera_index"]]]
+    points = _landmarks_from(model, embedding, rows, vertices)
+    # The reader's pinhole against the calibrated camera without its lens: same focal length
+    # (fx) on the canvas, the principal point at the canvas centre.
+    in_camera = points @ camera.rotation.T + camera.translation
+    expected = (camera.intrinsics[0, 0] * in_camera[:, :2] / in_camera[:, 2:]
+                + [frame["w"] / 2.0, frame["h"] / 2.0])
+    assert np.abs(gaussian_avatars_pixels(frame, points) - expected).max() < 0.05
+    # The source image's bright pixel, taken through the lens by OpenCV's own undistortPoints
+    # (pixel centres at integers there: K shifted by half a pixel), lands on the canvas where
+    # the reader's pinhole puts that ray (undistortion, square pixels, half-pixel convention).
+    image = cv2.imread(str(out / frame["file_path"]))
+    assert image.shape[:2] == (frame["h"], frame["w"])
+    source = cv2.imread(str(tmp_path / "frames" / f"{frame['timestep_index']:03d}"
+                            / f"cam_{serials[frame['camera_index']]}.png"))
+    bright = np.unravel_index(np.argmax(source[..., 0]), source.shape[:2])[::-1]
+    k_opencv = camera.intrinsics.copy()
+    k_opencv[:2, 2] -= 0.5
+    ray = cv2.undistortPoints(np.float64([[bright]]), k_opencv, camera.distortion)[0, 0]
+    marked = camera.intrinsics[0, 0] * ray + [frame["w"] / 2.0, frame["h"] / 2.0]
+    brightest = np.unravel_index(np.argmax(image[..., 0]), image.shape[:2])[::-1]
+    assert np.abs(np.asarray(brightest) + 0.5 - marked).max() <= 0.55, (brightest, marked)

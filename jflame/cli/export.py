@@ -5,9 +5,9 @@
   jflame-export --input results/ --format now --output now_predictions/
 
 Formats (docs/FORMAT.md, "Exports", has every key and convention):
-  gaussian_avatars         from a jflame-track folder: GaussianAvatars / VHAP's NeRF-style
-                           dataset: transforms_*.json, images/, flame_param/,
-                           canonical_flame_param.npz (FLAME 2023)
+  gaussian_avatars         from a jflame-track folder or a jflame-fit --cameras folder:
+                           GaussianAvatars / VHAP's NeRF-style dataset: transforms_*.json,
+                           images/, flame_param/, canonical_flame_param.npz (FLAME 2023)
   gaussian_avatars_motion  from a jflame-track folder: one motion.npz that drives a trained
                            GaussianAvatars avatar
   now                      from a jflame-fit folder or a jflame-annotate dataset: per photo a
@@ -33,8 +33,9 @@ from jflame.cli import model_flags
 CLIP_FORMATS = ("gaussian_avatars", "gaussian_avatars_motion")
 PHOTO_FORMATS = ("now",)
 FORMATS = CLIP_FORMATS + PHOTO_FORMATS
-_INPUT = flags.DEFINE_string("input", None, "A jflame-track output folder (gaussian_avatars*), "
-                             "or a jflame-fit folder or jflame-annotate dataset (now).")
+_INPUT = flags.DEFINE_string("input", None, "A jflame-track output folder (gaussian_avatars*), a "
+                             "jflame-fit --cameras folder (gaussian_avatars), or a jflame-fit "
+                             "folder or jflame-annotate dataset (now).")
 _FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "What to write.")
 _OUTPUT = flags.DEFINE_string("output", None, "The export's folder (created if absent).")
 _SOURCE = flags.DEFINE_string(
@@ -61,13 +62,16 @@ def main(argv):
       return cli_app.usage_error(f"--{flag.name} is required ({what}).")
   from jflame import output_folder
   from jflame.errors import JFlameError
-  from jflame.exports import clip_export, common, fit_export
+  from jflame.exports import capture_export, clip_export, common, fit_export
   source_folder = Path(_INPUT.value).expanduser()
   output = Path(_OUTPUT.value).expanduser()
   try:
     if output.resolve() == source_folder.resolve():
       return cli_app.usage_error("--output is the --input folder; export into another folder.")
-    if _FORMAT.value in CLIP_FORMATS:
+    capture = _FORMAT.value == "gaussian_avatars" and capture_export.is_capture(source_folder)
+    if capture:
+      total = len(capture_export.read_capture(source_folder)["moments"])
+    elif _FORMAT.value in CLIP_FORMATS:
       clip = common.read_tracked_clip(source_folder)
       total = clip.num_frames
     else:
@@ -76,7 +80,11 @@ def main(argv):
     with output_folder.claim_output_folder(output) as folder:
       loaded = model_flags.load_model()
       with tqdm(total=total, unit="item", desc="jflame-export", delay=1.0) as bar:
-        if _FORMAT.value == "gaussian_avatars_motion":
+        if capture:
+          warnings = capture_export.export_capture_dataset(
+              source_folder, loaded.model, folder, _TEST_FRACTION.value, _KEEP_SUSPECT.value,
+              progress=bar.update)
+        elif _FORMAT.value == "gaussian_avatars_motion":
           warnings = clip_export.export_motion(clip, loaded.model, folder)
         elif _FORMAT.value == "gaussian_avatars":
           warnings = clip_export.export_dataset(clip, loaded.model, folder, _SOURCE.value,

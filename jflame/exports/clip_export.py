@@ -2,27 +2,16 @@
 needs in one vmapped call, write each file atomically. A rerun rewrites the small files and
 keeps the images already written, so an interrupted export finishes where it stopped."""
 
-import json
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import cv2
 import numpy as np
 
-from jflame import atomic
 from jflame.errors import InputError
 from jflame.exports import common, gaussian_avatars as ga
 from jflame.flame import FlameModel
 from jflame.preprocess.video import open_clip
-
-
-def _write_npz(path: Path, arrays: dict) -> None:
-  with atomic.atomic_path(path, suffix=".npz") as tmp:
-    np.savez(tmp, **arrays)
-
-
-def _write_json(path: Path, value) -> None:
-  atomic.write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def check_model(clip: common.TrackedClip, model: FlameModel) -> None:
@@ -66,7 +55,7 @@ def export_motion(clip: common.TrackedClip, model: FlameModel, output: Path) -> 
   check_model(clip, model)
   notes: List[str] = []
   motion, _ = _ga_motion(clip, model, notes)
-  _write_npz(output / "motion.npz", motion)
+  common.write_npz(output / "motion.npz", motion)
   common.write_readme(output, "GaussianAvatars motion file (jflame-export)", [
       f"`motion.npz`: {clip.num_frames} frames of `{clip.folder}` (every frame, in order; "
       "frames without a face carry the track's interpolated or held values), float32 arrays "
@@ -118,13 +107,9 @@ def export_dataset(clip: common.TrackedClip, model: FlameModel, output: Path,
     image_path, parameter_path = f"images/{index:05d}.png", f"flame_param/{index:05d}.npz"
     target = output / image_path
     if not target.is_file():
-      placed = cv2.warpAffine(image, warp, canvas, flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-      target.parent.mkdir(parents=True, exist_ok=True)
-      with atomic.atomic_path(target) as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(placed, cv2.COLOR_RGB2BGR)):
-          raise InputError(f"cannot write {target}.")
-    _write_npz(output / parameter_path, ga.frame_parameters(motion, shape, index))
+      common.write_image(target, cv2.warpAffine(image, warp, canvas, flags=cv2.INTER_LINEAR,
+                                         borderMode=cv2.BORDER_CONSTANT, borderValue=0))
+    common.write_npz(output / parameter_path, ga.frame_parameters(motion, shape, index))
     entries[index] = ga.frame_entry(index, canvas, focal, image_path, parameter_path)
     if progress:
       progress(1)
@@ -132,12 +117,14 @@ def export_dataset(clip: common.TrackedClip, model: FlameModel, output: Path,
   if missing:
     raise InputError(f"{source} ended before frame {min(missing)}: not the clip that was "
                      "tracked.")
-  _write_npz(output / "canonical_flame_param.npz",
+  common.write_npz(output / "canonical_flame_param.npz",
              ga.canonical_parameters(shape, model.num_vertices))
   chosen = ga.splits(frames, test_fraction)
   for name, members in chosen.items():
-    _write_json(output / f"transforms_{name}.json", ga.transforms(entries, members, canvas, focal))
-  _write_json(output / "transforms.json", ga.transforms(entries, frames, canvas, focal))
+    common.write_json(output / f"transforms_{name}.json",
+                ga.transforms([entries[frame] for frame in members], entries[frames[0]]))
+  common.write_json(output / "transforms.json",
+              ga.transforms([entries[frame] for frame in frames], entries[frames[0]]))
   notes.append("No fg_masks/: jflame runs no head segmentation; the transforms carry no "
                "fg_mask_path. The canvas border (black) is GaussianAvatars' default background.")
   common.write_readme(output, "GaussianAvatars / VHAP dataset (jflame-export)", [

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
+import cv2
 import numpy as np
 
 from jflame import atomic, track_output
@@ -94,6 +95,22 @@ def padded(values, count: int, name: str, notes: List[str]) -> np.ndarray:
     notes.append(f"{name}: {fitted} fitted coefficients padded with zeros to {count}.")
   return np.concatenate([values, np.zeros(values.shape[:-1] + (count - fitted,), np.float32)],
                         axis=-1)
+
+
+def write_npz(path: Path, arrays: dict) -> None:
+  with atomic.atomic_path(path, suffix=".npz") as tmp:
+    np.savez(tmp, **arrays)
+
+
+def write_json(path: Path, value) -> None:
+  atomic.write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def write_image(path: Path, rgb: np.ndarray) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with atomic.atomic_path(path) as tmp:
+    if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+      raise InputError(f"cannot write {path}.")
 
 
 def write_readme(folder: Path, title: str, lines: List[str], warnings: List[str]) -> None:

@@ -17,7 +17,7 @@ placed on a canvas that puts jflame's principal point at its centre (nothing is 
 """
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -96,13 +96,14 @@ def centred_canvas(frame_size: Tuple[int, int], principal_point) -> Tuple[Tuple[
 
 
 def frame_entry(index: int, canvas: Tuple[int, int], focal_length: float, image_path: str,
-                parameter_path: str) -> dict:
-  """One `frames` entry of the transforms files: the fixed camera (OpenGL camera-to-world),
-  its intrinsics on the canvas and the frame's files."""
+                parameter_path: str, camera_index: int = 0,
+                camera_to_world: np.ndarray = OPENCV_TO_OPENGL) -> dict:
+  """One `frames` entry of the transforms files: the camera (OpenGL camera-to-world; a clip's
+  is fixed at the origin), its intrinsics on the canvas and the frame's files."""
   width, height = canvas
-  return dict(timestep_index=index, camera_index=0, file_path=image_path,
+  return dict(timestep_index=index, camera_index=camera_index, file_path=image_path,
               flame_param_path=parameter_path,
-              transform_matrix=OPENCV_TO_OPENGL.tolist(), w=width, h=height,
+              transform_matrix=np.asarray(camera_to_world).tolist(), w=width, h=height,
               fl_x=focal_length, fl_y=focal_length, cx=width / 2.0, cy=height / 2.0,
               camera_angle_x=2.0 * math.atan(width / (2.0 * focal_length)),
               camera_angle_y=2.0 * math.atan(height / (2.0 * focal_length)))
@@ -118,10 +119,39 @@ def splits(frames: List[int], test_fraction: float) -> Dict[str, List[int]]:
   return dict(train=frames[:cut], val=frames[cut:], test=frames[cut:])
 
 
-def transforms(entries: Dict[int, dict], frames: List[int], canvas, focal_length: float) -> dict:
-  """One transforms file: the shared field of view and intrinsics, and the frames' entries."""
-  width, height = canvas
-  return dict(camera_angle_x=2.0 * math.atan(width / (2.0 * focal_length)), w=width, h=height,
-              fl_x=focal_length, fl_y=focal_length, cx=width / 2.0, cy=height / 2.0,
-              timestep_indices=list(frames), camera_indices=[0],
-              frames=[entries[frame] for frame in frames])
+def transforms(entries: List[dict], shared: Optional[dict] = None) -> dict:
+  """One transforms file: the frames' entries, and the camera they share at the top level
+  when there is one (a clip's; each entry carries its own camera too)."""
+  top = {}
+  if shared is not None:
+    top = {key: shared[key] for key in ("camera_angle_x", "w", "h", "fl_x", "fl_y", "cx", "cy")}
+  return dict(top, timestep_indices=sorted({entry["timestep_index"] for entry in entries}),
+              camera_indices=sorted({entry["camera_index"] for entry in entries}),
+              frames=entries)
+
+
+def undistorting_maps(intrinsics, distortion, image_size: Tuple[int, int]
+                      ) -> Tuple[Tuple[int, int], float, np.ndarray, np.ndarray]:
+  """A calibrated camera's image as the reader's camera sees it: (canvas (width, height), focal
+  length, map_x, map_y for cv2.remap) of a pinhole with square pixels, no lens distortion and
+  the principal point at the canvas centre, holding the undistorted frame. jflame's K has pixel
+  centres at +0.5, OpenCV's maps at 0: both Ks are shifted by half a pixel."""
+  import cv2
+  k = np.asarray(intrinsics, np.float64)
+  width, height = image_size
+  focal = float(k[0, 0])
+  half_width = focal * max(k[0, 2], width - k[0, 2]) / k[0, 0]
+  half_height = focal * max(k[1, 2], height - k[1, 2]) / k[1, 1]
+  canvas = (2 * int(math.ceil(half_width)), 2 * int(math.ceil(half_height)))
+  source = k.copy()
+  source[:2, 2] -= 0.5
+  target = np.array([[focal, 0.0, canvas[0] / 2.0 - 0.5], [0.0, focal, canvas[1] / 2.0 - 0.5],
+                     [0.0, 0.0, 1.0]])
+  map_x, map_y = cv2.initUndistortRectifyMap(source, np.asarray(distortion, np.float64), None,
+                                             target, canvas, cv2.CV_32FC1)
+  return canvas, focal, map_x, map_y
+
+
+def camera_to_world_opengl(world_to_camera) -> np.ndarray:
+  """(4, 4) NeRF's camera-to-world (OpenGL axes) of an OpenCV world-to-camera."""
+  return np.linalg.inv(np.asarray(world_to_camera, np.float64)) @ OPENCV_TO_OPENGL

@@ -1,0 +1,133 @@
+"""The GaussianAvatars / VHAP dataset of a calibrated capture (a `jflame-fit --cameras` folder):
+every moment a timestep, every camera of the rig a camera of the dataset, in the camera file's
+world. The head's pose is already in that world (p_world = R_h p + t_h), so rotation = R_h G and
+translation = R_h J0 + t_h - J0 as for a clip (`gaussian_avatars.head_pose_in_fixed_camera`).
+Each view is resampled once (`cv2.remap`) into the reader's camera: lens distortion removed,
+square pixels, the principal point at the canvas centre."""
+
+import json
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import cv2
+import numpy as np
+
+from jflame import camera_files
+from jflame.errors import InputError
+from jflame.exports import common, gaussian_avatars as ga
+from jflame.flame import PARAMETER_NAMES, FlameModel, FlameParams
+
+
+def read_capture(folder) -> dict:
+  """A jflame-fit --cameras folder's manifest; InputError when the folder is not one."""
+  path = Path(folder) / "manifest.json"
+  try:
+    manifest = json.loads(path.read_text())
+  except (OSError, ValueError):
+    manifest = None
+  if not isinstance(manifest, dict) or "jflame_capture" not in manifest:
+    raise InputError(f"{folder} is not a jflame-fit --cameras folder (no capture manifest.json).")
+  return manifest
+
+
+def is_capture(folder) -> bool:
+  try:
+    read_capture(folder)
+  except InputError:
+    return False
+  return True
+
+
+def _moment_folder(manifest: dict, moment: str) -> Path:
+  root = Path(manifest["input"])
+  return root if root.name == moment and not (root / moment).is_dir() else root / moment
+
+
+def export_capture_dataset(folder, model: FlameModel, output: Path, test_fraction: float,
+                           keep_suspect: bool,
+                           progress: Optional[Callable[[int], None]] = None) -> List[str]:
+  """`gaussian_avatars` from a capture folder. Returns the warnings."""
+  folder = Path(folder)
+  manifest = read_capture(folder)
+  warnings = common.check_variant(manifest.get("model_variant", "unknown"),
+                                  ga.EXPECTED_VARIANT, "gaussian_avatars", ga.READER)
+  notes: List[str] = []
+  moments = []
+  for entry in manifest["moments"]:
+    if entry.get("status") != "ok":
+      notes.append(f"moment {entry['moment']}: {entry.get('status')}, left out.")
+    elif entry.get("suspect") and not keep_suspect:
+      notes.append(f"moment {entry['moment']}: suspect ({entry.get('suspect_reason')}), left "
+                   "out (--keep_suspect keeps it).")
+    else:
+      moments.append(entry["moment"])
+  if not moments:
+    raise InputError(f"{folder}: no moment is fitted and trusted; nothing to export.")
+  serials = [str(serial) for serial in manifest["serials"]]
+  first = camera_files.moment_images(_moment_folder(manifest, moments[0]), serials)
+  cameras = camera_files.load_cameras(manifest["cameras"], image_sizes={
+      serial: camera_files.image_size_of(path) for serial, path in first.items()})
+  rig = [cameras[serial] for serial in serials]
+  views = [ga.undistorting_maps(camera.intrinsics, camera_files.padded_distortion(camera),
+                                camera.image_size) for camera in rig]
+  arrays = []
+  for moment in moments:
+    with np.load(folder / f"{moment}.npz", allow_pickle=False) as data:
+      if str(data["model"]) != model.name:
+        raise InputError(f"{moment} was fitted with the model {str(data['model'])!r}, but the "
+                         f"export loaded {model.name!r}: pass the same --flame_model (and "
+                         "--seed) as the fit.")
+      arrays.append({key: np.asarray(data[key]) for key in
+                     (*PARAMETER_NAMES, "head_rotation", "head_translation")})
+  stacked = {key: np.stack([a[key] for a in arrays]) for key in arrays[0]}
+  params = FlameParams(**{key: stacked[key].astype(np.float32) for key in PARAMETER_NAMES})
+  root = np.asarray(ga.root_joints(model, params), np.float64)
+  rotation, translation = ga.head_pose_in_fixed_camera(
+      stacked["head_rotation"], stacked["head_translation"], params.global_rotation, root)
+  expression = common.padded(params.expression, ga.NUM_EXPRESSION, "expression", notes)
+  motion = ga.motion_arrays(params, rotation, translation, model.num_vertices, expression)
+  if not np.allclose(stacked["shape"], stacked["shape"][0], atol=1e-6):
+    raise InputError(f"{folder}: the moments have different identities (shapes); the dataset "
+                     "holds one. Fit the capture again in one run (it shares the shape).")
+  shape = common.padded(stacked["shape"][0], ga.NUM_SHAPE, "shape", notes)
+  entries = {}
+  for index, moment in enumerate(moments):
+    images = camera_files.moment_images(_moment_folder(manifest, moment), serials)
+    parameter_path = f"flame_param/{index:05d}.npz"
+    common.write_npz(output / parameter_path, ga.frame_parameters(motion, shape, index))
+    for view, (serial, camera, (canvas, focal, map_x, map_y)) in enumerate(
+        zip(serials, rig, views)):
+      image_path = f"images/{index:05d}_{view:02d}.png"
+      target = output / image_path
+      if not target.is_file():
+        image = cv2.imread(str(images[serial]), cv2.IMREAD_COLOR)
+        if image is None:
+          raise InputError(f"cannot read {images[serial]}.")
+        common.write_image(target, cv2.cvtColor(
+            cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT),
+            cv2.COLOR_BGR2RGB))
+      entries[index, view] = ga.frame_entry(
+          index, canvas, focal, image_path, parameter_path, camera_index=view,
+          camera_to_world=ga.camera_to_world_opengl(camera.world_to_camera))
+    if progress:
+      progress(1)
+  common.write_npz(output / "canonical_flame_param.npz",
+                   ga.canonical_parameters(shape, model.num_vertices))
+  chosen = ga.splits(list(range(len(moments))), test_fraction)
+  for name, members in chosen.items():
+    common.write_json(output / f"transforms_{name}.json", ga.transforms(
+        [entries[index, view] for index in members for view in range(len(rig))]))
+  common.write_json(output / "transforms.json", ga.transforms(
+      [entries[key] for key in sorted(entries)]))
+  notes.append("No fg_masks/: jflame runs no head segmentation; the transforms carry no "
+               "fg_mask_path.")
+  common.write_readme(output, "GaussianAvatars / VHAP dataset of a capture (jflame-export)", [
+      f"From `{folder}` (cameras `{manifest['cameras']}`): {len(moments)} moments x "
+      f"{len(rig)} cameras; timesteps train {len(chosen['train'])}, val and test "
+      f"{len(chosen['test'])} (the last moments). Image `images/<timestep>_<camera>.png`; "
+      f"camera index = position in {serials}.",
+      "Each view resampled once into the reader's camera: lens distortion removed, square "
+      "pixels (the focal length fx), the principal point at the canvas centre; the head and the "
+      "cameras in the camera file's world (docs/FORMAT.md, Exports).", ""]
+      + [f"- {note}" for note in notes], warnings)
+  return warnings
