@@ -135,7 +135,7 @@ def _synthetic_track(folder, frames_folder):
     image[y, x] = 255
     cv2.imwrite(str(frames_folder / f"f{index:03d}.png"), image)
   (folder / "manifest.json").write_text(json.dumps(dict(
-      status="ok", model_variant="synthetic", frame_size=list(FRAME_SIZE),
+      jflame_track=1, status="ok", model_variant="synthetic", frame_size=list(FRAME_SIZE),
       source=str(frames_folder))))
   return model, embedding, rows
 
@@ -259,7 +259,7 @@ def test_a_fit_of_another_flame_release_is_refused_and_a_rerun_finishes(syntheti
 
 
 def test_not_a_track_folder_and_a_missing_source_are_one_line(synthetic_export, tmp_path):
-  with pytest.raises(InputError, match="not a jflame-track folder"):
+  with pytest.raises(InputError, match="reads a jflame-track folder.*no jflame output folder"):
     common.read_tracked_clip(tmp_path)
   clip = synthetic_export["clip"]
   moved = common.TrackedClip(clip.folder, dict(clip.manifest, source=str(tmp_path / "gone")),
@@ -311,7 +311,7 @@ def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
   # Usage problems: one line, exit 2.
   for args, said in (([], "--input is required"),
                      (["--input", tmp_path, "--format", "gaussian_avatars", "--output",
-                       tmp_path / "x"], "not a jflame-track folder"),
+                       tmp_path / "x"], "it is no jflame output folder"),
                      (["--input", track, "--format", "gaussian_avatars", "--output", track],
                       "--output is the --input folder"),
                      (["--input", track, "--format", "metrical", "--output", tmp_path / "y"],
@@ -437,7 +437,8 @@ def test_now_from_a_fit_folder_and_from_a_dataset_of_the_same_photos(tmp_path):
     np.testing.assert_allclose(first, second, atol=0.05)        # millimetres
   done = run_command(["--input", fitted, "--format", "gaussian_avatars", "--output",
                       tmp_path / "wrong"], tmp_path, script=EXPORT)
-  assert done.returncode == 2 and "not a jflame-track folder" in done.stderr
+  assert done.returncode == 2 and "it is a jflame-fit result folder, which exports as now" in (
+      done.stderr)
 
 
 # --- A calibrated capture (jflame-fit --cameras) as GaussianAvatars' multi-view dataset.

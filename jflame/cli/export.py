@@ -72,7 +72,7 @@ def main(argv):
     if capture:
       total = len(capture_export.read_capture(source_folder)["moments"])
     elif _FORMAT.value in CLIP_FORMATS:
-      clip = common.read_tracked_clip(source_folder)
+      clip = common.read_tracked_clip(source_folder, _FORMAT.value)
       total = clip.num_frames
     else:
       photos = fit_export.read_fitted_photos(source_folder)

@@ -4,7 +4,7 @@ coefficient counts they require, and the README written beside the files."""
 import dataclasses
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
@@ -39,17 +39,49 @@ class TrackedClip:
                           for name in ROTATION_NAMES})
 
 
-def read_tracked_clip(folder) -> TrackedClip:
+# What each kind of jflame folder can be exported as (for the messages that refuse a folder).
+EXPORTS_OF = {"a jflame-track folder": "gaussian_avatars, gaussian_avatars_motion",
+              "a jflame-fit --cameras folder": "gaussian_avatars",
+              "a jflame-fit result folder": "now", "a jflame-annotate dataset": "now"}
+
+
+def folder_kind(folder) -> Optional[str]:
+  """Which jflame output `folder` is (a key of EXPORTS_OF), None when none."""
+  folder = Path(folder)
+  if (folder / "index.json").is_file():
+    return "a jflame-annotate dataset"
+  if (folder / "manifest.jsonl").is_file():
+    return "a jflame-fit result folder"
+  try:
+    manifest = json.loads((folder / "manifest.json").read_text())
+  except (OSError, ValueError):
+    return None
+  if isinstance(manifest, dict) and "jflame_capture" in manifest:
+    return "a jflame-fit --cameras folder"
+  if isinstance(manifest, dict) and "jflame_track" in manifest:
+    return "a jflame-track folder"
+  return None
+
+
+def wrong_folder(folder, format_name: str, wanted: str) -> InputError:
+  """The one-line refusal of a folder that is not what `format_name` reads."""
+  folder = Path(folder)
+  if not folder.exists():
+    return InputError(f"--input {folder} does not exist.")
+  kind = folder_kind(folder)
+  found = (f"it is {kind}, which exports as {EXPORTS_OF[kind]}" if kind
+           else "it is no jflame output folder")
+  return InputError(f"--format {format_name} reads {wanted}; {folder}: {found}.")
+
+
+def read_tracked_clip(folder, format_name: str = "gaussian_avatars") -> TrackedClip:
   """A jflame-track output folder; InputError (one line) when it is not one or holds no fit."""
   folder = Path(folder)
   manifest_path, table_path = folder / "manifest.json", folder / "track.parquet"
-  if not manifest_path.is_file():
-    raise InputError(f"{folder} is not a jflame-track folder (no manifest.json); pass the "
-                     "--output folder of a finished jflame-track run.")
-  try:
-    manifest = json.loads(manifest_path.read_text())
-  except (OSError, ValueError) as error:
-    raise InputError(f"{manifest_path} cannot be read ({error}).") from None
+  if folder_kind(folder) != "a jflame-track folder":
+    raise wrong_folder(folder, format_name, "a jflame-track folder" + (
+        " or a jflame-fit --cameras folder" if format_name == "gaussian_avatars" else ""))
+  manifest = json.loads(manifest_path.read_text())
   if manifest.get("status") == "no_face" or not table_path.is_file():
     raise InputError(f"{folder} holds no track (status {manifest.get('status')!r}, "
                      f"track.parquet {'present' if table_path.is_file() else 'absent'}).")

@@ -60,8 +60,8 @@ def read_fitted_photos(folder) -> List[FittedPhoto]:
     return _from_dataset(folder)
   if (folder / manifest.MANIFEST_NAME).is_file():
     return _from_fit_folder(folder)
-  raise InputError(f"{folder} is neither a jflame-fit result folder (no "
-                   f"{manifest.MANIFEST_NAME}) nor a jflame-annotate dataset (no index.json).")
+  raise common.wrong_folder(folder, "now", "a jflame-fit result folder or a jflame-annotate "
+                           "dataset")
 
 
 def _target(relpath: str) -> Optional[PurePosixPath]:
