@@ -1,8 +1,9 @@
 """jflame-export (issue 21): each format read back with that format's own conventions, written
 here from its reader's code and documentation, not from jflame's: the mesh rebuilt from the
 exported files and the fitted landmarks projected with the exported camera land on the track's
-fitted landmarks (< 0.05 px), on a synthetic clip with every joint turned and on the shared real
-clip; the FLAME variant rule; a rerun finishes an interrupted export."""
+fitted landmarks (< 0.05 px) on a synthetic clip with every joint turned and a calibrated
+capture; NoW's layout; the FLAME variant rule; a rerun finishes an interrupted export. The
+commands on the shared real clip and photos: tests/test_export_commands.py."""
 
 import json
 import math
@@ -20,8 +21,6 @@ from jflame.camera import Camera, project
 from jflame.errors import InputError
 from jflame.exports import clip_export, common
 from jflame.flame import FlameParams, barycentric_points, flame_forward
-from tests.conftest import SHARED_ASSETS
-from tests.test_output_files import run_command
 
 FRAMES, FRAME_SIZE = 12, (320, 240)
 NUM_SHAPE, NUM_EXPRESSION = 20, 10
@@ -268,59 +267,6 @@ def test_not_a_track_folder_and_a_missing_source_are_one_line(synthetic_export, 
     clip_export.export_dataset(moved, synthetic_export["model"], tmp_path / "o", None, 0.1, False)
 
 
-# --- The shared real clip, through the commands as a user runs them.
-
-CLIP = SHARED_ASSETS / "clips" / "talking_head_182.mp4"
-EXPORT = ("-m", "jflame.cli.export")
-
-
-@pytest.mark.slow
-def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
-  if not CLIP.is_file():
-    pytest.skip(f"no shared clip at {CLIP}")
-  track = tmp_path / "track"
-  done = run_command(["--input", CLIP, "--output", track, "--max_frames", "24", "--nooverlay",
-                      "--noplot"], tmp_path, script=("-m", "jflame.cli.track"))
-  assert done.returncode == 0, done.stderr[-2000:]
-  dataset, motion = tmp_path / "ga", tmp_path / "motion"
-  for output, name in ((dataset, "gaussian_avatars"), (motion, "gaussian_avatars_motion")):
-    done = run_command(["--input", track, "--format", name, "--output", output], tmp_path,
-                       script=EXPORT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "warning:" in done.stderr and "SYNTHETIC" in done.stderr
-  model, embedding = synthetic.synthetic_flame("flame", seed=0)
-  metadata, columns = track_output.read_table(track / "track.parquet")
-  order = list(np.asarray(embedding.landmark_indices))
-  rows = np.asarray([order.index(index) for index in metadata["landmark_indices"]])
-  every = json.loads((dataset / "transforms.json").read_text())
-  assert len(every["frames"]) == int(np.sum(~columns["suspect"]))
-  principal_point = columns["frame_camera_principal_point"][0]
-  errors = []
-  for frame in every["frames"]:
-    with np.load(dataset / frame["flame_param_path"]) as data:
-      params = {key: data[key] for key in data.files}
-    points = _landmarks_from(model, embedding, rows,
-                             gaussian_avatars_vertices(model, params, model.num_vertices))
-    shift = np.array([frame["w"] / 2.0, frame["h"] / 2.0]) - principal_point
-    errors.append(np.abs(gaussian_avatars_pixels(frame, points)
-                         - (columns["landmarks_fitted"][frame["timestep_index"]] + shift)).max())
-    assert cv2.imread(str(dataset / frame["file_path"])).shape[:2] == (frame["h"], frame["w"])
-  assert max(errors) < 0.05, errors
-  with np.load(motion / "motion.npz") as data:
-    assert data["expr"].shape == (24, 100)
-  # Usage problems: one line, exit 2.
-  for args, said in (([], "--input is required"),
-                     (["--input", tmp_path, "--format", "gaussian_avatars", "--output",
-                       tmp_path / "x"], "it is no jflame output folder"),
-                     (["--input", track, "--format", "gaussian_avatars", "--output", track],
-                      "--output is the --input folder"),
-                     (["--input", track, "--format", "metrical", "--output", tmp_path / "y"],
-                      "--format")):
-    done = run_command(args, tmp_path, script=EXPORT)
-    assert done.returncode == 2 and said in done.stderr, (args, done.stderr[-1000:])
-    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
-
-
 # --- NoW: per photo a mesh in millimetres and its 7 points, read as NoW's compute_error does.
 
 def _fit_folder(folder, model, photos):
@@ -406,39 +352,6 @@ def test_now_meshes_in_millimetres_and_seven_points_in_nows_order(tmp_path):
   mesh = trimesh.load(face / (fitted[0].relpath[:-4] + ".obj"), process=False)
   np.testing.assert_allclose(mesh.vertices, 1000 * np.asarray(flame_forward(
       model, params[fitted[0].relpath])[0]), atol=1e-4)
-
-
-@pytest.mark.slow
-def test_now_from_a_fit_folder_and_from_a_dataset_of_the_same_photos(tmp_path):
-  """jflame-fit and jflame-annotate on two shared photos, each exported through the command:
-  the same files, the same meshes (one engine fits both)."""
-  from tests.conftest import shared_photos
-  photos = tmp_path / "photos"
-  photos.mkdir()
-  for photo in shared_photos()[:2]:
-    (photos / photo.name).symlink_to(photo)
-  fitted, annotated = tmp_path / "results", tmp_path / "dataset"
-  for script, out, extra in ((("-m", "jflame.cli.fit"), fitted, []),
-                             (("-m", "jflame.cli.annotate"), annotated, ["--noreport"])):
-    done = run_command(["--input", photos, "--output", out, *extra], tmp_path, script=script)
-    assert done.returncode == 0, done.stderr[-2000:]
-  exports = {}
-  for source in (fitted, annotated):
-    out = tmp_path / f"now_{source.name}"
-    done = run_command(["--input", source, "--format", "now", "--output", out], tmp_path,
-                       script=EXPORT)
-    assert done.returncode == 0 and "SYNTHETIC" in done.stderr, done.stderr[-2000:]
-    exports[source.name] = out
-  names = sorted(photo.stem for photo in photos.iterdir())
-  for out in exports.values():
-    assert sorted(path.stem for path in out.glob("*.npy")) == names
-  for name in names:
-    first, second = (np.load(exports[key] / f"{name}.npy") for key in ("results", "dataset"))
-    np.testing.assert_allclose(first, second, atol=0.05)        # millimetres
-  done = run_command(["--input", fitted, "--format", "gaussian_avatars", "--output",
-                      tmp_path / "wrong"], tmp_path, script=EXPORT)
-  assert done.returncode == 2 and "it is a jflame-fit result folder, which exports as now" in (
-      done.stderr)
 
 
 # --- A calibrated capture (jflame-fit --cameras) as GaussianAvatars' multi-view dataset.
