@@ -120,6 +120,30 @@ def ended_by_interrupt(returncode: int) -> bool:
   return returncode in (130, -signal.SIGINT)
 
 
+# `python -c HOLD_AFTER_FIRST_SHARD <jflame-annotate flags>`: jflame-annotate whose writer, once
+# it has committed a new shard, waits until the run finishes (an interrupt's cleanup finishes
+# it): a test signals after that shard and the run cannot have ended first, at any load.
+HOLD_AFTER_FIRST_SHARD = """
+import faulthandler, signal, threading
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does
+from jflame import engine, sinks
+release, shards_before = threading.Event(), []
+write, finish = sinks.DatasetSink.write, engine._Writer.finish
+def write_then_hold(self, images):
+  if not shards_before:
+    shards_before.append(len(self.writer.shard_names()))
+  write(self, images)
+  if len(self.writer.shard_names()) > shards_before[0]:
+    release.wait()
+def release_then_finish(self):
+  release.set()
+  finish(self)
+sinks.DatasetSink.write, engine._Writer.finish = write_then_hold, release_then_finish
+from jflame.cli import annotate
+annotate.run()
+"""
+
+
 @pytest.fixture(scope="module")
 def loaded_model():
   """The model a user without FLAME files gets (the synthetic head, cached on disk)."""

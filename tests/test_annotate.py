@@ -3,7 +3,6 @@ shards that survive kills, resume that redoes only what changed, one run per fol
 runs, and memory that stays flat."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ import skimage.data
 from jflame import dataset, engine, output_folder, sinks, sources
 from jflame.config import FitConfig
 from jflame.errors import ConfigError
-from tests.conftest import PROJECT_ROOT, QUICK_FLAGS, by_relpath, ended_by_interrupt
+from tests.conftest import (HOLD_AFTER_FIRST_SHARD, PROJECT_ROOT, QUICK_FLAGS, by_relpath,
+                            ended_by_interrupt)
 
 QUICK = FitConfig(rigid_iterations=3, full_iterations=3)
 
@@ -148,18 +148,21 @@ def test_kills_at_any_moment_lose_only_uncommitted_rows(tmp_path, command_env):
 
 def test_ctrl_c_keeps_what_is_committed_and_says_how_to_finish(tmp_path, command_env):
   """SIGINT (Ctrl-C) in the middle: exit 130, one line on what is kept and how to go on, no
-  traceback; every committed row reads, and the same command finishes the rest. The last input
-  is a named pipe that nothing writes, so the run cannot finish before the signal whatever the
-  machine's load: it waits on the pipe while the earlier rows are committed."""
+  traceback; every committed row reads, and the same command finishes the rest. The run's
+  writer holds after its first committed shard until the run ends (conftest's
+  HOLD_AFTER_FIRST_SHARD), so the signal arrives mid-run whatever the machine's load. (A named
+  pipe among the inputs does not hold a run: a source that is not a regular file is refused
+  unread, which is how a run survives one.)"""
   photos = tmp_path / "photos"
   for index in range(12):
     _write(photos / f"p{index:02d}.png", _face(0.25 + 0.01 * index))
-  os.mkfifo(photos / "zz_waits.png")
   out = tmp_path / "out"
-  args = [sys.executable, "-m", "jflame.cli.annotate", "--input", str(photos), "--output",
-          str(out), "--batch_size", "1", "--rows_per_shard", "1", "--workers", "1",
-          "--overlays", "none", "--noreport", *QUICK_FLAGS]
-  process = subprocess.Popen(args, cwd=PROJECT_ROOT, env=command_env, stdout=subprocess.PIPE,
+  flags = ["--input", str(photos), "--output", str(out), "--batch_size", "1",
+           "--rows_per_shard", "1", "--workers", "1", "--overlays", "none", "--noreport",
+           *QUICK_FLAGS]
+  args = [sys.executable, "-m", "jflame.cli.annotate", *flags]
+  process = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_FIRST_SHARD, *flags],
+                             cwd=PROJECT_ROOT, env=command_env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
   while time.time() < deadline and process.poll() is None:
@@ -174,8 +177,7 @@ def test_ctrl_c_keeps_what_is_committed_and_says_how_to_finish(tmp_path, command
   assert "interrupted: every committed shard is kept in" in stderr
   kept = dataset.open(out).to_table(columns=["id"]).column("id").to_pylist()
   assert 1 <= len(kept) <= 12 and len(kept) == len(set(kept))
-  (photos / "zz_waits.png").unlink()
-  _write(photos / "zz_waits.png", _face(0.3))
+  _write(photos / "zz_new.png", _face(0.3))   # and one input more for the next run
   done = subprocess.run(args, cwd=PROJECT_ROOT, env=command_env, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]

@@ -92,7 +92,8 @@ def _fit(scene, cameras, config=CONFIG):
       scene["fit_model"], batch, config)))
 
 
-@pytest.mark.parametrize("config", [CONFIG, ADAM_CONFIG], ids=["lm", "adam"])
+@pytest.mark.parametrize("config", [CONFIG, pytest.param(ADAM_CONFIG, marks=pytest.mark.slow)],
+                         ids=["lm", "adam"])
 def test_a_moment_of_three_calibrated_views_recovers_the_head_in_the_world(scene, config):
   result = _fit(scene, scene["cameras"], config)
   assert not bool(result.failed)
@@ -158,6 +159,7 @@ def test_triangulation_and_alignment_are_exact_on_exact_data():
   np.testing.assert_allclose(np.asarray(t), [0.1, 0.2, -0.3], atol=1e-5)
 
 
+@pytest.mark.slow   # reverse mode through the hand-chained Jacobian compiles for ~45 s
 def test_the_solve_steps_down_the_gradient_of_the_views_objective(scene):
   """The multi-view solve's system, its Jacobian chained by hand through the distorted
   projections: its b is half the gradient of its own cost by autodiff (the solve's convention),

@@ -19,7 +19,7 @@ import skimage.data
 
 from jflame import dataset, engine, model_loading, sinks, sources
 from jflame.config import FitConfig
-from tests.conftest import PROJECT_ROOT, shared_photos
+from tests.conftest import HOLD_AFTER_FIRST_SHARD, PROJECT_ROOT, shared_photos
 
 try:
   import ray
@@ -207,27 +207,6 @@ def test_ray_resume_redoes_only_the_changed_source(both_runs, loaded_model, phot
 # writer thread waits until the run ends (an interrupt: Engine.run's finally finishes the
 # writer) or the process is killed. The run cannot finish before the test's signal, however
 # loaded the machine, and the signal always lands with a shard committed and work in flight.
-HOLD_AFTER_FIRST_SHARD = """
-import faulthandler, signal, threading
-faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does
-from jflame import engine, sinks
-release, shards_before = threading.Event(), []
-write, finish = sinks.DatasetSink.write, engine._Writer.finish
-def write_then_hold(self, images):
-  if not shards_before:
-    shards_before.append(len(self.writer.shard_names()))
-  write(self, images)
-  if len(self.writer.shard_names()) > shards_before[0]:
-    release.wait()
-def release_then_finish(self):
-  release.set()
-  finish(self)
-sinks.DatasetSink.write, engine._Writer.finish = write_then_hold, release_then_finish
-from jflame.cli import annotate
-annotate.run()
-"""
-
-
 def _shard_count(output):
   return len(dataset.read_index(output)["shards"]) if (output / "index.json").is_file() else 0
 

@@ -178,21 +178,37 @@ def test_out_of_range_flags_exit_2_naming_the_flag(flag, value, clip, tmp_path):
   assert not (tmp_path / "o").exists()  # refused before anything was made
 
 
+# `python -c HOLD_IN_THE_FIT <marker> <jflame-track flags>`: jflame-track whose clip fit writes
+# `marker` and then waits for a signal, so a test interrupts it mid-run at any load.
+HOLD_IN_THE_FIT = """
+import sys, time
+from pathlib import Path
+from jflame import track_runner
+marker = Path(sys.argv.pop(1))
+def fit_then_wait(*args, **kwargs):
+  marker.write_text("fitting")
+  while True:
+    time.sleep(0.5)
+track_runner.fit_clip = fit_then_wait
+from jflame.cli import track
+track.run()
+"""
+
+
 def test_ctrl_c_ends_with_one_line_and_no_half_written_file(clip, tmp_path):
-  """SIGINT while the clip is being tracked: exit 130, one line saying what happens to the files,
+  """SIGINT while the clip is being fitted: exit 130, one line saying what happens to the files,
   no traceback; no file of the output folder is half written (each appears whole or not)."""
-  out = tmp_path / "tracked"
-  process = subprocess.Popen([sys.executable, *TRACK, "--input", str(clip), "--output", str(out),
-                              *QUICK], cwd=PROJECT_ROOT, env=isolated_env(tmp_path),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 120
-  while time.time() < deadline and "model:" not in (process.stdout.readline() or "model:"):
-    pass
-  # the landmarks and the compile of the fit (no compilation cache) take seconds from here
+  out, marker = tmp_path / "tracked", tmp_path / "fitting"
+  process = subprocess.Popen([sys.executable, "-c", HOLD_IN_THE_FIT, str(marker), "--input",
+                              str(clip), "--output", str(out), *QUICK], cwd=PROJECT_ROOT,
+                             env=isolated_env(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None and not marker.exists():
+    time.sleep(0.05)
+  assert process.poll() is None, process.communicate()[1][-2000:]
   process.send_signal(signal.SIGINT)
   _, stderr = process.communicate(timeout=300)
-  if process.returncode == 0:
-    pytest.skip("the clip was tracked before the interrupt arrived")
   assert ended_by_interrupt(process.returncode), (process.returncode, stderr[-2000:])
   assert "Traceback" not in stderr and "interrupted: each of the clip's files" in stderr
   assert not [p for p in out.iterdir() if "tmp" in p.name]
