@@ -120,12 +120,16 @@ def ended_by_interrupt(returncode: int) -> bool:
   return returncode in (130, -signal.SIGINT)
 
 
-# `python -c HOLD_AFTER_FIRST_SHARD <jflame-annotate flags>`: jflame-annotate whose writer, once
+# `python -c HOLD_AFTER_FIRST_SHARD <jflame-annotate flags>`: jflame-annotate (with Python's
+# default Ctrl-C handling, whatever the test run inherited) whose writer, once
 # it has committed a new shard, waits until the run finishes (an interrupt's cleanup finishes
 # it): a test signals after that shard and the run cannot have ended first, at any load.
 HOLD_AFTER_FIRST_SHARD = """
 import faulthandler, signal, threading
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does
+# A test run started in the background by a shell inherits SIGINT ignored, and Python then
+# keeps it ignored: Ctrl-C as a terminal delivers it needs the default handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from jflame import engine, sinks
 release, shards_before = threading.Event(), []
 write, finish = sinks.DatasetSink.write, engine._Writer.finish

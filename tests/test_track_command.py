@@ -181,8 +181,9 @@ def test_out_of_range_flags_exit_2_naming_the_flag(flag, value, clip, tmp_path):
 # `python -c HOLD_IN_THE_FIT <marker> <jflame-track flags>`: jflame-track whose clip fit writes
 # `marker` and then waits for a signal, so a test interrupts it mid-run at any load.
 HOLD_IN_THE_FIT = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as HOLD_AFTER_FIRST_SHARD says
 from jflame import track_runner
 marker = Path(sys.argv.pop(1))
 def fit_then_wait(*args, **kwargs):
