@@ -68,7 +68,8 @@ def main(argv):
   try:
     if output.resolve() == source_folder.resolve():
       return cli_app.usage_error("--output is the --input folder; export into another folder.")
-    capture = _FORMAT.value == "gaussian_avatars" and capture_export.is_capture(source_folder)
+    capture = (_FORMAT.value == "gaussian_avatars"
+               and common.folder_kind(source_folder) == common.CAPTURE_FOLDER)
     if capture:
       total = len(capture_export.read_capture(source_folder)["moments"])
     elif _FORMAT.value in CLIP_FORMATS:

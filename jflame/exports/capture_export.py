@@ -20,22 +20,10 @@ from jflame.flame import PARAMETER_NAMES, FlameModel, FlameParams
 
 def read_capture(folder) -> dict:
   """A jflame-fit --cameras folder's manifest; InputError when the folder is not one."""
-  path = Path(folder) / "manifest.json"
-  try:
-    manifest = json.loads(path.read_text())
-  except (OSError, ValueError):
-    manifest = None
-  if not isinstance(manifest, dict) or "jflame_capture" not in manifest:
-    raise InputError(f"{folder} is not a jflame-fit --cameras folder (no capture manifest.json).")
-  return manifest
-
-
-def is_capture(folder) -> bool:
-  try:
-    read_capture(folder)
-  except InputError:
-    return False
-  return True
+  if common.folder_kind(folder) != common.CAPTURE_FOLDER:
+    raise common.wrong_folder(folder, "gaussian_avatars", "a jflame-track folder or a "
+                              "jflame-fit --cameras folder")
+  return json.loads((Path(folder) / "manifest.json").read_text())
 
 
 def _moment_folder(manifest: dict, moment: str) -> Path:

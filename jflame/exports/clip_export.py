@@ -87,7 +87,11 @@ def export_dataset(clip: common.TrackedClip, model: FlameModel, output: Path,
     raise InputError(f"{clip.folder}: the frame camera's intrinsics change over the clip; "
                      "this export needs one camera.")
   frame_size = tuple(int(side) for side in clip.manifest["frame_size"])
-  canvas, shift = ga.centred_canvas(frame_size, principal_point)
+  # The frame camera as a K (square pixels, no lens): one remap puts its principal point at the
+  # canvas centre, as for a capture's views.
+  intrinsics = np.array([[focal, 0.0, principal_point[0]], [0.0, focal, principal_point[1]],
+                         [0.0, 0.0, 1.0]])
+  canvas, _, map_x, map_y = ga.undistorting_maps(intrinsics, np.zeros(5), frame_size)
   source = source or clip.manifest["source"]
   if not Path(source).exists():
     raise InputError(f"the clip's source {source} is gone; pass --source with the video (or "
@@ -96,7 +100,6 @@ def export_dataset(clip: common.TrackedClip, model: FlameModel, output: Path,
   if (info.width, info.height) != frame_size:
     raise InputError(f"{source} has {info.width} x {info.height} frames, the track "
                      f"{frame_size[0]} x {frame_size[1]}: not the clip that was tracked.")
-  warp = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]]])
   wanted = set(frames)
   entries = {}
   for index, image in enumerate(images):
@@ -107,8 +110,8 @@ def export_dataset(clip: common.TrackedClip, model: FlameModel, output: Path,
     image_path, parameter_path = f"images/{index:05d}.png", f"flame_param/{index:05d}.npz"
     target = output / image_path
     if not target.is_file():
-      common.write_image(target, cv2.warpAffine(image, warp, canvas, flags=cv2.INTER_LINEAR,
-                                         borderMode=cv2.BORDER_CONSTANT, borderValue=0))
+      common.write_image(target, cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR,
+                                           borderMode=cv2.BORDER_CONSTANT))
     common.write_npz(output / parameter_path, ga.frame_parameters(motion, shape, index))
     entries[index] = ga.frame_entry(index, canvas, focal, image_path, parameter_path)
     if progress:

@@ -39,9 +39,10 @@ class TrackedClip:
                           for name in ROTATION_NAMES})
 
 
+TRACK_FOLDER, CAPTURE_FOLDER = "a jflame-track folder", "a jflame-fit --cameras folder"
 # What each kind of jflame folder can be exported as (for the messages that refuse a folder).
-EXPORTS_OF = {"a jflame-track folder": "gaussian_avatars, gaussian_avatars_motion",
-              "a jflame-fit --cameras folder": "gaussian_avatars",
+EXPORTS_OF = {TRACK_FOLDER: "gaussian_avatars, gaussian_avatars_motion",
+              CAPTURE_FOLDER: "gaussian_avatars",
               "a jflame-fit result folder": "now", "a jflame-annotate dataset": "now"}
 
 
@@ -57,9 +58,9 @@ def folder_kind(folder) -> Optional[str]:
   except (OSError, ValueError):
     return None
   if isinstance(manifest, dict) and "jflame_capture" in manifest:
-    return "a jflame-fit --cameras folder"
+    return CAPTURE_FOLDER
   if isinstance(manifest, dict) and "jflame_track" in manifest:
-    return "a jflame-track folder"
+    return TRACK_FOLDER
   return None
 
 
@@ -78,7 +79,7 @@ def read_tracked_clip(folder, format_name: str = "gaussian_avatars") -> TrackedC
   """A jflame-track output folder; InputError (one line) when it is not one or holds no fit."""
   folder = Path(folder)
   manifest_path, table_path = folder / "manifest.json", folder / "track.parquet"
-  if folder_kind(folder) != "a jflame-track folder":
+  if folder_kind(folder) != TRACK_FOLDER:
     raise wrong_folder(folder, format_name, "a jflame-track folder" + (
         " or a jflame-fit --cameras folder" if format_name == "gaussian_avatars" else ""))
   manifest = json.loads(manifest_path.read_text())

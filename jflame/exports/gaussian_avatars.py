@@ -85,16 +85,6 @@ def canonical_parameters(shape: np.ndarray, num_vertices: int) -> Dict[str, np.n
               static_offset=zeros(1, num_vertices + TEETH_VERTICES, 3))
 
 
-def centred_canvas(frame_size: Tuple[int, int], principal_point) -> Tuple[Tuple[int, int],
-                                                                          np.ndarray]:
-  """The smallest canvas ((width, height), even sides) that holds the whole frame with the
-  principal point at its centre, and the shift (2,) frame pixels -> canvas pixels."""
-  width, height = frame_size
-  cx, cy = (float(value) for value in principal_point)
-  canvas = tuple(2 * int(math.ceil(max(c, side - c))) for c, side in ((cx, width), (cy, height)))
-  return canvas, np.array([canvas[0] / 2.0 - cx, canvas[1] / 2.0 - cy])
-
-
 def frame_entry(index: int, canvas: Tuple[int, int], focal_length: float, image_path: str,
                 parameter_path: str, camera_index: int = 0,
                 camera_to_world: np.ndarray = OPENCV_TO_OPENGL) -> dict:
