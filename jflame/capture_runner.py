@@ -9,6 +9,13 @@
           <moment>_views.png (every view with its detected and fitted landmarks);
           manifest.json for the run
 
+Detection is the slow part (a MediaPipe pass per view) and the fit needs every moment at once
+(the run's shape is their median), so each moment's landmarks are committed as they are read, to
+`.landmarks/<moment>.npz` in the output folder, keyed by its images (path, size, mtime): a run
+killed or interrupted anywhere loses at most the moment being read, and the rerun reads the
+landmarks of unchanged moments back instead of detecting them again, then fits and writes every
+moment (each file written atomically).
+
 A view whose landmark error stands out from the others' (`multiview.disagreeing_views`) makes
 its moment `suspect` with "view <serial> disagrees with the others (calibration?)"; with three
 views or fewer the disagreement is reported without a camera (it cannot be told which). A moment
@@ -17,8 +24,10 @@ where only one view had a face is `suspect` too: one view cannot tell size from 
 
 import dataclasses
 import datetime
+import json
+import zipfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import cv2
 import jax
@@ -26,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jflame import camera_files, multiview, output
+from jflame.atomic import atomic_path
 from jflame.config import FitConfig
 from jflame.errors import InputError
 from jflame.flame import flame_forward
@@ -37,6 +47,7 @@ from jflame.rotation import axis_angle_to_matrix
 
 STATUS_OK = "ok"
 STATUS_NO_FACE = "no_face"   # fewer than one view with a face
+LANDMARKS_FOLDER = ".landmarks"  # in the output folder: one committed .npz per moment read
 
 
 def capture_moments(folder) -> List[Path]:
@@ -95,6 +106,66 @@ def read_moment(folder: Path, rig, preprocessor) -> Moment:
   return Moment(folder.name, images, landmarks, weights, valid, messages)
 
 
+def moment_key(images: Dict[str, Path]) -> str:
+  """What a moment's committed landmarks were read from: each view's serial, resolved path,
+  size and modification time (a changed or replaced image makes another key)."""
+  views = []
+  for serial, path in images.items():
+    stat = path.stat()
+    views.append([serial, str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+  return json.dumps(views)
+
+
+def _rig_sizes(rig) -> np.ndarray:
+  return np.array([camera.image_size for camera in rig], np.int64)
+
+
+def commit_moment(store: Path, moment: Moment, rig) -> None:
+  """Writes a moment's landmarks to `store`/<moment>.npz atomically, keyed by its images (and
+  the camera image sizes they were checked against)."""
+  with atomic_path(store / f"{moment.name}.npz") as tmp:
+    np.savez(tmp, key=np.array(moment_key(moment.images)), sizes=_rig_sizes(rig),
+             landmarks=moment.landmarks,
+             weights=moment.weights, valid=moment.valid, messages=np.array(moment.messages,
+                                                                           dtype=str))
+
+
+def committed_moment(store: Path, folder: Path, rig) -> Optional[Moment]:
+  """The moment's landmarks committed by an earlier run from the same images, else None (none
+  committed, images or camera sizes changed, or a file that cannot be read: the moment is read
+  again)."""
+  path = store / f"{folder.name}.npz"
+  if not path.is_file():
+    return None
+  images = camera_files.moment_images(folder, [camera.serial for camera in rig])
+  try:
+    with np.load(path, allow_pickle=False) as stored:
+      if (str(stored["key"]) != moment_key(images)
+          or not np.array_equal(stored["sizes"], _rig_sizes(rig))):
+        return None
+      return Moment(folder.name, images, stored["landmarks"], stored["weights"],
+                    stored["valid"], [str(m) for m in stored["messages"]])
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    return None
+
+
+def read_moments(folders, rig, preprocessor, store: Path, progress=None):
+  """(moments, how many were read back from `store`): each moment's landmarks from an earlier
+  run's commit when its images are unchanged, else detected and committed at once."""
+  moments, reused = [], 0
+  for folder in folders:
+    moment = committed_moment(store, folder, rig)
+    if moment is None:
+      moment = read_moment(folder, rig, preprocessor)
+      commit_moment(store, moment, rig)
+    else:
+      reused += 1
+    moments.append(moment)
+    if progress:
+      progress(1)
+  return moments, reused
+
+
 def _contact_sheet(moment: Moment, serials, fitted, detected_valid) -> np.ndarray:
   """Every view side by side (each scaled to a common height), detected landmarks green,
   fitted red, capped at MAX_PICTURE_SIDE."""
@@ -145,11 +216,8 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
   out = Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
   with Preprocessor(crop_size, workers=1, landmarks_only=True) as preprocessor:
-    moments = []
-    for folder in moments_folders:
-      moments.append(read_moment(folder, rig, preprocessor))
-      if progress:
-        progress(1)
+    moments, reused = read_moments(moments_folders, rig, preprocessor, out / LANDMARKS_FOLDER,
+                                   progress)
   fit_model = prepare_fit_model(loaded, config)
   views = [multiview.rig_views(rig, m.landmarks, m.weights, m.valid, config) for m in moments]
   batch = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *views)
@@ -173,6 +241,7 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
                                  bool(fittable[index]), bool(ok[index]), indices, loaded))
   manifest = dict(jflame_capture=1, started=started.isoformat(), cameras=str(cameras_path),
                   input=str(input_folder), serials=serials, moments=entries,
+                  landmarks_read_back=reused,
                   shared_shape=None if shape is None else shape.tolist(),
                   **run_provenance(loaded, config))
   write_json(out / "manifest.json", manifest)
@@ -229,7 +298,8 @@ def _write_moment(out: Path, moment: Moment, serials, result, fittable: bool, ok
   output.save_mesh(out / f"{name}.obj", world, loaded.model.faces,
                    header=f"{loaded.model.name}, world coordinates of the camera file, metres")
   sheet = _contact_sheet(moment, serials, np.asarray(result.landmarks_2d), moment.valid)
-  cv2.imwrite(str(out / f"{name}_views.png"), sheet)
+  with atomic_path(out / f"{name}_views.png") as tmp:
+    cv2.imwrite(str(tmp), sheet)
   entry.update(status=STATUS_OK, suspect=bool(reasons), suspect_reason="; ".join(reasons),
                landmark_error_relative=[None if not np.isfinite(e) else float(e)
                                         for e in relative],

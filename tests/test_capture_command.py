@@ -5,13 +5,33 @@ exit 2 for each way the capture and the camera file do not match."""
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, ended_by_interrupt
+
+# `python -c HOLD_AFTER_A_MOMENT <jflame-fit flags>`: jflame-fit --cameras whose runner, once it
+# has committed a moment's landmarks, waits: a test signals then, and the run cannot have
+# finished first, at any load.
+HOLD_AFTER_A_MOMENT = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from jflame import capture_runner
+commit = capture_runner.commit_moment
+def commit_then_hold(*args):
+  commit(*args)
+  while True:
+    time.sleep(0.05)
+capture_runner.commit_moment = commit_then_hold
+sys.argv[0] = "fit.py"
+from jflame.cli import fit
+fit.run()
+"""
 
 
 def _run(args, env, timeout=600):
@@ -117,3 +137,54 @@ def test_captures_and_camera_files_that_do_not_match_exit_2_with_one_line(captur
   assert "one folder" in _one_line_exit_2(_run(
       ["--cameras", str(cameras), "--input", f"{capture / 'frames'},{tmp_path}", "--output",
        str(tmp_path / "d")], command_env))
+
+
+def _held_run_until(args, env, store, committed):
+  """Starts jflame-fit through HOLD_AFTER_A_MOMENT; returns it once `store` holds `committed`
+  moments' landmarks (it then holds)."""
+  process = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_A_MOMENT, *args], cwd=PROJECT_ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 600
+  while len(list(store.glob("*.npz"))) < committed:
+    assert process.poll() is None, process.communicate()
+    assert time.monotonic() < deadline, "no moment committed in 10 minutes"
+    time.sleep(0.2)
+  return process
+
+
+def test_a_stopped_capture_run_keeps_each_moments_landmarks_and_a_rerun_finishes_it(
+    capture, fitted, command_env, tmp_path):
+  """Ctrl-C after the first moment's landmarks were committed: exit 130 with one line saying
+  what is kept; SIGKILL after the second; the rerun reads both back instead of detecting them
+  again and writes what an uninterrupted run writes."""
+  out = tmp_path / "out"
+  store = out / ".landmarks"
+  args = ["--cameras", str(capture / "camera_params.json"), "--input", str(capture / "frames"),
+          "--output", str(out)]
+  process = _held_run_until(args, command_env, store, 1)
+  process.send_signal(signal.SIGINT)
+  stdout, stderr = process.communicate(timeout=120)
+  assert ended_by_interrupt(process.returncode), (process.returncode, stderr[-2000:])
+  assert "Traceback" not in stderr, stderr[-3000:]
+  said = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+  assert len(said) == 1 and "landmarks of 1 moment are kept" in said[0], stderr[-2000:]
+  process = _held_run_until(args, command_env, store, 2)   # the first read back, not held
+  process.kill()
+  process.communicate(timeout=60)
+  assert not (out / "manifest.json").exists()
+  done = _run(args, command_env)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  assert "the landmarks of 2 read back" in done.stdout, done.stdout[-2000:]
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["landmarks_read_back"] == 2
+  reference_out, _ = fitted
+  reference = json.loads((reference_out / "manifest.json").read_text())
+  assert [m["status"] for m in manifest["moments"]] == [m["status"] for m in reference["moments"]]
+  for entry in manifest["moments"]:
+    if entry["status"] != "ok":
+      continue
+    rerun = np.load(out / f"{entry['moment']}.npz")
+    uninterrupted = np.load(reference_out / f"{entry['moment']}.npz")
+    np.testing.assert_array_equal(rerun["landmarks_detected"], uninterrupted["landmarks_detected"])
+    for key in ("shape", "expression", "head_rotation", "head_translation"):
+      np.testing.assert_allclose(rerun[key], uninterrupted[key], atol=1e-5, err_msg=key)

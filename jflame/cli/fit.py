@@ -15,6 +15,7 @@ be written or that another run is using). Ctrl-C or SIGTERM stops after the batc
 was written stays, and a rerun finishes the rest.
 """
 
+import sys
 from pathlib import Path
 
 from absl import flags
@@ -106,15 +107,28 @@ def _fit_capture() -> int:
         config = config.replace(lm_iterations=multiview.LM_ITERATIONS)
       print(f"model: {loaded.description}", flush=True)
       with tqdm(total=len(opened[0]), unit="moment", desc="jflame-fit --cameras") as bar:
-        manifest = capture_runner.fit_capture(loaded, config, _CAMERAS.value, _INPUT.value[0],
-                                              folder, progress=bar.update, opened=opened)
+        try:
+          manifest = capture_runner.fit_capture(loaded, config, _CAMERAS.value,
+                                                _INPUT.value[0], folder, progress=bar.update,
+                                                opened=opened)
+        except KeyboardInterrupt:
+          bar.close()
+          store = folder / capture_runner.LANDMARKS_FOLDER
+          kept = len(list(store.glob("*.npz"))) if store.is_dir() else 0
+          print(f"interrupted: the landmarks of {kept} moment{'' if kept == 1 else 's'} are "
+                f"kept in {store}; run the same command again to finish (it reads them back "
+                f"instead of detecting them again).", file=sys.stderr)
+          return common.EXIT_INTERRUPTED
   except JFlameError as error:
     return common.usage_error(str(error))
   counts = {}
   for entry in manifest["moments"]:
     counts[entry["status"]] = counts.get(entry["status"], 0) + 1
   suspect = [entry for entry in manifest["moments"] if entry.get("suspect")]
-  print(f"done: {len(manifest['moments'])} moments {counts}, {len(suspect)} suspect -> "
+  reused = manifest["landmarks_read_back"]
+  print(f"done: {len(manifest['moments'])} moments {counts}, {len(suspect)} suspect"
+        + (f" (the landmarks of {reused} read back from the last run)" if reused else "")
+        + f" -> "
         f"{folder / 'manifest.json'}" + (f" (compilation cache: {cache})" if cache else ""))
   for entry in suspect:
     print(f"  {entry['moment']}: {entry['status']}: {entry['suspect_reason']}")
