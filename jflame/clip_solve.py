@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 from jflame import solve, temporal
-from jflame.config import TrackConfig
 from jflame.fit import FitVariables
 
 # Relative floor of D, so a coordinate that neither data nor smoothing sees (a frame outside the
@@ -72,7 +71,7 @@ def _conjugate_gradients(apply, precondition, rhs, iterations: int):
 
 
 def solve_clip(rows, problems: solve.LandmarkProblem, params, shape, y, log_focal, valid,
-               motion, config: TrackConfig, free, iterations: int, cg_iterations: int,
+               motion, weights: temporal.TemporalWeights, free, iterations: int, cg_iterations: int,
                solve_shape: bool = False, active=True, initial_damping: float = 1e-3):
   """Levenberg-Marquardt for ONE clip of T frames.
 
@@ -90,6 +89,7 @@ def solve_clip(rows, problems: solve.LandmarkProblem, params, shape, y, log_foca
     log_focal: () log of the clip's focal length in pixels, held.
     valid: (T,) frames with a face (the others have no data term).
     motion: (T, 2) `temporal.motion_weights`.
+    weights: the temporal terms' weights.
     free: (M,) bool; False holds that unknown in every frame.
     iterations, cg_iterations: steps, and conjugate-gradient iterations per step (static).
     active: () False holds the clip still.
@@ -123,7 +123,7 @@ def solve_clip(rows, problems: solve.LandmarkProblem, params, shape, y, log_foca
     return jax.vmap(one)(problems, params, y)
 
   def smoothing(y):
-    return temporal.temporal_penalty(_variables(y, shape, params), config, motion)
+    return temporal.temporal_penalty(_variables(y, shape, params), weights, motion)
 
   def total_cost(shape, y):
     costs, ok = frame_terms(shape, y, False)
@@ -135,20 +135,20 @@ def solve_clip(rows, problems: solve.LandmarkProblem, params, shape, y, log_foca
     `solve_shape`, else M."""
     _, ok, a, b = frame_terms(shape, y, True)
     gradient = jax.grad(smoothing)(y)
-    weights = temporal.majorizer_weights(_variables(y, shape, params), config, motion)
+    majorizer = temporal.majorizer_weights(_variables(y, shape, params), weights, motion)
     return (jnp.where(inside[:, :, None], a, 0.0), jnp.where(inside, b, 0.0), gradient,
-            weights), jnp.all(jnp.where(valid, ok, True)) & jnp.all(jnp.isfinite(gradient))
+            majorizer), jnp.all(jnp.where(valid, ok, True)) & jnp.all(jnp.isfinite(gradient))
 
-  def quadratic(weights):
+  def quadratic(majorizer):
     """v -> Q v, the majorizer's matrix (half the gradient of the weighted squares)."""
     return lambda v: 0.5 * jax.grad(
-        lambda u: temporal.weighted_squares(_variables(u, 0.0 * shape, params), weights))(v)
+        lambda u: temporal.weighted_squares(_variables(u, 0.0 * shape, params), majorizer))(v)
 
   def newton_step(system, mu):
-    a, b, gradient, weights = system
+    a, b, gradient, majorizer = system
     first = num_shape if solve_shape else 0
     a_yy, b_y = a[:, first:, first:], b[:, first:]
-    apply_q = quadratic(weights)
+    apply_q = quadratic(majorizer)
     q_diagonal = _band_diagonal(apply_q, frames, width)
     diagonal = jnp.diagonal(a_yy, axis1=1, axis2=2) + q_diagonal
     diagonal = jnp.maximum(diagonal, _DIAGONAL_FLOOR * jnp.max(diagonal, axis=0) + 1e-12)

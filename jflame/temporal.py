@@ -5,13 +5,55 @@ first and second differences between frames. A difference is Charbonnier beyond 
 its noise (`robust_square`), and its weight falls where the detected landmarks themselves move
 (`motion_weights`), so the data term never gives way before the smoothing does. Functions take
 per-frame leaves (T, ...) of ONE run of consecutive frames (a segment, or a whole clip).
+
+The weights and scales are traced values (`TemporalWeights`), not part of the compiled program:
+a clip tracked with `--smoothing 0`, 0.5 or 1 runs one program.
 """
+
+import dataclasses
+from typing import Dict
 
 import jax
 import jax.numpy as jnp
 
-from jflame.config import TrackConfig
+from jflame.config import Smoothness, TrackConfig
 from jflame.fit import FitVariables
+
+_WEIGHT_FIELDS = ("velocity", "acceleration", "velocity_scale", "acceleration_scale",
+                  "motion_scale", "agreement")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TemporalWeights:
+  """TrackConfig's temporal weights as traced scalars (fields as TrackConfig's; a Smoothness
+  becomes {group: scalar})."""
+  velocity: Dict[str, jax.Array]
+  acceleration: Dict[str, jax.Array]
+  velocity_scale: Dict[str, jax.Array]
+  acceleration_scale: Dict[str, jax.Array]
+  motion_scale: jax.Array
+  agreement: jax.Array
+
+
+def temporal_weights(config: TrackConfig) -> TemporalWeights:
+  """The config's temporal weights, to pass to a compiled track as arguments."""
+  def value(field):
+    held = getattr(config, field)
+    if isinstance(held, Smoothness):
+      return {group.name: jnp.float32(getattr(held, group.name))
+              for group in dataclasses.fields(held)}
+    return jnp.float32(held)
+  return TemporalWeights(**{field: value(field) for field in _WEIGHT_FIELDS})
+
+
+def without_temporal_weights(config: TrackConfig) -> TrackConfig:
+  """The config with its temporal weights zeroed: the compiled program's static part (read
+  inside it, a weight would be 0 and the track unsmoothed; the weights travel as
+  `temporal_weights`)."""
+  zero = Smoothness(**{group.name: 0.0 for group in dataclasses.fields(Smoothness)})
+  return config.replace(velocity=zero, acceleration=zero, velocity_scale=zero,
+                        acceleration_scale=zero, motion_scale=0.0, agreement=0.0)
 
 
 def per_frame_leaves(variables: FitVariables):
@@ -26,9 +68,10 @@ def per_frame_leaves(variables: FitVariables):
 def robust_square(squared, scale):
   """Charbonnier penalty of a difference's squared norm: the square below `scale`, linear (slope
   2 scale) above it (0: the plain square)."""
-  if not scale:
-    return squared
-  return 2.0 * scale * scale * (jnp.sqrt(1.0 + squared / (scale * scale)) - 1.0)
+  on = scale > 0
+  safe = jnp.where(on, scale, 1.0)
+  return jnp.where(on, 2.0 * safe * safe * (jnp.sqrt(1.0 + squared / (safe * safe)) - 1.0),
+                   squared)
 
 
 def _squared_differences(variables: FitVariables):
@@ -39,48 +82,48 @@ def _squared_differences(variables: FitVariables):
     yield group, jnp.sum(first * first, -1), jnp.sum(second * second, -1)
 
 
-def _difference_weights(config: TrackConfig, group: str, frames: int, motion_weights):
+def _difference_weights(weights: TemporalWeights, group: str, frames: int, motion_weights):
   """The group's weights of its first (T-1,) and second (T-2,) differences."""
-  first = jnp.full(frames - 1, getattr(config.velocity, group), jnp.float32)
-  second = jnp.full(frames - 2, getattr(config.acceleration, group), jnp.float32)
+  first = jnp.full(frames - 1, weights.velocity[group], jnp.float32)
+  second = jnp.full(frames - 2, weights.acceleration[group], jnp.float32)
   if motion_weights is not None:
     first, second = first * motion_weights[:-1, 0], second * motion_weights[:-2, 1]
   return first, second
 
 
-def temporal_penalty(variables: FitVariables, config: TrackConfig, motion_weights=None):
+def temporal_penalty(variables: FitVariables, weights: TemporalWeights, motion_weights=None):
   """Sum of weighted robust first and second differences over ONE run of frames (per-frame
   leaves (L, ...)); `motion_weights` (L, 2) scale the difference starting at each frame."""
   total = 0.0
   frames = variables.camera_rotation.shape[0]
   for group, first, second in _squared_differences(variables):
-    first_weight, second_weight = _difference_weights(config, group, frames, motion_weights)
+    first_weight, second_weight = _difference_weights(weights, group, frames, motion_weights)
     total = (total
-             + jnp.sum(first_weight * robust_square(first, getattr(config.velocity_scale, group)))
+             + jnp.sum(first_weight * robust_square(first, weights.velocity_scale[group]))
              + jnp.sum(second_weight
-                       * robust_square(second, getattr(config.acceleration_scale, group))))
+                       * robust_square(second, weights.acceleration_scale[group])))
   return total
 
 
 def _robust_slope(squared, scale):
   """d robust_square / d squared: 1 / sqrt(1 + squared / scale^2) (1 for the plain square)."""
-  if not scale:
-    return jnp.ones_like(squared)
-  return 1.0 / jnp.sqrt(1.0 + squared / (scale * scale))
+  on = scale > 0
+  safe = jnp.where(on, scale, 1.0)
+  return jnp.where(on, 1.0 / jnp.sqrt(1.0 + squared / (safe * safe)), 1.0)
 
 
-def majorizer_weights(variables: FitVariables, config: TrackConfig, motion_weights=None):
+def majorizer_weights(variables: FitVariables, weights: TemporalWeights, motion_weights=None):
   """{group: (first (T-1,), second (T-2,))} weights of the plain squared differences whose sum
   touches `temporal_penalty` at `variables` from above up to a constant (iteratively
   reweighted least squares: robust_square is concave in the squared norm)."""
   frames = variables.camera_rotation.shape[0]
-  weights = {}
+  majorizer = {}
   for group, first, second in _squared_differences(variables):
-    first_weight, second_weight = _difference_weights(config, group, frames, motion_weights)
-    weights[group] = (
-        first_weight * _robust_slope(first, getattr(config.velocity_scale, group)),
-        second_weight * _robust_slope(second, getattr(config.acceleration_scale, group)))
-  return weights
+    first_weight, second_weight = _difference_weights(weights, group, frames, motion_weights)
+    majorizer[group] = (
+        first_weight * _robust_slope(first, weights.velocity_scale[group]),
+        second_weight * _robust_slope(second, weights.acceleration_scale[group]))
+  return majorizer
 
 
 def weighted_squares(variables: FitVariables, weights) -> jax.Array:
@@ -119,10 +162,11 @@ def _coherent_motion(points, difference, both, cells: int = 3):
   return jnp.max(jax.vmap(fitted_motion)(jnp.arange(cells * cells)))
 
 
-def motion_weights(targets, crop_size: int, config: TrackConfig):
+def motion_weights(targets, reference_per_pixel: float, motion_scale):
   """(T, 2) factors of the temporal weights of the first and second difference starting at each
   frame: 1 / (1 + (m / motion_scale)^2), with m the coherent motion of the detected landmarks
-  there (`_coherent_motion`, reference pixels); 1 where a frame involved has no face."""
+  there (`_coherent_motion`, reference pixels: `reference_per_pixel` of them per crop pixel); 1
+  where a frame involved has no face, and everywhere when `motion_scale` is 0."""
   valid = targets.valid
   # Frames before the first face and after the last one (padding included) are held at their
   # nearest tracked frame after the fit: a difference that reaches them would only drag the end
@@ -131,33 +175,31 @@ def motion_weights(targets, crop_size: int, config: TrackConfig):
       jax.lax.cummax(valid.astype(jnp.int32), reverse=True) > 0)
   first_span = span[1:] & span[:-1]
   second_span = span[2:] & span[1:-1] & span[:-2]
-  first = second = None
-  if config.motion_scale:
-    points = targets.landmarks * (config.fit.landmark_scale / crop_size)
-    seen = targets.is_detected & valid[:, None]
+  points = targets.landmarks * reference_per_pixel
+  seen = targets.is_detected & valid[:, None]
+  on = motion_scale > 0
 
-    def factor(anchor, difference, both):
-      motion = jax.vmap(_coherent_motion)(anchor, difference, both)
-      ratio = motion / config.motion_scale
-      return jnp.where(jnp.sum(both, -1) >= 6, 1.0 / (1.0 + ratio * ratio), 1.0)
-    first = factor(points[:-1], points[1:] - points[:-1], seen[1:] & seen[:-1])
-    second = factor(points[1:-1], points[2:] - 2.0 * points[1:-1] + points[:-2],
-                    seen[2:] & seen[1:-1] & seen[:-2])
-  first = jnp.where(first_span, 1.0 if first is None else first, 0.0)
-  second = jnp.where(second_span, 1.0 if second is None else second, 0.0)
+  def factor(anchor, difference, both):
+    motion = jax.vmap(_coherent_motion)(anchor, difference, both)
+    ratio = motion / jnp.where(on, motion_scale, 1.0)
+    return jnp.where(on & (jnp.sum(both, -1) >= 6), 1.0 / (1.0 + ratio * ratio), 1.0)
+  first = factor(points[:-1], points[1:] - points[:-1], seen[1:] & seen[:-1])
+  second = factor(points[1:-1], points[2:] - 2.0 * points[1:-1] + points[:-2],
+                  seen[2:] & seen[1:-1] & seen[:-2])
+  first = jnp.where(first_span, first, 0.0)
+  second = jnp.where(second_span, second, 0.0)
   first = jnp.concatenate([first, jnp.zeros(1)])
   second = jnp.concatenate([second, jnp.zeros(2)])
   return jnp.stack([first, second], axis=1).astype(jnp.float32)
 
 
-def agreement_penalty(variables: FitVariables, config: TrackConfig):
-  """Squared difference of neighbouring segments' values of the frames they share (leaves
-  (G, L, ...)), times the agreement weight."""
-  overlap = config.overlap
+def agreement_penalty(variables: FitVariables, overlap: int, weights: TemporalWeights):
+  """Squared difference of neighbouring segments' values of the `overlap` frames they share
+  (leaves (G, L, ...)), times the agreement weight."""
   if not overlap or variables.camera_rotation.shape[0] < 2:
     return 0.0
   total = 0.0
   for _, values, scale in per_frame_leaves(variables):
     gap = (values[:-1, -overlap:] - values[1:, :overlap]) * scale
     total = total + jnp.sum(gap * gap)
-  return config.agreement * total
+  return weights.agreement * total

@@ -43,7 +43,8 @@ from jflame.fit import (FitModel, FitVariables, fitted_appearance, fitted_camera
 from jflame.flame import FlameParams, surface_points_forward, vertices_of_batch
 from jflame.starting_point import identity_normal_equations, initial_rigid_camera, landmark_basis
 from jflame.observation import Observation
-from jflame.temporal import agreement_penalty, motion_weights, temporal_penalty
+from jflame.temporal import (TemporalWeights, agreement_penalty, motion_weights, temporal_penalty,
+                             temporal_weights, without_temporal_weights)
 from jflame.render import Appearance
 from jflame.rotation import matrix_to_axis_angle
 
@@ -333,8 +334,8 @@ def _frame_loss(fit_model, frame, target, base_rotation, principal_point, crop_s
 
 
 def clip_loss(fit_model: FitModel, variables: FitVariables, targets: ClipTargets, base_rotation,
-              principal_point, crop_size: int, config: TrackConfig, photometric: bool,
-              smoothed: bool = True):
+              principal_point, crop_size: int, config: TrackConfig, weights: TemporalWeights,
+              photometric: bool, smoothed: bool = True):
   """The clip's objective over segments (per-frame leaves and targets (G, L, ...)): per-frame
   terms and temporal priors summed over segment slots and divided by the frames with a face,
   plus the shape (and texture) prior once and the agreement of overlapping segments
@@ -349,7 +350,7 @@ def clip_loss(fit_model: FitModel, variables: FitVariables, targets: ClipTargets
         segment_variables, segment_targets)
     if not smoothed:
       return jnp.sum(per_frame)
-    return jnp.sum(per_frame) + temporal_penalty(segment_variables, config,
+    return jnp.sum(per_frame) + temporal_penalty(segment_variables, weights,
                                                  segment_targets.motion)
 
   chunk = config.photometric_segment_chunk if photometric else config.segment_chunk
@@ -361,7 +362,7 @@ def clip_loss(fit_model: FitModel, variables: FitVariables, targets: ClipTargets
         (_map_per_frame(lambda x: x, variables, drop_shared=True), targets),
         batch_size=chunk)
   frames_with_data = jnp.maximum(jnp.sum(targets.valid), 1.0)
-  agreement = agreement_penalty(variables, config) if smoothed else 0.0
+  agreement = agreement_penalty(variables, config.overlap, weights) if smoothed else 0.0
   loss = ((jnp.sum(per_segment) + agreement) / frames_with_data
           + losses.l2(variables.flame.shape, fit_config.regularization.shape))
   if photometric:
@@ -413,7 +414,8 @@ def _shape_held(rates, fit_config):
 
 
 def _clip_solve(fit_model: FitModel, frames: FitVariables, targets: ClipTargets, base_rotation,
-                principal_point, crop_size: int, config: TrackConfig, active):
+                principal_point, crop_size: int, config: TrackConfig, weights: TemporalWeights,
+                active):
   """The landmark objective with the temporal terms over the clip's frames (per-frame leaves
   (T, ...)), the shape held, by `clip_solve.solve_clip` from `frames`: (frames, cost history,
   failed)."""
@@ -435,12 +437,11 @@ def _clip_solve(fit_model: FitModel, frames: FitVariables, targets: ClipTargets,
   solve_with = functools.partial(
       clip_solve.solve_clip, fit_model.landmark_rows, problems, params,
       log_focal=jnp.log(frames.focal_length), valid=targets.valid, motion=targets.motion,
-      free=free, iterations=config.clip_lm_iterations, cg_iterations=config.clip_cg_iterations)
+      weights=weights, free=free, iterations=config.clip_lm_iterations, cg_iterations=config.clip_cg_iterations)
   # The shape stays where the Adam stages put it (frames independent): solved here with the
   # temporal terms, or first alone, it came out worse against the truth on some known-truth
   # draws (docs/ACCURACY.md).
-  _, y, history, failed = solve_with(shape=shape, y=x[:, num_shape:], config=config,
-                                     active=active)
+  _, y, history, failed = solve_with(shape=shape, y=x[:, num_shape:], active=active)
   solved, rotation, translation = jax.vmap(solve.unpack)(
       jnp.concatenate([jnp.broadcast_to(shape, x[:, :num_shape].shape), y], axis=1), params)
   return (frames.replace(flame=solved.replace(shape=shape), camera_rotation=rotation,
@@ -449,10 +450,12 @@ def _clip_solve(fit_model: FitModel, frames: FitVariables, targets: ClipTargets,
 
 @functools.partial(jax.jit, static_argnames=("config", "crop_size"))
 def track_padded(fit_model: FitModel, observations: Observation, config: TrackConfig,
-                 crop_size: int, focal_length=None) -> TrackResult:
+                 crop_size: int, weights: TemporalWeights, focal_length=None) -> TrackResult:
   """Fits a clip already padded to `padded_length(G, config)` frames (padding frames have
-  `valid` False). Compiled once per (G, segment length, crop size, config). `focal_length`
-  (crop pixels) replaces the field-of-view focal; it stays fixed in the fit."""
+  `valid` False), with the temporal weights `weights` (`config`'s own are not read: pass
+  `without_temporal_weights(config)`, so that every weighting shares one program). Compiled once
+  per (G, segment length, crop size, config). `focal_length` (crop pixels) replaces the
+  field-of-view focal; it stays fixed in the fit."""
   fit_config = config.fit
   photometric = fit_config.photometric
   frames = observations.valid.shape[0]
@@ -461,7 +464,8 @@ def track_padded(fit_model: FitModel, observations: Observation, config: TrackCo
     raise ConfigError(f"a clip of {frames} frames is not padded to whole segments; use "
                       "fit_clip, which pads it.")
   targets = _frame_targets(fit_model, observations, photometric)
-  targets = targets.replace(motion=motion_weights(targets, crop_size, config))
+  targets = targets.replace(motion=motion_weights(
+      targets, fit_config.landmark_scale / crop_size, weights.motion_scale))
   variables, base_rotation, principal_point, start_ok = initial_clip_variables(
       fit_model, targets, crop_size, fit_config, focal_length)
   index = jnp.asarray(_segment_index(num_segments, config))
@@ -473,7 +477,7 @@ def track_padded(fit_model: FitModel, observations: Observation, config: TrackCo
 
   def loss_fn(photometric_term, smoothed=True, loss_targets=segment_targets):
     return lambda v: clip_loss(fit_model, v, loss_targets, base_rotation, principal_point,
-                               crop_size, config, photometric_term, smoothed)
+                               crop_size, config, weights, photometric_term, smoothed)
 
   def landmark_stages(variables, loss):
     variables, rigid_history, rigid_failed = run_stage(
@@ -495,7 +499,7 @@ def track_padded(fit_model: FitModel, observations: Observation, config: TrackCo
         loss_fn(False, smoothed=False, loss_targets=jax.tree.map(take, targets)))
     solved, clip_history, clip_failed = _clip_solve(
         fit_model, _frames_put(variables, picked, fitted), targets, base_rotation,
-        principal_point, crop_size, config, active & ~failed)
+        principal_point, crop_size, config, weights, active & ~failed)
     variables = to_segments(solved)
     failed = failed | clip_failed
     extra["clip_cost_history"] = clip_history
@@ -555,7 +559,8 @@ def fit_clip(fit_model: FitModel, observations: Observation, config: TrackConfig
   frames = observations.valid.shape[0]
   if frames == 0:
     raise ConfigError("the clip has no frames")
-  result = track_padded(fit_model, pad_clip(observations, config), config, crop_size,
+  result = track_padded(fit_model, pad_clip(observations, config),
+                        without_temporal_weights(config), crop_size, temporal_weights(config),
                         focal_length)
   per_frame = ("params", "camera", "landmarks_2d", "landmark_error", "tracked",
                "photometric_error")

@@ -20,6 +20,7 @@ from tests.conftest import fit_model_over_embedding
 CROP = 256
 NUM_SHAPE, NUM_EXPRESSION = 20, 10
 CONFIG = TrackConfig(fit=TRACK_FIT.replace(num_shape=NUM_SHAPE, num_expression=NUM_EXPRESSION))
+WEIGHTS = temporal.temporal_weights(CONFIG)
 FRAMES = 24
 
 
@@ -39,8 +40,8 @@ def test_majorizer_touches_the_temporal_penalty_and_lies_above_it():
   rng = np.random.default_rng(0)
   motion = jnp.asarray(rng.uniform(0.2, 1.0, size=(FRAMES, 2)), jnp.float32)
   at = _random_variables(rng)
-  weights = temporal.majorizer_weights(at, CONFIG, motion)
-  penalty = lambda v: temporal.temporal_penalty(v, CONFIG, motion)
+  weights = temporal.majorizer_weights(at, WEIGHTS, motion)
+  penalty = lambda v: temporal.temporal_penalty(v, WEIGHTS, motion)
   squares = lambda v: temporal.weighted_squares(v, weights)
   grad_penalty, grad_squares = jax.grad(penalty)(at), jax.grad(squares)(at)
   for a, b in zip(jax.tree.leaves(grad_penalty), jax.tree.leaves(grad_squares)):
@@ -53,7 +54,7 @@ def test_majorizer_touches_the_temporal_penalty_and_lies_above_it():
 
 def test_band_diagonal_is_the_dense_diagonal():
   rng = np.random.default_rng(1)
-  weights = temporal.majorizer_weights(_random_variables(rng), CONFIG, None)
+  weights = temporal.majorizer_weights(_random_variables(rng), WEIGHTS, None)
   width = NUM_EXPRESSION + 15
   shape = jnp.zeros(NUM_SHAPE)
   params = jax.tree.map(lambda x: jnp.zeros((FRAMES,) + x.shape),
@@ -110,7 +111,8 @@ def clip_problem():
       fit_model, lm, w, CROP, CONFIG.fit, base, principal_point)))(landmarks, weights)
   targets = ClipTargets(landmarks=landmarks, weights=weights, is_detected=is_detected,
                         valid=valid)
-  motion = jax.jit(temporal.motion_weights, static_argnums=(1, 2))(targets, CROP, CONFIG)
+  motion = jax.jit(temporal.motion_weights, static_argnums=1)(
+      targets, CONFIG.fit.landmark_scale / CROP, CONFIG.motion_scale)
   start = jnp.concatenate([jnp.zeros((FRAMES, NUM_EXPRESSION + 9)), deltas * 0.5,
                            translation + 0.005], axis=1)
   log_focal = jnp.log(jnp.asarray(726.0, jnp.float32))
@@ -123,7 +125,7 @@ def clip_problem():
       x = jnp.concatenate([clip_shape, frame_y])
       return solve.objective(problem, solve.residuals(rows, problem, p, x, log_focal), x)
     return jnp.sum(jax.vmap(frame)(problems, params, y)) + temporal.temporal_penalty(
-        clip_solve._variables(y, clip_shape, params), CONFIG, motion)
+        clip_solve._variables(y, clip_shape, params), WEIGHTS, motion)
 
   return dict(rows=rows, problems=problems, params=params, shape=shape, start=start,
               log_focal=log_focal, valid=valid, motion=motion, objective=objective)
@@ -154,7 +156,7 @@ def test_clip_solve_reaches_a_stationary_point_of_the_clip_objective(clip_proble
   start_shape = p["shape"] + (0.3 if solve_shape else 0.0)
   run = jax.jit(lambda free, iterations: clip_solve.solve_clip(
       p["rows"], p["problems"], p["params"], start_shape, p["start"], p["log_focal"],
-      p["valid"], p["motion"], CONFIG, free, iterations, 40, solve_shape), static_argnums=1)
+      p["valid"], p["motion"], WEIGHTS, free, iterations, 40, solve_shape), static_argnums=1)
   shape, solved, history, failed = run(free, 12)
   assert not bool(failed)
   costs = np.asarray(history)

@@ -96,16 +96,20 @@ TRUTH_SEEDS = (3, 0, 2, 7)
 def known_truth_tracks():
   """seed -> (truth points, true head rotations, {"default" | "independent": track result}) of
   the synthetic head's fast-motion clip, tracked by the default TrackConfig and without
-  smoothing (one compiled program each, shared by the draws)."""
+  smoothing (one compiled program for both: the temporal weights are its arguments, not part of
+  it), shared by the draws."""
+  from jflame.track import track_padded
   model, embedding = synthetic.synthetic_flame("small", seed=0)
   fit_model = fit_model_over_embedding(model, embedding, CONFIG.fit)
   runs = {}
+  programs_before = track_padded._cache_size()
   for seed in TRUTH_SEEDS:
     truth, head, observation = known_truth_clip(model, embedding, seed=seed)
     tracks = {name: jax.device_get(fit_clip(fit_model, observation, config, CROP))
               for name, config in (("default", CONFIG),
                                    ("independent", without_smoothing(CONFIG)))}
     runs[seed] = (truth, head, tracks)
+  assert track_padded._cache_size() == programs_before + 1
   return model, embedding, runs
 
 
@@ -281,7 +285,8 @@ def test_motion_weights_fall_where_the_landmarks_move_and_stop_at_the_last_face(
                                                                                bool),
                         valid=jnp.asarray(valid))
   # Jitted as track_padded runs it (one compile; op by op it took 13 s on CPU).
-  weights = np.asarray(jax.jit(motion_weights, static_argnums=(1, 2))(targets, CROP, CONFIG))
+  weights = np.asarray(jax.jit(motion_weights, static_argnums=1)(
+      targets, CONFIG.fit.landmark_scale / CROP, CONFIG.motion_scale))
   velocity, acceleration = weights[:, 0], weights[:, 1]
   still = [0, 1, 2, 3, 7, 8]
   assert np.all(velocity[still] > 0.5), velocity
