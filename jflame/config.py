@@ -352,10 +352,10 @@ class TrackConfig:
                                               translation=2.0)
   motion_scale: float = 1.0
   agreement: float = 100.0
-  # Three steps of 20 iterations settle the smoothing from the frames' own starts
-  # (docs/ACCURACY.md, video tracking).
+  # Three steps of 30 iterations settle the smoothing from the frames' own starts; with 20 the
+  # still stretches stopped short of the optimum (docs/ACCURACY.md, video tracking).
   clip_lm_iterations: int = 3
-  clip_cg_iterations: int = 20
+  clip_cg_iterations: int = 30
   shape_frames: int = 64
   photometric_iterations: int = 40
   photometric_rates: LearningRates = PHOTOMETRIC_RATES
