@@ -33,24 +33,26 @@ def _rodrigues(rotvec):
   return Rotation.from_rotvec(np.asarray(rotvec, np.float64)).as_matrix()
 
 
-def gaussian_avatars_vertices(model, params: dict, num_model_vertices: int):
-  """FlameHead.forward: betas = [shape, expr]; full_pose = [rotation, neck, jaw, eyes]; LBS with
-  the joints regressed from the shaped mesh; + translation. `params` as in a flame_param npz
-  (the coefficients beyond the model's own must be zero); FLAME's own vertices only."""
-  shape, expr = np.asarray(params["shape"]), np.asarray(params["expr"][0])
-  num_shape, num_expression = model.shapedirs.shape[-1], model.exprdirs.shape[-1]
+def flame_lbs(model, shape, expr, full_pose, offset=0.0, scale=1.0):
+  """FLAME's forward as the FLAME_PyTorch code these readers share: betas = [shape, expr] (the
+  coefficients beyond the model's own must be zero); full_pose (15) = [global, neck, jaw, left
+  eye, right eye]; LBS with the joints regressed from the shaped mesh. `scale` multiplies the
+  template and every blend shape (IMavatar's factor 4)."""
+  shape, expr = np.asarray(shape, np.float64), np.asarray(expr, np.float64)
+  num_shape = min(model.shapedirs.shape[-1], len(shape))      # their n_shape: the first ones
+  num_expression = min(model.exprdirs.shape[-1], len(expr))
   assert not np.any(shape[num_shape:]) and not np.any(expr[num_expression:])
-  v_shaped = (np.asarray(model.v_template, np.float64)
-              + np.asarray(model.shapedirs, np.float64) @ shape[:num_shape]
-              + np.asarray(model.exprdirs, np.float64) @ expr[:num_expression])
-  if "static_offset" in params:
-    v_shaped = v_shaped + params["static_offset"][0, :num_model_vertices]
+  v_shaped = scale * (np.asarray(model.v_template, np.float64)
+                      + np.asarray(model.shapedirs, np.float64)[..., :num_shape]
+                      @ shape[:num_shape]
+                      + np.asarray(model.exprdirs, np.float64)[..., :num_expression]
+                      @ expr[:num_expression])
+  v_shaped = v_shaped + offset
   joints = np.asarray(model.j_regressor, np.float64) @ v_shaped
-  pose = np.concatenate([params["rotation"][0], params["neck_pose"][0], params["jaw_pose"][0],
-                         params["eyes_pose"][0]]).reshape(5, 3)
+  pose = np.asarray(full_pose, np.float64).reshape(5, 3)
   rotations = np.stack([_rodrigues(r) for r in pose])
   pose_feature = (rotations[1:] - np.eye(3)).reshape(-1)
-  v_posed = v_shaped + np.asarray(model.posedirs, np.float64) @ pose_feature
+  v_posed = v_shaped + scale * np.asarray(model.posedirs, np.float64) @ pose_feature
   parents = model.parents
   chain = [None] * 5
   for joint in range(5):
@@ -61,8 +63,18 @@ def gaussian_avatars_vertices(model, params: dict, num_model_vertices: int):
   transforms = np.stack(chain)
   transforms[:, :3, 3] -= np.einsum("jab,jb->ja", transforms[:, :3, :3], joints)
   blended = np.einsum("vj,jab->vab", np.asarray(model.lbs_weights, np.float64), transforms)
-  vertices = np.einsum("vab,vb->va", blended[:, :3, :3], v_posed) + blended[:, :3, 3]
-  return vertices + params["translation"][0]
+  return np.einsum("vab,vb->va", blended[:, :3, :3], v_posed) + blended[:, :3, 3]
+
+
+def gaussian_avatars_vertices(model, params: dict, num_model_vertices: int):
+  """FlameHead.forward: `params` as in a flame_param npz; + translation; FLAME's own vertices
+  only."""
+  offset = (params["static_offset"][0, :num_model_vertices] if "static_offset" in params
+            else 0.0)
+  pose = np.concatenate([params["rotation"][0], params["neck_pose"][0], params["jaw_pose"][0],
+                         params["eyes_pose"][0]])
+  return (flame_lbs(model, params["shape"], params["expr"][0], pose, offset)
+          + params["translation"][0])
 
 
 def gaussian_avatars_pixels(frame: dict, points):
@@ -77,6 +89,34 @@ def gaussian_avatars_pixels(frame: dict, points):
   focal_y = height / (2.0 * math.tan(2.0 * math.atan(height / (2.0 * focal)) / 2.0))
   return np.stack([focal * camera[:, 0] / camera[:, 2] + width / 2.0,
                    focal_y * camera[:, 1] / camera[:, 2] + height / 2.0], axis=-1)
+
+
+# --- IMavatar's conventions, from its code/datasets/real_dataset.py (FaceDataset),
+# --- code/utils/rend_util.py (load_K_Rt_from_P, get_camera_params, lift) and code/flame/FLAME.py
+# --- (factor = 4), written out in NumPy.
+
+def imavatar_camera(content: dict, frame: dict, side: int):
+  """(K 3 x 3 in pixels at resolution `side`, camera-to-world 4 x 4) as FaceDataset builds them:
+  intrinsics times img_res, and load_K_Rt_from_P of the world_mat through OpenCV."""
+  fx, fy, cx, cy = content["intrinsics"]
+  assert cy <= 1, "the old 512-pixel form"
+  k = np.array([[fx * side, 0.0, cx * side], [0.0, fy * side, cy * side], [0.0, 0.0, 1.0]])
+  decomposed = cv2.decomposeProjectionMatrix(np.asarray(frame["world_mat"], np.float64))
+  pose = np.eye(4)
+  pose[:3, :3] = decomposed[1].T
+  pose[:3, 3] = (decomposed[2][:3] / decomposed[2][3])[:, 0]
+  return k, pose
+
+
+def imavatar_pixels(k, camera_to_world, points):
+  """The pixels whose rays (get_camera_params: lift at depth -1, through the pose) pass through
+  `points`: a point q in the camera is on the ray of pixel (u, v) when
+  q = ((u - cx) / fx, (v - cy) / fy, 1) * (-d), d > 0."""
+  world_to_camera = np.linalg.inv(camera_to_world)
+  q = points @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
+  assert np.all(q[:, 2] < 0), "behind their camera"
+  return np.stack([k[0, 0] * q[:, 0] / q[:, 2] + k[0, 2], k[1, 1] * q[:, 1] / q[:, 2] + k[1, 2]],
+                  axis=-1)
 
 
 # --- A synthetic clip's track folder: every joint turned, the head moving in the frame camera.
@@ -149,8 +189,11 @@ def synthetic_export(tmp_path_factory):
   dataset, motion = root / "ga", root / "motion"
   warnings = clip_export.export_dataset(clip, model, dataset, None, 0.25, False)
   clip_export.export_motion(clip, model, motion)
+  imavatar_folder = root / "imavatar"
+  imavatar_warnings = clip_export.export_imavatar(clip, model, imavatar_folder, None, False)
   return dict(model=model, embedding=embedding, rows=rows, clip=clip, dataset=dataset,
-              motion=motion, warnings=warnings)
+              motion=motion, warnings=warnings, imavatar=imavatar_folder,
+              imavatar_warnings=imavatar_warnings)
 
 
 def _landmarks_from(model, embedding, rows, vertices):
@@ -233,6 +276,46 @@ def test_gaussian_avatars_motion_drives_the_tracked_head(synthetic_export):
     error = np.abs(gaussian_avatars_pixels(camera, points)
                    - (clip.columns["landmarks_fitted"][index] + shift)).max()
     assert error < 0.05, (index, error)
+
+
+def test_imavatar_folder_rebuilds_the_fitted_landmarks(synthetic_export):
+  """IMavatar's loader, FLAME (x4) and ray camera on the exported folder: the head in their
+  camera is jflame's in OpenGL axes, 4x larger; the fitted landmarks land on the track's
+  (< 0.05 px, their pixel centres at whole numbers, the frame padded to a square); the image
+  their loader opens holds the frame there; the box their loader reads holds the face."""
+  model, clip, folder = (synthetic_export[k] for k in ("model", "clip", "imavatar"))
+  content = json.loads((folder / "flame_params.json").read_text())
+  kept = [i for i in range(FRAMES) if i not in (3, 7)]   # no face, suspect
+  assert [int(f["file_path"].split("/")[-1]) for f in content["frames"]] == kept
+  assert len(content["shape_params"]) == 100
+  side = max(FRAME_SIZE)
+  offset = np.array([(side - FRAME_SIZE[0]) // 2, (side - FRAME_SIZE[1]) // 2])
+  fitted = clip.columns["landmarks_fitted"]
+  errors = []
+  for frame in content["frames"]:
+    index = int(frame["file_path"].split("/")[-1])
+    assert len(frame["expression"]) == 50 and len(frame["pose"]) == 15
+    vertices = flame_lbs(model, content["shape_params"], frame["expression"], frame["pose"],
+                         scale=4.0)
+    k, camera_to_world = imavatar_camera(content, frame, side)
+    world_to_camera = np.linalg.inv(camera_to_world)
+    in_camera = vertices @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
+    np.testing.assert_allclose(in_camera, 4.0 * _camera_mesh(model, clip, index) * [1, -1, -1],
+                               atol=1e-5)
+    points = _landmarks_from(model, synthetic_export["embedding"], synthetic_export["rows"],
+                             vertices)
+    pixels = imavatar_pixels(k, camera_to_world, points)
+    errors.append(np.abs(pixels - (fitted[index] - 0.5 + offset)).max())
+    image = cv2.imread(f"{folder}/{frame['file_path']}.png")   # as FaceDataset opens it
+    assert image.shape[:2] == (side, side)
+    brightest = np.unravel_index(np.argmax(image[..., 0]), image.shape[:2])[::-1]
+    np.testing.assert_array_equal(brightest, np.floor(fitted[index, 0]) + offset)
+    box = (np.asarray(frame["bbox"]) + 1.0) * side / 2.0   # FaceDataset, before its int()
+    assert np.all(box[:2] <= pixels.min(0) + 1e-3) and np.all(pixels.max(0) <= box[2:] + 1e-3)
+  assert max(errors) < 0.05, errors
+  readme = (folder / "README.md").read_text()
+  assert "SYNTHETIC" in synthetic_export["imavatar_warnings"][0] and "SYNTHETIC" in readme
+  assert "mask/" in readme and "padded with zeros to 100" in readme
 
 
 def test_a_fit_of_another_flame_release_is_refused_and_a_rerun_finishes(synthetic_export,

@@ -1,5 +1,6 @@
 """jflame-export as a user runs it (issue 21): the shared real clip tracked and exported through
-the commands, rebuilt with GaussianAvatars' conventions (tests/test_export.py) to < 0.05 px; the
+the commands, rebuilt with GaussianAvatars' and IMavatar's conventions (tests/test_export.py) to
+< 0.05 px; the
 same photos through jflame-fit and jflame-annotate exported as NoW's layout; usage problems one
 line and exit 2."""
 
@@ -11,7 +12,8 @@ import pytest
 
 from jflame import synthetic, track_output
 from tests.conftest import SHARED_ASSETS, shared_photos
-from tests.test_export import _landmarks_from, gaussian_avatars_pixels, gaussian_avatars_vertices
+from tests.test_export import (_landmarks_from, flame_lbs, gaussian_avatars_pixels,
+                               gaussian_avatars_vertices, imavatar_camera, imavatar_pixels)
 from tests.test_output_files import run_command
 
 
@@ -28,8 +30,9 @@ def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
   done = run_command(["--input", CLIP, "--output", track, "--max_frames", "24", "--nooverlay",
                       "--noplot"], tmp_path, script=("-m", "jflame.cli.track"))
   assert done.returncode == 0, done.stderr[-2000:]
-  dataset, motion = tmp_path / "ga", tmp_path / "motion"
-  for output, name in ((dataset, "gaussian_avatars"), (motion, "gaussian_avatars_motion")):
+  dataset, motion, imavatar = tmp_path / "ga", tmp_path / "motion", tmp_path / "imavatar"
+  for output, name in ((dataset, "gaussian_avatars"), (motion, "gaussian_avatars_motion"),
+                       (imavatar, "imavatar")):
     done = run_command(["--input", track, "--format", name, "--output", output], tmp_path,
                        script=EXPORT)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -54,6 +57,23 @@ def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
   assert max(errors) < 0.05, errors
   with np.load(motion / "motion.npz") as data:
     assert data["expr"].shape == (24, 100)
+  # IMavatar's folder, read with its conventions: the same landmarks, on the square canvas.
+  content = json.loads((imavatar / "flame_params.json").read_text())
+  assert len(content["frames"]) == len(every["frames"])
+  frame_size = json.loads((track / "manifest.json").read_text())["frame_size"]
+  side = max(frame_size)
+  offset = (side - np.asarray(frame_size)) // 2
+  errors = []
+  for frame in content["frames"]:
+    index = int(frame["file_path"].split("/")[-1])
+    vertices = flame_lbs(model, content["shape_params"], frame["expression"], frame["pose"],
+                         scale=4.0)
+    k, camera_to_world = imavatar_camera(content, frame, side)
+    pixels = imavatar_pixels(k, camera_to_world, _landmarks_from(model, embedding, rows,
+                                                                 vertices))
+    errors.append(np.abs(pixels - (columns["landmarks_fitted"][index] - 0.5 + offset)).max())
+    assert cv2.imread(f"{imavatar}/{frame['file_path']}.png").shape[:2] == (side, side)
+  assert max(errors) < 0.05, errors
   # Usage problems: one line, exit 2.
   for args, said in (([], "--input is required"),
                      (["--input", tmp_path, "--format", "gaussian_avatars", "--output",

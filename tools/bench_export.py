@@ -55,6 +55,14 @@ def main(argv):
     figures["dataset_images_kept_s"] = _median_seconds(
         lambda: clip_export.export_dataset(clip, loaded.model, scratch / "fresh", None, 0.1,
                                            False), _REPEATS.value)
+
+    def imavatar_fresh():
+      shutil.rmtree(scratch / "imavatar", ignore_errors=True)
+      clip_export.export_imavatar(clip, loaded.model, scratch / "imavatar", None, False)
+    figures["imavatar_with_images_s"] = _median_seconds(imavatar_fresh, _REPEATS.value)
+    figures["imavatar_images_kept_s"] = _median_seconds(
+        lambda: clip_export.export_imavatar(clip, loaded.model, scratch / "imavatar", None,
+                                            False), _REPEATS.value)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   print(json.dumps(figures, indent=1))

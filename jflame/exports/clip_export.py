@@ -3,13 +3,13 @@ needs in one vmapped call, write each file atomically. A rerun rewrites the smal
 keeps the images already written, so an interrupted export finishes where it stopped."""
 
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import cv2
 import numpy as np
 
 from jflame.errors import InputError
-from jflame.exports import common, gaussian_avatars as ga
+from jflame.exports import common, gaussian_avatars as ga, imavatar
 from jflame.flame import FlameModel
 from jflame.preprocess.video import open_clip
 
@@ -48,6 +48,119 @@ def _tracked_frames(clip: common.TrackedClip, keep_suspect: bool, notes: List[st
   return [int(frame) for frame in np.flatnonzero(keep)]
 
 
+def _frames_of(clip: common.TrackedClip, source: Optional[str], frames: List[int], output: Path,
+               placed: Callable[[np.ndarray], np.ndarray], image_path: Callable[[int], str],
+               progress: Optional[Callable[[int], None]]) -> str:
+  """Writes `placed(frame)` (RGB) of each of `frames` of the clip's source to
+  output / image_path(index), keeping images a killed export already wrote; returns the
+  source."""
+  source = source or clip.manifest["source"]
+  if not Path(source).exists():
+    raise InputError(f"the clip's source {source} is gone; pass --source with the video (or "
+                     "folder of frames) that was tracked.")
+  frame_size = tuple(int(side) for side in clip.manifest["frame_size"])
+  info, images = open_clip(source)
+  if (info.width, info.height) != frame_size:
+    raise InputError(f"{source} has {info.width} x {info.height} frames, the track "
+                     f"{frame_size[0]} x {frame_size[1]}: not the clip that was tracked.")
+  wanted, written = set(frames), set()
+  for index, image in enumerate(images):
+    if index >= clip.num_frames:
+      break
+    if index not in wanted:
+      continue
+    target = output / image_path(index)
+    if not target.is_file():
+      common.write_image(target, placed(image))
+    written.add(index)
+    if progress:
+      progress(1)
+  missing = wanted - written
+  if missing:
+    raise InputError(f"{source} ended before frame {min(missing)}: not the clip that was "
+                     "tracked.")
+  return source
+
+
+def _one_frame_camera(clip: common.TrackedClip) -> Tuple[float, np.ndarray]:
+  """(focal length, principal point) of the clip's frame camera, the same for every frame."""
+  focal = float(clip.columns["frame_camera_focal_length"][0])
+  principal_point = clip.columns["frame_camera_principal_point"][0]
+  if not (np.allclose(clip.columns["frame_camera_focal_length"], focal) and np.allclose(
+      clip.columns["frame_camera_principal_point"], principal_point)):
+    raise InputError(f"{clip.folder}: the frame camera's intrinsics change over the clip; "
+                     "this export needs one camera.")
+  return focal, principal_point
+
+
+def export_imavatar(clip: common.TrackedClip, model: FlameModel, output: Path,
+                    source: Optional[str], keep_suspect: bool,
+                    progress: Optional[Callable[[int], None]] = None) -> List[str]:
+  """`imavatar`: one of IMavatar's capture folders, `image/<frame>.png` and
+  `flame_params.json` (jflame.exports.imavatar). Returns the warnings."""
+  warnings = common.check_variant(clip.manifest.get("model_variant", "unknown"),
+                                  imavatar.EXPECTED_VARIANT, "imavatar", imavatar.READER)
+  check_model(clip, model)
+  notes: List[str] = []
+  frames = _tracked_frames(clip, keep_suspect, notes)
+  if not frames:
+    raise InputError(f"{clip.folder}: no frame is tracked and trusted; nothing to export.")
+  focal, principal_point = _one_frame_camera(clip)
+  frame_size = tuple(int(side) for side in clip.manifest["frame_size"])
+  params = clip.params()
+  shape = np.asarray(clip.metadata["shape"], np.float32)
+  if shape.shape[-1] > imavatar.NUM_SHAPE:
+    raise InputError(f"IMavatar's FLAME takes {imavatar.NUM_SHAPE} shape coefficients and this "
+                     f"track has {shape.shape[-1]}: track again with --num_shape "
+                     f"{imavatar.NUM_SHAPE} or fewer.")
+  shape = common.padded(shape, imavatar.NUM_SHAPE, "shape", notes)
+  num_expression = params.expression.shape[-1]
+  expression = np.asarray(params.expression, np.float32)
+  if num_expression < imavatar.DEFAULT_NUM_EXPRESSION:
+    expression = common.padded(expression, imavatar.DEFAULT_NUM_EXPRESSION, "expression", notes)
+  root = np.asarray(ga.root_joints(model, params), np.float64)
+  rotation, translation = imavatar.head_pose(
+      clip.columns["frame_camera_rotation"], clip.columns["frame_camera_translation"],
+      params.global_rotation, root)
+  pose = imavatar.full_pose(rotation, params.neck_rotation, params.jaw_rotation,
+                            params.left_eye_rotation, params.right_eye_rotation)
+  side, (left, top) = imavatar.square_canvas(frame_size)
+
+  def on_canvas(image):
+    canvas = np.zeros((side, side, 3), np.uint8)
+    canvas[top:top + image.shape[0], left:left + image.shape[1]] = image
+    return canvas
+  source = _frames_of(clip, source, frames, output, on_canvas,
+                      lambda index: f"image/{index:05d}.png", progress)
+  fitted = clip.columns["landmarks_fitted"]
+  common.write_json(output / "flame_params.json", {
+      "frames": [imavatar.frame_entry(f"{index:05d}", pose[index], translation[index],
+                                      expression[index], imavatar.face_box(fitted[index],
+                                                                           frame_size))
+                 for index in frames],
+      "intrinsics": imavatar.intrinsics(focal, principal_point, frame_size),
+      "shape_params": [float(v) for v in shape]})
+  notes.append("No mask/: IMavatar reads a foreground mask per image (`mask/<frame>.png`, their "
+               "preprocessing makes them with MODNet) and jflame runs no head segmentation; "
+               "write them there before training.")
+  if expression.shape[-1] != imavatar.DEFAULT_NUM_EXPRESSION:
+    notes.append(f"{expression.shape[-1]} expression coefficients: set the config's "
+                 f"`deformer_network.num_exp = {expression.shape[-1]}` (theirs is "
+                 f"{imavatar.DEFAULT_NUM_EXPRESSION}).")
+  common.write_readme(output, "IMavatar capture folder (jflame-export)", [
+      f"From `{clip.folder}` (source `{source}`): {len(frames)} frames, `image/<frame>.png` and "
+      "`flame_params.json` (docs/FORMAT.md, Exports).",
+      f"One camera: focal length {focal:.2f} px (field of view "
+      f"{imavatar.field_of_view_degrees(focal, side):.1f} degrees across the {side} px side); "
+      f"each {frame_size[0]} x {frame_size[1]} frame padded (black) to a {side} x {side} square, "
+      "which their loader needs.",
+      "Their FLAME is FLAME 2020 scaled by 4 (`code/flame/FLAME.py`); the head pose is in "
+      "`pose` and `world_mat` is [I | t]. Put this folder at "
+      "`<data>/<subject>/<subject>/<name>` and list `<name>` in the config's `sub_dir`.", ""]
+      + [f"- {note}" for note in notes], warnings)
+  return warnings
+
+
 def export_motion(clip: common.TrackedClip, model: FlameModel, output: Path) -> List[str]:
   """`gaussian_avatars_motion`: motion.npz (every frame, in order). Returns the warnings."""
   warnings = common.check_variant(clip.manifest.get("model_variant", "unknown"),
@@ -80,46 +193,21 @@ def export_dataset(clip: common.TrackedClip, model: FlameModel, output: Path,
   frames = _tracked_frames(clip, keep_suspect, notes)
   if not frames:
     raise InputError(f"{clip.folder}: no frame is tracked and trusted; nothing to export.")
-  focal = float(clip.columns["frame_camera_focal_length"][0])
-  principal_point = clip.columns["frame_camera_principal_point"][0]
-  if not (np.allclose(clip.columns["frame_camera_focal_length"], focal) and np.allclose(
-      clip.columns["frame_camera_principal_point"], principal_point)):
-    raise InputError(f"{clip.folder}: the frame camera's intrinsics change over the clip; "
-                     "this export needs one camera.")
+  focal, principal_point = _one_frame_camera(clip)
   frame_size = tuple(int(side) for side in clip.manifest["frame_size"])
   # The frame camera as a K (square pixels, no lens): one remap puts its principal point at the
   # canvas centre, as for a capture's views.
   intrinsics = np.array([[focal, 0.0, principal_point[0]], [0.0, focal, principal_point[1]],
                          [0.0, 0.0, 1.0]])
   canvas, _, map_x, map_y = ga.undistorting_maps(intrinsics, np.zeros(5), frame_size)
-  source = source or clip.manifest["source"]
-  if not Path(source).exists():
-    raise InputError(f"the clip's source {source} is gone; pass --source with the video (or "
-                     "folder of frames) that was tracked.")
-  info, images = open_clip(source)
-  if (info.width, info.height) != frame_size:
-    raise InputError(f"{source} has {info.width} x {info.height} frames, the track "
-                     f"{frame_size[0]} x {frame_size[1]}: not the clip that was tracked.")
-  wanted = set(frames)
+  source = _frames_of(clip, source, frames, output, lambda image: cv2.remap(
+      image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT),
+      lambda index: f"images/{index:05d}.png", progress)
   entries = {}
-  for index, image in enumerate(images):
-    if index >= clip.num_frames:
-      break
-    if index not in wanted:
-      continue
+  for index in frames:
     image_path, parameter_path = f"images/{index:05d}.png", f"flame_param/{index:05d}.npz"
-    target = output / image_path
-    if not target.is_file():
-      common.write_image(target, cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR,
-                                           borderMode=cv2.BORDER_CONSTANT))
     common.write_npz(output / parameter_path, ga.frame_parameters(motion, shape, index))
     entries[index] = ga.frame_entry(index, canvas, focal, image_path, parameter_path)
-    if progress:
-      progress(1)
-  missing = wanted - set(entries)
-  if missing:
-    raise InputError(f"{source} ended before frame {min(missing)}: not the clip that was "
-                     "tracked.")
   common.write_npz(output / "canonical_flame_param.npz",
              ga.canonical_parameters(shape, model.num_vertices))
   chosen = ga.splits(frames, test_fraction)
