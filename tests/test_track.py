@@ -222,8 +222,9 @@ def test_segments_in_chunks_fit_what_all_at_once_fits(small_model, moving_clip):
 
 
 def test_clip_lengths_share_a_compiled_bucket():
-  assert [segment_count(n, CONFIG) for n in (1, 32, 33, 60, 61, 120, 500)] == [1, 1, 2, 2, 3, 5,
-                                                                             18]
+  # Every clip of up to 4 segments (116 frames) shares one program.
+  assert [segment_count(n, CONFIG) for n in (1, 32, 33, 60, 61, 116, 117, 500)] == [
+      4, 4, 4, 4, 4, 4, 5, 18]
   assert padded_length(2, CONFIG) == 60
   # Cross-fading segments that agree gives back the frames.
   frames = np.arange(padded_length(3, CONFIG), dtype=np.float32)
