@@ -17,6 +17,11 @@ Formats (docs/FORMAT.md, "Camera files"):
   `height` / `width` in the file or from the images (`image_sizes`), never assumed.
 * jflame's own `cameras.json`: `{"jflame_cameras": 1, "cameras": {serial: {"K", "R", "t",
   "width", "height", "distortion"?}}}`, R and t world-to-camera (OpenCV), t in metres.
+* Ava-256 `camera_calibration.json`: `{"KRT": [{"cameraId", "K", "T", "distortion"}]}` with K
+  (3 x 3) and T (4 x 4 world-to-camera) stored TRANSPOSED, the world in millimetres, OpenCV's
+  (k1, k2, p1, p2), for 2668 x 4096 images (their `utils.load_camera_calibration`). The
+  translation is read in metres; images downsampled by a whole factor (as Ava-256 ships them)
+  scale the intrinsics by it, as their loader's `downsample` does.
 """
 
 import dataclasses
@@ -33,6 +38,9 @@ JFLAME_CAMERAS_VERSION = 1
 # OpenCV's distortion vectors: (k1, k2, p1, p2[, k3[, k4, k5, k6[, s1, s2, s3, s4[, tx, ty]]]]).
 DISTORTION_LENGTHS = (0, 4, 5, 8, 12, 14)
 _ROTATION_TOLERANCE = 1e-4
+# Ava-256: the image size its calibration is for (its loader's constants) and its world unit.
+AVA256_IMAGE_SIZE = (2668, 4096)
+AVA256_METRES_PER_UNIT = 0.001
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +135,12 @@ def load_cameras(path, image_sizes: Optional[Mapping[str, Tuple[int, int]]] = No
     cameras = _jflame_cameras(content, path)
   elif "world_2_cam" in content:
     cameras = _nersemble_cameras(content, path)
+  elif "KRT" in content:
+    cameras = _ava256_cameras(content, path)
   else:
     raise ConfigError(f"{path}: not a camera file jflame reads: expected NeRSemble's "
-                      f"'world_2_cam' and 'intrinsics' or jflame's 'jflame_cameras' "
-                      f"(docs/FORMAT.md), found keys {sorted(content)[:8]}")
+                      f"'world_2_cam' and 'intrinsics', Ava-256's 'KRT' or jflame's "
+                      f"'jflame_cameras' (docs/FORMAT.md), found keys {sorted(content)[:8]}")
   cameras = {serial: _sized(serial, fields, image_sizes, path)
              for serial, fields in cameras.items()}
   for camera in cameras.values():
@@ -187,6 +197,45 @@ def _nersemble_cameras(content, path) -> Dict[str, dict]:
   return cameras
 
 
+def _ava256_cameras(content, path) -> Dict[str, dict]:
+  entries = content["KRT"]
+  if not isinstance(entries, list) or not entries:
+    raise ConfigError(f"{path}: 'KRT' must be a list of cameras, each with cameraId, K, T and "
+                      f"distortion")
+  cameras = {}
+  for number, entry in enumerate(entries):
+    if not isinstance(entry, dict) or "cameraId" not in entry:
+      raise ConfigError(f"{path}: KRT entry {number} has no cameraId")
+    serial = str(entry["cameraId"])
+    missing = [key for key in ("K", "T") if key not in entry]
+    if missing:
+      raise ConfigError(f"{path}: camera {serial} has no {', '.join(missing)}")
+    if serial in cameras:
+      raise ConfigError(f"{path}: camera {serial} is listed twice")
+    # Stored transposed: K's bottom row holds (cx, cy, 1), T's the translation.
+    k = _matrix(entry["K"], (3, 3), f"camera {serial}'s K", path).T
+    world_to_camera = _matrix(entry["T"], (4, 4), f"camera {serial}'s T", path).T
+    world_to_camera[:3, 3] *= AVA256_METRES_PER_UNIT
+    distortion = np.asarray(entry.get("distortion", []), np.float64).reshape(-1)
+    cameras[serial] = dict(intrinsics=k, world_to_camera=world_to_camera,
+                           image_size=AVA256_IMAGE_SIZE, distortion=distortion,
+                           downsampled=True)
+  return cameras
+
+
+def _downsampling(calibrated: Tuple[int, int], image: Tuple[int, int]) -> Optional[float]:
+  """The whole factor by which `image` is `calibrated` downsampled (each side rounded), else
+  None."""
+  factor = calibrated[0] / image[0]
+  whole = round(factor)
+  if whole < 1 or abs(factor - whole) > 0.01:
+    return None
+  if all(round(side / whole) == got or side // whole == got
+         for side, got in zip(calibrated, image)):
+    return float(whole)
+  return None
+
+
 def _jflame_cameras(content, path) -> Dict[str, dict]:
   version = content["jflame_cameras"]
   if version != JFLAME_CAMERAS_VERSION:
@@ -220,10 +269,17 @@ def _jflame_cameras(content, path) -> Dict[str, dict]:
 def _sized(serial: str, fields: dict, image_sizes, path) -> RigCamera:
   """The camera with its image size: the file's, else the images'; both must agree."""
   size = fields["image_size"]
+  intrinsics = fields["intrinsics"]
   from_images = (image_sizes or {}).get(serial)
   if from_images is not None:
     from_images = _size(*from_images, what=f"camera {serial}'s image", path=path)
-    if size is not None and size != from_images:
+    factor = (_downsampling(size, from_images)
+              if fields.get("downsampled") and size != from_images else None)
+    if factor is not None:
+      intrinsics = intrinsics.copy()
+      intrinsics[:2] /= factor
+      size = from_images
+    elif size is not None and size != from_images:
       raise ConfigError(f"{path}: camera {serial} is calibrated for {size[0]} x {size[1]} "
                         f"images but its image is {from_images[0]} x {from_images[1]}: scale "
                         f"the intrinsics or give the images they were calibrated on")
@@ -232,7 +288,7 @@ def _sized(serial: str, fields: dict, image_sizes, path) -> RigCamera:
     raise ConfigError(f"{path}: no image size for camera {serial}: the file has no "
                       f"width / height and no image of that camera was given (intrinsics are "
                       f"in pixels of one image size, so it is never assumed)")
-  return RigCamera(serial=serial, intrinsics=fields["intrinsics"],
+  return RigCamera(serial=serial, intrinsics=intrinsics,
                    world_to_camera=fields["world_to_camera"], image_size=size,
                    distortion=fields["distortion"])
 

@@ -70,6 +70,54 @@ def test_nersemble_file_with_intrinsics_per_camera_and_a_size_in_the_file(tmp_pa
                                _opencv_pixels(ks[serial], rig[serial], [], HEAD), atol=1e-6)
 
 
+def _ava256(tmp_path, rig, k, distortion):
+  """Ava-256's camera_calibration.json as its capture ships it: K and T transposed, the world in
+  millimetres, four distortion coefficients."""
+  entries = []
+  for serial, world_to_camera in rig.items():
+    t = world_to_camera.copy()
+    t[:3, 3] *= 1000.0
+    entries.append({"cameraId": serial, "projectionModel": "Pinhole",
+                    "distortionModel": "RadialAndTangential", "K": np.asarray(k).T.tolist(),
+                    "distortion": list(distortion), "T": t.T.tolist()})
+  return _write(tmp_path / "camera_calibration.json", {"KRT": entries})
+
+
+@pytest.mark.parametrize("downsample", [1, 4])
+def test_ava256_file_read_as_their_loader_reads_it(tmp_path, downsample):
+  """Ava-256's `load_camera_calibration` + AvaDataset: intrin = K^T, extrin = T[:4, :3]^T,
+  dist + [0] (radial-tangential), focal and principal point divided by `downsample`, the world
+  in millimetres: jflame's camera (metres) projects a head as OpenCV does from those numbers."""
+  rig = _rig()
+  k = _k(10355.1, 10348.6, 1413.1, 1783.6)
+  distortion = [-0.0734, 0.0439, -0.0034, 0.0030]
+  path = _ava256(tmp_path, rig, k, distortion)
+  size = (2668 // downsample, 4096 // downsample)
+  cameras = camera_files.load_cameras(path, image_sizes={serial: size for serial in rig})
+  assert list(cameras) == list(rig)
+  for serial, camera in cameras.items():
+    assert camera.image_size == size
+    entry = next(e for e in json.loads(path.read_text())["KRT"] if e["cameraId"] == serial)
+    intrin = np.array(entry["K"]).T
+    intrin[:2] /= downsample
+    extrin = np.array(entry["T"])[:4, :3].T
+    world_to_camera = np.vstack([extrin, [0.0, 0.0, 0.0, 1.0]])
+    expected = _opencv_pixels(intrin, world_to_camera, entry["distortion"] + [0.0],
+                              HEAD * 1000.0)
+    np.testing.assert_allclose(camera_files.project_points(camera, HEAD), expected, atol=1e-6)
+    np.testing.assert_allclose(camera.centre, -rig[serial][:3, :3].T @ rig[serial][:3, 3],
+                               atol=1e-9)   # metres
+
+
+def test_ava256_file_without_images_is_for_full_size_and_a_wrong_size_is_one_line(tmp_path):
+  rig = _rig()
+  path = _ava256(tmp_path, rig, _k(10355.1, 10348.6, 1413.1, 1783.6), [0.0] * 4)
+  assert all(camera.image_size == (2668, 4096)
+             for camera in camera_files.load_cameras(path).values())
+  _refused(path, "calibrated for 2668 x 4096 images but its image is 1000 x 1000",
+           image_sizes={serial: (1000, 1000) for serial in rig})
+
+
 @pytest.mark.parametrize("distortion", [
     [-0.21, 0.08, 0.001, -0.0007],
     [-0.21, 0.08, 0.001, -0.0007, 0.02],

@@ -34,8 +34,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo images that already hav
 _MESH_FORMAT = flags.DEFINE_enum("mesh_format", "obj", ["obj", "ply", ""], "Mesh file format "
                                  "('' writes none).")
 _CAMERAS = flags.DEFINE_string(
-    "cameras", None, "A calibrated rig's camera file (NeRSemble camera_params.json or jflame's "
-    "cameras.json, docs/FORMAT.md): --input is then one folder of moments (timesteps), each "
+    "cameras", None, "A calibrated rig's camera file (NeRSemble camera_params.json, Ava-256 "
+    "camera_calibration.json or jflame's cameras.json, docs/FORMAT.md): --input is then one folder of moments (timesteps), each "
     "holding cam_<serial>.<ext> per camera, or one such folder; one head per moment, its pose in "
     "the file's world coordinates. Landmark mode.")
 _OVERLAY = flags.DEFINE_bool(
