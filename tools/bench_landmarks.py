@@ -1,0 +1,75 @@
+"""MediaPipe's face networks in JAX against TFLite's own interpreter (issue 22): ms per image of
+the JAX network (jit + vmap) at several batch sizes on this machine's default JAX device, TFLite's
+per image on the CPU, and the network's FLOPs per image from XLA's cost analysis.
+
+    .venv/bin/python tools/bench_landmarks.py --batches 1,16,64 --json_out out.json
+
+Only the face detector runs in JAX so far (the 478-point network needs MediaPipe's three custom
+operators). Needs tflite-runtime for the TFLite column (installed by `make install`).
+"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+_BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes of the JAX network.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the figures here.")
+
+
+def _median_seconds(run, repeats):
+  run()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  from jflame.landmark_nets import interpreter, tflite_graph
+  path = tflite_graph.installed_mediapipe_model(tflite_graph.FACE_DETECTOR)
+  graph = tflite_graph.read_tflite(path)
+  weights = {k: jnp.asarray(v) for k, v in interpreter.weights_of(graph).items()}
+  size = graph.shapes[graph.inputs[0]][1:3]
+  run = jax.jit(jax.vmap(lambda w, image: interpreter.run_graph(
+      graph, w, {graph.inputs[0]: image[None]}), in_axes=(None, 0)))
+  rng = np.random.default_rng(0)
+  figures = dict(network="face_detection_short_range", device=str(jax.devices()[0]),
+                 input=list(size), jax={})
+  for batch in (int(b) for b in _BATCHES.value):
+    images = jnp.asarray(rng.uniform(-1, 1, (batch,) + tuple(size) + (3,)), jnp.float32)
+    compiled = run.lower(weights, images).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    seconds = _median_seconds(lambda: jax.block_until_ready(compiled(weights, images)),
+                              _REPEATS.value)
+    figures["jax"][batch] = dict(ms_per_image=1000 * seconds / batch,
+                                 flops_per_image=float(cost.get("flops", 0.0)) / batch)
+  try:
+    from tflite_runtime.interpreter import Interpreter
+  except ImportError:
+    figures["tflite_ms_per_image"] = None
+  else:
+    model = Interpreter(model_path=str(path), num_threads=1)
+    model.allocate_tensors()
+    image = rng.uniform(-1, 1, (1,) + tuple(size) + (3,)).astype(np.float32)
+
+    def invoke():
+      model.set_tensor(model.get_input_details()[0]["index"], image)
+      model.invoke()
+    figures["tflite_ms_per_image"] = 1000 * _median_seconds(invoke, max(_REPEATS.value, 20))
+  print(json.dumps(figures, indent=1))
+  if _JSON_OUT.value:
+    Path(_JSON_OUT.value).write_text(json.dumps(figures, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
