@@ -11,27 +11,16 @@ Figures are medians of --repeats runs after one warm-up (which also compiles the
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from absl import app, flags
-import numpy as np
 
+import benchmarking  # tools/ is a folder of scripts: its own folder is on sys.path
 from jflame.cli import model_flags
 
 _TRACK = flags.DEFINE_string("track", None, "A jflame-track output folder.", required=True)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the figures here.")
-
-
-def _median_seconds(run, repeats):
-  run()   # warm-up: compiles, fills the file cache
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main(argv):
@@ -43,24 +32,24 @@ def main(argv):
   scratch = Path(tempfile.mkdtemp(prefix="bench_export_"))
   try:
     figures = dict(frames=clip.num_frames, frame_size=clip.manifest["frame_size"])
-    figures["read_track_s"] = _median_seconds(lambda: common.read_tracked_clip(folder),
+    figures["read_track_s"] = benchmarking.median_seconds(lambda: common.read_tracked_clip(folder),
                                               _REPEATS.value)
-    figures["motion_s"] = _median_seconds(
+    figures["motion_s"] = benchmarking.median_seconds(
         lambda: clip_export.export_motion(clip, loaded.model, scratch / "motion"), _REPEATS.value)
 
     def dataset_fresh():
       shutil.rmtree(scratch / "fresh", ignore_errors=True)
       clip_export.export_dataset(clip, loaded.model, scratch / "fresh", None, 0.1, False)
-    figures["dataset_with_images_s"] = _median_seconds(dataset_fresh, _REPEATS.value)
-    figures["dataset_images_kept_s"] = _median_seconds(
+    figures["dataset_with_images_s"] = benchmarking.median_seconds(dataset_fresh, _REPEATS.value)
+    figures["dataset_images_kept_s"] = benchmarking.median_seconds(
         lambda: clip_export.export_dataset(clip, loaded.model, scratch / "fresh", None, 0.1,
                                            False), _REPEATS.value)
 
     def imavatar_fresh():
       shutil.rmtree(scratch / "imavatar", ignore_errors=True)
       clip_export.export_imavatar(clip, loaded.model, scratch / "imavatar", None, False)
-    figures["imavatar_with_images_s"] = _median_seconds(imavatar_fresh, _REPEATS.value)
-    figures["imavatar_images_kept_s"] = _median_seconds(
+    figures["imavatar_with_images_s"] = benchmarking.median_seconds(imavatar_fresh, _REPEATS.value)
+    figures["imavatar_images_kept_s"] = benchmarking.median_seconds(
         lambda: clip_export.export_imavatar(clip, loaded.model, scratch / "imavatar", None,
                                             False), _REPEATS.value)
   finally:

@@ -9,25 +9,16 @@ operators). Needs tflite-runtime for the TFLite column (installed by `make insta
 """
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags
 
+import benchmarking  # tools/ is a folder of scripts: its own folder is on sys.path
+
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes of the JAX network.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the figures here.")
-
-
-def _median_seconds(run, repeats):
-  run()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main(argv):
@@ -49,7 +40,7 @@ def main(argv):
     compiled = run.lower(weights, images).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    seconds = _median_seconds(lambda: jax.block_until_ready(compiled(weights, images)),
+    seconds = benchmarking.median_seconds(lambda: jax.block_until_ready(compiled(weights, images)),
                               _REPEATS.value)
     figures["jax"][batch] = dict(ms_per_image=1000 * seconds / batch,
                                  flops_per_image=float(cost.get("flops", 0.0)) / batch)
@@ -65,7 +56,7 @@ def main(argv):
     def invoke():
       model.set_tensor(model.get_input_details()[0]["index"], image)
       model.invoke()
-    figures["tflite_ms_per_image"] = 1000 * _median_seconds(invoke, max(_REPEATS.value, 20))
+    figures["tflite_ms_per_image"] = 1000 * benchmarking.median_seconds(invoke, max(_REPEATS.value, 20))
   print(json.dumps(figures, indent=1))
   if _JSON_OUT.value:
     Path(_JSON_OUT.value).write_text(json.dumps(figures, indent=1) + "\n")

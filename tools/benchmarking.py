@@ -50,6 +50,18 @@ def time_compiled(function, *args, repeats=5, min_seconds=0.2):
   return max(first_call - per_call, 0.0), per_call
 
 
+def median_seconds(run, repeats: int) -> float:
+  """Median wall seconds of `repeats` calls of `run()` after one warm-up call (which compiles and
+  fills the file cache)."""
+  run()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return float(statistics.median(times))
+
+
 def write_json(path, payload):
   if path:
     Path(path).write_text(json.dumps(payload, indent=2))
