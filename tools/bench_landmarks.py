@@ -6,6 +6,12 @@ per image on the CPU, and the network's FLOPs per image from XLA's cost analysis
 
 Only the face detector runs in JAX so far (the 478-point network needs MediaPipe's three custom
 operators). Needs tflite-runtime for the TFLite column (installed by `make install`).
+
+A device machine has neither MediaPipe nor `tflite`: write the graph on the host, carry the
+(git-ignored) folder, and read it there (tools/device_check.sh does when the file exists):
+
+    .venv/bin/python tools/bench_landmarks.py --save_graph .device_assets/face_detector.npz
+    python tools/bench_landmarks.py --graph .device_assets/face_detector.npz --batches 1,64,1024
 """
 
 import json
@@ -19,6 +25,10 @@ import benchmarking  # tools/ is a folder of scripts: its own folder is on sys.p
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes of the JAX network.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the figures here.")
+_GRAPH = flags.DEFINE_string("graph", None, "Read the detector from this saved graph (.npz) "
+                             "instead of the installed MediaPipe.")
+_SAVE_GRAPH = flags.DEFINE_string("save_graph", None, "Write the installed MediaPipe's detector "
+                                  "as a graph (.npz) for a device machine, and stop.")
 
 
 def main(argv):
@@ -26,8 +36,15 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   from jflame.landmark_nets import interpreter, tflite_graph
-  path = tflite_graph.installed_mediapipe_model(tflite_graph.FACE_DETECTOR)
-  graph = tflite_graph.read_tflite(path)
+  if _GRAPH.value:
+    path, graph = None, tflite_graph.load_graph(_GRAPH.value)
+  else:
+    path = tflite_graph.installed_mediapipe_model(tflite_graph.FACE_DETECTOR)
+    graph = tflite_graph.read_tflite(path)
+  if _SAVE_GRAPH.value:
+    tflite_graph.save_graph(graph, _SAVE_GRAPH.value)
+    print(f"wrote {_SAVE_GRAPH.value}")
+    return
   weights = {k: jnp.asarray(v) for k, v in interpreter.weights_of(graph).items()}
   size = graph.shapes[graph.inputs[0]][1:3]
   run = jax.jit(jax.vmap(lambda w, image: interpreter.run_graph(
@@ -47,6 +64,8 @@ def main(argv):
   try:
     from tflite_runtime.interpreter import Interpreter
   except ImportError:
+    Interpreter = None
+  if Interpreter is None or path is None:
     figures["tflite_ms_per_image"] = None
   else:
     model = Interpreter(model_path=str(path), num_threads=1)

@@ -89,6 +89,15 @@ step fit_photometric "$(limit 110)" "$PY" tools/bench_fit.py --mode photometric 
 step render "$(limit 60)" "$PY" tools/bench_render.py "${RENDER[@]}" --json_out "$OUT/render.json"
 step track "$(limit 60)" "$PY" tools/bench_track.py --frames "$TRACK_FRAMES" \
   --json_out "$OUT/track.json"
+# Issue 22: MediaPipe's face detector in JAX, from a graph written on the host (the device has
+# neither MediaPipe nor tflite): `tools/bench_landmarks.py --save_graph
+# .device_assets/face_detector.npz`, then carry .device_assets.
+if [ -f .device_assets/face_detector.npz ]; then
+  if [ "$QUICK" = 1 ]; then DETECTOR_BATCHES=1,16; else DETECTOR_BATCHES=1,64,1024; fi
+  step landmarks "$(limit 60)" "$PY" tools/bench_landmarks.py \
+    --graph .device_assets/face_detector.npz --batches "$DETECTOR_BATCHES" \
+    --json_out "$OUT/landmarks.json"
+fi
 
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
