@@ -125,9 +125,8 @@ def commit_moment(store: Path, moment: Moment, rig) -> None:
   the camera image sizes they were checked against)."""
   with atomic_path(store / f"{moment.name}.npz") as tmp:
     np.savez(tmp, key=np.array(moment_key(moment.images)), sizes=_rig_sizes(rig),
-             landmarks=moment.landmarks,
-             weights=moment.weights, valid=moment.valid, messages=np.array(moment.messages,
-                                                                           dtype=str))
+             landmarks=moment.landmarks, weights=moment.weights, valid=moment.valid,
+             messages=np.array(moment.messages, dtype=str))
 
 
 def committed_moment(store: Path, folder: Path, rig) -> Optional[Moment]:

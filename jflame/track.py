@@ -444,7 +444,8 @@ def _clip_solve(fit_model: FitModel, frames: FitVariables, targets: ClipTargets,
   solve_with = functools.partial(
       clip_solve.solve_clip, fit_model.landmark_rows, problems, params,
       log_focal=jnp.log(frames.focal_length), valid=targets.valid, motion=targets.motion,
-      weights=weights, free=free, iterations=config.clip_lm_iterations, cg_iterations=config.clip_cg_iterations)
+      weights=weights, free=free, iterations=config.clip_lm_iterations,
+      cg_iterations=config.clip_cg_iterations)
   # The shape stays where the Adam stages put it (frames independent): solved here with the
   # temporal terms, or first alone, it came out worse against the truth on some known-truth
   # draws (docs/ACCURACY.md).

@@ -75,8 +75,8 @@ SLOW_SUITES = ("test_track_motion", "test_track", "test_annotate", "test_ray_eng
                "test_rotated_photos", "test_library")
 FAST_SUITES = ("test_build_embedding", "test_camera_files", "test_clip_solve", "test_engine_rules",
                "test_export",
-               "test_flame", "test_flame_files", "test_flame_io", "test_initializers_onnx", "test_landmark_nets",
-               "test_landmarks",
+               "test_flame", "test_flame_files", "test_flame_io", "test_initializers_onnx",
+               "test_landmark_nets", "test_landmarks",
                "test_layout", "test_multiview", "test_optim", "test_preprocess_align",
                "test_preprocess_batch", "test_preprocess_image_io", "test_preprocess_pipeline",
                "test_render_albedo", "test_render_rasterize", "test_render_reference",

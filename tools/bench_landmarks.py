@@ -75,7 +75,8 @@ def main(argv):
     def invoke():
       model.set_tensor(model.get_input_details()[0]["index"], image)
       model.invoke()
-    figures["tflite_ms_per_image"] = 1000 * benchmarking.median_seconds(invoke, max(_REPEATS.value, 20))
+    figures["tflite_ms_per_image"] = 1000 * benchmarking.median_seconds(
+        invoke, max(_REPEATS.value, 20))
   print(json.dumps(figures, indent=1))
   if _JSON_OUT.value:
     Path(_JSON_OUT.value).write_text(json.dumps(figures, indent=1) + "\n")

@@ -36,14 +36,14 @@ from jflame.cli import model_flags
 CLIP_FORMATS = ("gaussian_avatars", "gaussian_avatars_motion", "imavatar")
 PHOTO_FORMATS = ("now",)
 FORMATS = CLIP_FORMATS + PHOTO_FORMATS
-_INPUT = flags.DEFINE_string("input", None, "A jflame-track output folder (gaussian_avatars*, imavatar), a "
-                             "jflame-fit --cameras folder (gaussian_avatars), or a jflame-fit "
-                             "folder or jflame-annotate dataset (now).")
+_INPUT = flags.DEFINE_string("input", None, "A jflame-track output folder (gaussian_avatars*, "
+                             "imavatar), a jflame-fit --cameras folder (gaussian_avatars), or a "
+                             "jflame-fit folder or jflame-annotate dataset (now).")
 _FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "What to write.")
 _OUTPUT = flags.DEFINE_string("output", None, "The export's folder (created if absent).")
 _SOURCE = flags.DEFINE_string(
-    "source", None, "gaussian_avatars, imavatar: the tracked video (or folder of frames), when it is no "
-    "longer where the track's manifest says.")
+    "source", None, "gaussian_avatars, imavatar: the tracked video (or folder of frames), when "
+    "it is no longer where the track's manifest says.")
 _TEST_FRACTION = flags.DEFINE_float(
     "test_fraction", 0.1, "gaussian_avatars: the share of the clip's last frames held out as "
     "the test (and val) split, 0..0.9.", lower_bound=0.0, upper_bound=0.9)

@@ -35,9 +35,9 @@ _MESH_FORMAT = flags.DEFINE_enum("mesh_format", "obj", ["obj", "ply", ""], "Mesh
                                  "('' writes none).")
 _CAMERAS = flags.DEFINE_string(
     "cameras", None, "A calibrated rig's camera file (NeRSemble camera_params.json, Ava-256 "
-    "camera_calibration.json or jflame's cameras.json, docs/FORMAT.md): --input is then one folder of moments (timesteps), each "
-    "holding cam_<serial>.<ext> per camera, or one such folder; one head per moment, its pose in "
-    "the file's world coordinates. Landmark mode.")
+    "camera_calibration.json or jflame's cameras.json, docs/FORMAT.md): --input is then one "
+    "folder of moments (timesteps), each holding cam_<serial>.<ext> per camera, or one such "
+    "folder; one head per moment, its pose in the file's world coordinates. Landmark mode.")
 _OVERLAY = flags.DEFINE_bool(
     "overlay", True, "Write the overlay picture(s). Drawing on the full-size photo re-reads it, "
     "which can cost more than a landmark fit: --nooverlay for the fastest runs.")
@@ -128,8 +128,8 @@ def _fit_capture() -> int:
   reused = manifest["landmarks_read_back"]
   print(f"done: {len(manifest['moments'])} moments {counts}, {len(suspect)} suspect"
         + (f" (the landmarks of {reused} read back from the last run)" if reused else "")
-        + f" -> "
-        f"{folder / 'manifest.json'}" + (f" (compilation cache: {cache})" if cache else ""))
+        + f" -> {folder / 'manifest.json'}"
+        + (f" (compilation cache: {cache})" if cache else ""))
   for entry in suspect:
     print(f"  {entry['moment']}: {entry['status']}: {entry['suspect_reason']}")
   return common.EXIT_OK if counts.get("ok", 0) else common.EXIT_NOTHING_FITTED

@@ -33,24 +33,27 @@ from typing import Dict, List, Tuple
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from jflame.exports import gaussian_avatars as ga
+
 EXPECTED_VARIANT = "flame2020"
 READER = "IMavatar / PointAvatar / SplattingAvatar"
 SCALE = 4.0                 # their FLAME.py: factor = 4
 NUM_SHAPE = 100             # their implicit_morphable_model.py: FLAME(n_shape=100, ...)
 DEFAULT_NUM_EXPRESSION = 50  # their confs: deformer_network.num_exp
-OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0])
+OPENCV_TO_OPENGL = ga.OPENCV_TO_OPENGL[:3, :3]
 
 
 def head_pose(camera_rotation, camera_translation, global_rotation, root_joint
               ) -> Tuple[np.ndarray, np.ndarray]:
   """(T, 3) axis-angle global rotation and (T, 3) world-to-camera translation of their FLAME
-  that put the head where jflame's camera saw it (module doc)."""
+  that put the head where jflame's camera saw it (module doc): GaussianAvatars' head pose in a
+  camera at the origin (R_c G and R_c J0 + t_c - J0), turned into OpenGL axes and scaled."""
+  rotation, translation = ga.head_pose_in_fixed_camera(camera_rotation, camera_translation,
+                                                       global_rotation, root_joint)
   flip = Rotation.from_matrix(OPENCV_TO_OPENGL)
-  camera = Rotation.from_rotvec(np.asarray(camera_rotation, np.float64))
-  combined = flip * camera * Rotation.from_rotvec(np.asarray(global_rotation, np.float64))
   root = np.asarray(root_joint, np.float64)
-  in_camera = camera.apply(root) + np.asarray(camera_translation, np.float64)
-  return combined.as_rotvec(), SCALE * (flip.apply(in_camera) - root)
+  return ((flip * Rotation.from_rotvec(rotation)).as_rotvec(),
+          SCALE * (flip.apply(translation + root) - root))
 
 
 def square_canvas(frame_size: Tuple[int, int]) -> Tuple[int, Tuple[int, int]]:
