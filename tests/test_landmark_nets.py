@@ -96,6 +96,12 @@ def test_unknown_operators_and_missing_files_are_one_line(tmp_path):
                lambda: tflite_graph.load_graph(tmp_path / "absent.npz")):
     with pytest.raises(InputError, match="absent"):
       call()
+  junk = tmp_path / "junk.npz"
+  junk.write_bytes(b"not a model at all")
+  for call in (lambda: tflite_graph.read_tflite(junk), lambda: tflite_graph.load_graph(junk)):
+    with pytest.raises(InputError, match="junk.npz: not a") as caught:
+      call()
+    assert "\n" not in str(caught.value)
 
 
 def _letterboxed(rgb):

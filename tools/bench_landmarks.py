@@ -36,11 +36,15 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   from jflame.landmark_nets import interpreter, tflite_graph
-  if _GRAPH.value:
-    path, graph = None, tflite_graph.load_graph(_GRAPH.value)
-  else:
-    path = tflite_graph.installed_mediapipe_model(tflite_graph.FACE_DETECTOR)
-    graph = tflite_graph.read_tflite(path)
+  from jflame.errors import JFlameError
+  try:
+    if _GRAPH.value:
+      path, graph = None, tflite_graph.load_graph(_GRAPH.value)
+    else:
+      path = tflite_graph.installed_mediapipe_model(tflite_graph.FACE_DETECTOR)
+      graph = tflite_graph.read_tflite(path)
+  except JFlameError as error:
+    raise SystemExit(f"bench_landmarks.py: {error}") from None
   if _SAVE_GRAPH.value:
     tflite_graph.save_graph(graph, _SAVE_GRAPH.value)
     print(f"wrote {_SAVE_GRAPH.value}")

@@ -11,6 +11,7 @@ MediaPipe loads.
 
 import dataclasses
 import json
+import zipfile
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -130,8 +131,13 @@ def read_tflite(path) -> Graph:
   path = Path(path)
   if not path.is_file():
     raise InputError(f"model file not found: {path}")
-  model = tflite.Model.GetRootAsModel(path.read_bytes(), 0)
-  graph = model.Subgraphs(0)
+  try:
+    model = tflite.Model.GetRootAsModel(path.read_bytes(), 0)
+    graph = model.Subgraphs(0)
+  except Exception as error:  # flatbuffers raises anything on bytes that are no model
+    raise InputError(f"{path}: not a TFLite model ({type(error).__name__})") from None
+  if graph is None:
+    raise InputError(f"{path}: not a TFLite model (no subgraph)")
   builtin_names = {value: name for name, value in BuiltinOperator.__dict__.items()
                    if not name.startswith("_")}
   constants, names, shapes = {}, {}, {}
@@ -189,13 +195,16 @@ def load_graph(path) -> Graph:
   path = Path(path)
   if not path.is_file():
     raise InputError(f"landmark network file not found: {path}")
-  with np.load(path, allow_pickle=False) as stored:
-    structure = json.loads(str(stored["structure"]))
-    if structure.get("version") != GRAPH_FORMAT_VERSION:
-      raise InputError(f"{path}: network graph version {structure.get('version')!r}; this "
-                       f"jflame reads {GRAPH_FORMAT_VERSION} (convert the model again)")
-    constants = {int(key[len("constant_"):]): stored[key] for key in stored.files
-                 if key.startswith("constant_")}
+  try:
+    with np.load(path, allow_pickle=False) as stored:
+      structure = json.loads(str(stored["structure"]))
+      constants = {int(key[len("constant_"):]): stored[key] for key in stored.files
+                   if key.startswith("constant_")}
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+    raise InputError(f"{path}: not a network graph written by jflame ({error})") from None
+  if structure.get("version") != GRAPH_FORMAT_VERSION:
+    raise InputError(f"{path}: network graph version {structure.get('version')!r}; this "
+                     f"jflame reads {GRAPH_FORMAT_VERSION} (convert the model again)")
   ops = tuple(Op(op["kind"], tuple(op["inputs"]), tuple(op["outputs"]),
                  tuple((name, value) for name, value in op["options"]))
               for op in structure["ops"])
