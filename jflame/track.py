@@ -49,18 +49,20 @@ from jflame.render import Appearance
 from jflame.rotation import matrix_to_axis_angle
 
 
-# Clips shorter than this many segments are padded to it: every short clip (116 frames at the
-# default segment length) then runs one compiled program, whose compile costs far more than
-# fitting the padding (docs/BENCHMARKS.md, video tracking).
+# Landmark-mode clips shorter than this many segments are padded to it: every short clip (116
+# frames at the default segment length) then runs one compiled program, whose compile costs far
+# more than fitting the padding (docs/BENCHMARKS.md, video tracking). Not in photometric mode,
+# where every padded frame is rendered at every step.
 MIN_SEGMENTS = 4
 
 
 def segment_count(num_frames: int, config: TrackConfig) -> int:
-  """Segments that cover `num_frames`, rounded up to a bucket (at least MIN_SEGMENTS, exact
-  below 16, then steps of an eighth of the power of two below: at most 1/8 of the segments are
-  padding), so that clip lengths share compiled programs (about four per doubling of the
-  length)."""
-  needed = max(MIN_SEGMENTS, math.ceil(max(num_frames - config.overlap, 1) / config.stride))
+  """Segments that cover `num_frames`, rounded up to a bucket (at least MIN_SEGMENTS in landmark
+  mode, exact below 16, then steps of an eighth of the power of two below: at most 1/8 of the
+  segments are padding), so that clip lengths share compiled programs (about four per doubling
+  of the length)."""
+  fewest = MIN_SEGMENTS if config.fit.mode == "landmark" else 1
+  needed = max(fewest, math.ceil(max(num_frames - config.overlap, 1) / config.stride))
   step = 1 << max(needed.bit_length() - 4, 0)
   return step * math.ceil(needed / step)
 

@@ -186,10 +186,32 @@ def share_caches(home):
       link.symlink_to(shared, target_is_directory=True)
 
 
+# Compiling is most of the suite's time, and most of a compile is LLVM's optimisation of the
+# generated code; XLA:CPU keeps IEEE arithmetic at every level (no fast-math), so the tests check
+# the same numbers. The commands the tests start inherit it; `user_xla_flags()` gives a command
+# the flags a user runs with (the demo's cold start does).
+TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+
+
+def user_xla_flags(env: dict) -> dict:
+  """`env` without the TEST_XLA_FLAG that `pytest_configure` added to XLA_FLAGS."""
+  env = dict(env)
+  flags = env.get("XLA_FLAGS", "").replace(TEST_XLA_FLAG, "").strip()
+  if flags:
+    env["XLA_FLAGS"] = flags
+  else:
+    env.pop("XLA_FLAGS", None)
+  return env
+
+
 def pytest_configure(config):
   """The tests' own JAX programs also go through the shared persistent compilation cache (the
   two workers and both tiers compile most of the same fits), and are released after each test
-  module (`release_compiled_programs`)."""
+  module (`release_compiled_programs`). XLA's backend is compiled without LLVM's optimisation
+  (TEST_XLA_FLAG) unless the caller's XLA_FLAGS chose a level."""
+  current = os.environ.get("XLA_FLAGS", "")
+  if "xla_backend_optimization_level" not in current:
+    os.environ["XLA_FLAGS"] = f"{current} {TEST_XLA_FLAG}".strip()
   import jax
   folder = suite_cache_folder() / "in_process"
   folder.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from jflame.config import FitConfig
 from jflame.render import (Appearance, face_adjacency, laplacian_albedo_model, render_mesh,
                            vertex_normals)
 from jflame.landmarks import LandmarkWeights
-from tests.conftest import PROJECT_ROOT, expected_region_weights, share_caches
+from tests.conftest import PROJECT_ROOT, expected_region_weights, share_caches, user_xla_flags
 
 PARAM_KEYS = ("shape", "expression", "global_rotation", "neck_rotation", "jaw_rotation",
               "left_eye_rotation", "right_eye_rotation")
@@ -36,9 +36,11 @@ def isolated_env(tmp_path, cold=False):
   `cold`: nor the suite's compiled programs and synthetic head (a new user's first run)."""
   home = tmp_path / "home"
   (home / "jflame").mkdir(parents=True, exist_ok=True)
-  if not cold:
-    share_caches(home / "jflame")
-  return dict(os.environ, HOME=str(home), JFLAME_HOME=str(home / "jflame"))
+  env = dict(os.environ, HOME=str(home), JFLAME_HOME=str(home / "jflame"))
+  if cold:   # and compiled as a user's run compiles (the suite's own XLA flag left out)
+    return user_xla_flags(env)
+  share_caches(home / "jflame")
+  return env
 
 
 def run_command(args, tmp_path, timeout=600, script=("-m", "jflame.cli.fit"), cold=False):

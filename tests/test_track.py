@@ -225,6 +225,9 @@ def test_clip_lengths_share_a_compiled_bucket():
   # Every clip of up to 4 segments (116 frames) shares one program.
   assert [segment_count(n, CONFIG) for n in (1, 32, 33, 60, 61, 116, 117, 500)] == [
       4, 4, 4, 4, 4, 4, 5, 18]
+  # A photometric step renders every frame, padding included: no padding to four segments.
+  photometric = CONFIG.replace(fit=CONFIG.fit.replace(mode="photometric"))
+  assert [segment_count(n, photometric) for n in (1, 32, 33, 60, 61, 117)] == [1, 1, 2, 2, 3, 5]
   assert padded_length(2, CONFIG) == 60
   # Cross-fading segments that agree gives back the frames.
   frames = np.arange(padded_length(3, CONFIG), dtype=np.float32)
