@@ -119,6 +119,51 @@ def imavatar_pixels(k, camera_to_world, points):
                   axis=-1)
 
 
+# --- metrical-tracker's conventions, from its tracker.py (save_checkpoint), flame/FLAME.py
+# --- (6D rotations, global rotation the identity, no translation) and PyTorch3D's cameras
+# --- (NDC, +X left, +Y up, row vectors) and rotation_6d_to_matrix, written out in NumPy.
+
+def rotation_6d_to_matrix(d6):
+  """PyTorch3D's rotation_6d_to_matrix: Gram-Schmidt on the two 3-vectors, which are the
+  matrix's first two ROWS."""
+  a1, a2 = np.asarray(d6[:3], np.float64), np.asarray(d6[3:], np.float64)
+  b1 = a1 / np.linalg.norm(a1)
+  b2 = a2 - (b1 @ a2) * b1
+  b2 = b2 / np.linalg.norm(b2)
+  return np.stack([b1, b2, np.cross(b1, b2)])
+
+
+def metrical_vertices(model, flame: dict):
+  """Their FLAME.forward with rot_params, neck and trans left at their defaults (identity,
+  zero) and eyelids at zero: the full pose [I, I, jaw, eyes[:6], eyes[6:]]."""
+  rotations = [np.eye(3), np.eye(3), rotation_6d_to_matrix(flame["jaw"][0]),
+               rotation_6d_to_matrix(flame["eyes"][0, :6]),
+               rotation_6d_to_matrix(flame["eyes"][0, 6:])]
+  pose = np.concatenate([Rotation.from_matrix(r).as_rotvec() for r in rotations])
+  return flame_lbs(model, flame["shape"][0], flame["exp"][0], pose)
+
+
+def metrical_opencv_pixels(payload: dict, points):
+  """x = K (R p + t) of their `opencv` camera."""
+  cv = payload["opencv"]
+  camera = points @ cv["R"][0].astype(np.float64).T + cv["t"][0]
+  pixels = camera @ cv["K"][0].astype(np.float64).T
+  return pixels[:, :2] / pixels[:, 2:]
+
+
+def metrical_pytorch3d_pixels(payload: dict, points):
+  """Their `camera` as PyTorch3D's PerspectiveCameras(R, T, focal_length, principal_point) in
+  NDC on the square image, then transform_points_screen: X_view = X R + T (row vectors),
+  ndc = fl X / Z + pp, screen = (1 - ndc) * side / 2 (+X left, +Y up in NDC)."""
+  camera = payload["camera"]
+  rotation = rotation_6d_to_matrix(camera["R"][0])
+  view = points @ rotation + camera["t"][0]
+  ndc = camera["fl"][0, 0] * view[:, :2] / view[:, 2:] + camera["pp"][0]
+  height, width = payload["img_size"]
+  assert height == width
+  return (1.0 - ndc) * width / 2.0
+
+
 # --- A synthetic clip's track folder: every joint turned, the head moving in the frame camera.
 
 def _synthetic_track(folder, frames_folder):
@@ -316,6 +361,69 @@ def test_imavatar_folder_rebuilds_the_fitted_landmarks(synthetic_export):
   readme = (folder / "README.md").read_text()
   assert "SYNTHETIC" in synthetic_export["imavatar_warnings"][0] and "SYNTHETIC" in readme
   assert "mask/" in readme and "padded with zeros to 100" in readme
+
+
+def test_metrical_folder_rebuilds_the_fitted_landmarks(synthetic_export, tmp_path):
+  """metrical-tracker's folder loaded as INSTA and FlashAvatar load it (torch.load of each
+  checkpoint): their FLAME (6D rotations, no global rotation) through the `opencv` camera and
+  through the PyTorch3D `camera` puts the landmarks where jflame's camera puts them (< 0.05 px,
+  the frame padded to a square); mesh/<n>.ply is their FLAME's mesh; canonical.obj the identity
+  with the jaw open 12 degrees; numbers without gaps, mapped to the clip's frames. A track that
+  turned the neck, which their FLAME keeps still, is refused in one line."""
+  torch = pytest.importorskip("torch")   # in the test extra: CI has it
+  import trimesh
+  model, clip = synthetic_export["model"], synthetic_export["clip"]
+  with pytest.raises(InputError, match="neck"):
+    clip_export.export_metrical(clip, model, tmp_path / "refused", None, False)
+  # jflame-track fits no neck: the same clip with the neck still.
+  columns = dict(clip.columns, neck_rotation=np.zeros_like(clip.columns["neck_rotation"]))
+  still = common.TrackedClip(clip.folder, clip.manifest, clip.metadata, columns)
+  folder = tmp_path / "metrical"
+  warnings = clip_export.export_metrical(still, model, folder, None, False)
+  kept = [i for i in range(FRAMES) if i not in (3, 7)]   # no face, suspect
+  assert json.loads((folder / "jflame_frames.json").read_text())["clip_frame"] == kept
+  assert sorted(p.name for p in (folder / "checkpoint").iterdir()) == [
+      f"{n:05d}.frame" for n in range(len(kept))]
+  side = max(FRAME_SIZE)
+  offset = np.array([(side - FRAME_SIZE[0]) // 2, (side - FRAME_SIZE[1]) // 2])
+  focal = still.columns["frame_camera_focal_length"][0]
+  principal = still.columns["frame_camera_principal_point"][0]
+  errors = []
+  for number, index in enumerate(kept):
+    payload = torch.load(folder / "checkpoint" / f"{number:05d}.frame", weights_only=False)
+    flame = payload["flame"]
+    assert payload["frame_id"] == f"{number:05d}" and tuple(payload["img_size"]) == (side, side)
+    assert {k: v.shape for k, v in flame.items()} == {
+        "exp": (1, 100), "shape": (1, 300), "tex": (1, 140), "sh": (1, 9, 3), "eyes": (1, 12),
+        "eyelids": (1, 2), "jaw": (1, 6)}
+    assert all(v.dtype == np.float32 for v in flame.values())
+    vertices = metrical_vertices(model, flame)
+    camera_mesh = _camera_mesh(model, still, index)
+    in_camera = vertices @ payload["opencv"]["R"][0].T + payload["opencv"]["t"][0]
+    np.testing.assert_allclose(in_camera, camera_mesh, atol=2e-5)
+    points = _landmarks_from(model, synthetic_export["embedding"], synthetic_export["rows"],
+                             vertices)
+    seen = _landmarks_from(model, synthetic_export["embedding"], synthetic_export["rows"],
+                           camera_mesh)   # jflame's camera: f X / Z + principal point
+    expected = focal * seen[:, :2] / seen[:, 2:] + principal + offset
+    for pixels in (metrical_opencv_pixels(payload, points),
+                   metrical_pytorch3d_pixels(payload, points)):
+      errors.append(np.abs(pixels - expected).max())
+    mesh = trimesh.load(folder / "mesh" / f"{number:05d}.ply", process=False)
+    np.testing.assert_allclose(mesh.vertices, vertices, atol=2e-6)
+    image = cv2.imread(str(folder / "input" / f"{number:05d}.png"))
+    assert image.shape[:2] == (side, side)
+    brightest = np.unravel_index(np.argmax(image[..., 0]), image.shape[:2])[::-1]
+    np.testing.assert_array_equal(brightest, np.floor(clip.columns["landmarks_fitted"][index, 0])
+                                  + offset)
+  assert max(errors) < 0.05, errors
+  canonical = trimesh.load(folder / "canonical.obj", process=False)
+  pose = np.zeros(15)
+  pose[6] = np.radians(12.0)
+  np.testing.assert_allclose(canonical.vertices, flame_lbs(model, flame["shape"][0],
+                                                           np.zeros(100), pose), atol=2e-6)
+  readme = (folder / "README.md").read_text()
+  assert "SYNTHETIC" in warnings[0] and "weights_only=False" in readme
 
 
 def test_a_fit_of_another_flame_release_is_refused_and_a_rerun_finishes(synthetic_export,

@@ -13,7 +13,9 @@ import pytest
 from jflame import synthetic, track_output
 from tests.conftest import SHARED_ASSETS, shared_photos
 from tests.test_export import (_landmarks_from, flame_lbs, gaussian_avatars_pixels,
-                               gaussian_avatars_vertices, imavatar_camera, imavatar_pixels)
+                               gaussian_avatars_vertices, imavatar_camera, imavatar_pixels,
+                               metrical_opencv_pixels, metrical_pytorch3d_pixels,
+                               metrical_vertices)
 from tests.test_output_files import run_command
 
 
@@ -31,8 +33,9 @@ def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
                       "--noplot"], tmp_path, script=("-m", "jflame.cli.track"))
   assert done.returncode == 0, done.stderr[-2000:]
   dataset, motion, imavatar = tmp_path / "ga", tmp_path / "motion", tmp_path / "imavatar"
+  metrical = tmp_path / "metrical"
   for output, name in ((dataset, "gaussian_avatars"), (motion, "gaussian_avatars_motion"),
-                       (imavatar, "imavatar")):
+                       (imavatar, "imavatar"), (metrical, "metrical")):
     done = run_command(["--input", track, "--format", name, "--output", output], tmp_path,
                        script=EXPORT)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -74,13 +77,25 @@ def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
     errors.append(np.abs(pixels - (columns["landmarks_fitted"][index] - 0.5 + offset)).max())
     assert cv2.imread(f"{imavatar}/{frame['file_path']}.png").shape[:2] == (side, side)
   assert max(errors) < 0.05, errors
+  # metrical-tracker's folder, loaded with torch as INSTA and FlashAvatar load it.
+  torch = pytest.importorskip("torch")
+  clip_frames = json.loads((metrical / "jflame_frames.json").read_text())["clip_frame"]
+  assert len(clip_frames) == len(every["frames"])
+  errors = []
+  for number, index in enumerate(clip_frames):
+    payload = torch.load(metrical / "checkpoint" / f"{number:05d}.frame", weights_only=False)
+    points = _landmarks_from(model, embedding, rows, metrical_vertices(model, payload["flame"]))
+    for pixels in (metrical_opencv_pixels(payload, points),
+                   metrical_pytorch3d_pixels(payload, points)):
+      errors.append(np.abs(pixels - (columns["landmarks_fitted"][index] + offset)).max())
+  assert max(errors) < 0.05, errors
   # Usage problems: one line, exit 2.
   for args, said in (([], "--input is required"),
                      (["--input", tmp_path, "--format", "gaussian_avatars", "--output",
                        tmp_path / "x"], "it is no jflame output folder"),
                      (["--input", track, "--format", "gaussian_avatars", "--output", track],
                       "--output is the --input folder"),
-                     (["--input", track, "--format", "metrical", "--output", tmp_path / "y"],
+                     (["--input", track, "--format", "insta", "--output", tmp_path / "y"],
                       "--format")):
     done = run_command(args, tmp_path, script=EXPORT)
     assert done.returncode == 2 and said in done.stderr, (args, done.stderr[-1000:])

@@ -13,6 +13,9 @@ Formats (docs/FORMAT.md, "Exports", has every key and convention):
   imavatar                 from a jflame-track folder: IMavatar's capture folder (image/,
                            flame_params.json; FLAME 2020), also read by PointAvatar and
                            SplattingAvatar
+  metrical                 from a jflame-track folder: metrical-tracker's output folder
+                           (checkpoint/*.frame, mesh/, input/, canonical.obj; FLAME 2020),
+                           read by INSTA and FlashAvatar
   now                      from a jflame-fit folder or a jflame-annotate dataset: per photo a
                            mesh in millimetres and NoW's 7 landmarks (.npy), for the NoW and
                            NeRSemble single-image benchmarks
@@ -33,17 +36,18 @@ from tqdm import tqdm
 from jflame.cli import app as cli_app
 from jflame.cli import model_flags
 
-CLIP_FORMATS = ("gaussian_avatars", "gaussian_avatars_motion", "imavatar")
+CLIP_FORMATS = ("gaussian_avatars", "gaussian_avatars_motion", "imavatar", "metrical")
 PHOTO_FORMATS = ("now",)
 FORMATS = CLIP_FORMATS + PHOTO_FORMATS
 _INPUT = flags.DEFINE_string("input", None, "A jflame-track output folder (gaussian_avatars*, "
-                             "imavatar), a jflame-fit --cameras folder (gaussian_avatars), or a "
-                             "jflame-fit folder or jflame-annotate dataset (now).")
+                             "imavatar, metrical), a jflame-fit --cameras folder "
+                             "(gaussian_avatars), or a jflame-fit folder or jflame-annotate "
+                             "dataset (now).")
 _FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "What to write.")
 _OUTPUT = flags.DEFINE_string("output", None, "The export's folder (created if absent).")
 _SOURCE = flags.DEFINE_string(
-    "source", None, "gaussian_avatars, imavatar: the tracked video (or folder of frames), when "
-    "it is no longer where the track's manifest says.")
+    "source", None, "gaussian_avatars, imavatar, metrical: the tracked video (or folder of "
+    "frames), when it is no longer where the track's manifest says.")
 _TEST_FRACTION = flags.DEFINE_float(
     "test_fraction", 0.1, "gaussian_avatars: the share of the clip's last frames held out as "
     "the test (and val) split, 0..0.9.", lower_bound=0.0, upper_bound=0.9)
@@ -51,8 +55,8 @@ _FITTED_FACE = flags.DEFINE_bool(
     "fitted_face", False, "now: write the fitted face (expression, jaw, eyes) instead of the "
     "identity alone (NoW's scans are neutral).")
 _KEEP_SUSPECT = flags.DEFINE_bool(
-    "keep_suspect", False, "gaussian_avatars, imavatar: keep the frames the track marked "
-    "suspect (frames without a face are always left out).")
+    "keep_suspect", False, "gaussian_avatars, imavatar, metrical: keep the frames the track "
+    "marked suspect (frames without a face are always left out).")
 
 
 def main(argv):
@@ -90,6 +94,9 @@ def main(argv):
               progress=bar.update)
         elif _FORMAT.value == "gaussian_avatars_motion":
           warnings = clip_export.export_motion(clip, loaded.model, folder)
+        elif _FORMAT.value == "metrical":
+          warnings = clip_export.export_metrical(clip, loaded.model, folder, _SOURCE.value,
+                                                 _KEEP_SUSPECT.value, progress=bar.update)
         elif _FORMAT.value == "imavatar":
           warnings = clip_export.export_imavatar(clip, loaded.model, folder, _SOURCE.value,
                                                  _KEEP_SUSPECT.value, progress=bar.update)

@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import cv2
+import jax
 import numpy as np
 
+from jflame import atomic, output as mesh_output
 from jflame.errors import InputError
-from jflame.exports import common, gaussian_avatars as ga, imavatar
+from jflame.exports import common, gaussian_avatars as ga, imavatar, metrical
 from jflame.flame import FlameModel
 from jflame.preprocess.video import open_clip
 
@@ -46,6 +48,32 @@ def _tracked_frames(clip: common.TrackedClip, keep_suspect: bool, notes: List[st
     if count:
       notes.append(f"{count} frame(s) {reason} left out of the splits.")
   return [int(frame) for frame in np.flatnonzero(keep)]
+
+
+def _kept_frames(clip: common.TrackedClip, model: FlameModel, keep_suspect: bool,
+                 format_name: str, expected_variant: str, reader: str
+                 ) -> Tuple[List[str], List[str], List[int]]:
+  """(warnings, notes, frames) of an export that writes the tracked, trusted frames: the FLAME
+  release and the model checked, the frames left out said in the notes."""
+  warnings = common.check_variant(clip.manifest.get("model_variant", "unknown"),
+                                  expected_variant, format_name, reader)
+  check_model(clip, model)
+  notes: List[str] = []
+  frames = _tracked_frames(clip, keep_suspect, notes)
+  if not frames:
+    raise InputError(f"{clip.folder}: no frame is tracked and trusted; nothing to export.")
+  return warnings, notes, frames
+
+
+def _on_square(frame_size: Tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
+  """A frame padded (black, never resampled) to the centred square of imavatar.square_canvas."""
+  side, (left, top) = imavatar.square_canvas(frame_size)
+
+  def placed(image):
+    canvas = np.zeros((side, side, 3), np.uint8)
+    canvas[top:top + image.shape[0], left:left + image.shape[1]] = image
+    return canvas
+  return placed
 
 
 def _frames_of(clip: common.TrackedClip, source: Optional[str], frames: List[int], output: Path,
@@ -98,13 +126,8 @@ def export_imavatar(clip: common.TrackedClip, model: FlameModel, output: Path,
                     progress: Optional[Callable[[int], None]] = None) -> List[str]:
   """`imavatar`: one of IMavatar's capture folders, `image/<frame>.png` and
   `flame_params.json` (jflame.exports.imavatar). Returns the warnings."""
-  warnings = common.check_variant(clip.manifest.get("model_variant", "unknown"),
-                                  imavatar.EXPECTED_VARIANT, "imavatar", imavatar.READER)
-  check_model(clip, model)
-  notes: List[str] = []
-  frames = _tracked_frames(clip, keep_suspect, notes)
-  if not frames:
-    raise InputError(f"{clip.folder}: no frame is tracked and trusted; nothing to export.")
+  warnings, notes, frames = _kept_frames(clip, model, keep_suspect, "imavatar",
+                                         imavatar.EXPECTED_VARIANT, imavatar.READER)
   focal, principal_point = _one_frame_camera(clip)
   frame_size = tuple(int(side) for side in clip.manifest["frame_size"])
   params = clip.params()
@@ -124,13 +147,8 @@ def export_imavatar(clip: common.TrackedClip, model: FlameModel, output: Path,
       params.global_rotation, root)
   pose = imavatar.full_pose(rotation, params.neck_rotation, params.jaw_rotation,
                             params.left_eye_rotation, params.right_eye_rotation)
-  side, (left, top) = imavatar.square_canvas(frame_size)
-
-  def on_canvas(image):
-    canvas = np.zeros((side, side, 3), np.uint8)
-    canvas[top:top + image.shape[0], left:left + image.shape[1]] = image
-    return canvas
-  source = _frames_of(clip, source, frames, output, on_canvas,
+  side, _ = imavatar.square_canvas(frame_size)
+  source = _frames_of(clip, source, frames, output, _on_square(frame_size),
                       lambda index: f"image/{index:05d}.png", progress)
   fitted = clip.columns["landmarks_fitted"]
   common.write_json(output / "flame_params.json", {
@@ -161,6 +179,68 @@ def export_imavatar(clip: common.TrackedClip, model: FlameModel, output: Path,
   return warnings
 
 
+def export_metrical(clip: common.TrackedClip, model: FlameModel, output: Path,
+                    source: Optional[str], keep_suspect: bool,
+                    progress: Optional[Callable[[int], None]] = None) -> List[str]:
+  """`metrical`: metrical-tracker's output folder (jflame.exports.metrical), the tracked frames
+  numbered 0, 1, ... in clip order (their readers walk the numbers without gaps);
+  `jflame_frames.json` maps each number to the clip's frame. Returns the warnings."""
+  warnings, notes, frames = _kept_frames(clip, model, keep_suspect, "metrical",
+                                         metrical.EXPECTED_VARIANT, metrical.READER)
+  params = clip.params()
+  if np.abs(params.neck_rotation).max() > 1e-6:
+    raise InputError(f"{clip.folder}: the track turned the neck joint, which metrical-tracker's "
+                     "checkpoints cannot hold (their FLAME keeps the neck still); track without "
+                     "a neck schedule.")
+  focal, principal_point = _one_frame_camera(clip)
+  frame_size = tuple(int(side) for side in clip.manifest["frame_size"])
+  side, offset = imavatar.square_canvas(frame_size)
+  intrinsic = metrical.intrinsics(focal, principal_point, offset)
+  shape = common.padded(np.asarray(clip.metadata["shape"], np.float32), metrical.NUM_SHAPE,
+                        "shape", notes)
+  expression = common.padded(params.expression, metrical.NUM_EXPRESSION, "expression", notes)
+  root = np.asarray(ga.root_joints(model, params), np.float64)
+  rotation, translation = metrical.extrinsics(
+      clip.columns["frame_camera_rotation"], clip.columns["frame_camera_translation"],
+      params.global_rotation, root)
+  number = {frame: index for index, frame in enumerate(frames)}
+  source = _frames_of(clip, source, frames, output, _on_square(frame_size),
+                      lambda index: f"input/{number[index]:05d}.png", progress)
+  vertices = np.asarray(metrical.unrotated_vertices(model, params))
+  faces = np.asarray(model.faces)
+  for index, frame in enumerate(frames):
+    name = f"{index:05d}"
+    payload = metrical.checkpoint(
+        shape, expression[frame], params.jaw_rotation[frame], params.left_eye_rotation[frame],
+        params.right_eye_rotation[frame], rotation[frame], translation[frame], intrinsic, side,
+        name)
+    atomic.write_bytes(output / "checkpoint" / f"{name}.frame",
+                       metrical.torch_file_bytes(payload))
+    mesh_output.save_mesh(output / "mesh" / f"{name}.ply", vertices[frame], faces)
+  neutral = jax.tree.map(lambda x: np.zeros_like(x[:1]), params).replace(
+      shape=params.shape[:1], jaw_rotation=metrical.canonical_jaw()[None].astype(np.float32))
+  mesh_output.save_mesh(output / "canonical.obj",
+                        np.asarray(metrical.unrotated_vertices(model, neutral))[0], faces)
+  common.write_json(output / "jflame_frames.json", {"clip_frame": frames})
+  notes.append("No masks: INSTA and FlashAvatar read face-parsing masks (their preprocessing "
+               "runs a face parser) and jflame runs no segmentation; make them before training.")
+  notes.append("eyelids, tex and sh are zeros: jflame fits no eyelid blendshapes, texture or "
+               "lighting for their model.")
+  common.write_readme(output, "metrical-tracker output folder (jflame-export)", [
+      f"From `{clip.folder}` (source `{source}`): {len(frames)} frames numbered 00000 on in clip "
+      "order, `checkpoint/<n>.frame`, `mesh/<n>.ply`, `input/<n>.png`, `canonical.obj`; "
+      "`jflame_frames.json` gives each number's frame of the clip (docs/FORMAT.md, Exports).",
+      f"One camera: focal length {focal:.2f} px; each {frame_size[0]} x {frame_size[1]} frame "
+      f"padded (black) to a {side} x {side} square, so `img_size` reads the same as (height, "
+      "width) and as (width, height).",
+      "The checkpoints are torch.save files (its legacy format) holding NumPy arrays, as "
+      "metrical-tracker writes them: with PyTorch 2.6 or newer read them with "
+      "`torch.load(path, weights_only=False)`. FLAME 2020, global rotation the identity; the "
+      "head's pose is in the camera (`opencv` R, t, K; `camera` in PyTorch3D's form).", ""]
+      + [f"- {note}" for note in notes], warnings)
+  return warnings
+
+
 def export_motion(clip: common.TrackedClip, model: FlameModel, output: Path) -> List[str]:
   """`gaussian_avatars_motion`: motion.npz (every frame, in order). Returns the warnings."""
   warnings = common.check_variant(clip.manifest.get("model_variant", "unknown"),
@@ -185,14 +265,9 @@ def export_dataset(clip: common.TrackedClip, model: FlameModel, output: Path,
                    progress: Optional[Callable[[int], None]] = None) -> List[str]:
   """`gaussian_avatars`: the NeRF-style dataset VHAP writes for GaussianAvatars (module doc of
   jflame.exports.gaussian_avatars). Returns the warnings."""
-  warnings = common.check_variant(clip.manifest.get("model_variant", "unknown"),
-                                  ga.EXPECTED_VARIANT, "gaussian_avatars", ga.READER)
-  check_model(clip, model)
-  notes: List[str] = []
+  warnings, notes, frames = _kept_frames(clip, model, keep_suspect, "gaussian_avatars",
+                                         ga.EXPECTED_VARIANT, ga.READER)
   motion, shape = _ga_motion(clip, model, notes)
-  frames = _tracked_frames(clip, keep_suspect, notes)
-  if not frames:
-    raise InputError(f"{clip.folder}: no frame is tracked and trusted; nothing to export.")
   focal, principal_point = _one_frame_camera(clip)
   frame_size = tuple(int(side) for side in clip.manifest["frame_size"])
   # The frame camera as a K (square pixels, no lens): one remap puts its principal point at the

@@ -41,7 +41,7 @@ class TrackedClip:
 
 TRACK_FOLDER, CAPTURE_FOLDER = "a jflame-track folder", "a jflame-fit --cameras folder"
 # What each kind of jflame folder can be exported as (for the messages that refuse a folder).
-EXPORTS_OF = {TRACK_FOLDER: "gaussian_avatars, gaussian_avatars_motion, imavatar",
+EXPORTS_OF = {TRACK_FOLDER: "gaussian_avatars, gaussian_avatars_motion, imavatar, metrical",
               CAPTURE_FOLDER: "gaussian_avatars",
               "a jflame-fit result folder": "now", "a jflame-annotate dataset": "now"}
 
