@@ -52,6 +52,14 @@ def main(argv):
     figures["imavatar_images_kept_s"] = benchmarking.median_seconds(
         lambda: clip_export.export_imavatar(clip, loaded.model, scratch / "imavatar", None,
                                             False), _REPEATS.value)
+
+    def metrical_fresh():
+      shutil.rmtree(scratch / "metrical", ignore_errors=True)
+      clip_export.export_metrical(clip, loaded.model, scratch / "metrical", None, False)
+    figures["metrical_with_images_s"] = benchmarking.median_seconds(metrical_fresh, _REPEATS.value)
+    figures["metrical_images_kept_s"] = benchmarking.median_seconds(
+        lambda: clip_export.export_metrical(clip, loaded.model, scratch / "metrical", None,
+                                            False), _REPEATS.value)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   print(json.dumps(figures, indent=1))
