@@ -14,6 +14,7 @@ face-region vertex error after the best rigid alignment (median, p90), the depth
 face centroid in the first camera, the size bias, and ms per view.
 """
 
+import dataclasses
 import json
 import time
 
@@ -40,6 +41,11 @@ _LM_ITERATIONS = flags.DEFINE_integer("lm_iterations", multiview.LM_ITERATIONS,
 _FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", multiview.FULL_ITERATIONS,
                                         "Multi-view Adam full steps (--landmark_solver adam).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows as JSON here.")
+_ALL_LANDMARKS = flags.DEFINE_bool(
+    "all_landmarks", False, "Multi-view: fit every landmark the embedding has, not the 162 of "
+    "the default regions.")
+_PRIOR_SCALE = flags.DEFINE_float("prior_scale", 1.0, "Multi-view: the shape and expression "
+                                  "priors times this.", lower_bound=0.0)
 
 YAWS = {2: (0.0, 30.0), 3: (-30.0, 0.0, 30.0)}
 CROP = eval_synthetic.CROP
@@ -109,8 +115,14 @@ def main(argv):
         fitted = eval_synthetic._camera_vertices(loaded.model, result.params, result.camera,
                                                  face)
       else:
+        prior = FitConfig().regularization
         config = FitConfig(landmark_solver=_SOLVER.value, lm_iterations=_LM_ITERATIONS.value,
-                           full_iterations=_FULL_ITERATIONS.value)
+                           full_iterations=_FULL_ITERATIONS.value,
+                           landmark_regions=None if _ALL_LANDMARKS.value else (
+                               FitConfig().landmark_regions),
+                           regularization=dataclasses.replace(
+                               prior, shape=prior.shape * _PRIOR_SCALE.value,
+                               expression=prior.expression * _PRIOR_SCALE.value))
         fit_model = model_loading.prepare_fit_model(loaded, config)
         views, _ = _views(loaded, params, cameras, noise, np.random.default_rng(_SEED.value + 1),
                           YAWS[count])
@@ -121,6 +133,8 @@ def main(argv):
         fitted = _world_face(loaded.model, result.params, result.head_rotation,
                              result.head_translation, face)
       row = eval_synthetic.accuracy(fitted, truth)
+      if count > 1:
+        row.update(all_landmarks=_ALL_LANDMARKS.value, prior_scale=_PRIOR_SCALE.value)
       row.update(views=count, noise_px=noise, solver="lm" if count == 1 else _SOLVER.value,
                  ms_per_view=1000 * seconds / (_NUM_FACES.value * count))
       rows.append(row)

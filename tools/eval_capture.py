@@ -1,0 +1,110 @@
+"""Issue 20, criterion 2: a synthetic capture end to end (MediaPipe on the renders, the capture
+fit) against its truth, beside single-view fits of the same images.
+
+  python tools/make_multiview_capture.py --output /tmp/capture --views 5 --moments 4
+  python tools/eval_capture.py --capture /tmp/capture [--all_landmarks] [--prior_scale 0.25]
+      [--json_out FILE]
+
+Prints per moment and over all moments: the world mesh's face region against the truth (median,
+p90, max, in millimetres, as written and after the best rigid alignment), its size bias, the
+views in which MediaPipe found the face, and each view's landmark error (px) in the capture fit
+beside a single-view fit of that image (`jflame-fit`'s fit, the same landmarks).
+"""
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import trimesh
+from absl import app, flags
+
+from jflame import capture_runner, fit_images, model_loading
+from jflame.config import FitConfig
+import eval_synthetic  # tools/ is a folder of scripts: its own folder is on sys.path
+
+_CAPTURE = flags.DEFINE_string("capture", None, "A folder written by make_multiview_capture.py.")
+_ALL_LANDMARKS = flags.DEFINE_bool("all_landmarks", False, "Fit every landmark.")
+_PRIOR_SCALE = flags.DEFINE_float("prior_scale", 1.0, "Shape and expression priors times this.",
+                                  lower_bound=0.0)
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the figures as JSON here.")
+
+
+def _config() -> FitConfig:
+  prior = FitConfig().regularization
+  return FitConfig(
+      landmark_regions=None if _ALL_LANDMARKS.value else FitConfig().landmark_regions,
+      regularization=dataclasses.replace(prior, shape=prior.shape * _PRIOR_SCALE.value,
+                                         expression=prior.expression * _PRIOR_SCALE.value))
+
+
+def _single_view_errors(loaded, config, capture: Path) -> dict:
+  """{(moment, serial): landmark error px} of every image fitted alone by the photo engine."""
+  images = sorted((capture / "frames").glob("*/cam_*.png"))
+  errors = {}
+  for path, fitted in zip(images, fit_images(images, loaded, config)):
+    error = (float(fitted.arrays["landmark_error_px"]) if fitted.arrays is not None
+             else float("nan"))
+    errors[(path.parent.name, path.stem[len("cam_"):])] = error
+  return errors
+
+
+def main(argv):
+  del argv
+  capture = Path(_CAPTURE.value)
+  loaded = model_loading.load_model(None, None)
+  config = _config()
+  face = eval_synthetic.face_region_size(loaded.model.v_template.shape[0])
+  truth = np.load(capture / "truth.npz")
+  scratch = Path(tempfile.mkdtemp(prefix="eval_capture_"))
+  try:
+    manifest = capture_runner.fit_capture(loaded, config, capture / "camera_params.json",
+                                          capture / "frames", scratch / "capture")
+    single = _single_view_errors(loaded, config, capture)
+    rows, distances, aligned = [], [], []
+    for index, moment in enumerate(truth["moments"]):
+      entry = manifest["moments"][index]
+      fitted = np.asarray(trimesh.load(scratch / "capture" / f"{moment}.obj",
+                                       process=False).vertices)[:face]
+      world = truth["vertices_world"][index][:face]
+      distance = 1000 * np.linalg.norm(fitted - world, axis=1)
+      accuracy = eval_synthetic.accuracy(fitted[None], world[None])
+      with np.load(scratch / "capture" / f"{moment}.npz") as result:
+        capture_errors = np.asarray(result["landmark_error_px"], np.float64)
+      serials = manifest["serials"]
+      rows.append(dict(
+          moment=str(moment), views_with_face=entry["views_with_face"],
+          world_median_mm=float(np.median(distance)), aligned_median_mm=accuracy["median_mm"],
+          size_bias_pct=accuracy["size_bias_pct"],
+          view_error_px={s: float(e) for s, e in zip(serials, capture_errors)},
+          single_view_error_px={s: float(single.get((str(moment), s), np.nan))
+                                for s in serials}))
+      distances.append(distance)
+      aligned.append(accuracy["median_mm"])
+      print(json.dumps(rows[-1]), flush=True)
+    every = np.concatenate(distances)
+    ratios = [row["view_error_px"][s] / row["single_view_error_px"][s] for row in rows
+              for s in row["view_error_px"]
+              if np.isfinite(row["view_error_px"][s]) and np.isfinite(
+                  row["single_view_error_px"][s])]
+    summary = dict(views=len(manifest["serials"]), moments=len(rows),
+                   all_landmarks=_ALL_LANDMARKS.value, prior_scale=_PRIOR_SCALE.value,
+                   world_median_mm=float(np.median(every)),
+                   world_p90_mm=float(np.percentile(every, 90)),
+                   world_max_mm=float(every.max()),
+                   aligned_median_mm=float(np.median(aligned)),
+                   view_to_single_ratio_median=float(np.median(ratios)) if ratios else None,
+                   view_to_single_ratio_max=float(np.max(ratios)) if ratios else None)
+    print(json.dumps(summary), flush=True)
+    if _JSON_OUT.value:
+      Path(_JSON_OUT.value).write_text(json.dumps(dict(summary=summary, moments=rows),
+                                                  indent=1) + "\n")
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("capture")
+  app.run(main)
