@@ -67,10 +67,10 @@ def random_flame_arrays(seed=0, num_vertices=60, num_faces=80, num_shape=12, num
 # the FLAME-size head carries `@pytest.mark.slow`. The slow tier: commands as subprocesses,
 # FLAME-size fits, MediaPipe on photographs, rasterizer gradients and recoveries. SLOW_SUITES
 # runs longest first (measured, docs/TESTING.md), so that the two workers finish together.
-SLOW_SUITES = ("test_track_motion", "test_track", "test_annotate", "test_ray_engine",
-               "test_fit_hostile", "test_export_commands", "test_fit", "test_track_command",
-               "test_output_files", "test_solve", "test_fit_photometric", "test_fit_command",
-               "test_fit_behaviour", "test_ids", "test_capture_command", "test_sharding",
+SLOW_SUITES = ("test_track_motion", "test_ray_engine", "test_track", "test_export_commands",
+               "test_annotate", "test_fit_photometric", "test_fit_hostile", "test_solve",
+               "test_output_files", "test_capture_command", "test_fit", "test_sharding",
+               "test_track_command", "test_fit_command", "test_ids", "test_fit_behaviour",
                "test_bare_image", "test_render_recovery", "test_render_gradients",
                "test_rotated_photos", "test_library")
 FAST_SUITES = ("test_build_embedding", "test_camera_files", "test_clip_solve", "test_engine_rules",
