@@ -217,6 +217,12 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
   with Preprocessor(crop_size, workers=1, landmarks_only=True) as preprocessor:
     moments, reused = read_moments(moments_folders, rig, preprocessor, out / LANDMARKS_FOLDER,
                                    progress)
+  facts = dict(cameras=str(cameras_path), cameras_file=_file_facts(cameras_path),
+               input=str(input_folder), serials=serials, **run_provenance(loaded, config))
+  if reused == len(moments):
+    finished = finished_run(out, facts, [m.name for m in moments])
+    if finished is not None:
+      return dict(finished, unchanged=True)
   fit_model = prepare_fit_model(loaded, config)
   views = [multiview.rig_views(rig, m.landmarks, m.weights, m.valid, config) for m in moments]
   batch = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *views)
@@ -238,12 +244,41 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
   for index, moment in enumerate(moments):
     entries.append(_write_moment(out, moment, serials, jax.tree.map(lambda x: x[index], result),
                                  bool(fittable[index]), bool(ok[index]), indices, loaded))
-  manifest = dict(jflame_capture=1, started=started.isoformat(), cameras=str(cameras_path),
-                  input=str(input_folder), serials=serials, moments=entries,
+  manifest = dict(jflame_capture=1, started=started.isoformat(), moments=entries,
                   landmarks_read_back=reused,
-                  shared_shape=None if shape is None else shape.tolist(),
-                  **run_provenance(loaded, config))
+                  shared_shape=None if shape is None else shape.tolist(), **facts)
   write_json(out / "manifest.json", manifest)
+  return manifest
+
+
+def _file_facts(path) -> dict:
+  stat = Path(path).stat()
+  return dict(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+
+
+# What must match for a rerun to keep a finished run: the run's inputs and settings, not the
+# machine it ran on (device, Python and JAX versions are recorded, not compared).
+_SAME_RUN_KEYS = ("cameras", "cameras_file", "input", "serials", "model", "model_variant",
+                  "embedding", "config")
+
+
+def finished_run(out: Path, facts: dict, moment_names) -> Optional[dict]:
+  """The manifest of a finished run in `out` that this one would only repeat (the same
+  inputs, camera file, model and settings; every moment's landmarks read back unchanged, the
+  caller checks that; every file it lists still there), else None."""
+  try:
+    manifest = json.loads((out / "manifest.json").read_text())
+  except (OSError, ValueError):
+    return None
+  normal = json.loads(json.dumps({key: facts.get(key) for key in _SAME_RUN_KEYS}))
+  if not isinstance(manifest, dict) or any(manifest.get(key) != value
+                                           for key, value in normal.items()):
+    return None
+  entries = manifest.get("moments") or []
+  if [entry.get("moment") for entry in entries] != list(moment_names):
+    return None
+  if not all((out / name).is_file() for entry in entries for name in entry.get("files", [])):
+    return None
   return manifest
 
 

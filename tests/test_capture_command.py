@@ -156,7 +156,8 @@ def test_a_stopped_capture_run_keeps_each_moments_landmarks_and_a_rerun_finishes
     capture, fitted, command_env, tmp_path):
   """Ctrl-C after the first moment's landmarks were committed: exit 130 with one line saying
   what is kept; SIGKILL after the second; the rerun reads both back instead of detecting them
-  again and writes what an uninterrupted run writes."""
+  again and writes what an uninterrupted run writes; the same command once more fits and writes
+  nothing, unless a file of the run is gone."""
   out = tmp_path / "out"
   store = out / ".landmarks"
   args = ["--cameras", str(capture / "camera_params.json"), "--input", str(capture / "frames"),
@@ -188,3 +189,17 @@ def test_a_stopped_capture_run_keeps_each_moments_landmarks_and_a_rerun_finishes
     np.testing.assert_array_equal(rerun["landmarks_detected"], uninterrupted["landmarks_detected"])
     for key in ("shape", "expression", "head_rotation", "head_translation"):
       np.testing.assert_allclose(rerun[key], uninterrupted[key], atol=1e-5, err_msg=key)
+  # The same command once more: nothing changed, so nothing is fitted or rewritten.
+  def results():   # the run's files, not the folder's lock
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir()
+            if p.is_file() and not p.name.startswith(".")}
+  written = results()
+  done = _run(args, command_env)
+  assert done.returncode == 0 and "nothing changed since the last run" in done.stdout, (
+      done.stdout[-2000:] + done.stderr[-2000:])
+  assert results() == written
+  # A file of the run gone: the run is no longer finished, so it is fitted again.
+  (out / manifest["moments"][0]["files"][-1]).unlink()
+  done = _run(args, command_env)
+  assert done.returncode == 0 and "nothing changed" not in done.stdout, done.stdout[-2000:]
+  assert (out / manifest["moments"][0]["files"][-1]).is_file()

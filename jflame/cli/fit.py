@@ -127,7 +127,9 @@ def _fit_capture() -> int:
   suspect = [entry for entry in manifest["moments"] if entry.get("suspect")]
   reused = manifest["landmarks_read_back"]
   print(f"done: {len(manifest['moments'])} moments {counts}, {len(suspect)} suspect"
-        + (f" (the landmarks of {reused} read back from the last run)" if reused else "")
+        + (" (nothing changed since the last run: its files are kept)"
+           if manifest.get("unchanged") else
+           f" (the landmarks of {reused} read back from the last run)" if reused else "")
         + f" -> {folder / 'manifest.json'}"
         + (f" (compilation cache: {cache})" if cache else ""))
   for entry in suspect:
