@@ -107,7 +107,8 @@ def export_capture_dataset(folder, model: FlameModel, output: Path, test_fractio
         [entries[index, view] for index in members for view in range(len(rig))]))
   common.write_json(output / "transforms.json", ga.transforms(
       [entries[key] for key in sorted(entries)]))
-  warnings.append("No fg_masks/: jflame runs no head segmentation; the transforms carry no "
+  warnings.append("No fg_masks/: the export does not segment the views yet (jflame's person "
+                  "segmentation serves its photometric fits only); the transforms carry no "
                   "fg_mask_path.")
   common.write_readme(output, "GaussianAvatars / VHAP dataset of a capture (jflame-export)", [
       f"From `{folder}` (cameras `{manifest['cameras']}`): {len(moments)} moments x "

@@ -158,9 +158,9 @@ def export_imavatar(clip: common.TrackedClip, model: FlameModel, output: Path,
                  for index in frames],
       "intrinsics": imavatar.intrinsics(focal, principal_point, frame_size),
       "shape_params": [float(v) for v in shape]})
-  warnings.append("No mask/: IMavatar reads a foreground mask per image (`mask/<frame>.png`, their "
-                  "preprocessing makes them with MODNet) and jflame runs no head segmentation; "
-                  "write them there before training.")
+  warnings.append("No mask/: IMavatar reads a foreground mask per image (`mask/<frame>.png`, "
+                  "their preprocessing makes them with MODNet) and the export does not segment "
+                  "frames yet; write them there before training.")
   if expression.shape[-1] != imavatar.DEFAULT_NUM_EXPRESSION:
     notes.append(f"{expression.shape[-1]} expression coefficients: set the config's "
                  f"`deformer_network.num_exp = {expression.shape[-1]}` (theirs is "
@@ -223,7 +223,7 @@ def export_metrical(clip: common.TrackedClip, model: FlameModel, output: Path,
                         np.asarray(metrical.unrotated_vertices(model, neutral))[0], faces)
   common.write_json(output / "jflame_frames.json", {"clip_frame": frames})
   warnings.append("No masks: INSTA and FlashAvatar read face-parsing masks (their preprocessing "
-                  "runs a face parser) and jflame runs no segmentation; make them before training.")
+                  "runs a face parser) and jflame has no face parser; make them before training.")
   notes.append("eyelids, tex and sh are zeros: jflame fits no eyelid blendshapes, texture or "
                "lighting for their model.")
   common.write_readme(output, "metrical-tracker output folder (jflame-export)", [
@@ -291,7 +291,8 @@ def export_dataset(clip: common.TrackedClip, model: FlameModel, output: Path,
                 ga.transforms([entries[frame] for frame in members], entries[frames[0]]))
   common.write_json(output / "transforms.json",
               ga.transforms([entries[frame] for frame in frames], entries[frames[0]]))
-  warnings.append("No fg_masks/: jflame runs no head segmentation; the transforms carry no "
+  warnings.append("No fg_masks/: the export does not segment frames yet (jflame's person "
+                  "segmentation serves its photometric fits only); the transforms carry no "
                   "fg_mask_path. The canvas border (black) is GaussianAvatars' default background.")
   common.write_readme(output, "GaussianAvatars / VHAP dataset (jflame-export)", [
       f"From `{clip.folder}` (source `{source}`): {len(frames)} frames, train "
