@@ -25,6 +25,19 @@ CLIP = SHARED_ASSETS / "clips" / "talking_head_182.mp4"
 EXPORT = ("-m", "jflame.cli.export")
 
 
+def _check_mask(path, size, landmarks):
+  """A foreground mask on the image's canvas: the person where the face's fitted landmarks are
+  (every one within 5 px of it: in profile the nose tip and lips are the silhouette, which the
+  segmentation rounds off; the face's centre well inside), nothing in the canvas's top corners."""
+  mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+  assert mask is not None and mask.ndim == 2 and mask.shape == size, path
+  x, y = np.clip(np.floor(landmarks).astype(int).T, 0, [[size[1] - 1], [size[0] - 1]])
+  near = cv2.dilate(mask, np.ones((11, 11), np.uint8))
+  assert np.mean(near[y, x] > 127) >= 0.98, (path, np.mean(near[y, x] > 127))
+  assert mask[int(np.median(y)), int(np.median(x))] > 200, path
+  assert max(mask[0, 0], mask[0, -1]) < 64, path
+
+
 def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
   if not CLIP.is_file():
     pytest.skip(f"no shared clip at {CLIP}")
@@ -40,8 +53,8 @@ def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
                        script=EXPORT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "warning:" in done.stderr and "SYNTHETIC" in done.stderr
-    if name != "gaussian_avatars_motion":   # what the reader needs and jflame cannot make
-      assert "warning: No mask" in done.stderr or "warning: No fg_masks" in done.stderr
+    if name == "metrical":   # what the reader needs and jflame cannot make
+      assert "warning: No masks" in done.stderr
   model, embedding = synthetic.synthetic_flame("flame", seed=0)
   metadata, columns = track_output.read_table(track / "track.parquet")
   order = list(np.asarray(embedding.landmark_indices))
@@ -59,6 +72,8 @@ def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
     errors.append(np.abs(gaussian_avatars_pixels(frame, points)
                          - (columns["landmarks_fitted"][frame["timestep_index"]] + shift)).max())
     assert cv2.imread(str(dataset / frame["file_path"])).shape[:2] == (frame["h"], frame["w"])
+    _check_mask(dataset / frame["fg_mask_path"], (frame["h"], frame["w"]),
+                columns["landmarks_fitted"][frame["timestep_index"]] + shift)
   assert max(errors) < 0.05, errors
   # The motion file drives the dataset's identity: the same landmarks, frame by frame.
   with np.load(motion / "motion.npz") as data:
@@ -92,6 +107,8 @@ def test_the_shared_clip_exports_and_rebuilds_its_landmarks(tmp_path):
                                                                  vertices))
     errors.append(np.abs(pixels - (columns["landmarks_fitted"][index] - 0.5 + offset)).max())
     assert cv2.imread(f"{imavatar}/{frame['file_path']}.png").shape[:2] == (side, side)
+    _check_mask(imavatar / "mask" / f"{index:05d}.png", (side, side),
+                columns["landmarks_fitted"][index] + offset)
   assert max(errors) < 0.05, errors
   # metrical-tracker's folder, loaded with torch as INSTA and FlashAvatar load it.
   torch = pytest.importorskip("torch")

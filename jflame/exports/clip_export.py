@@ -69,8 +69,8 @@ def _on_square(frame_size: Tuple[int, int]) -> Callable[[np.ndarray], np.ndarray
   """A frame padded (black, never resampled) to the centred square of imavatar.square_canvas."""
   side, (left, top) = imavatar.square_canvas(frame_size)
 
-  def placed(image):
-    canvas = np.zeros((side, side, 3), np.uint8)
+  def placed(image):   # RGB, or one channel (a mask)
+    canvas = np.zeros((side, side) + image.shape[2:], np.uint8)
     canvas[top:top + image.shape[0], left:left + image.shape[1]] = image
     return canvas
   return placed
@@ -78,10 +78,12 @@ def _on_square(frame_size: Tuple[int, int]) -> Callable[[np.ndarray], np.ndarray
 
 def _frames_of(clip: common.TrackedClip, source: Optional[str], frames: List[int], output: Path,
                placed: Callable[[np.ndarray], np.ndarray], image_path: Callable[[int], str],
-               progress: Optional[Callable[[int], None]]) -> str:
+               progress: Optional[Callable[[int], None]],
+               mask_path: Optional[Callable[[int], str]] = None) -> str:
   """Writes `placed(frame)` (RGB) of each of `frames` of the clip's source to
-  output / image_path(index), keeping images a killed export already wrote; returns the
-  source."""
+  output / image_path(index), and with `mask_path` the person's foreground (MediaPipe's selfie
+  segmentation of the frame, 0..255, placed the same way) to output / mask_path(index), keeping
+  files a killed export already wrote; returns the source."""
   source = source or clip.manifest["source"]
   if not Path(source).exists():
     raise InputError(f"the clip's source {source} is gone; pass --source with the video (or "
@@ -92,17 +94,28 @@ def _frames_of(clip: common.TrackedClip, source: Optional[str], frames: List[int
     raise InputError(f"{source} has {info.width} x {info.height} frames, the track "
                      f"{frame_size[0]} x {frame_size[1]}: not the clip that was tracked.")
   wanted, written = set(frames), set()
-  for index, image in enumerate(images):
-    if index >= clip.num_frames:
-      break
-    if index not in wanted:
-      continue
-    target = output / image_path(index)
-    if not target.is_file():
-      common.write_image(target, placed(image))
-    written.add(index)
-    if progress:
-      progress(1)
+  segmenter = None
+  try:
+    for index, image in enumerate(images):
+      if index >= clip.num_frames:
+        break
+      if index not in wanted:
+        continue
+      target = output / image_path(index)
+      if not target.is_file():
+        common.write_image(target, placed(image))
+      if mask_path is not None and not (output / mask_path(index)).is_file():
+        if segmenter is None:
+          from jflame.preprocess.mediapipe_face import PersonSegmenter
+          segmenter = PersonSegmenter()
+        alpha = np.round(segmenter.foreground(image) * 255.0).astype(np.uint8)
+        common.write_gray(output / mask_path(index), placed(alpha))
+      written.add(index)
+      if progress:
+        progress(1)
+  finally:
+    if segmenter is not None:
+      segmenter.close()
   missing = wanted - written
   if missing:
     raise InputError(f"{source} ended before frame {min(missing)}: not the clip that was "
@@ -149,7 +162,8 @@ def export_imavatar(clip: common.TrackedClip, model: FlameModel, output: Path,
                             params.left_eye_rotation, params.right_eye_rotation)
   side, _ = imavatar.square_canvas(frame_size)
   source = _frames_of(clip, source, frames, output, _on_square(frame_size),
-                      lambda index: f"image/{index:05d}.png", progress)
+                      lambda index: f"image/{index:05d}.png", progress,
+                      mask_path=lambda index: f"mask/{index:05d}.png")
   fitted = clip.columns["landmarks_fitted"]
   common.write_json(output / "flame_params.json", {
       "frames": [imavatar.frame_entry(f"{index:05d}", pose[index], translation[index],
@@ -158,9 +172,8 @@ def export_imavatar(clip: common.TrackedClip, model: FlameModel, output: Path,
                  for index in frames],
       "intrinsics": imavatar.intrinsics(focal, principal_point, frame_size),
       "shape_params": [float(v) for v in shape]})
-  warnings.append("No mask/: IMavatar reads a foreground mask per image (`mask/<frame>.png`, "
-                  "their preprocessing makes them with MODNet) and the export does not segment "
-                  "frames yet; write them there before training.")
+  notes.append("mask/<frame>.png: the person's foreground from MediaPipe's selfie segmentation "
+               "(their preprocessing uses MODNet's matting; both keep hair and shoulders).")
   if expression.shape[-1] != imavatar.DEFAULT_NUM_EXPRESSION:
     notes.append(f"{expression.shape[-1]} expression coefficients: set the config's "
                  f"`deformer_network.num_exp = {expression.shape[-1]}` (theirs is "
@@ -277,12 +290,14 @@ def export_dataset(clip: common.TrackedClip, model: FlameModel, output: Path,
   canvas, _, map_x, map_y = ga.undistorting_maps(intrinsics, np.zeros(5), frame_size)
   source = _frames_of(clip, source, frames, output, lambda image: cv2.remap(
       image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT),
-      lambda index: f"images/{index:05d}.png", progress)
+      lambda index: f"images/{index:05d}.png", progress,
+      mask_path=lambda index: f"fg_masks/{index:05d}.png")
   entries = {}
   for index in frames:
     image_path, parameter_path = f"images/{index:05d}.png", f"flame_param/{index:05d}.npz"
     common.write_npz(output / parameter_path, ga.frame_parameters(motion, shape, index))
-    entries[index] = ga.frame_entry(index, canvas, focal, image_path, parameter_path)
+    entries[index] = ga.frame_entry(index, canvas, focal, image_path, parameter_path,
+                                    fg_mask_path=f"fg_masks/{index:05d}.png")
   common.write_npz(output / "canonical_flame_param.npz",
              ga.canonical_parameters(shape, model.num_vertices))
   chosen = ga.splits(frames, test_fraction)
@@ -291,9 +306,9 @@ def export_dataset(clip: common.TrackedClip, model: FlameModel, output: Path,
                 ga.transforms([entries[frame] for frame in members], entries[frames[0]]))
   common.write_json(output / "transforms.json",
               ga.transforms([entries[frame] for frame in frames], entries[frames[0]]))
-  warnings.append("No fg_masks/: the export does not segment frames yet (jflame's person "
-                  "segmentation serves its photometric fits only); the transforms carry no "
-                  "fg_mask_path. The canvas border (black) is GaussianAvatars' default background.")
+  notes.append("fg_masks/<frame>.png: the person's foreground from MediaPipe's selfie "
+               "segmentation (VHAP's own masks come from background matting; both keep hair and "
+               "shoulders). The canvas border is black, and 0 in the masks.")
   common.write_readme(output, "GaussianAvatars / VHAP dataset (jflame-export)", [
       f"From `{clip.folder}` (source `{source}`): {len(frames)} frames, train "
       f"{len(chosen['train'])}, val and test {len(chosen['test'])} (the last frames).",

@@ -146,6 +146,14 @@ def write_image(path: Path, rgb: np.ndarray) -> None:
       raise InputError(f"cannot write {path}.")
 
 
+def write_gray(path: Path, values: np.ndarray) -> None:
+  """A one-channel uint8 PNG (a mask), atomically."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with atomic.atomic_path(path) as tmp:
+    if not cv2.imwrite(str(tmp), np.ascontiguousarray(values, np.uint8)):
+      raise InputError(f"cannot write {path}.")
+
+
 def write_readme(folder: Path, title: str, lines: List[str], warnings: List[str]) -> None:
   """README.md beside an export: what it holds, and every warning first."""
   text = [f"# {title}", ""]

@@ -87,11 +87,13 @@ def canonical_parameters(shape: np.ndarray, num_vertices: int) -> Dict[str, np.n
 
 def frame_entry(index: int, canvas: Tuple[int, int], focal_length: float, image_path: str,
                 parameter_path: str, camera_index: int = 0,
-                camera_to_world: np.ndarray = OPENCV_TO_OPENGL) -> dict:
+                camera_to_world: np.ndarray = OPENCV_TO_OPENGL,
+                fg_mask_path: Optional[str] = None) -> dict:
   """One `frames` entry of the transforms files: the camera (OpenGL camera-to-world; a clip's
   is fixed at the origin), its intrinsics on the canvas and the frame's files."""
   width, height = canvas
-  return dict(timestep_index=index, camera_index=camera_index, file_path=image_path,
+  masks = {} if fg_mask_path is None else dict(fg_mask_path=fg_mask_path)
+  return dict(timestep_index=index, camera_index=camera_index, file_path=image_path, **masks,
               flame_param_path=parameter_path,
               transform_matrix=np.asarray(camera_to_world).tolist(), w=width, h=height,
               fl_x=focal_length, fl_y=focal_length, cx=width / 2.0, cy=height / 2.0,

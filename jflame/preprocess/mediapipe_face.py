@@ -89,6 +89,30 @@ class FaceDetection:
     return np.array([(self.box[0] + self.box[2]) / 2.0, (self.box[1] + self.box[3]) / 2.0])
 
 
+class PersonSegmenter:
+  """MediaPipe's selfie segmentation alone (the person: head, hair, body), for callers that need
+  no face graphs. Close when done, or use as a context manager."""
+
+  def __init__(self):
+    self._graph = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+
+  def foreground(self, image: np.ndarray) -> np.ndarray:
+    """(H, W) float32 foreground probability in [0, 1] of an RGB image."""
+    mask = self._graph.process(np.ascontiguousarray(image)).segmentation_mask
+    return np.clip(np.asarray(mask, np.float32), 0.0, 1.0)
+
+  def close(self) -> None:
+    if self._graph is not None:
+      self._graph.close()
+      self._graph = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
 class FaceAnalyzer:
   """MediaPipe graphs for face detection, face mesh (with irises) and selfie segmentation.
 
@@ -114,7 +138,7 @@ class FaceAnalyzer:
         model_selection=1, min_detection_confidence=options.min_detection_confidence)
     self._short_range_detector = solutions.face_detection.FaceDetection(
         model_selection=0, min_detection_confidence=options.min_detection_confidence)
-    self._segmenter = solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+    self._segmenter = PersonSegmenter()
     self._face_mesh = None
     self._task_landmarker = None
     try:
@@ -263,8 +287,7 @@ class FaceAnalyzer:
       RuntimeError: MediaPipe failed on this image.
     """
     self._check_open()
-    mask = self._segmenter.process(np.ascontiguousarray(image)).segmentation_mask
-    return np.clip(np.asarray(mask, np.float32), 0.0, 1.0)
+    return self._segmenter.foreground(image)
 
   def close(self) -> None:
     """Releases the MediaPipe graphs. Safe to call more than once."""
