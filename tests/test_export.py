@@ -642,6 +642,8 @@ def test_a_calibrated_capture_becomes_a_multi_view_dataset(tmp_path):
     # the reader's pinhole puts that ray (undistortion, square pixels, half-pixel convention).
     image = cv2.imread(str(out / frame["file_path"]))
     assert image.shape[:2] == (frame["h"], frame["w"])
+    mask = cv2.imread(str(out / frame["fg_mask_path"]), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == image.shape[:2]   # a view's mask on its image's canvas
     source = cv2.imread(str(tmp_path / "frames" / f"{frame['timestep_index']:03d}"
                             / f"cam_{serials[frame['camera_index']]}.png"))
     bright = np.unravel_index(np.argmax(source[..., 0]), source.shape[:2])[::-1]

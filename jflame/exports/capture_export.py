@@ -16,6 +16,7 @@ from jflame import camera_files
 from jflame.errors import InputError
 from jflame.exports import common, gaussian_avatars as ga
 from jflame.flame import PARAMETER_NAMES, FlameModel, FlameParams
+from jflame.preprocess.mediapipe_face import PersonSegmenter
 
 
 def read_capture(folder) -> dict:
@@ -29,6 +30,25 @@ def read_capture(folder) -> dict:
 def _moment_folder(manifest: dict, moment: str) -> Path:
   root = Path(manifest["input"])
   return root if root.name == moment and not (root / moment).is_dir() else root / moment
+
+
+def _write_view(source: Path, image_target: Path, mask_target: Path, map_x, map_y,
+                segmenter: PersonSegmenter) -> None:
+  """One view's image and foreground mask resampled into the reader's camera (`map_x`,
+  `map_y`), each kept when a killed export already wrote it."""
+  if image_target.is_file() and mask_target.is_file():
+    return
+  image = cv2.imread(str(source), cv2.IMREAD_COLOR)
+  if image is None:
+    raise InputError(f"cannot read {source}.")
+  rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+  resample = lambda values: cv2.remap(values, map_x, map_y, cv2.INTER_LINEAR,
+                                      borderMode=cv2.BORDER_CONSTANT)
+  if not image_target.is_file():
+    common.write_image(image_target, resample(rgb))
+  if not mask_target.is_file():
+    alpha = np.round(segmenter.foreground(rgb) * 255.0).astype(np.uint8)
+    common.write_gray(mask_target, resample(alpha))
 
 
 def export_capture_dataset(folder, model: FlameModel, output: Path, test_fraction: float,
@@ -79,26 +99,23 @@ def export_capture_dataset(folder, model: FlameModel, output: Path, test_fractio
                      "holds one. Fit the capture again in one run (it shares the shape).")
   shape = common.padded(stacked["shape"][0], ga.NUM_SHAPE, "shape", notes)
   entries = {}
-  for index, moment in enumerate(moments):
-    images = camera_files.moment_images(_moment_folder(manifest, moment), serials)
-    parameter_path = f"flame_param/{index:05d}.npz"
-    common.write_npz(output / parameter_path, ga.frame_parameters(motion, shape, index))
-    for view, (serial, camera, (canvas, focal, map_x, map_y)) in enumerate(
-        zip(serials, rig, views)):
-      image_path = f"images/{index:05d}_{view:02d}.png"
-      target = output / image_path
-      if not target.is_file():
-        image = cv2.imread(str(images[serial]), cv2.IMREAD_COLOR)
-        if image is None:
-          raise InputError(f"cannot read {images[serial]}.")
-        common.write_image(target, cv2.cvtColor(
-            cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT),
-            cv2.COLOR_BGR2RGB))
-      entries[index, view] = ga.frame_entry(
-          index, canvas, focal, image_path, parameter_path, camera_index=view,
-          camera_to_world=ga.camera_to_world_opengl(camera.world_to_camera))
-    if progress:
-      progress(1)
+  with PersonSegmenter() as segmenter:
+    for index, moment in enumerate(moments):
+      images = camera_files.moment_images(_moment_folder(manifest, moment), serials)
+      parameter_path = f"flame_param/{index:05d}.npz"
+      common.write_npz(output / parameter_path, ga.frame_parameters(motion, shape, index))
+      for view, (serial, camera, (canvas, focal, map_x, map_y)) in enumerate(
+          zip(serials, rig, views)):
+        image_path = f"images/{index:05d}_{view:02d}.png"
+        mask_path = f"fg_masks/{index:05d}_{view:02d}.png"
+        _write_view(images[serial], output / image_path, output / mask_path, map_x, map_y,
+                    segmenter)
+        entries[index, view] = ga.frame_entry(
+            index, canvas, focal, image_path, parameter_path, camera_index=view,
+            camera_to_world=ga.camera_to_world_opengl(camera.world_to_camera),
+            fg_mask_path=mask_path)
+      if progress:
+        progress(1)
   common.write_npz(output / "canonical_flame_param.npz",
                    ga.canonical_parameters(shape, model.num_vertices))
   chosen = ga.splits(list(range(len(moments))), test_fraction)
@@ -107,9 +124,8 @@ def export_capture_dataset(folder, model: FlameModel, output: Path, test_fractio
         [entries[index, view] for index in members for view in range(len(rig))]))
   common.write_json(output / "transforms.json", ga.transforms(
       [entries[key] for key in sorted(entries)]))
-  warnings.append("No fg_masks/: the export does not segment the views yet (jflame's person "
-                  "segmentation serves its photometric fits only); the transforms carry no "
-                  "fg_mask_path.")
+  notes.append("fg_masks/<timestep>_<camera>.png: the person's foreground from MediaPipe's "
+               "selfie segmentation of each view, resampled like the image.")
   common.write_readme(output, "GaussianAvatars / VHAP dataset of a capture (jflame-export)", [
       f"From `{folder}` (cameras `{manifest['cameras']}`): {len(moments)} moments x "
       f"{len(rig)} cameras; timesteps train {len(chosen['train'])}, val and test "
