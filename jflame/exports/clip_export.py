@@ -13,6 +13,7 @@ from jflame import atomic, output as mesh_output
 from jflame.errors import InputError
 from jflame.exports import common, gaussian_avatars as ga, imavatar, metrical
 from jflame.flame import FlameModel
+from jflame.preprocess.mediapipe_face import PersonSegmenter
 from jflame.preprocess.video import open_clip
 
 
@@ -105,8 +106,7 @@ def _frames_of(clip: common.TrackedClip, source: Optional[str], frames: List[int
       if not target.is_file():
         common.write_image(target, placed(image))
       if mask_path is not None and not (output / mask_path(index)).is_file():
-        if segmenter is None:
-          from jflame.preprocess.mediapipe_face import PersonSegmenter
+        if segmenter is None:   # the graph starts only for an export that writes masks
           segmenter = PersonSegmenter()
         alpha = np.round(segmenter.foreground(image) * 255.0).astype(np.uint8)
         common.write_gray(output / mask_path(index), placed(alpha))
