@@ -42,9 +42,10 @@ from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 # noise floor (docs/ACCURACY.md, multi-view): what `jflame-fit --cameras` runs with
 # --landmark_solver adam unless told.
 FULL_ITERATIONS = 800
-# The solve starts from a neutral face (a photo's from a closed-form identity): a few more steps
-# than a photo's 5 (docs/ACCURACY.md, multi-view): what `jflame-fit --cameras` runs unless told.
-LM_ITERATIONS = 10
+# What `jflame-fit --cameras` runs unless told: as many steps as a photo's fit. 5, 7 and 10
+# steps give the same accuracy on the FLAME-size scenes, and 10 cost a 3-view moment more than
+# three photos (docs/ACCURACY.md and docs/BENCHMARKS.md, multi-view).
+LM_ITERATIONS = 5
 
 
 @struct.dataclass

@@ -21,7 +21,7 @@ import numpy as np
 import trimesh
 from absl import app, flags
 
-from jflame import capture_runner, fit_images, model_loading
+from jflame import capture_runner, fit_images, model_loading, multiview
 from jflame.config import FitConfig
 import eval_synthetic  # tools/ is a folder of scripts: its own folder is on sys.path
 
@@ -34,7 +34,8 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the figures as JSON her
 
 def _config() -> FitConfig:
   prior = FitConfig().regularization
-  return FitConfig(
+  return FitConfig(   # what `jflame-fit --cameras` runs, with the flags' changes
+      lm_iterations=multiview.LM_ITERATIONS,
       landmark_regions=None if _ALL_LANDMARKS.value else FitConfig().landmark_regions,
       regularization=dataclasses.replace(prior, shape=prior.shape * _PRIOR_SCALE.value,
                                          expression=prior.expression * _PRIOR_SCALE.value))

@@ -16,7 +16,6 @@ face centroid in the first camera, the size bias, and ms per view.
 
 import dataclasses
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from jflame.camera_files import RigCamera
 from jflame.config import FitConfig
 from jflame.fit import fit_batch
 from jflame.rotation import axis_angle_to_matrix
+import benchmarking  # tools/ is on sys.path, as for eval_synthetic
 import eval_synthetic  # tools/ is a folder of scripts: its own folder is on sys.path
 
 # --num_faces, --noise_px and --seed are eval_synthetic's flags (defined where it is imported).
@@ -41,6 +41,8 @@ _LM_ITERATIONS = flags.DEFINE_integer("lm_iterations", multiview.LM_ITERATIONS,
 _FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", multiview.FULL_ITERATIONS,
                                         "Multi-view Adam full steps (--landmark_solver adam).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows as JSON here.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per row (the median is reported).",
+                                lower_bound=1)
 _ALL_LANDMARKS = flags.DEFINE_bool(
     "all_landmarks", False, "Multi-view: fit every landmark the embedding has, not the 162 of "
     "the default regions.")
@@ -108,10 +110,10 @@ def main(argv):
       if count == 1:
         config = FitConfig()
         fit_model = model_loading.prepare_fit_model(loaded, config)
-        jax.block_until_ready(fit_batch(fit_model, observations, config))   # compile
-        start = time.perf_counter()
-        result = jax.block_until_ready(fit_batch(fit_model, observations, config))
-        seconds = time.perf_counter() - start
+        def run():
+          return jax.block_until_ready(fit_batch(fit_model, observations, config))
+        seconds = benchmarking.median_seconds(run, _REPEATS.value)   # after a compiling call
+        result = run()
         fitted = eval_synthetic._camera_vertices(loaded.model, result.params, result.camera,
                                                  face)
       else:
@@ -126,10 +128,10 @@ def main(argv):
         fit_model = model_loading.prepare_fit_model(loaded, config)
         views, _ = _views(loaded, params, cameras, noise, np.random.default_rng(_SEED.value + 1),
                           YAWS[count])
-        jax.block_until_ready(multiview.fit_moments(fit_model, views, config))   # compile
-        start = time.perf_counter()
-        result = jax.block_until_ready(multiview.fit_moments(fit_model, views, config))
-        seconds = time.perf_counter() - start
+        def run():
+          return jax.block_until_ready(multiview.fit_moments(fit_model, views, config))
+        seconds = benchmarking.median_seconds(run, _REPEATS.value)
+        result = run()
         fitted = _world_face(loaded.model, result.params, result.head_rotation,
                              result.head_translation, face)
       row = eval_synthetic.accuracy(fitted, truth)

@@ -1,0 +1,60 @@
+"""Issue 20, criterion 4: a moment of three calibrated views against a single-view photo fit at
+the same batch, on the FLAME-size synthetic scenes of tools/eval_multiview.py.
+
+  python tools/bench_multiview.py [--batches 8,32] [--timed_calls 15]
+
+The two fits are timed interleaved (one call each, in turn, `--timed_calls` times; medians), so a
+noisy machine slows both alike. Prints ms per image, ms per moment and their ratio (the
+criterion: moments/s >= 1/3 of images/s).
+"""
+
+import json
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from jflame import model_loading, multiview
+from jflame.config import FitConfig
+from jflame.fit import fit_batch
+import eval_multiview  # tools/ is a folder of scripts: its own folder is on sys.path
+import eval_synthetic
+
+_BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Faces (and moments) per call.")
+_TIMED = flags.DEFINE_integer("timed_calls", 15, "Timed calls of each fit.", lower_bound=1)
+
+
+def main(argv):
+  del argv
+  loaded = model_loading.load_model(None, None)
+  photo_config = FitConfig()
+  moment_config = FitConfig(lm_iterations=multiview.LM_ITERATIONS)   # jflame-fit --cameras
+  photo_model = model_loading.prepare_fit_model(loaded, photo_config)
+  moment_model = model_loading.prepare_fit_model(loaded, moment_config)
+  for batch in map(int, _BATCHES.value):
+    params, cameras, observations = eval_synthetic.random_scene(
+        loaded, batch, 0, 1.0, eval_multiview.FOCAL)
+    views, _ = eval_multiview._views(loaded, params, cameras, 1.0, np.random.default_rng(1),
+                                     eval_multiview.YAWS[3])
+    fits = dict(
+        photo=lambda: jax.block_until_ready(fit_batch(photo_model, observations, photo_config)),
+        moment=lambda: jax.block_until_ready(multiview.fit_moments(moment_model, views,
+                                                                   moment_config)))
+    times = {name: [] for name in fits}
+    for run in fits.values():
+      run()   # compile
+    for _ in range(_TIMED.value):
+      for name, run in fits.items():
+        start = time.perf_counter()
+        run()
+        times[name].append(time.perf_counter() - start)
+    photo, moment = (float(np.median(times[name])) for name in ("photo", "moment"))
+    print(json.dumps(dict(batch=batch, device=str(jax.devices()[0]),
+                          lm_iterations=multiview.LM_ITERATIONS,
+                          ms_per_image=1000 * photo / batch, ms_per_moment=1000 * moment / batch,
+                          moments_per_s_over_images_per_s=photo / moment)), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
