@@ -32,34 +32,25 @@ def main(argv):
   scratch = Path(tempfile.mkdtemp(prefix="bench_export_"))
   try:
     figures = dict(frames=clip.num_frames, frame_size=clip.manifest["frame_size"])
-    figures["read_track_s"] = benchmarking.median_seconds(lambda: common.read_tracked_clip(folder),
-                                              _REPEATS.value)
+    figures["read_track_s"] = benchmarking.median_seconds(
+        lambda: common.read_tracked_clip(folder), _REPEATS.value)
     figures["motion_s"] = benchmarking.median_seconds(
         lambda: clip_export.export_motion(clip, loaded.model, scratch / "motion"), _REPEATS.value)
 
-    def dataset_fresh():
-      shutil.rmtree(scratch / "fresh", ignore_errors=True)
-      clip_export.export_dataset(clip, loaded.model, scratch / "fresh", None, 0.1, False)
-    figures["dataset_with_images_s"] = benchmarking.median_seconds(dataset_fresh, _REPEATS.value)
-    figures["dataset_images_kept_s"] = benchmarking.median_seconds(
-        lambda: clip_export.export_dataset(clip, loaded.model, scratch / "fresh", None, 0.1,
-                                           False), _REPEATS.value)
+    # Each image-writing format from an empty folder, then again with its images kept.
+    exports = dict(
+        dataset=lambda out: clip_export.export_dataset(clip, loaded.model, out, None, 0.1, False),
+        imavatar=lambda out: clip_export.export_imavatar(clip, loaded.model, out, None, False),
+        metrical=lambda out: clip_export.export_metrical(clip, loaded.model, out, None, False))
+    for name, export in exports.items():
+      out = scratch / name
 
-    def imavatar_fresh():
-      shutil.rmtree(scratch / "imavatar", ignore_errors=True)
-      clip_export.export_imavatar(clip, loaded.model, scratch / "imavatar", None, False)
-    figures["imavatar_with_images_s"] = benchmarking.median_seconds(imavatar_fresh, _REPEATS.value)
-    figures["imavatar_images_kept_s"] = benchmarking.median_seconds(
-        lambda: clip_export.export_imavatar(clip, loaded.model, scratch / "imavatar", None,
-                                            False), _REPEATS.value)
-
-    def metrical_fresh():
-      shutil.rmtree(scratch / "metrical", ignore_errors=True)
-      clip_export.export_metrical(clip, loaded.model, scratch / "metrical", None, False)
-    figures["metrical_with_images_s"] = benchmarking.median_seconds(metrical_fresh, _REPEATS.value)
-    figures["metrical_images_kept_s"] = benchmarking.median_seconds(
-        lambda: clip_export.export_metrical(clip, loaded.model, scratch / "metrical", None,
-                                            False), _REPEATS.value)
+      def fresh(export=export, out=out):
+        shutil.rmtree(out, ignore_errors=True)
+        export(out)
+      figures[f"{name}_with_images_s"] = benchmarking.median_seconds(fresh, _REPEATS.value)
+      figures[f"{name}_images_kept_s"] = benchmarking.median_seconds(
+          lambda export=export, out=out: export(out), _REPEATS.value)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   print(json.dumps(figures, indent=1))

@@ -29,7 +29,7 @@ def main(argv):
   del argv
   loaded = model_loading.load_model(None, None)
   photo_config = FitConfig()
-  moment_config = FitConfig(lm_iterations=multiview.LM_ITERATIONS)   # jflame-fit --cameras
+  moment_config = eval_multiview.moment_config()   # what jflame-fit --cameras runs
   photo_model = model_loading.prepare_fit_model(loaded, photo_config)
   moment_model = model_loading.prepare_fit_model(loaded, moment_config)
   for batch in map(int, _BATCHES.value):
@@ -51,7 +51,7 @@ def main(argv):
         times[name].append(time.perf_counter() - start)
     photo, moment = (float(np.median(times[name])) for name in ("photo", "moment"))
     print(json.dumps(dict(batch=batch, device=str(jax.devices()[0]),
-                          lm_iterations=multiview.LM_ITERATIONS,
+                          lm_iterations=moment_config.lm_iterations,
                           ms_per_image=1000 * photo / batch, ms_per_moment=1000 * moment / batch,
                           moments_per_s_over_images_per_s=photo / moment)), flush=True)
 

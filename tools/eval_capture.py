@@ -11,7 +11,6 @@ views in which MediaPipe found the face, and each view's landmark error (px) in 
 beside a single-view fit of that image (`jflame-fit`'s fit, the same landmarks).
 """
 
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -21,24 +20,13 @@ import numpy as np
 import trimesh
 from absl import app, flags
 
-from jflame import capture_runner, fit_images, model_loading, multiview
-from jflame.config import FitConfig
-import eval_synthetic  # tools/ is a folder of scripts: its own folder is on sys.path
+from jflame import capture_runner, fit_images, model_loading
+import eval_multiview  # tools/ is a folder of scripts: its own folder is on sys.path
+import eval_synthetic
 
 _CAPTURE = flags.DEFINE_string("capture", None, "A folder written by make_multiview_capture.py.")
-_ALL_LANDMARKS = flags.DEFINE_bool("all_landmarks", False, "Fit every landmark.")
-_PRIOR_SCALE = flags.DEFINE_float("prior_scale", 1.0, "Shape and expression priors times this.",
-                                  lower_bound=0.0)
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the figures as JSON here.")
-
-
-def _config() -> FitConfig:
-  prior = FitConfig().regularization
-  return FitConfig(   # what `jflame-fit --cameras` runs, with the flags' changes
-      lm_iterations=multiview.LM_ITERATIONS,
-      landmark_regions=None if _ALL_LANDMARKS.value else FitConfig().landmark_regions,
-      regularization=dataclasses.replace(prior, shape=prior.shape * _PRIOR_SCALE.value,
-                                         expression=prior.expression * _PRIOR_SCALE.value))
+# --all_landmarks, --prior_scale (and the solver's flags) and --json_out are eval_multiview's.
+_JSON_OUT = eval_multiview._JSON_OUT
 
 
 def _single_view_errors(loaded, config, capture: Path) -> dict:
@@ -56,7 +44,7 @@ def main(argv):
   del argv
   capture = Path(_CAPTURE.value)
   loaded = model_loading.load_model(None, None)
-  config = _config()
+  config = eval_multiview.moment_config()
   face = eval_synthetic.face_region_size(loaded.model.v_template.shape[0])
   truth = np.load(capture / "truth.npz")
   scratch = Path(tempfile.mkdtemp(prefix="eval_capture_"))
@@ -91,7 +79,8 @@ def main(argv):
               if np.isfinite(row["view_error_px"][s]) and np.isfinite(
                   row["single_view_error_px"][s])]
     summary = dict(views=len(manifest["serials"]), moments=len(rows),
-                   all_landmarks=_ALL_LANDMARKS.value, prior_scale=_PRIOR_SCALE.value,
+                   all_landmarks=config.landmark_regions is None,
+                   prior_scale=eval_multiview._PRIOR_SCALE.value,
                    world_median_mm=float(np.median(every)),
                    world_p90_mm=float(np.percentile(every, 90)),
                    world_max_mm=float(every.max()),

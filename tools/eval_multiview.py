@@ -1,7 +1,7 @@
 """Accuracy of calibrated multi-view fitting against one view, on the scenes of eval_synthetic.py.
 
   python tools/eval_multiview.py [--num_faces 32] [--noise_px 0,1] [--views 1,2,3]
-                                 [--landmark_solver lm] [--lm_iterations 10]
+                                 [--landmark_solver lm] [--lm_iterations 5]
                                  [--full_iterations 800] [--json_out FILE]
 
 The random faces and first cameras of tools/eval_synthetic.py (FLAME-size synthetic head, all
@@ -97,6 +97,18 @@ def _world_face(model, params, rotations, translations, face):
   return np.asarray(jax.jit(jax.vmap(one))(params, rotations, translations), np.float64)
 
 
+def moment_config() -> FitConfig:
+  """The multi-view fit these flags ask for (their defaults: what `jflame-fit --cameras` runs)."""
+  prior = FitConfig().regularization
+  return FitConfig(landmark_solver=_SOLVER.value, lm_iterations=_LM_ITERATIONS.value,
+                   full_iterations=_FULL_ITERATIONS.value,
+                   landmark_regions=None if _ALL_LANDMARKS.value else (
+                       FitConfig().landmark_regions),
+                   regularization=dataclasses.replace(
+                       prior, shape=prior.shape * _PRIOR_SCALE.value,
+                       expression=prior.expression * _PRIOR_SCALE.value))
+
+
 def main(argv):
   del argv
   loaded = model_loading.load_model(None, None)
@@ -117,14 +129,7 @@ def main(argv):
         fitted = eval_synthetic._camera_vertices(loaded.model, result.params, result.camera,
                                                  face)
       else:
-        prior = FitConfig().regularization
-        config = FitConfig(landmark_solver=_SOLVER.value, lm_iterations=_LM_ITERATIONS.value,
-                           full_iterations=_FULL_ITERATIONS.value,
-                           landmark_regions=None if _ALL_LANDMARKS.value else (
-                               FitConfig().landmark_regions),
-                           regularization=dataclasses.replace(
-                               prior, shape=prior.shape * _PRIOR_SCALE.value,
-                               expression=prior.expression * _PRIOR_SCALE.value))
+        config = moment_config()
         fit_model = model_loading.prepare_fit_model(loaded, config)
         views, _ = _views(loaded, params, cameras, noise, np.random.default_rng(_SEED.value + 1),
                           YAWS[count])

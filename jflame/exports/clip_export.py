@@ -219,7 +219,11 @@ def export_metrical(clip: common.TrackedClip, model: FlameModel, output: Path,
   number = {frame: index for index, frame in enumerate(frames)}
   source = _frames_of(clip, source, frames, output, _on_square(frame_size),
                       lambda index: f"input/{number[index]:05d}.png", progress)
-  vertices = np.asarray(metrical.unrotated_vertices(model, params))
+  # The kept frames' meshes and the canonical one (jaw open, all else zero) in one call.
+  neutral = jax.tree.map(lambda x: np.zeros_like(x[:1]), params).replace(
+      shape=params.shape[:1], jaw_rotation=metrical.canonical_jaw()[None].astype(np.float32))
+  meshes = jax.tree.map(lambda x, n: np.concatenate([x[frames], n]), params, neutral)
+  vertices = np.asarray(metrical.unrotated_vertices(model, meshes))
   faces = np.asarray(model.faces)
   for index, frame in enumerate(frames):
     name = f"{index:05d}"
@@ -229,11 +233,8 @@ def export_metrical(clip: common.TrackedClip, model: FlameModel, output: Path,
         name)
     atomic.write_bytes(output / "checkpoint" / f"{name}.frame",
                        metrical.torch_file_bytes(payload))
-    mesh_output.save_mesh(output / "mesh" / f"{name}.ply", vertices[frame], faces)
-  neutral = jax.tree.map(lambda x: np.zeros_like(x[:1]), params).replace(
-      shape=params.shape[:1], jaw_rotation=metrical.canonical_jaw()[None].astype(np.float32))
-  mesh_output.save_mesh(output / "canonical.obj",
-                        np.asarray(metrical.unrotated_vertices(model, neutral))[0], faces)
+    mesh_output.save_mesh(output / "mesh" / f"{name}.ply", vertices[index], faces)
+  mesh_output.save_mesh(output / "canonical.obj", vertices[-1], faces)
   common.write_json(output / "jflame_frames.json", {"clip_frame": frames})
   warnings.append("No masks: INSTA and FlashAvatar read face-parsing masks (their preprocessing "
                   "runs a face parser) and jflame has no face parser; make them before training.")
