@@ -27,8 +27,9 @@ EXPORT = ("-m", "jflame.cli.export")
 
 def _check_mask(path, size, landmarks):
   """A foreground mask on the image's canvas: the person where the face's fitted landmarks are
-  (every one within 5 px of it: in profile the nose tip and lips are the silhouette, which the
-  segmentation rounds off; the face's centre well inside), nothing in the canvas's top corners."""
+  (every one within 5 px of it: in profile the fitted nose-tip and lip points lie a few pixels
+  past the real silhouette, which the mask follows; the face's centre well inside), nothing in
+  the canvas's top corners."""
   mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
   assert mask is not None and mask.ndim == 2 and mask.shape == size, path
   x, y = np.clip(np.floor(landmarks).astype(int).T, 0, [[size[1] - 1], [size[0] - 1]])
