@@ -1,8 +1,11 @@
 """MediaPipe's face networks in JAX (issue 22): the TFLite graph read by jflame
 (`landmark_nets.tflite_graph`) and run by its JAX interpreter gives the outputs of TFLite's own
 interpreter (tflite-runtime) on the same input; the detector's decoding and suppression give
-MediaPipe's own face detection's box; a graph saved for a device and loaded back runs the same;
-operators the interpreter does not run and missing files are one line."""
+MediaPipe's own face detection's box; the attention mesh's custom operators equal loops written
+here from MediaPipe's kernels; the whole face mesh in JAX (`landmark_nets.face_mesh`) gives
+MediaPipe's face mesh's 478 landmarks on photos turned, scaled and without a face; a graph saved
+for a device and loaded back runs the same; operators the interpreter does not run and missing
+files are one line."""
 
 import cv2
 import jax
@@ -87,10 +90,10 @@ def test_a_graph_saved_for_a_device_runs_the_same(detector, tmp_path):
 
 
 def test_unknown_operators_and_missing_files_are_one_line(tmp_path):
-  landmarker = tflite_graph.read_tflite(tflite_graph.installed_mediapipe_model(
-      tflite_graph.FACE_LANDMARKER))
-  with pytest.raises(InputError, match="CUSTOM:Landmarks2TransformMatrix") as caught:
-    interpreter.check_supported(landmarker.ops, "face_landmark_with_attention.tflite")
+  segmenter = tflite_graph.read_tflite(tflite_graph.installed_mediapipe_model(
+      "modules/selfie_segmentation/selfie_segmentation.tflite"))
+  with pytest.raises(InputError, match="CUSTOM:Convolution2DTransposeBias") as caught:
+    interpreter.check_supported(segmenter.ops, "selfie_segmentation.tflite")
   assert "\n" not in str(caught.value)
   for call in (lambda: tflite_graph.read_tflite(tmp_path / "absent.tflite"),
                lambda: tflite_graph.load_graph(tmp_path / "absent.npz")):
@@ -163,3 +166,164 @@ def test_the_strongest_face_is_mediapipes_first_detection(detector):
                        - overlap)
       assert iou >= 0.9, (image.shape, iou)
       assert abs(float(score) - detections[0].score[0]) < 0.03
+
+
+# The attention mesh's custom operators, as loops over MediaPipe's kernels (version 2, in
+# mediapipe/util/tflite/operations), against the interpreter's vectorised ones.
+
+def _matrix_loop(landmarks, left, right, subset, out_w, out_h, scale_x, scale_y):
+  """landmarks_to_transform_matrix.cc, v2::LandmarksToTransformMatrixV2, line by line."""
+  import math
+  rotation = 0.0 - math.atan2(landmarks[right][1] - landmarks[left][1],
+                              landmarks[right][0] - landmarks[left][0])
+  c, s = math.cos(rotation), math.sin(rotation)
+  turned = [(c * landmarks[i][0] - s * landmarks[i][1], s * landmarks[i][0] + c * landmarks[i][1])
+            for i in subset]
+  xs, ys = [p[0] for p in turned], [p[1] for p in turned]
+  mid = ((min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2)
+  crop = (math.cos(-rotation) * mid[0] - math.sin(-rotation) * mid[1],
+          math.sin(-rotation) * mid[0] + math.cos(-rotation) * mid[1])
+
+  def mat(rows):
+    return np.array(rows, np.float64)
+  r = -rotation
+  t = mat([[1, 0, 0, crop[0]], [0, 1, 0, crop[1]], [0, 0, 1, 0], [0, 0, 0, 1]])
+  t = t @ mat([[math.cos(r), -math.sin(r), 0, 0], [math.sin(r), math.cos(r), 0, 0],
+               [0, 0, 1, 0], [0, 0, 0, 1]])
+  t = t @ np.diag([scale_x * (max(xs) - min(xs)) / out_w, scale_y * (max(ys) - min(ys)) / out_h,
+                   1, 1])
+  return t @ mat([[1, 0, 0, -out_w / 2], [0, 1, 0, -out_h / 2], [0, 0, 1, 0], [0, 0, 0, 1]])
+
+
+def _bilinear_loop(features, m, out_h, out_w):
+  """transform_tensor_bilinear.cc, v2::TransformTensorBilinearV2, line by line."""
+  import math
+  height, width, channels = features.shape
+  x_t = [m[0, 0], m[0, 1], m[0, 2], m[0, 3] + m[0, 0] * 0.5 + m[0, 1] * 0.5 - 0.5]
+  y_t = [m[1, 0], m[1, 1], m[1, 2], m[1, 3] + m[1, 0] * 0.5 + m[1, 1] * 0.5 - 0.5]
+  out = np.zeros((out_h, out_w, channels))
+  for oy in range(out_h):
+    for ox in range(out_w):
+      tx, ty = x_t[0] * ox + x_t[1] * oy + x_t[3], y_t[0] * ox + y_t[1] * oy + y_t[3]
+      if tx < 0 or tx > width - 1 or ty < 0 or ty > height - 1:
+        continue
+
+      def value(h, w):
+        return 0.0 if h < 0 or w < 0 or h >= height or w >= width else features[h, w]
+      fx, fy = math.floor(tx), math.floor(ty)
+      right, lower = tx - fx, ty - fy
+      upper = (1 - right) * value(fy, fx) + right * value(fy, fx + 1)
+      below = (1 - right) * value(fy + 1, fx) + right * value(fy + 1, fx + 1)
+      out[oy, ox] = lower * below + (1 - lower) * upper
+  return out
+
+
+def test_the_attention_meshs_custom_operators_are_mediapipes_kernels():
+  """Landmarks2TransformMatrix, TransformTensorBilinear (a region partly outside the map:
+  zeros there, the edge cells blended) and TransformLandmarks, each with the options the model
+  carries, on random inputs, within float32 rounding of the kernels' loops."""
+  landmarker = tflite_graph.read_tflite(tflite_graph.installed_mediapipe_model(
+      tflite_graph.FACE_LANDMARKER))
+  kinds = {op.kind: op for op in landmarker.ops}
+  interpreter.check_supported(landmarker.ops)
+  # The lips' region (its 80 points; the kernel reads them as pairs, an odd last one twice).
+  to_matrix = next(op for op in landmarker.ops if op.kind == "CUSTOM:Landmarks2TransformMatrix"
+                   and len(op.option("subset_idxs")) == 80)
+  random = np.random.default_rng(0)
+  landmarks = random.uniform(0, 48, (468, 3)).astype(np.float32)
+  got = np.asarray(interpreter._landmarks_to_transform_matrix(to_matrix,
+                                                              jnp.asarray(landmarks[None])))[0]
+  expected = _matrix_loop(landmarks, to_matrix.option("left_rotation_idx"),
+                          to_matrix.option("right_rotation_idx"), to_matrix.option("subset_idxs"),
+                          16, 16, to_matrix.option("scale_x"), to_matrix.option("scale_y"))
+  np.testing.assert_allclose(got, expected, atol=2e-4 * np.abs(expected).max())
+
+  bilinear = kinds["CUSTOM:TransformTensorBilinear"]
+  features = random.normal(size=(48, 48, 4)).astype(np.float32)
+  turn = 0.4
+  matrix = np.eye(4, dtype=np.float32)
+  matrix[:2, :2] = 2.2 * np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+  matrix[:2, 3] = (30.0, -4.0)                                 # the top rows fall outside
+  got = np.asarray(interpreter._transform_tensor_bilinear(bilinear, jnp.asarray(features[None]),
+                                                          jnp.asarray(matrix[None])))[0]
+  expected = _bilinear_loop(features, matrix.astype(np.float64), 16, 16)
+  assert (expected == 0).all(axis=-1).mean() > 0.1 and (expected != 0).all(axis=-1).mean() > 0.5
+  np.testing.assert_allclose(got, expected, atol=1e-4)          # float32 positions ~50
+
+  points = random.normal(size=(1, 80, 2)).astype(np.float32)
+  got = np.asarray(interpreter._transform_landmarks(jnp.asarray(points), jnp.asarray(
+      matrix[None])))
+  expected = np.stack([points[0] @ matrix[0, :2] + matrix[0, 3],
+                       points[0] @ matrix[1, :2] + matrix[1, 3]], -1)
+  np.testing.assert_allclose(got[0], expected, atol=1e-5)
+
+
+def _turned(rgb, degrees):
+  """The photo turned about its centre, the corners filled from the edges (a tilted camera)."""
+  height, width = rgb.shape[:2]
+  turn = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
+  return cv2.warpAffine(rgb, turn, (width, height), borderMode=cv2.BORDER_REFLECT)
+
+
+def _placed_small(rgb, side, canvas):
+  """The photo shrunk to `side` pixels on a grey canvas (a small face in a big picture)."""
+  out = np.full((canvas[1], canvas[0], 3), 120, np.uint8)
+  out[40:40 + side, 60:60 + side] = cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA)
+  return out
+
+
+def test_the_face_mesh_in_jax_gives_mediapipes_landmarks():
+  """The whole face mesh (detector, region, crop, attention network, refinement, projection)
+  in one vmapped program on images of several sizes on one canvas, against MediaPipe 0.10.21's
+  face mesh (static images, one face, irises) on each image: two shared photos upright, turned
+  by 30 and -45 degrees, cut to a wide strip, shrunk so the face is ~90 pixels wide; a blank
+  picture and a texture without a face. Per image the mean landmark distance within 0.1% of the
+  face's size and the largest within 0.3% (the issue's bars: 0.5% and 1.5%), the same
+  face / no-face decision, the detection box's IoU with the mesh's own detection >= 0.9."""
+  import mediapipe as mp
+  from jflame.landmark_nets import face_mesh
+  photos = sorted((SHARED_ASSETS / "photos").glob("*.png"))
+  if not photos:
+    pytest.skip("the shared photos are not here (../shared/assets/photos)")
+  first, second = (cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+                   for path in photos[:2])
+  images = [first, second, _turned(first, 30), _turned(second, -45), first[200:720].copy(),
+            _placed_small(second, 200, (640, 400)), np.full((300, 500, 3), 200, np.uint8),
+            skimage.data.coffee()]
+  canvas = np.zeros((len(images), max(i.shape[0] for i in images),
+                     max(i.shape[1] for i in images), 3), np.uint8)
+  sizes = np.zeros((len(images), 2), np.int32)
+  for number, image in enumerate(images):
+    canvas[number, :image.shape[0], :image.shape[1]] = image
+    sizes[number] = image.shape[1], image.shape[0]
+  networks = face_mesh.FaceNetworks(
+      tflite_graph.read_tflite(tflite_graph.installed_mediapipe_model(
+          tflite_graph.FACE_DETECTOR)),
+      tflite_graph.read_tflite(tflite_graph.installed_mediapipe_model(
+          tflite_graph.FACE_LANDMARKER)))
+  run = jax.jit(jax.vmap(lambda weights, image, size: face_mesh.face_landmarks(
+      networks, weights, image, size), in_axes=(None, 0, 0)))
+  got = run(face_mesh.network_weights(networks), jnp.asarray(canvas), jnp.asarray(sizes))
+  with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
+                                       refine_landmarks=True) as reference:
+    for number, image in enumerate(images):
+      height, width = image.shape[:2]
+      faces = reference.process(image).multi_face_landmarks
+      assert bool(got.found[number]) == bool(faces), (number, float(got.presence[number]))
+      if not faces:
+        continue
+      normalized = np.array([(p.x, p.y, p.z) for p in faces[0].landmark])
+      expected = normalized[:, :2] * (width, height) + 0.5
+      face_size = np.linalg.norm(expected.max(0) - expected.min(0))
+      distance = np.linalg.norm(np.asarray(got.landmarks[number, :, :2]) - expected, axis=1)
+      # The issue's bars are 0.5% and 1.5%; these catch a half-pixel slip on a 200-pixel face.
+      assert distance.mean() <= 0.001 * face_size, (number, distance.mean() / face_size)
+      assert distance.max() <= 0.003 * face_size, (number, distance.max() / face_size)
+      depth = np.asarray(got.landmarks[number, :, 2]) - normalized[:, 2] * width
+      assert np.abs(depth).mean() <= 0.005 * face_size, number
+      # The box: the mesh's region is 1.5 box sides about its centre, so the landmarks'
+      # extent lies inside the box grown by half.
+      box = np.asarray(got.box[number])
+      grown = np.concatenate([box[:2] - 0.25 * (box[2:] - box[:2]),
+                              box[2:] + 0.25 * (box[2:] - box[:2])])
+      assert (expected.min(0) >= grown[:2] - 2).all() and (expected.max(0) <= grown[2:] + 2).all()

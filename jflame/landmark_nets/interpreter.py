@@ -6,8 +6,12 @@ of the same network. Device-safe: imports JAX and NumPy only.
 Ops (TFLite's semantics, from its reference kernels): CONV_2D, DEPTHWISE_CONV_2D (filters
 (O, kh, kw, I) and (1, kh, kw, C x multiplier)), MAX_POOL_2D, ADD, MUL, RELU, PRELU, PAD,
 RESHAPE, CONCATENATION, STRIDED_SLICE; SAME / VALID padding as TensorFlow's; fused activations
-NONE, RELU, RELU6, RELU_N1_TO_1, TANH. Any other op is refused by `check_supported` before
-tracing, with its name.
+NONE, RELU, RELU6, RELU_N1_TO_1, TANH. MediaPipe's attention face mesh adds three custom ops,
+version 2 as its model declares them (their behaviour from MediaPipe's kernels in
+mediapipe/util/tflite/operations): Landmarks2TransformMatrix (a region's similarity transform
+from its landmarks), TransformTensorBilinear (a feature map resampled through it, half-pixel
+centres, zero outside) and TransformLandmarks (points mapped through it). Any other op is
+refused by `check_supported` before tracing, with its name.
 """
 
 from typing import Dict, Mapping, Tuple
@@ -19,7 +23,8 @@ import numpy as np
 from jflame.errors import InputError
 
 SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "MAX_POOL_2D", "ADD", "MUL", "RELU", "PRELU", "PAD",
-             "RESHAPE", "CONCATENATION", "STRIDED_SLICE")
+             "RESHAPE", "CONCATENATION", "STRIDED_SLICE", "CUSTOM:Landmarks2TransformMatrix",
+             "CUSTOM:TransformTensorBilinear", "CUSTOM:TransformLandmarks")
 
 
 def check_supported(ops, where: str = "the network") -> None:
@@ -78,6 +83,63 @@ def _strided_slice(op, x, begin, end, strides):
   return jnp.squeeze(y, axis=tuple(shrink)) if shrink else y
 
 
+def _rotation(angle):
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  return jnp.stack([jnp.stack([cos, -sin]), jnp.stack([sin, cos])])
+
+
+def _landmarks_to_transform_matrix(op, landmarks):
+  """(1, 4, 4): output cell (x, y, 0, 1) -> input position, for a crop of the region of the
+  subset's landmarks (V2: turned so the rotation pair is level, scaled by scale_x / scale_y
+  about the subset's centre in the turned frame)."""
+  points = landmarks[0, :, :2]
+  left, right = points[op.option("left_rotation_idx")], points[op.option("right_rotation_idx")]
+  rotation = op.option("target_rotation_radians", 0.0) - jnp.arctan2(right[1] - left[1],
+                                                                     right[0] - left[0])
+  subset = points[np.asarray(op.option("subset_idxs"), np.int32).reshape(-1)]
+  turned = subset @ _rotation(rotation).T
+  low, high = turned.min(axis=0), turned.max(axis=0)
+  centre = _rotation(-rotation) @ ((low + high) / 2.0)
+  out = jnp.asarray([op.option("output_width"), op.option("output_height")], jnp.float32)
+  scale = jnp.asarray([op.option("scale_x"), op.option("scale_y")], jnp.float32) * (high - low) / out
+  # shift(centre) . rotate(-rotation) . scale . shift(-out / 2), as the kernel composes it.
+  linear = _rotation(-rotation) * scale[None, :]
+  offset = centre - linear @ (out / 2.0)
+  matrix = jnp.zeros((4, 4), jnp.float32).at[:2, :2].set(linear).at[:2, 3].set(offset)
+  return matrix.at[2, 2].set(1.0).at[3, 3].set(1.0)[None]
+
+
+def _transform_tensor_bilinear(op, features, matrix):
+  """(1, out_h, out_w, C): `features` (1, H, W, C) read bilinearly at the matrix's image of
+  each output cell (V2: cell centres at +0.5 on both sides), zero where that falls outside."""
+  _, height, width, channels = features.shape
+  out_h, out_w = op.option("output_height"), op.option("output_width")
+  m = matrix[0]
+  y, x = jnp.meshgrid(jnp.arange(out_h, dtype=jnp.float32),
+                      jnp.arange(out_w, dtype=jnp.float32), indexing="ij")
+  source_x = m[0, 0] * (x + 0.5) + m[0, 1] * (y + 0.5) + m[0, 3] - 0.5
+  source_y = m[1, 0] * (x + 0.5) + m[1, 1] * (y + 0.5) + m[1, 3] - 0.5
+  inside = (source_x >= 0) & (source_x <= width - 1) & (source_y >= 0) & (source_y <= height - 1)
+  x0, y0 = jnp.floor(source_x), jnp.floor(source_y)
+  right, lower = source_x - x0, source_y - y0
+  x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+
+  def read(row, column):
+    valid = (row >= 0) & (row < height) & (column >= 0) & (column < width)
+    value = features[0, jnp.clip(row, 0, height - 1), jnp.clip(column, 0, width - 1)]
+    return jnp.where(valid[..., None], value, 0.0)
+  upper = (1 - right)[..., None] * read(y0, x0) + right[..., None] * read(y0, x0 + 1)
+  below = (1 - right)[..., None] * read(y0 + 1, x0) + right[..., None] * read(y0 + 1, x0 + 1)
+  result = lower[..., None] * below + (1 - lower)[..., None] * upper
+  return jnp.where(inside[..., None], result, 0.0).reshape(1, out_h, out_w, channels)
+
+
+def _transform_landmarks(points, matrix):
+  """(1, N, 2) points through the matrix's x and y rows (z taken as 0, w as 1)."""
+  m = matrix[0]
+  return points @ m[:2, :2].T + m[:2, 3]
+
+
 def weights_of(graph) -> Dict[int, np.ndarray]:
   """The graph's float constants (the network's weights): `run_graph`'s traced argument."""
   return {index: array for index, array in graph.constants.items() if array.dtype.kind == "f"}
@@ -127,6 +189,12 @@ def run_graph(graph, weights: Mapping[int, jax.Array], inputs: Dict[int, jax.Arr
     elif kind == "STRIDED_SLICE":
       result = _strided_slice(op, args[0], static(op.inputs[1]), static(op.inputs[2]),
                               static(op.inputs[3]))
+    elif kind == "CUSTOM:Landmarks2TransformMatrix":
+      result = _landmarks_to_transform_matrix(op, args[0])
+    elif kind == "CUSTOM:TransformTensorBilinear":
+      result = _transform_tensor_bilinear(op, args[0], args[1])
+    elif kind == "CUSTOM:TransformLandmarks":
+      result = _transform_landmarks(args[0], args[1])
     else:
       raise InputError(f"operator {kind} is not supported by jflame's interpreter")
     values[op.outputs[0]] = result

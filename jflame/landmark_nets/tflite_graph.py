@@ -4,7 +4,8 @@
 operators in execution order (kind, input and output tensor indices, options as plain values),
 the constant tensors as float32 / int32 NumPy arrays, and the model's input and output tensors.
 DEQUANTIZE of a constant (MediaPipe ships float16 weights) is folded at read time, so the
-interpreter never sees it. `save_graph` / `load_graph` write and read the same graph as one .npz
+interpreter never sees it. A custom operator's options (a FlexBuffer map: MediaPipe's
+attention model keeps its landmark subsets and output sizes there) become the same plain values. `save_graph` / `load_graph` write and read the same graph as one .npz
 (constants) with its structure as JSON inside, which is what a device machine without `tflite` or
 MediaPipe loads.
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 from jflame.errors import InputError
 
-GRAPH_FORMAT_VERSION = 1
+GRAPH_FORMAT_VERSION = 2
 # TFLite's TensorType codes -> NumPy.
 _DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 9: np.int8,
            10: np.float64}
@@ -120,6 +121,24 @@ def _options(op, kind: str) -> Tuple[Tuple[str, object], ...]:
   return ()
 
 
+def _hashable(value):
+  """Options are part of a static op list: lists become tuples (FlexBuffer vectors, JSON)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_hashable(item) for item in value)
+  return value
+
+
+def _custom_options(op) -> Tuple[Tuple[str, object], ...]:
+  """A custom operator's FlexBuffer map of options as sorted (name, value) pairs."""
+  if not op.CustomOptionsLength():
+    return ()
+  from flatbuffers import flexbuffers
+  options = flexbuffers.Loads(op.CustomOptionsAsNumpy().tobytes())
+  if not isinstance(options, dict):
+    return ()
+  return tuple(sorted((str(name), _hashable(value)) for name, value in options.items()))
+
+
 def read_tflite(path) -> Graph:
   """The graph of a .tflite file (its first subgraph)."""
   try:
@@ -158,14 +177,15 @@ def read_tflite(path) -> Graph:
     code = model.OperatorCodes(op.OpcodeIndex())
     builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
     kind = builtin_names.get(builtin, str(builtin))
-    if kind == "CUSTOM":
+    custom = kind == "CUSTOM"
+    if custom:
       kind = f"CUSTOM:{code.CustomCode().decode()}"
     inputs = tuple(int(v) for v in op.InputsAsNumpy()) if op.InputsLength() else ()
     outputs = tuple(int(v) for v in op.OutputsAsNumpy())
     if kind == "DEQUANTIZE" and inputs[0] in constants:
       constants[outputs[0]] = constants[inputs[0]].astype(np.float32)
       continue
-    ops.append(Op(kind, inputs, outputs, _options(op, kind)))
+    ops.append(Op(kind, inputs, outputs, _custom_options(op) if custom else _options(op, kind)))
   used = {index for op in ops for index in op.inputs}
   constants = {index: (array.astype(np.float32) if array.dtype.kind == "f" else
                        array.astype(np.int32))
@@ -206,7 +226,7 @@ def load_graph(path) -> Graph:
     raise InputError(f"{path}: network graph version {structure.get('version')!r}; this "
                      f"jflame reads {GRAPH_FORMAT_VERSION} (convert the model again)")
   ops = tuple(Op(op["kind"], tuple(op["inputs"]), tuple(op["outputs"]),
-                 tuple((name, value) for name, value in op["options"]))
+                 tuple((name, _hashable(value)) for name, value in op["options"]))
               for op in structure["ops"])
   return Graph(ops=ops, constants=constants, inputs=tuple(structure["inputs"]),
                outputs=tuple(structure["outputs"]),
