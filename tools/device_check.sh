@@ -89,14 +89,13 @@ step fit_photometric "$(limit 110)" "$PY" tools/bench_fit.py --mode photometric 
 step render "$(limit 60)" "$PY" tools/bench_render.py "${RENDER[@]}" --json_out "$OUT/render.json"
 step track "$(limit 60)" "$PY" tools/bench_track.py --frames "$TRACK_FRAMES" \
   --json_out "$OUT/track.json"
-# Issue 22: MediaPipe's face detector in JAX, from a graph written on the host (the device has
-# neither MediaPipe nor tflite): `tools/bench_landmarks.py --save_graph
-# .device_assets/face_detector.npz`, then carry .device_assets.
-if [ -f .device_assets/face_detector.npz ]; then
-  if [ "$QUICK" = 1 ]; then DETECTOR_BATCHES=1,16; else DETECTOR_BATCHES=1,64,1024; fi
+# Issue 22: MediaPipe's face mesh in JAX (detector + attention mesh, image to 478 landmarks), from
+# graphs written on the host (the device has neither MediaPipe nor tflite):
+# `tools/bench_landmarks.py --save_graphs .device_assets`, then carry .device_assets.
+if [ -f .device_assets/face_detector.npz ] && [ -f .device_assets/face_landmarker.npz ]; then
+  if [ "$QUICK" = 1 ]; then LANDMARK_BATCHES=1,16; else LANDMARK_BATCHES=1,64,1024; fi
   step landmarks "$(limit 60)" "$PY" tools/bench_landmarks.py \
-    --graph .device_assets/face_detector.npz --batches "$DETECTOR_BATCHES" \
-    --json_out "$OUT/landmarks.json"
+    --graphs .device_assets --batches "$LANDMARK_BATCHES" --json_out "$OUT/landmarks.json"
 fi
 
 "$PY" - "$OUT" <<'PYEOF'
@@ -131,6 +130,10 @@ if (out / "render.json").exists():
   data = json.loads((out / "render.json").read_text())
   summary["render"] = {f"{r['mode']} {r['size']} batch {r['batch']} {r['batch_mode']}":
                        round(r["per_image_ms"], 3) for r in data["results"]}
+if (out / "landmarks.json").exists():
+  data = json.loads((out / "landmarks.json").read_text())
+  summary["landmarks"] = {f"batch {batch}": round(r["ms_per_image"], 4)
+                          for batch, r in data["jax"].items()}
 if (out / "track.json").exists():
   data = json.loads((out / "track.json").read_text())["fit_landmark"]
   summary["track"] = dict(frames=data["frames"], frames_per_s=round(data["frames_per_s"], 1))

@@ -49,20 +49,53 @@ def _activation(x, name):
   raise InputError(f"fused activation {name} is not supported")
 
 
+def _same_padding(size: int, kernel: int, stride: int, dilation: int):
+  """TensorFlow's SAME padding (before, after) of one axis: the extra cell goes after."""
+  span = (kernel - 1) * dilation + 1
+  total = max((-(-size // stride) - 1) * stride + span - size, 0)
+  return total // 2, total - total // 2
+
+
+def _depthwise(x, kernel, strides, dilation, padding):
+  """A depthwise convolution (multiplier 1) as a sum of shifted, scaled copies: XLA:CPU runs a
+  grouped convolution of these shapes ~25x slower (docs/BENCHMARKS.md)."""
+  _, height, width, _ = x.shape
+  kh, kw = kernel.shape[:2]
+  if padding == "SAME":
+    pads = [_same_padding(height, kh, strides[0], dilation[0]),
+            _same_padding(width, kw, strides[1], dilation[1])]
+  else:
+    pads = [(0, 0), (0, 0)]
+  x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  out_h = (x.shape[1] - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+  out_w = (x.shape[2] - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+  total = 0.0
+  for i in range(kh):
+    for j in range(kw):
+      top, left = i * dilation[0], j * dilation[1]
+      window = x[:, top:top + (out_h - 1) * strides[0] + 1:strides[0],
+                 left:left + (out_w - 1) * strides[1] + 1:strides[1]]
+      total = total + window * kernel[i, j]
+  return total
+
+
 def _conv(op, x, weights, bias):
   strides = (op.option("stride_h", 1), op.option("stride_w", 1))
   dilation = (op.option("dilation_h", 1), op.option("dilation_w", 1))
-  if op.kind == "CONV_2D":
-    kernel = jnp.transpose(weights, (1, 2, 3, 0))                       # OHWI -> HWIO
-    groups = 1
+  padding = op.option("padding", "SAME")
+  if op.kind == "DEPTHWISE_CONV_2D" and weights.shape[3] == x.shape[-1]:
+    y = _depthwise(x, weights[0], strides, dilation, padding)                 # (kh, kw, C)
   else:
-    channels = x.shape[-1]
-    kernel = jnp.reshape(weights, weights.shape[1:3] + (1, weights.shape[3]))   # HW1(C*M)
-    groups = channels
-  y = jax.lax.conv_general_dilated(
-      x, kernel, window_strides=strides, padding=op.option("padding", "SAME"),
-      rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)
+    if op.kind == "CONV_2D":
+      kernel = jnp.transpose(weights, (1, 2, 3, 0))                           # OHWI -> HWIO
+      groups = 1
+    else:
+      kernel = jnp.reshape(weights, weights.shape[1:3] + (1, weights.shape[3]))   # HW1(C*M)
+      groups = x.shape[-1]
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        precision=jax.lax.Precision.HIGHEST)
   if bias is not None:
     y = y + bias
   return _activation(y, op.option("activation"))

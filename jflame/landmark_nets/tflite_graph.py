@@ -74,6 +74,31 @@ def installed_mediapipe_model(relative: str) -> Path:
   return path
 
 
+# The names `save_face_graphs` writes in a folder, for a machine without MediaPipe or `tflite`.
+SAVED_DETECTOR = "face_detector.npz"
+SAVED_LANDMARKER = "face_landmarker.npz"
+
+
+def face_graphs(saved_folder=None) -> Tuple[Graph, Graph]:
+  """(detector, landmarker): from the installed MediaPipe, or from `saved_folder` where
+  `save_face_graphs` wrote them."""
+  if saved_folder is None:
+    return (read_tflite(installed_mediapipe_model(FACE_DETECTOR)),
+            read_tflite(installed_mediapipe_model(FACE_LANDMARKER)))
+  folder = Path(saved_folder)
+  return load_graph(folder / SAVED_DETECTOR), load_graph(folder / SAVED_LANDMARKER)
+
+
+def save_face_graphs(folder) -> Tuple[Path, Path]:
+  """Writes the installed MediaPipe's two face graphs into `folder` (created)."""
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = (folder / SAVED_DETECTOR, folder / SAVED_LANDMARKER)
+  for graph, path in zip(face_graphs(), paths):
+    save_graph(graph, path)
+  return paths
+
+
 def _options(op, kind: str) -> Tuple[Tuple[str, object], ...]:
   """The options jflame's interpreter reads, as plain values."""
   table = op.BuiltinOptions()
