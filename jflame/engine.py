@@ -29,12 +29,13 @@ from absl import logging
 
 from jflame import sharding, sources
 from jflame.config import FitConfig
-from jflame.errors import ConfigError
+from jflame.errors import ConfigError, JFlameError
 from jflame.fit import FitModel, fit_batch, fitted_meshes, take
 from jflame.fitted_image import FittedImage, describe_fit
 from jflame.model_loading import (LoadedModel, load_albedo, load_encoders, load_model,
                                   prepare_fit_model, run_provenance)
 from jflame.preprocess import PreparedImage, Preprocessor, stack_observations
+from jflame.preprocess.pipeline import DEVICE_MAX_SIDE
 from jflame.sinks import KeptResults, Sink
 from jflame.sources import Source, SourceFacts, content_hash
 
@@ -54,6 +55,9 @@ class EngineOptions:
     deca_model, mica_model: optional ONNX encoder files.
     texture_model, texture_components, texture_size: photometric albedo settings.
     landmarks_only: skip what landmark fitting does not use in preprocessing.
+    landmarks: where the face mesh runs: "mediapipe" (MediaPipe in the preprocessing workers)
+      or "device" (landmark mode: the workers only decode, `landmark_nets` on the device).
+    landmarks_note: why `landmarks` was chosen when the user let jflame choose.
   """
   batch_size: int = 16
   crop_size: int = 256
@@ -66,6 +70,8 @@ class EngineOptions:
   texture_components: int = 50
   texture_size: int = 256
   landmarks_only: bool = False
+  landmarks: str = "mediapipe"
+  landmarks_note: str = ""
 
 
 def bucket_size(count: int, batch_size: int, multiple: int = 1) -> int:
@@ -175,8 +181,42 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
 def preprocessor_of(options: EngineOptions, workers: Optional[int] = None) -> Preprocessor:
   """The Preprocessor of a run with `options` (with `workers` instead of options.workers): the
   local pipeline's, and each Ray preprocessing process's, so both make the same records."""
+  device_landmarks = None
+  if options.landmarks == "device":
+    from jflame.landmark_nets.landmarker import DeviceLandmarker
+    device_landmarks = DeviceLandmarker(options.batch_size, DEVICE_MAX_SIDE)
   return Preprocessor(options.crop_size, workers=options.workers if workers is None else workers,
-                      landmarks_only=options.landmarks_only)
+                      landmarks_only=options.landmarks_only, device_landmarks=device_landmarks)
+
+
+def landmark_source(asked: str, photometric: bool, engine: str = "local"):
+  """("mediapipe" or "device", a note on why auto chose it) for `--landmarks asked` ("auto",
+  "mediapipe" or "device") in a run of that mode on `engine` ("local" or "ray").
+
+  Raises:
+    ConfigError: device landmarks asked for a photometric fit or the Ray engine.
+  """
+  if asked == "mediapipe":
+    return "mediapipe", ""
+  if asked == "device":
+    if photometric:
+      raise ConfigError("--landmarks device serves landmark-mode fits; a photometric fit needs "
+                        "MediaPipe's person segmentation on the host (--landmarks mediapipe)")
+    if engine != "local":
+      raise ConfigError("--landmarks device runs with the local engine; the Ray engine's "
+                        "workers run MediaPipe (--landmarks mediapipe)")
+    return "device", ""
+  if jax.default_backend() == "cpu":
+    return "mediapipe", "auto: no accelerator (on a CPU MediaPipe is as fast per image)"
+  if photometric or engine != "local":
+    return "mediapipe", "auto: photometric mode or the Ray engine"
+  from jflame.landmark_nets import interpreter, tflite_graph
+  try:
+    for graph in tflite_graph.face_graphs():
+      interpreter.check_supported(graph.ops)
+  except JFlameError as error:
+    return "mediapipe", f"auto: the device's face mesh could not be read ({error})"
+  return "device", "auto: an accelerator"
 
 
 class Fitter(Protocol):

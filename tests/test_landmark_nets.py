@@ -334,3 +334,68 @@ def test_the_face_mesh_in_jax_gives_mediapipes_landmarks():
       grown = np.concatenate([box[:2] - 0.25 * (box[2:] - box[:2]),
                               box[2:] + 0.25 * (box[2:] - box[:2])])
       assert (expected.min(0) >= grown[:2] - 2).all() and (expected.max(0) <= grown[2:] + 2).all()
+
+
+def test_device_mode_preprocessing_decodes_small_and_frames_the_device_landmarks(tmp_path):
+  """`--landmarks device`'s host side (`Preprocessor` with a `DeviceLandmarker`): one record per
+  input in order (a corrupt file unreadable, a picture without a face no_face); a 2048-pixel
+  JPEG reaches the device at 512 pixels (a DCT-reduced decode) and its landmarks are twice the
+  1024-pixel copy's; the photo turned upside down gives the upright photo's landmarks turned
+  about the centre (the face's region follows its eyes), within 1% of the face size; the crop
+  shows the face where the record's landmarks say (its mean colour at the eyes is the photo's)."""
+  from jflame.landmark_nets.landmarker import DeviceLandmarker
+  from jflame.preprocess.pipeline import DEVICE_MAX_SIDE, Preprocessor, decode_for_device
+  photos = sorted((SHARED_ASSETS / "photos").glob("*.png"))
+  if not photos:
+    pytest.skip("the shared photos are not here (../shared/assets/photos)")
+  bgr = cv2.imread(str(photos[0]))
+  names = ["upright.jpg", "large.jpg", "upside_down.jpg", "corrupt.jpg", "coffee.png"]
+  cv2.imwrite(str(tmp_path / names[0]), bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+  cv2.imwrite(str(tmp_path / names[1]), cv2.resize(bgr, (2048, 2048),
+                                                   interpolation=cv2.INTER_CUBIC),
+              [cv2.IMWRITE_JPEG_QUALITY, 95])
+  cv2.imwrite(str(tmp_path / names[2]), bgr[::-1, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+  (tmp_path / names[3]).write_bytes(b"\xff\xd8\xff\xe0 not a JPEG at all")
+  cv2.imwrite(str(tmp_path / names[4]), cv2.cvtColor(skimage.data.coffee(), cv2.COLOR_RGB2BGR))
+  paths = [tmp_path / name for name in names]
+  decoded = decode_for_device((paths[1], "large"))
+  assert max(decoded.pixels.shape[:2]) == DEVICE_MAX_SIDE and decoded.scale == 4.0
+  with Preprocessor(256, landmarks_only=True,
+                    device_landmarks=DeviceLandmarker(4, DEVICE_MAX_SIDE)) as preprocessor:
+    records = preprocessor.prepare(paths, names)
+  assert [r.name for r in records] == names
+  assert [r.status for r in records] == ["ok", "ok", "ok", "unreadable", "no_face"]
+  upright, large, upside_down = records[:3]
+  points = upright.landmarks_original
+  face_size = np.linalg.norm(points.max(0) - points.min(0))
+  assert large.image_width == 2048 and large.crop.shape == (256, 256, 3)
+  assert np.abs(large.landmarks_original / 2.0 - points).mean() < 0.005 * face_size
+  turned_back = (1024.0, 1024.0) - upside_down.landmarks_original
+  assert np.abs(turned_back - points).mean() < 0.01 * face_size
+  rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float64)
+  for record in (upright, upside_down):
+    image = rgb if record is upright else rgb[::-1, ::-1]
+    for eye in (468, 473):                                         # the irises' centres
+      x, y = record.landmarks[eye].astype(int)
+      u, v = record.landmarks_original[eye].astype(int)
+      crop_colour = record.crop[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).mean(0)
+      photo_colour = image[v - 2:v + 3, u - 2:u + 3].reshape(-1, 3).mean(0)
+      assert np.abs(crop_colour - photo_colour).max() < 40, (record.name, eye)
+  assert upright.upright_score > 0.8 and upright.num_faces == 1
+  assert "no face" in records[4].message
+
+
+def test_where_the_landmarks_run_is_chosen_and_refused_in_one_line():
+  """--landmarks: device refused (one line) for a photometric fit and for the Ray engine; auto on
+  this CPU keeps MediaPipe and says why; mediapipe is taken as asked."""
+  from jflame.engine import landmark_source
+  from jflame.errors import ConfigError
+  for photometric, engine in ((True, "local"), (False, "ray")):
+    with pytest.raises(ConfigError) as caught:
+      landmark_source("device", photometric, engine)
+    assert "\n" not in str(caught.value) and "--landmarks mediapipe" in str(caught.value)
+  assert landmark_source("device", False, "local") == ("device", "")
+  assert landmark_source("mediapipe", False, "local") == ("mediapipe", "")
+  if jax.default_backend() == "cpu":
+    source, note = landmark_source("auto", False, "local")
+    assert source == "mediapipe" and "no accelerator" in note

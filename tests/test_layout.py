@@ -25,7 +25,8 @@ PACKAGE = PROJECT_ROOT / "jflame"
 # Modules that run on the device or describe the model: no files, no host libraries.
 DEVICE_MODULES = ("camera", "clip_solve", "config", "fit", "flame", "starting_point", "landmarks",
                   "losses", "observation", "optim", "rotation", "render", "solve", "temporal",
-                  "track")
+                  "track", "landmark_nets/interpreter", "landmark_nets/face_detector",
+                  "landmark_nets/face_mesh")
 HOST_ONLY_IMPORTS = ("cv2", "mediapipe", "trimesh", "PIL", "onnxruntime", "absl.flags",
                      "jflame.preprocess", "jflame.output", "jflame.model_loading", "jflame.engine",
                      "jflame.dataset", "jflame.initializers")

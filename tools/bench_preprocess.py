@@ -12,6 +12,9 @@ three ways:
   its control flow was the same at full size.
 * landmark: today's `prepare_image(..., landmarks_only=True)`.
 * photometric: today's `prepare_image(...)` (segmentation and masks).
+* device: the host's share of `--landmarks device` (`decode_for_device`: read, hash, a decode
+  of at most 512 pixels; `prepared_from_device`: the crop frame and the crop), with the face
+  mesh's result computed once beforehand by `DeviceLandmarker` (it runs on the device, not here).
 
 Steps are timed by wrapping the functions `prepare_image` calls (monkeypatching, restored after),
 so the figures are those of the real code path; "other" is the rest of `prepare_image`
@@ -20,6 +23,7 @@ falls on all of them alike; each figure is the median over rounds of the mean ov
 """
 
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -47,7 +51,7 @@ _STATISTIC = flags.DEFINE_enum(
 
 STEPS = ("read bytes", "hash", "decode", "detect", "window warp", "mesh", "segmentation",
          "crop warp", "masks", "other", "total")
-PATHS = ("old", "landmark", "photometric")
+PATHS = ("old", "landmark", "photometric", "device")
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "photos"
 
 
@@ -200,13 +204,19 @@ def instrumented(timer: StepTimer, legacy: bool):
   return replacements
 
 
-def time_one(analyzer, path, path_kind, crop_size):
-  """{step: ms} for preparing one file one way."""
+def _time_one(analyzer, path, path_kind, crop_size, device_results):
+  """{step: ms} for preparing one file one way (`device_results`: path -> the device's face
+  mesh of its decode, for the device path)."""
   timer = StepTimer()
   with patched(instrumented(timer, legacy=path_kind == "old")):
     start = time.perf_counter()
-    record = pipeline.prepare_image(path, analyzer, crop_size,
-                                    landmarks_only=path_kind == "landmark")
+    if path_kind == "device":
+      settings = pipeline._CropSettings(crop_size, align.DEFAULT_CROP_SCALE, True, False, True)
+      record = pipeline.prepared_from_device(pipeline.decode_for_device((path, path.stem)),
+                                             *device_results[path], settings)
+    else:
+      record = pipeline.prepare_image(path, analyzer, crop_size,
+                                      landmarks_only=path_kind == "landmark")
     total = time.perf_counter() - start
   if not record.ok:
     raise RuntimeError(f"{path}: {record.message}")
@@ -218,9 +228,20 @@ def time_one(analyzer, path, path_kind, crop_size):
   return {step: 1000.0 * steps.get(step, 0.0) for step in STEPS}
 
 
+def device_results(files):
+  """{path: (found, landmarks, box, score)}: the face mesh on the device, once per file."""
+  from jflame.landmark_nets.landmarker import DeviceLandmarker
+  landmarker = DeviceLandmarker(len(files), pipeline.DEVICE_MAX_SIDE)
+  images = [pipeline.decode_for_device((path, path.stem)).pixels for path in files]
+  return {path: tuple(field[number] for field in landmarker(images))
+          for number, path in enumerate(files)}
+
+
 def bench_format(analyzer, files, crop_size, rounds):
   """{statistic: {path: {step: ms per image}}}: median and min over rounds of the mean over
   images."""
+  meshes = device_results(files)
+  time_one = functools.partial(_time_one, device_results=meshes)
   for path in files[:2]:   # warm-up: MediaPipe graphs, caches
     for kind in PATHS:
       time_one(analyzer, path, kind, crop_size)

@@ -2,7 +2,9 @@
 face mesh and face detection on the CPU (issue 22's agreement table): the shared photos
 upright, turned by up to 45 degrees, cut to strips, shrunk so the face is 80 to 400 pixels wide
 on a larger picture, renders of the synthetic head (a capture from
-tools/make_multiview_capture.py, when given) and pictures without a face.
+tools/make_multiview_capture.py, when given) and pictures without a face; and the photos turned
+by quarter turns against MediaPipe's landmarks of the upright photo turned (`--search_turns`
+runs the pipeline as `--landmarks device` does).
 
 Per image with a face in both: the mean and largest landmark distance as a share of the face's
 size (the diagonal of MediaPipe's landmarks' box), the depth's mean difference, the detection
@@ -22,6 +24,8 @@ from absl import app, flags
 _CAPTURE = flags.DEFINE_string("capture", None, "A capture folder of tools/"
                                "make_multiview_capture.py: its cam_*.png renders are compared.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write every image's figures here.")
+_SEARCH_TURNS = flags.DEFINE_bool("search_turns", False, "Run the pipeline as --landmarks device "
+                                  "does: the detector also tries the image's quarter turns.")
 _PHOTOS = Path(__file__).resolve().parents[1] / "../shared/assets/photos"
 _CANVAS = 1024
 
@@ -70,6 +74,37 @@ def _groups():
   return {name: images for name, images in groups.items() if images}
 
 
+def _quarter_turns(run, weights, mesh):
+  """The shared photos turned by 90, 180 and 270 degrees, against MediaPipe's landmarks of the
+  upright photo turned the same way (MediaPipe's own mesh on an upside-down face is laid over
+  it upright; --search_turns is what fixes that)."""
+  import jax.numpy as jnp
+  means, largest = [], []
+  for path in sorted(_PHOTOS.glob("*.png")):
+    upright = _read(path)
+    height, width = upright.shape[:2]
+    normalized = np.array([(p.x, p.y) for p in
+                           mesh.process(upright).multi_face_landmarks[0].landmark])
+    points = normalized * (width, height) + 0.5
+    face_size = float(np.linalg.norm(points.max(0) - points.min(0)))
+    for turns in (1, 2, 3):
+      image = np.ascontiguousarray(np.rot90(upright, turns))
+      expected = points.copy()
+      for _ in range(turns):       # one counter-clockwise quarter turn of a (w, h) picture
+        expected = np.stack([expected[:, 1], width - expected[:, 0]], -1)
+        width, height = height, width
+      canvas = np.zeros((1, _CANVAS, _CANVAS, 3), np.uint8)
+      canvas[0, :image.shape[0], :image.shape[1]] = image
+      got = run(weights, jnp.asarray(canvas),
+                jnp.asarray([[image.shape[1], image.shape[0]]], jnp.int32))
+      distance = np.linalg.norm(np.asarray(got.landmarks[0, :, :2]) - expected, axis=1)
+      means.append(100 * distance.mean() / face_size)
+      largest.append(100 * distance.max() / face_size)
+  return dict(images=len(means), decisions_agree=None, faces=len(means),
+              mean_pct=_summary(means), max_pct=_summary(largest), depth_pct=None,
+              box_iou_min=None)
+
+
 def _summary(values):
   values = np.asarray(values, np.float64)
   if not values.size:
@@ -86,8 +121,8 @@ def main(argv):
   from jflame.landmark_nets import face_mesh, tflite_graph
   networks = face_mesh.FaceNetworks(*tflite_graph.face_graphs())
   weights = face_mesh.network_weights(networks)
-  run = jax.jit(jax.vmap(lambda w, image, size: face_mesh.face_landmarks(networks, w, image, size),
-                         in_axes=(None, 0, 0)))
+  run = jax.jit(jax.vmap(lambda w, image, size: face_mesh.face_landmarks(
+      networks, w, image, size, _SEARCH_TURNS.value), in_axes=(None, 0, 0)))
   mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
                                          refine_landmarks=True)
   detection = mp.solutions.face_detection.FaceDetection(model_selection=0,
@@ -130,6 +165,7 @@ def main(argv):
         **{key: _summary([r[key] for r in measured if key in r])
            for key in ("mean_pct", "max_pct", "depth_pct")},
         box_iou_min=min((r["box_iou"] for r in measured if "box_iou" in r), default=None))
+  table["quarter turns (against MediaPipe upright, turned)"] = _quarter_turns(run, weights, mesh)
   mesh.close()
   detection.close()
   print("| images | n | decisions agree | faces | mean distance % (median / p90 / max) | "
@@ -142,7 +178,8 @@ def main(argv):
         return "-"
       return " / ".join(f"{summary[k]:.{digits}f}" for k in ("median", "p90", "max"))
     iou = entry["box_iou_min"]
-    print(f"| {group} | {entry['images']} | {entry['decisions_agree']} | {entry['faces']} | "
+    agree = "-" if entry["decisions_agree"] is None else entry["decisions_agree"]
+    print(f"| {group} | {entry['images']} | {agree} | {entry['faces']} | "
           f"{cell('mean_pct')} | {cell('max_pct')} | {'-' if iou is None else f'{iou:.3f}'} |")
   worst = sorted((r for r in rows if "mean_pct" in r), key=lambda r: -r["mean_pct"])[:3]
   print("worst:", [(r["image"], round(r["mean_pct"], 3), round(r["max_pct"], 3)) for r in worst])

@@ -176,8 +176,8 @@ def main(argv) -> int:
       loaded = model_flags.load_model()
       config = common.fit_config()
       print(f"model: {loaded.description}", flush=True)
-      options = common.engine_options(workers, overwrite=_OVERWRITE.value,
-                                      landmarks_only=not config.photometric)
+      options = common.engine_options(workers, config, _ENGINE.value,
+                                      overwrite=_OVERWRITE.value)
       with _progress_bar(total) as bar:
         run = _make_engine(loaded, config, options, bar.update, cache, ray_engine)
         sink = sinks.DatasetSink(

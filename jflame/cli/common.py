@@ -66,6 +66,12 @@ TEXTURE_COMPONENTS = flags.DEFINE_integer("texture_components", 50,
 TEXTURE_SIZE = flags.DEFINE_integer("texture_size", 256, "Texture resolution used in fitting "
                                     "(must divide the file's; smaller is faster).",
                                     lower_bound=8, upper_bound=4096)
+LANDMARKS = flags.DEFINE_enum(
+    "landmarks", "auto", ["auto", "mediapipe", "device"], "Where the 478-point face mesh runs. "
+    "mediapipe: MediaPipe in the preprocessing workers (with jflame's search of tiles and turned "
+    "copies for hard photos). device (landmark mode, local engine): MediaPipe's detector and "
+    "mesh ported to JAX, batched on the accelerator; the workers only read and decode, at most "
+    "512 pixels. auto: device on an accelerator in landmark mode, else mediapipe.")
 COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache", True, "Keep compiled fitting programs on disk (in "
     "$JFLAME_HOME/compilation_cache or ~/.cache/jflame/compilation_cache) so the next run with "
@@ -90,13 +96,20 @@ def fit_config():
                    landmark_solver=LANDMARK_SOLVER.value, lm_iterations=LM_ITERATIONS.value)
 
 
-def engine_options(workers: int, **extra):
-  from jflame.engine import EngineOptions
+def engine_options(workers: int, config, engine: str = "local", **extra):
+  """The EngineOptions the flags describe for a run of `config` on `engine`.
+
+  Raises:
+    ConfigError: --landmarks device with a photometric fit or the Ray engine.
+  """
+  from jflame.engine import EngineOptions, landmark_source
+  landmarks, note = landmark_source(LANDMARKS.value, config.photometric, engine)
   return EngineOptions(batch_size=BATCH_SIZE.value, crop_size=CROP_SIZE.value, workers=workers,
                        deca_model=DECA_MODEL.value, mica_model=MICA_MODEL.value,
                        texture_model=TEXTURE_MODEL.value,
                        texture_components=TEXTURE_COMPONENTS.value,
-                       texture_size=TEXTURE_SIZE.value, **extra)
+                       texture_size=TEXTURE_SIZE.value, landmarks_only=not config.photometric,
+                       landmarks=landmarks, landmarks_note=note, **extra)
 
 
 def run_until_interrupted(run, sources, sink, bar, kept: str):

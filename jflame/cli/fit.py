@@ -68,8 +68,7 @@ def main(argv) -> int:
       sink = sinks.FilesSink(folder, loaded.model.faces, loaded.model.name,
                              _MESH_FORMAT.value, _OVERLAY.value,
                              retire_older_names=_OVERWRITE.value)
-      options = common.engine_options(_WORKERS.value, overwrite=_OVERWRITE.value,
-                                      landmarks_only=not config.photometric)
+      options = common.engine_options(_WORKERS.value, config, overwrite=_OVERWRITE.value)
       with tqdm(total=len(inputs), unit="image", desc="jflame-fit") as bar:
         run = engine.Engine(loaded, config, options, progress=bar.update)
         summary = common.run_until_interrupted(

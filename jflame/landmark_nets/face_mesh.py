@@ -4,7 +4,11 @@ MediaPipe 0.10.21's face mesh computes them with `static_image_mode` and one fac
 batches, jit at the caller.
 
 1. The short-range detector on the image letterboxed into 128 x 128 (bilinear, zero border,
-   values in [-1, 1]); the strongest face (`face_detector`).
+   values in [-1, 1]); the strongest face (`face_detector`). With `search_turns` (jflame's
+   rule, not MediaPipe's) the detector also sees the image turned by 1, 2 and 3 quarter turns
+   and a turn is taken when it beats the level image by TURN_MARGIN: MediaPipe's detector
+   places its eye points on an upside-down face as if it were upright, and the mesh then
+   lays an upright face over it.
 2. The face's region: its box's centre, a square of 1.5 times the box's longer side, turned so
    the detector's two eye points are level (FaceDetectionFrontDetectionToRoi).
 3. That region read into 192 x 192 (bilinear, border replicated, values in [0, 1], rounded to
@@ -30,6 +34,15 @@ from jflame.landmark_nets import face_detector, interpreter
 MESH_INPUT_SIZE = 192
 ROI_SCALE = 1.5
 MIN_PRESENCE = 0.5
+# The host pipeline's rules for turned faces (`preprocess.pipeline`, measured there): a quarter
+# turn is taken when its face beats the level image's by TURN_MARGIN, never when the level face
+# scores UPRIGHT_ENOUGH; a turned face must score TURNED_MIN_SCORE (weak detections on grey
+# renders of the synthetic head won turned by 0.1 at 0.6-0.7) and, beside a level one, be the
+# same face (centres within TURNED_SAME_FACE box sides).
+TURN_MARGIN = 0.08
+UPRIGHT_ENOUGH = 0.88
+TURNED_MIN_SCORE = 0.75
+TURNED_SAME_FACE = 0.5
 NUM_MESH_POINTS = 468
 NUM_LANDMARKS = 478
 
@@ -109,30 +122,46 @@ def sample_square(image, size, centre, side, angle, out_size: int, replicate: bo
   return jnp.round((1 - fy) * top + fy * bottom)
 
 
-def _strongest_face(networks: FaceNetworks, weights, image, size):
-  """(found, score, box, keypoints) in the image's pixels (MediaPipe's frame: centres at whole
-  numbers): the detector on the letterboxed image."""
+def _strongest_face(networks: FaceNetworks, weights, image, size, turn):
+  """(found, score, box corners (4, 2), keypoints (6, 2)) in the image's pixels (MediaPipe's
+  frame: centres at whole numbers): the detector on the image letterboxed and turned by `turn`
+  quarter turns (the letterbox square read turned about the image's centre)."""
   size_f = size.astype(jnp.float32)
   longest = jnp.max(size_f)
-  letterboxed = sample_square(image, size, size_f / 2.0, longest, 0.0, face_detector.INPUT_SIZE,
+  angle = turn * (jnp.pi / 2.0)
+  letterboxed = sample_square(image, size, size_f / 2.0, longest, angle, face_detector.INPUT_SIZE,
                               replicate=False) / 127.5 - 1.0
   detector = networks.detector
   regressors, scores = interpreter.run_graph(detector, weights["detector"],
                                              {detector.inputs[0]: letterboxed[None]})
   found, score, box, keypoints = face_detector.strongest_face(*face_detector.decode(
       regressors[0], scores[0], jnp.asarray(face_detector.ssd_anchors())))
-  share = size_f / longest
-  placed = face_detector.Letterbox(share, (1.0 - share) / 2.0)
-  box, keypoints = face_detector.to_image(box, keypoints, placed, size_f[0], size_f[1])
-  return found, score, box, keypoints
+  corners = jnp.stack([box[:2], box[2:], jnp.stack([box[0], box[3]]), jnp.stack([box[2], box[1]])])
+
+  def to_image(points):          # [0, 1] of the turned square -> the image's pixels
+    return size_f / 2.0 + ((points - 0.5) * longest) @ _rotation(angle).T
+  return found, score, to_image(corners), to_image(keypoints)
 
 
-def face_region(box, keypoints):
-  """(centre (2,), side, angle): the mesh's square from a detection (pixels), as
-  FaceDetectionFrontDetectionToRoi makes it: turned so that keypoint 0 -> 1 (the eyes) is
-  level, 1.5 times the box's longer side."""
-  centre = (box[:2] + box[2:]) / 2.0
-  side = ROI_SCALE * jnp.max(box[2:] - box[:2])
+def _quarter_turn(found, score, corners):
+  """The quarter turn (0-3) whose detection to take, by the host pipeline's rules."""
+  level = jnp.where(found[0], score[0], 0.0)
+  centres = (corners[:, 0] + corners[:, 1]) / 2.0
+  level_side = jnp.max(jnp.abs(corners[0, 1] - corners[0, 0]))
+  same_face = (jnp.linalg.norm(centres - centres[0], axis=-1)
+               <= TURNED_SAME_FACE * level_side)
+  allowed = found & (score >= TURNED_MIN_SCORE) & (same_face | ~found[0])
+  allowed = allowed & (score >= level + TURN_MARGIN) & ~(found[0] & (level >= UPRIGHT_ENOUGH))
+  candidate = jnp.argmax(jnp.where(allowed, score, -1.0))
+  return jnp.where(allowed[candidate], candidate, 0)
+
+
+def face_region(corners, keypoints):
+  """(centre (2,), side, angle): the mesh's square from a detection (its box's corners and
+  keypoints in pixels), as FaceDetectionFrontDetectionToRoi makes it: turned so that keypoint
+  0 -> 1 (the eyes) is level, 1.5 times the box's longer side."""
+  centre = (corners[0] + corners[1]) / 2.0
+  side = ROI_SCALE * jnp.max(jnp.abs(corners[1] - corners[0]))
   delta = keypoints[1] - keypoints[0]
   angle = -jnp.arctan2(-delta[1], delta[0])
   angle = angle - 2.0 * jnp.pi * jnp.floor((angle + jnp.pi) / (2.0 * jnp.pi))
@@ -154,12 +183,23 @@ def refined_mesh(outputs) -> jax.Array:
   return jnp.concatenate([points] + irises)
 
 
-def face_landmarks(networks: FaceNetworks, weights: Mapping, image, size) -> FaceLandmarks:
+def face_landmarks(networks: FaceNetworks, weights: Mapping, image, size,
+                   search_turns: bool = False) -> FaceLandmarks:
   """One image's face mesh: `image` (H, W, 3) uint8 with the picture at its top left, `size`
-  (2,) int32 its (width, height). Close over `networks`; `weights` from `network_weights`."""
+  (2,) int32 its (width, height). Close over `networks`; `weights` from `network_weights`.
+  `search_turns`: also try the image's quarter turns (module docstring)."""
   size = jnp.asarray(size, jnp.int32)
-  found, score, box, keypoints = _strongest_face(networks, weights, image, size)
-  centre, side, angle = face_region(box, keypoints)
+  if search_turns:
+    found, score, corners, keypoints = jax.vmap(
+        lambda turn: _strongest_face(networks, weights, image, size, turn))(
+            jnp.arange(4, dtype=jnp.float32))
+    best = _quarter_turn(found, score, corners)
+    found, score, corners, keypoints = (found[best], score[best], corners[best],
+                                        keypoints[best])
+  else:
+    found, score, corners, keypoints = _strongest_face(networks, weights, image, size, 0.0)
+  box = jnp.concatenate([corners.min(axis=0), corners.max(axis=0)])
+  centre, side, angle = face_region(corners, keypoints)
   crop = sample_square(image, size, centre, side, angle, MESH_INPUT_SIZE, replicate=True) / 255.0
   mesh = networks.mesh
   outputs = interpreter.run_graph(mesh, weights["mesh"], {mesh.inputs[0]: crop[None]})

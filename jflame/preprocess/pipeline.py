@@ -62,6 +62,8 @@ ANALYSIS_WINDOW_SIZE = 384
 # at a 192-pixel copy, and a photo over 1024 pixels is shrunk to 1024 before it anyway
 # (`mediapipe_face.DETECTION_MAX_SIDE`), so this loses none of its reach.
 DETECTION_MIN_SIDE = 512
+# Longest side of the images sent to the device in `--landmarks device` mode.
+DEVICE_MAX_SIDE = 512
 # `upright_window`: a detection in a turned window is the chosen face when its centre is within
 # this fraction of the window side of the window's centre; a face already upright (no turn,
 # eyes within this many degrees of level) keeps the level window, as the mesh's own detector
@@ -245,15 +247,10 @@ def _framed(pixels: "_Pixels", settings: "_CropSettings", mesh: np.ndarray,
   crop_size = settings.crop_size
   width, height = pixels.width, pixels.height
   original_from_window = invert_affine(window_from_original)
-  landmarks_original = apply_affine(original_from_window, mesh[:, :2])
-  crop_from_original = crop_from_landmarks(landmarks_original, crop_size, settings.crop_scale,
-                                           settings.level_eyes)
-  landmarks = apply_affine(crop_from_original, landmarks_original)
-  # Depth is scaled like x: window pixels -> original pixels -> crop pixels.
-  landmarks_z = (mesh[:, 2] / affine_scale(window_from_original)
-                 * affine_scale(crop_from_original))
-  landmark_weights = (points_inside(landmarks, crop_size, crop_size)
-                      & points_inside(landmarks_original, width, height))
+  # Depth is scaled like x: window pixels -> original pixels.
+  frame = _crop_frame(apply_affine(original_from_window, mesh[:, :2]),
+                      mesh[:, 2] / affine_scale(window_from_original), width, height, settings)
+  crop_from_original, landmarks = frame["crop_from_original"], frame["landmarks"]
   crop = pixels.warp(crop_from_original, crop_size,
                      crop_size / affine_scale(crop_from_original))
   face_mask = foreground_mask = None
@@ -266,11 +263,103 @@ def _framed(pixels: "_Pixels", settings: "_CropSettings", mesh: np.ndarray,
     if settings.mask_with_foreground:
       face_mask = face_mask * foreground_mask
     face_mask = face_mask.astype(np.float32)
-  return dict(crop_from_original=crop_from_original, crop=crop,
-              landmarks=landmarks.astype(np.float32), landmarks_original=landmarks_original,
-              landmarks_z=landmarks_z.astype(np.float32),
-              landmark_weights=landmark_weights.astype(np.float32), face_mask=face_mask,
-              foreground_mask=foreground_mask)
+  return dict(frame, crop=crop, face_mask=face_mask, foreground_mask=foreground_mask)
+
+
+def _crop_frame(landmarks_original: np.ndarray, depth_original: np.ndarray, width: int,
+                height: int, settings: "_CropSettings") -> dict:
+  """The crop frame of landmarks (N, 2) and depths (N,) in original pixels: the transform, the
+  landmarks and depths in crop pixels, and their weights (1 inside both the crop and the
+  original)."""
+  crop_size = settings.crop_size
+  crop_from_original = crop_from_landmarks(landmarks_original, crop_size, settings.crop_scale,
+                                           settings.level_eyes)
+  landmarks = apply_affine(crop_from_original, landmarks_original)
+  landmark_weights = (points_inside(landmarks, crop_size, crop_size)
+                      & points_inside(landmarks_original, width, height))
+  return dict(crop_from_original=crop_from_original, landmarks=landmarks.astype(np.float32),
+              landmarks_original=landmarks_original,
+              landmarks_z=(depth_original * affine_scale(crop_from_original)).astype(np.float32),
+              landmark_weights=landmark_weights.astype(np.float32))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DeviceImage:
+  """A photograph read and decoded for landmarks on the device (`--landmarks device`): the
+  host's whole share of the work.
+
+  Attributes:
+    record: a PreparedImage with the source facts and size filled in; its status is ok until
+      the device says otherwise, or "unreadable" (then `pixels` is None).
+    pixels: (h, w, 3) uint8 RGB, the longer side at most DEVICE_MAX_SIDE.
+    scale: original pixels per pixel of `pixels` (a point x there, centres at +0.5, is at
+      scale * x in the original).
+  """
+  record: PreparedImage
+  pixels: Optional[np.ndarray]
+  scale: float = 1.0
+
+
+def decode_for_device(job: Tuple[ImageSource, str], max_side: int = DEVICE_MAX_SIDE
+                      ) -> DeviceImage:
+  """Reads and decodes one image for the device's landmarks: a JPEG at the coarsest DCT
+  reduction whose longer side keeps `max_side` pixels, then shrunk (area averaging) to at most
+  `max_side`; never the full-size image of a large JPEG. Never raises for the image's own
+  problems (an unreadable record instead)."""
+  import cv2
+  source, name = job
+  path = None if isinstance(source, np.ndarray) else Path(source)
+  make_record = functools.partial(PreparedImage, name=name, source=path)
+  try:
+    if path is None:
+      decoded = _decoded_array(source)
+    else:
+      source_file = read_source(path)
+      make_record = functools.partial(make_record, source_size=source_file.size,
+                                      source_mtime_ns=source_file.mtime_ns,
+                                      source_hash=source_file.content_hash)
+      decoded = decode_image(source_file.data, str(path), MAX_REDUCTION, max_side)
+  except ImageReadError as error:
+    return DeviceImage(make_record(status=STATUS_UNREADABLE, message=str(error)), None)
+  pixels = decoded.pixels
+  longest = max(pixels.shape[:2])
+  if longest > max_side:
+    shrink = max_side / longest
+    size = (max(1, round(pixels.shape[1] * shrink)), max(1, round(pixels.shape[0] * shrink)))
+    pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+  record = make_record(status=STATUS_OK, message=_joined("", list(decoded.notes)),
+                       image_width=decoded.width, image_height=decoded.height)
+  return DeviceImage(record, np.ascontiguousarray(pixels),
+                     max(decoded.width, decoded.height) / max(pixels.shape[:2]))
+
+
+def prepared_from_device(image: DeviceImage, found: bool, landmarks: np.ndarray,
+                         box: np.ndarray, score: float, settings: "_CropSettings"
+                         ) -> PreparedImage:
+  """The landmark-mode record of an image whose face mesh ran on the device: `landmarks`
+  (478, 3) and `box` (4,) in pixels of `image.pixels` (centres at +0.5), the crop cut from
+  those pixels."""
+  record = image.record
+  if not record.ok:
+    return record
+  label = _label(record.source, record.name)
+  if not found:
+    return dataclasses.replace(record, status=STATUS_NO_FACE, message=_joined(
+        f"{label}: MediaPipe's face detector and mesh (on the device) found no face "
+        "(the short-range detector finds faces of about 1/14 of the photo's longer side and "
+        "more; --landmarks mediapipe also searches tiles and turned copies).",
+        [record.message] if record.message else []))
+  scale = image.scale
+  frame = _crop_frame(np.asarray(landmarks[:, :2], np.float64) * scale,
+                      np.asarray(landmarks[:, 2], np.float64) * scale, record.image_width,
+                      record.image_height, settings)
+  original_from_device = np.array([[scale, 0.0, 0.0], [0.0, scale, 0.0]])
+  crop = warp_affine(image.pixels, compose_affine(frame["crop_from_original"],
+                                                  original_from_device), settings.crop_size)
+  return dataclasses.replace(
+      record, num_faces=1, detection_box=np.asarray(box, np.float64) * scale,
+      detection_score=float(score), upright_score=float(score), upright_turns=0, crop=crop,
+      **frame)
 
 
 def upright_window(pixels: "_Pixels", analyzer: FaceAnalyzer, chosen: FaceDetection
@@ -481,7 +570,11 @@ class Preprocessor:
         fit(stack_observations(records, batch_size, 256))
 
   Settings are those of `prepare_image`; `landmarks_only=True` for a landmark-mode run skips
-  the selfie segmentation and the masks.
+  the selfie segmentation and the masks. With `device_landmarks` (landmark mode only) the
+  workers only read and decode (`decode_for_device`) and the face mesh runs on the device:
+  `device_landmarks(pixels)` takes a list of (h, w, 3) uint8 images and returns NumPy arrays
+  (found (n,), landmarks (n, 478, 3), box (n, 4), score (n,)) in their pixels
+  (`jflame.landmark_nets.landmarker.DeviceLandmarker`); no MediaPipe graph is built.
 
   Raises:
     ModelFileError: the analyzer could not be built: a missing `.task` file (from the
@@ -492,18 +585,28 @@ class Preprocessor:
   def __init__(self, crop_size: int = DEFAULT_CROP_SIZE, *, workers: int = 1,
                analyzer_options: AnalyzerOptions = AnalyzerOptions(),
                crop_scale: float = DEFAULT_CROP_SCALE, level_eyes: bool = True,
-               mask_with_foreground: bool = False, landmarks_only: bool = False):
+               mask_with_foreground: bool = False, landmarks_only: bool = False,
+               device_landmarks: Optional[Callable] = None):
+    if device_landmarks is not None and not landmarks_only:
+      raise ValueError("landmarks on the device serve landmark-mode runs only")
     self.settings = _CropSettings(crop_size, crop_scale, level_eyes, mask_with_foreground,
                                   landmarks_only)
     self.workers = max(1, workers)
+    self._device_landmarks = device_landmarks
     self._analyzer = None
     self._pool = None
+    self._open = True
+    context = multiprocessing.get_context("spawn")
+    if device_landmarks is not None:
+      if self.workers > 1:
+        self._pool = context.Pool(processes=self.workers)
+      return
     check_landmarker_task_path(analyzer_options)   # fail here, not in every worker
     if self.workers == 1:
       self._analyzer = FaceAnalyzer(analyzer_options)
     else:
-      self._pool = multiprocessing.get_context("spawn").Pool(
-          processes=self.workers, initializer=_start_worker, initargs=(analyzer_options,))
+      self._pool = context.Pool(processes=self.workers, initializer=_start_worker,
+                                initargs=(analyzer_options,))
 
   def prepare_iter(self, sources: Sequence[ImageSource],
                    names: Optional[Sequence[str]] = None) -> Iterator[PreparedImage]:
@@ -515,7 +618,7 @@ class Preprocessor:
       names: one per source; default: a file's id as the commands give it
         (`jflame.sources.file_id`: name~hash of its path), "image~<position>" for an array.
     """
-    if self._analyzer is None and self._pool is None:
+    if not self._open:
       raise ValueError("This Preprocessor is closed; create a new one.")
     sources = list(sources)
     if names is None:
@@ -524,9 +627,27 @@ class Preprocessor:
     if len(names) != len(sources):
       raise ValueError(f"Got {len(names)} names for {len(sources)} sources.")
     jobs = list(zip(sources, names))
+    if self._device_landmarks is not None:
+      decoded = (self._pool.imap(decode_for_device, jobs) if self._pool is not None
+                 else map(decode_for_device, jobs))
+      return self._landmarks_on_device(decoded)
     if self._pool is not None:
       return self._pool.imap(functools.partial(_prepare_in_worker, settings=self.settings), jobs)
     return (self.settings.prepare(job, self._analyzer) for job in jobs)
+
+  def _landmarks_on_device(self, decoded: Iterator[DeviceImage]) -> Iterator[PreparedImage]:
+    """The records of decoded images, their face meshes found on the device in one call."""
+    images = list(decoded)
+    readable = [image for image in images if image.pixels is not None]
+    results = iter([])
+    if readable:
+      found, landmarks, boxes, scores = self._device_landmarks([i.pixels for i in readable])
+      results = iter(zip(found, landmarks, boxes, scores))
+    for image in images:
+      if image.pixels is None:
+        yield image.record
+      else:
+        yield prepared_from_device(image, *next(results), self.settings)
 
   def prepare(self, sources: Sequence[ImageSource], names: Optional[Sequence[str]] = None,
               progress: Optional[Callable[[PreparedImage], None]] = None) -> List[PreparedImage]:
@@ -540,6 +661,7 @@ class Preprocessor:
 
   def close(self, cancel: bool = False) -> None:
     """Closes the analyzer or lets the workers finish (or, with `cancel`, stops them)."""
+    self._open = False
     if self._analyzer is not None:
       self._analyzer.close()
       self._analyzer = None
