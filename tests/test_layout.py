@@ -346,3 +346,15 @@ def test_the_tiers_split_the_suite_as_the_markers_say(tmp_path):
           in slow)
   assert any(test.startswith("tests/test_track_motion.py::") for test in slow)
   assert any(test.startswith("tests/test_flame.py::") for test in fast)
+
+
+def test_device_mode_needs_no_mediapipe():
+  """`--landmarks device` runs on an accelerator image without MediaPipe or `tflite` (graphs
+  saved by tools/bench_landmarks.py --save_graphs): the engine, the annotate and fit commands
+  and the device landmarker's modules import with both blocked."""
+  probe = subprocess.run(
+      [sys.executable, "-c", "import sys; sys.modules['mediapipe'] = None; "
+       "sys.modules['tflite'] = None; import jflame.engine, jflame.cli.annotate, "
+       "jflame.landmark_nets.landmarker, jflame.preprocess.pipeline; print('ok')"],
+      capture_output=True, text=True, cwd=PROJECT_ROOT)
+  assert probe.returncode == 0 and probe.stdout.strip() == "ok", probe.stderr[-2000:]

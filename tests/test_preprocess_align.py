@@ -5,7 +5,7 @@ import pytest
 import scipy.ndimage
 
 from jflame.camera import apply_affine, invert_affine
-from jflame.preprocess import masks
+from jflame.preprocess import align, masks
 from jflame.preprocess.align import (compose_affine, crop_from_landmarks, inside_image_mask,
                                      opencv_affine, warp_affine)
 
@@ -125,6 +125,8 @@ def test_polygon_loops_orders_shuffled_edge_sets():
 
 def test_mediapipe_regions_are_closed_loops_of_the_right_landmarks():
   assert len(masks.FACE_OVAL) == 36 and len(masks.LEFT_EYE) == 16 and len(masks.RIGHT_EYE) == 16
+  assert set(align.LEFT_EYE_CONTOUR) == set(masks.LEFT_EYE)     # written out for device mode
+  assert set(align.RIGHT_EYE_CONTOUR) == set(masks.RIGHT_EYE)
   assert {13, 14} <= set(masks.INNER_LIPS) and {0, 17} <= set(masks.OUTER_LIPS)
   assert not set(masks.INNER_LIPS) & set(masks.OUTER_LIPS)
   assert 10 in masks.FACE_OVAL and 152 in masks.FACE_OVAL   # forehead top, chin

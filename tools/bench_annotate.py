@@ -48,6 +48,9 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Write results as JSON here.")
 _COMPARE_RAY = flags.DEFINE_bool("compare_ray", False, "Local engine against --engine=ray, "
                                  "interleaved, instead of the measures above.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "With --compare_ray: rounds of local, ray.")
+_LANDMARKS = flags.DEFINE_enum("landmarks", "mediapipe", ["mediapipe", "device"],
+                               "jflame-annotate's --landmarks. device: the preprocessing bound "
+                               "is the workers' read + decode alone (the host's share).")
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "assets" / "photos"
@@ -73,7 +76,7 @@ def run_annotate(inputs: Path, output: Path, extra=()) -> float:
   done = subprocess.run([sys.executable, "-m", "jflame.cli.annotate", "--input", str(inputs),
                          "--output", str(output), "--workers", str(_WORKERS.value),
                          "--batch_size", str(_BATCH.value), "--overlays", "none", "--noreport",
-                         *extra], cwd=ROOT, capture_output=True, text=True,
+                         "--landmarks", _LANDMARKS.value, *extra], cwd=ROOT, capture_output=True, text=True,
                         env=dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="local"))
   if done.returncode not in (0, 1):  # 1: nothing fitted, as in the resume check's dataset
     raise RuntimeError(done.stderr[-2000:])
@@ -84,6 +87,8 @@ def preprocessing_rates(paths):
   """Images/s of the engine's preprocessing alone: (from the pool's start, as the engine's wall
   time counts; once the workers are up)."""
   from jflame.preprocess import Preprocessor
+  if _LANDMARKS.value == "device":
+    return decoding_rates(paths)
   start = time.perf_counter()
   with Preprocessor(256, workers=_WORKERS.value, landmarks_only=True) as preprocessor:
     records = list(preprocessor.prepare_iter(paths))
@@ -92,6 +97,23 @@ def preprocessing_rates(paths):
     records = list(preprocessor.prepare_iter(paths))
     steady = time.perf_counter() - start
   assert sum(r.ok for r in records) > 0.9 * len(records)
+  return len(paths) / with_start, len(paths) / steady
+
+
+def decoding_rates(paths):
+  """Images/s of device mode's host share alone (read, hash, decode at most 512 pixels) in the
+  same workers: (from the pool's start; once the workers are up)."""
+  import multiprocessing
+  from jflame.preprocess.pipeline import decode_for_device
+  jobs = [(path, path.name) for path in paths]
+  start = time.perf_counter()
+  with multiprocessing.get_context("spawn").Pool(_WORKERS.value) as pool:
+    decoded = list(pool.imap(decode_for_device, jobs, chunksize=8))
+    with_start = time.perf_counter() - start
+    start = time.perf_counter()
+    decoded = list(pool.imap(decode_for_device, jobs, chunksize=8))
+    steady = time.perf_counter() - start
+  assert all(image.pixels is not None for image in decoded)
   return len(paths) / with_start, len(paths) / steady
 
 
@@ -177,6 +199,7 @@ def main(argv):
     timings = summary["timings"]
     result = dict(
         device=benchmarking.device_description(), images=_IMAGES.value,
+        landmarks=summary["options"]["landmarks"],
         workers=_WORKERS.value, batch_size=_BATCH.value, counts=summary["counts"],
         end_to_end_images_per_s=end_to_end, end_to_end_wall_s=seconds,
         engine_wall_s=timings["wall_s"], engine_images_per_s=_IMAGES.value / timings["wall_s"],

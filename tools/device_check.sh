@@ -2,7 +2,8 @@
 # One prepared check for an accelerator machine (issues 10, 12): the device test suites, then
 # the fit, render and clip-tracking benchmarks, each step under its own time limit so the whole
 # fits in ~9 minutes on an H100. Needs only python with JAX (+ the accelerator plugin), NumPy,
-# SciPy, optax, flax, absl-py and pytest; no MediaPipe, OpenCV or trimesh. Run from the
+# SciPy, optax, flax, absl-py and pytest; no MediaPipe, OpenCV or trimesh (issue 22's
+# annotate_device step runs when pyarrow, Pillow, OpenCV and tqdm are there). Run from the
 # repository root:
 #
 #   OUT=/some/folder bash tools/device_check.sh            # full settings (accelerator)
@@ -96,6 +97,19 @@ if [ -f .device_assets/face_detector.npz ] && [ -f .device_assets/face_landmarke
   if [ "$QUICK" = 1 ]; then LANDMARK_BATCHES=1,16; else LANDMARK_BATCHES=1,64,1024; fi
   step landmarks "$(limit 60)" "$PY" tools/bench_landmarks.py \
     --graphs .device_assets --batches "$LANDMARK_BATCHES" --json_out "$OUT/landmarks.json"
+  # Issue 22 criterion 3: annotation end to end in device mode (JPEG and PNG bytes to committed
+  # Parquet rows; the workers read and decode, the face mesh and the fit run on the device),
+  # with the host's decode-only rate beside it. jflame-annotate needs pyarrow, Pillow, OpenCV and
+  # tqdm (not MediaPipe in device mode); the step is skipped, and says so, without them.
+  if "$PY" -c "import pyarrow, PIL, cv2, tqdm" > /dev/null 2>&1; then
+    if [ "$QUICK" = 1 ]; then ANNOTATE=(--images 64 --batch_size 32 --workers 2); else
+      ANNOTATE=(--images 4096 --batch_size 1024 --workers "$(( $(nproc) - 2 ))"); fi
+    JFLAME_LANDMARK_GRAPHS=.device_assets step annotate_device "$(limit 150)" "$PY" \
+      tools/bench_annotate.py --landmarks device "${ANNOTATE[@]}" --resume_rows 1000 \
+      --json_out "$OUT/annotate_device.json"
+  else
+    echo -e "annotate_device\tskipped: pyarrow, Pillow, OpenCV or tqdm missing\t0" >> "$STEPS"
+  fi
 fi
 
 "$PY" - "$OUT" <<'PYEOF'
@@ -106,6 +120,9 @@ out = Path(sys.argv[1])
 summary = dict(steps={})
 for line in (out / "steps.tsv").read_text().splitlines():
   name, rc, seconds = line.split("\t")
+  if not rc.lstrip("-").isdigit():      # a step that did not run says why
+    summary["steps"][name] = dict(exit=None, note=rc)
+    continue
   summary["steps"][name] = dict(exit=int(rc), seconds=int(seconds),
                                 timed_out=int(rc) in (124, 137))
 for part in ("tests_core", "tests_fit"):
@@ -134,6 +151,11 @@ if (out / "landmarks.json").exists():
   data = json.loads((out / "landmarks.json").read_text())
   summary["landmarks"] = {f"batch {batch}": round(r["ms_per_image"], 4)
                           for batch, r in data["jax"].items()}
+if (out / "annotate_device.json").exists():
+  data = json.loads((out / "annotate_device.json").read_text())
+  summary["annotate_device"] = {key: data[key] for key in (
+      "images", "workers", "batch_size", "end_to_end_images_per_s",
+      "engine_steady_images_per_s", "preprocessing_steady_images_per_s") if key in data}
 if (out / "track.json").exists():
   data = json.loads((out / "track.json").read_text())["fit_landmark"]
   summary["track"] = dict(frames=data["frames"], frames_per_s=round(data["frames_per_s"], 1))

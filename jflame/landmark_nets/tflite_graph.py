@@ -80,8 +80,11 @@ SAVED_LANDMARKER = "face_landmarker.npz"
 
 
 def face_graphs(saved_folder=None) -> Tuple[Graph, Graph]:
-  """(detector, landmarker): from the installed MediaPipe, or from `saved_folder` where
-  `save_face_graphs` wrote them."""
+  """(detector, landmarker): from `saved_folder` where `save_face_graphs` wrote them, else
+  from the folder named by $JFLAME_LANDMARK_GRAPHS (a machine without MediaPipe), else from
+  the installed MediaPipe."""
+  import os
+  saved_folder = saved_folder or os.environ.get("JFLAME_LANDMARK_GRAPHS") or None
   if saved_folder is None:
     return (read_tflite(installed_mediapipe_model(FACE_DETECTOR)),
             read_tflite(installed_mediapipe_model(FACE_LANDMARKER)))

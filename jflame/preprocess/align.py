@@ -16,7 +16,6 @@ import cv2
 import numpy as np
 
 from jflame.camera import apply_affine, invert_affine
-from jflame.preprocess.masks import LEFT_EYE, RIGHT_EYE
 
 # Crop side / longest side of the face mesh's bounding box in the levelled frame. The mesh spans
 # forehead to chin, so 1.5 leaves room for hair, ears and jaw motion around it.
@@ -159,11 +158,19 @@ def rotation_about(center: np.ndarray, angle: float) -> np.ndarray:
   return np.concatenate([linear, (center - linear @ center)[:, None]], axis=1)
 
 
+# The eyelid contours' landmarks (MediaPipe's FACEMESH_RIGHT_EYE and FACEMESH_LEFT_EYE vertex
+# sets; tests/test_preprocess_align.py checks them against MediaPipe), written out so that
+# device-mode preprocessing needs no MediaPipe.
+RIGHT_EYE_CONTOUR = (33, 7, 163, 144, 145, 153, 154, 155, 133, 246, 161, 160, 159, 158, 157, 173)
+LEFT_EYE_CONTOUR = (263, 249, 390, 373, 374, 380, 381, 382, 362, 466, 388, 387, 386, 385, 384,
+                    398)
+
+
 def eye_line_angle(landmarks: np.ndarray) -> float:
   """Angle (radians, image axes: x right, y down) of the line from the subject's right eye to
   the left eye, each the mean of its eyelid contour (not the iris, which moves with gaze)."""
-  right_eye = landmarks[list(RIGHT_EYE), :2].mean(axis=0)
-  left_eye = landmarks[list(LEFT_EYE), :2].mean(axis=0)
+  right_eye = landmarks[list(RIGHT_EYE_CONTOUR), :2].mean(axis=0)
+  left_eye = landmarks[list(LEFT_EYE_CONTOUR), :2].mean(axis=0)
   direction = left_eye - right_eye
   return float(np.arctan2(direction[1], direction[0]))
 

@@ -9,11 +9,10 @@ polygons. "Left" and "right" are the subject's: the left eye appears on the imag
 import collections
 from typing import FrozenSet, List, Tuple
 
-import cv2
-import mediapipe as mp
-import numpy as np
+import functools
 
-_face_mesh = mp.solutions.face_mesh
+import cv2
+import numpy as np
 
 # Landmarks that identify loops of the lips edge set: 13 is the middle of the upper INNER lip
 # edge, 0 the middle of the upper OUTER lip edge.
@@ -72,12 +71,24 @@ def _loop_containing(edges, vertex: int) -> Tuple[int, ...]:
   return next(loop for loop in polygon_loops(edges) if vertex in loop)
 
 
-# Ordered landmark polygons (immutable tuples of landmark indices).
-FACE_OVAL = _single_loop(_face_mesh.FACEMESH_FACE_OVAL)
-LEFT_EYE = _single_loop(_face_mesh.FACEMESH_LEFT_EYE)
-RIGHT_EYE = _single_loop(_face_mesh.FACEMESH_RIGHT_EYE)
-INNER_LIPS = _loop_containing(_face_mesh.FACEMESH_LIPS, _UPPER_INNER_LIP)
-OUTER_LIPS = _loop_containing(_face_mesh.FACEMESH_LIPS, _UPPER_OUTER_LIP)
+@functools.cache
+def _regions() -> dict:
+  """The ordered landmark polygons (immutable tuples of landmark indices), from MediaPipe's
+  edge sets, read when first used (device-mode runs never draw masks, nor import MediaPipe)."""
+  from mediapipe.python.solutions import face_mesh_connections as edges
+  return dict(FACE_OVAL=_single_loop(edges.FACEMESH_FACE_OVAL),
+              LEFT_EYE=_single_loop(edges.FACEMESH_LEFT_EYE),
+              RIGHT_EYE=_single_loop(edges.FACEMESH_RIGHT_EYE),
+              INNER_LIPS=_loop_containing(edges.FACEMESH_LIPS, _UPPER_INNER_LIP),
+              OUTER_LIPS=_loop_containing(edges.FACEMESH_LIPS, _UPPER_OUTER_LIP))
+
+
+def __getattr__(name: str):
+  """masks.FACE_OVAL, LEFT_EYE, RIGHT_EYE, INNER_LIPS, OUTER_LIPS (see `_regions`)."""
+  regions = _regions() if name.isupper() else {}
+  if name in regions:
+    return regions[name]
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def polygon_mask(polygon: np.ndarray, size: int) -> np.ndarray:
@@ -123,7 +134,8 @@ def face_region_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
     (size, size) float32 in [0, 1].
   """
   landmarks = np.asarray(landmarks, np.float64)
-  mask = polygon_mask(landmarks[list(FACE_OVAL)], size)
-  for hole in (LEFT_EYE, RIGHT_EYE, INNER_LIPS):
+  regions = _regions()
+  mask = polygon_mask(landmarks[list(regions["FACE_OVAL"])], size)
+  for hole in (regions["LEFT_EYE"], regions["RIGHT_EYE"], regions["INNER_LIPS"]):
     mask *= 1.0 - polygon_mask(landmarks[list(hole)], size)
   return mask

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import cv2
-import mediapipe as mp
 import numpy as np
 
 from jflame.errors import ModelFileError
@@ -89,12 +88,20 @@ class FaceDetection:
     return np.array([(self.box[0] + self.box[2]) / 2.0, (self.box[1] + self.box[3]) / 2.0])
 
 
+def _mediapipe():
+  """MediaPipe, imported when a graph is built: `--landmarks device` runs (and machines without
+  MediaPipe) import this package without it."""
+  import mediapipe
+  return mediapipe
+
+
 class PersonSegmenter:
   """MediaPipe's selfie segmentation alone (the person: head, hair, body), for callers that need
   no face graphs. Close when done, or use as a context manager."""
 
   def __init__(self):
-    self._graph = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+    self._graph = _mediapipe().solutions.selfie_segmentation.SelfieSegmentation(
+        model_selection=0)
 
   def foreground(self, image: np.ndarray) -> np.ndarray:
     """(H, W) float32 foreground probability in [0, 1] of an RGB image."""
@@ -133,7 +140,7 @@ class FaceAnalyzer:
   def __init__(self, options: AnalyzerOptions = AnalyzerOptions()):
     self.options = options
     self._closed = False
-    solutions = mp.solutions
+    solutions = _mediapipe().solutions
     self._full_range_detector = solutions.face_detection.FaceDetection(
         model_selection=1, min_detection_confidence=options.min_detection_confidence)
     self._short_range_detector = solutions.face_detection.FaceDetection(
@@ -261,6 +268,7 @@ class FaceAnalyzer:
     height, width = image.shape[:2]
     image = np.ascontiguousarray(image)
     if self._task_landmarker is not None:
+      mp = _mediapipe()
       result = self._task_landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=image))
       faces = [[(p.x, p.y, p.z) for p in face] for face in result.face_landmarks]
     else:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
 import cv2
-import mediapipe as mp
 import numpy as np
 
 from jflame.errors import ConfigError, ImageReadError, InputError
@@ -86,6 +85,7 @@ class VideoLandmarker:
   must come in order. A context manager; create one per clip."""
 
   def __init__(self, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5):
+    import mediapipe as mp
     self._mesh = mp.solutions.face_mesh.FaceMesh(
         static_image_mode=False, max_num_faces=1, refine_landmarks=True,
         min_detection_confidence=min_detection_confidence,
