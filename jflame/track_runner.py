@@ -6,8 +6,10 @@ is marked, and its values come from the temporal priors between tracked frames, 
 silently.
 """
 
+import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import time
 from pathlib import Path
@@ -41,6 +43,8 @@ class TrackOptions:
   write_plot: bool = True
   default_fps: float = 25.0      # for folders of frames
   solve_focal: bool = False      # one focal length solved from the clip (track.clip_focal_length)
+  landmarks: str = "mediapipe"   # or "device": MediaPipe's tracking mode in JAX (landmark_nets)
+  landmarks_note: str = ""       # why, when jflame chose
 
 
 def focal_solved(focal_length: float, frames_used: int) -> bool:
@@ -68,36 +72,43 @@ def error_percentiles(name: str, values: np.ndarray) -> dict:
 
 
 def frames_landmarks(frames: Iterable[np.ndarray], max_frames: int = 0,
-                     progress: Optional[Callable[[int], None]] = None):
-  """Landmarks of RGB frames in MediaPipe's tracking mode.
+                     progress: Optional[Callable[[int], None]] = None, where: str = "mediapipe"):
+  """Landmarks of RGB frames in MediaPipe's tracking mode, run by MediaPipe or (`where` =
+  "device") by its JAX port on the device (`landmark_nets.landmarker.DeviceTracker`).
 
   Returns:
     (landmarks (T, 478, 2) float32 frame pixels (zeros where none), found (T,) bool).
   """
+  if max_frames:
+    frames = itertools.islice(frames, max_frames)
   points, found = [], []
-  with VideoLandmarker() as landmarker:
-    for frame in frames:
-      detected = landmarker.landmarks(frame)
+  with contextlib.ExitStack() as stack:
+    if where == "device":
+      from jflame.landmark_nets.landmarker import DeviceTracker
+      from jflame.preprocess.pipeline import DEVICE_MAX_SIDE
+      detections = DeviceTracker(DEVICE_MAX_SIDE).track(frames)
+    else:
+      landmarker = stack.enter_context(VideoLandmarker())
+      detections = (landmarker.landmarks(frame) for frame in frames)
+    for detected in detections:
       found.append(detected is not None)
       points.append(detected if detected is not None else np.zeros((478, 2), np.float32))
       if progress:
         progress(1)
-      if max_frames and len(points) >= max_frames:
-        break
   if not points:
     return np.zeros((0, 478, 2), np.float32), np.zeros(0, bool)
   return np.stack(points), np.asarray(found, bool)
 
 
 def read_landmarks(source, max_frames: int = 0, default_fps: float = 25.0,
-                   progress: Optional[Callable[[int], None]] = None):
-  """Landmarks of every frame of a clip in tracking mode.
+                   progress: Optional[Callable[[int], None]] = None, where: str = "mediapipe"):
+  """Landmarks of every frame of a clip in tracking mode (`where`: as `frames_landmarks`).
 
   Returns:
     (VideoInfo, landmarks (T, 478, 2) float32 frame pixels (zeros where none), found (T,)).
   """
   info, frames = open_clip(source, default_fps)
-  landmarks, found = frames_landmarks(frames, max_frames, progress)
+  landmarks, found = frames_landmarks(frames, max_frames, progress, where)
   if not len(found):
     raise InputError(f"{source}: no frames could be read.")
   return info, landmarks, found
@@ -147,7 +158,7 @@ def track_video(loaded: LoadedModel, config: TrackConfig, options: TrackOptions,
   timings = {}
   clock = time.perf_counter()
   info, landmarks, found = read_landmarks(source, options.max_frames, options.default_fps,
-                                          progress)
+                                          progress, options.landmarks)
   count = len(found)
   timings["landmarks_s"] = time.perf_counter() - clock
   manifest = dict(jflame_track=1, source=str(source), started=started.isoformat(),

@@ -52,6 +52,10 @@ _SOLVE_FOCAL = flags.DEFINE_bool(
     "one joint solve) instead of assuming a 20 degree field of view across the crop. For an "
     "unknown lens: on synthetic clips shot with a 1000 px lens it lands within 3% for most "
     "faces and up to 8% off for some, against 27% for the assumed default.")
+_LANDMARKS = flags.DEFINE_enum(
+    "landmarks", "auto", ["auto", "mediapipe", "device"], "Where MediaPipe's face mesh tracks "
+    "the clip: mediapipe (on the CPU), device (its JAX port on the accelerator, frames of at most "
+    "512 pixels; the same tracking mode) or auto (device on an accelerator, else mediapipe).")
 _COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache", True, "Keep the compiled clip fit on disk (in "
     "$JFLAME_HOME/compilation_cache or ~/.cache/jflame/compilation_cache) so the next clip of a "
@@ -82,6 +86,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   # heavy imports after flag parsing
   from jflame import output_folder, process_settings, track_runner
+  from jflame.engine import landmark_source
   from jflame.errors import JFlameError
   if not _INPUT.value:
     return cli_app.usage_error("--input is required (a video file or a folder of frames).")
@@ -96,10 +101,14 @@ def main(argv):
       cache = process_settings.use_default_compilation_cache() if _COMPILATION_CACHE.value else None
       loaded = model_flags.load_model()
       print(f"model: {loaded.description}", flush=True)
+      # The clip's photometric masks are drawn on the host from the tracked landmarks, so
+      # device landmarks serve both modes here.
+      landmarks, note = landmark_source(_LANDMARKS.value, photometric=False)
       options = track_runner.TrackOptions(output_dir=str(folder), crop_size=crop_size,
                                           max_frames=_MAX_FRAMES.value,
                                           write_overlay=_OVERLAY.value, write_plot=_PLOT.value,
-                                          solve_focal=_SOLVE_FOCAL.value)
+                                          solve_focal=_SOLVE_FOCAL.value, landmarks=landmarks,
+                                          landmarks_note=note)
       with tqdm(unit="frame", desc="landmarks", delay=1.0) as bar:
         manifest = track_runner.track_video(loaded, config, options, str(source),
                                             progress=bar.update)

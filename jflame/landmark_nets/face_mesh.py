@@ -199,12 +199,69 @@ def face_landmarks(networks: FaceNetworks, weights: Mapping, image, size,
   else:
     found, score, corners, keypoints = _strongest_face(networks, weights, image, size, 0.0)
   box = jnp.concatenate([corners.min(axis=0), corners.max(axis=0)])
-  centre, side, angle = face_region(corners, keypoints)
+  landmarks, presence = mesh_in_region(networks, weights, image, size,
+                                       *face_region(corners, keypoints))
+  return FaceLandmarks(found & (presence > MIN_PRESENCE), landmarks, box, score, presence)
+
+
+def mesh_in_region(networks: FaceNetworks, weights: Mapping, image, size, centre, side, angle):
+  """(landmarks (478, 3) in jflame's pixel convention, presence): the mesh of the square region
+  read from the image (steps 3-5 of the module docstring)."""
   crop = sample_square(image, size, centre, side, angle, MESH_INPUT_SIZE, replicate=True) / 255.0
   mesh = networks.mesh
   outputs = interpreter.run_graph(mesh, weights["mesh"], {mesh.inputs[0]: crop[None]})
   presence = jax.nn.sigmoid(jnp.reshape(outputs[6], ()))
   points = refined_mesh(outputs) / MESH_INPUT_SIZE
   xy = centre + (points[:, :2] - 0.5) @ _rotation(angle).T * side + 0.5
-  landmarks = jnp.concatenate([xy, points[:, 2:] * side], -1)
-  return FaceLandmarks(found & (presence > MIN_PRESENCE), landmarks, box, score, presence)
+  return jnp.concatenate([xy, points[:, 2:] * side], -1), presence
+
+
+def region_from_landmarks(landmarks):
+  """(centre, side, angle): the next frame's square from this frame's landmarks (jflame's
+  pixel convention), as FaceLandmarkLandmarksToRoi makes it: the landmarks' box, turned so the
+  outer eye corners (33 -> 263) are level, 1.5 times its longer side."""
+  points = landmarks[:, :2] - 0.5
+  low, high = points.min(axis=0), points.max(axis=0)
+  delta = points[263] - points[33]
+  angle = -jnp.arctan2(-delta[1], delta[0])
+  angle = angle - 2.0 * jnp.pi * jnp.floor((angle + jnp.pi) / (2.0 * jnp.pi))
+  return (low + high) / 2.0, ROI_SCALE * jnp.max(high - low), angle
+
+
+class TrackState(NamedTuple):
+  """What tracking carries from one frame to the next: whether a face was kept, and its
+  landmarks (478, 3)."""
+  tracked: jax.Array
+  landmarks: jax.Array
+
+
+def start_tracking() -> TrackState:
+  return TrackState(jnp.asarray(False), jnp.zeros((NUM_LANDMARKS, 3), jnp.float32))
+
+
+def track_landmarks(networks: FaceNetworks, weights: Mapping, frames, sizes, state: TrackState):
+  """MediaPipe's face mesh in tracking mode (video, one face) over frames (T, H, W, 3), each
+  with its (width, height) in sizes (T, 2) at its top left: a frame whose predecessor kept a
+  face reads its region from the predecessor's landmarks (no detection); otherwise the
+  detector finds it (at the level image, as MediaPipe does); a face is kept while the mesh's
+  presence is above MIN_PRESENCE.
+
+  Returns:
+    (landmarks (T, 478, 3), found (T,), the state after the last frame: pass it with the
+    clip's next frames).
+  """
+  def step(state, frame_and_size):
+    frame, size = frame_and_size
+    def from_detection(_):
+      found, _, corners, keypoints = _strongest_face(networks, weights, frame, size, 0.0)
+      return (found,) + face_region(corners, keypoints)
+
+    def from_previous(_):
+      return (jnp.asarray(True),) + region_from_landmarks(state.landmarks)
+    found, centre, side, angle = jax.lax.cond(state.tracked, from_previous, from_detection, None)
+    landmarks, presence = mesh_in_region(networks, weights, frame, size, centre, side, angle)
+    kept = found & (presence > MIN_PRESENCE)
+    return TrackState(kept, landmarks), (landmarks, kept)
+  state, (landmarks, found) = jax.lax.scan(step, state,
+                                           (frames, jnp.asarray(sizes, jnp.int32)))
+  return landmarks, found, state

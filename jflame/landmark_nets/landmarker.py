@@ -6,13 +6,21 @@ also sees each image's quarter turns (`face_mesh.face_landmarks`' `search_turns`
 host pipeline's upright-window search does, so a turned or upside-down photo is fitted upright.
 """
 
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jflame.landmark_nets import face_mesh, interpreter, tflite_graph
+
+
+def _networks(saved_graphs: Optional[str]):
+  """(FaceNetworks, their weights on the device), every operator checked before tracing."""
+  networks = face_mesh.FaceNetworks(*tflite_graph.face_graphs(saved_graphs))
+  for graph, name in zip(networks, ("face detector", "face mesh")):
+    interpreter.check_supported(graph.ops, f"MediaPipe's {name}")
+  return networks, face_mesh.network_weights(networks)
 
 
 class DeviceLandmarker:
@@ -26,10 +34,7 @@ class DeviceLandmarker:
   """
 
   def __init__(self, batch_size: int, max_side: int, saved_graphs: Optional[str] = None):
-    self.networks = face_mesh.FaceNetworks(*tflite_graph.face_graphs(saved_graphs))
-    for graph, name in zip(self.networks, ("face detector", "face mesh")):
-      interpreter.check_supported(graph.ops, f"MediaPipe's {name}")
-    self.weights = face_mesh.network_weights(self.networks)
+    self.networks, self.weights = _networks(saved_graphs)
     self.batch_size, self.max_side = batch_size, max_side
     networks = self.networks
     self._run = jax.jit(jax.vmap(
@@ -61,3 +66,59 @@ class DeviceLandmarker:
       return (np.zeros((0,), bool), np.zeros((0, face_mesh.NUM_LANDMARKS, 3), np.float32),
               np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
     return tuple(np.concatenate(field) for field in zip(*parts))
+
+
+class DeviceTracker:
+  """MediaPipe's tracking mode on the device for ONE clip (`face_mesh.track_landmarks`): frames
+  go in order, `chunk` at a time through one compiled program, the tracking state carried from
+  chunk to chunk. Frames larger than `max_side` are shrunk (area averaging) first.
+
+  Raises (from the constructor): as DeviceLandmarker.
+  """
+
+  def __init__(self, max_side: int, chunk: int = 64, saved_graphs: Optional[str] = None):
+    self.networks, self.weights = _networks(saved_graphs)
+    self.max_side, self.chunk = max_side, chunk
+    networks = self.networks
+    self._run = jax.jit(lambda weights, frames, sizes, state: face_mesh.track_landmarks(
+        networks, weights, frames, sizes, state))
+
+  def _shrunk(self, frame: np.ndarray) -> Tuple[np.ndarray, float]:
+    longest = max(frame.shape[:2])
+    if longest <= self.max_side:
+      return frame, 1.0
+    import cv2
+    scale = self.max_side / longest
+    size = (max(1, round(frame.shape[1] * scale)), max(1, round(frame.shape[0] * scale)))
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA), longest / max(size)
+
+  def track(self, frames: Iterable[np.ndarray]):
+    """Yields (landmarks (478, 2) float32 in the frame's pixels, centres at +0.5, or None) per
+    RGB uint8 frame, in order, a chunk at a time."""
+    state = face_mesh.start_tracking()
+    pending = []
+    frames = iter(frames)
+    while True:
+      frame = next(frames, None)
+      if frame is not None:
+        pending.append(self._shrunk(frame))
+        if len(pending) < self.chunk:
+          continue
+      if not pending:
+        return
+      canvas = np.zeros((self.chunk, self.max_side, self.max_side, 3), np.uint8)
+      sizes = np.full((self.chunk, 2), self.max_side, np.int32)
+      for slot, (image, _) in enumerate(pending):
+        canvas[slot, :image.shape[0], :image.shape[1]] = image
+        sizes[slot] = image.shape[1], image.shape[0]
+      landmarks, found, after = self._run(self.weights, jnp.asarray(canvas), jnp.asarray(sizes),
+                                          state)
+      # The padded slots of a clip's last chunk come after its last frame: their state is
+      # never used.
+      state = after
+      landmarks, found = jax.device_get((landmarks, found))
+      for slot, (_, scale) in enumerate(pending):
+        yield (np.asarray(landmarks[slot, :, :2] * scale, np.float32) if found[slot] else None)
+      pending = []
+      if frame is None:
+        return
