@@ -178,15 +178,18 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
     yield batch
 
 
-def preprocessor_of(options: EngineOptions, workers: Optional[int] = None) -> Preprocessor:
+def preprocessor_of(options: EngineOptions, workers: Optional[int] = None,
+                    crops: bool = True) -> Preprocessor:
   """The Preprocessor of a run with `options` (with `workers` instead of options.workers): the
-  local pipeline's, and each Ray preprocessing process's, so both make the same records."""
+  local pipeline's, and each Ray preprocessing process's, so both make the same records.
+  `crops`: whether device-mode records need their crop (the encoders read it)."""
   device_landmarks = None
   if options.landmarks == "device":
     from jflame.landmark_nets.landmarker import DeviceLandmarker
     device_landmarks = DeviceLandmarker(options.batch_size, DEVICE_MAX_SIDE)
   return Preprocessor(options.crop_size, workers=options.workers if workers is None else workers,
-                      landmarks_only=options.landmarks_only, device_landmarks=device_landmarks)
+                      landmarks_only=options.landmarks_only, device_landmarks=device_landmarks,
+                      device_crops=crops)
 
 
 def landmark_source(asked: str, photometric: bool, engine: str = "local"):
@@ -344,7 +347,8 @@ class LocalFitter:
     if first is None:
       return  # nothing to do: no workers started, nothing compiled
     todo_batches = itertools.chain([first], todo_batches)
-    with preprocessor_of(options) as preprocessor:
+    encoders = any(encoder is not None for encoder in self.encoders)
+    with preprocessor_of(options, crops=encoders) as preprocessor:
       pending = []  # (sources, record iterator), oldest first, at most prefetch + 1
 
       def submit():

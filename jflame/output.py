@@ -167,11 +167,12 @@ def side_by_side(crop, render, alpha):
   return np.concatenate([crop, render_only, blend_render(crop, render, alpha)], axis=1)
 
 
-def photo_of(record, min_side: int = MAX_PICTURE_SIDE):
+def photo_of(record, crop_size: int, min_side: int = MAX_PICTURE_SIDE):
   """(the record's original photo for drawing on, the affine from the original's pixels to
   its pixels), or (its crop, None) when the file cannot be read any more (changed or gone
-  since preprocessing). A JPEG is decoded at 1/2, 1/4 or 1/8 where that still leaves
-  `min_side` pixels: a picture is never larger, so a huge photo need not be held whole."""
+  since preprocessing; a grey square of `crop_size` when the record kept no crop). A JPEG is
+  decoded at 1/2, 1/4 or 1/8 where that still leaves `min_side` pixels: a picture is never
+  larger, so a huge photo need not be held whole."""
   from jflame.preprocess.image_io import decode_image, read_source
   if record.source is not None:
     try:
@@ -179,6 +180,8 @@ def photo_of(record, min_side: int = MAX_PICTURE_SIDE):
       return decoded.pixels, np.eye(2, 3) / decoded.reduction
     except Exception:  # pylint: disable=broad-except
       pass
+  if record.crop is None:
+    return np.full((crop_size, crop_size, 3), 128, np.uint8), None
   return record.crop, None
 
 
@@ -198,7 +201,7 @@ def write_pictures(folder, record, arrays: dict, meshes, faces) -> list:
     faces: (F, 3) the model's triangles.
   """
   folder = Path(folder)
-  photo, from_original = photo_of(record)
+  photo, from_original = photo_of(record, int(arrays["crop_size"]))
   on_crop = from_original is None
   to_photo = np.eye(2, 3) if on_crop else compose_affine(
       from_original, invert_affine(record.crop_from_original))

@@ -13,8 +13,9 @@ three ways:
 * landmark: today's `prepare_image(..., landmarks_only=True)`.
 * photometric: today's `prepare_image(...)` (segmentation and masks).
 * device: the host's share of `--landmarks device` (`decode_for_device`: read, hash, a decode
-  of at most 512 pixels; `prepared_from_device`: the crop frame and the crop), with the face
-  mesh's result computed once beforehand by `DeviceLandmarker` (it runs on the device, not here).
+  of at most 512 pixels; `prepared_from_device`: the crop frame, without the crop, as a run
+  without encoders makes it), with the face mesh's result computed once beforehand by
+  `DeviceLandmarker` (it runs on the device, not here).
 
 Steps are timed by wrapping the functions `prepare_image` calls (monkeypatching, restored after),
 so the figures are those of the real code path; "other" is the rest of `prepare_image`
@@ -213,7 +214,7 @@ def _time_one(analyzer, path, path_kind, crop_size, device_results):
     if path_kind == "device":
       settings = pipeline._CropSettings(crop_size, align.DEFAULT_CROP_SCALE, True, False, True)
       record = pipeline.prepared_from_device(pipeline.decode_for_device((path, path.stem)),
-                                             *device_results[path], settings)
+                                             *device_results[path], settings, with_crop=False)
     else:
       record = pipeline.prepare_image(path, analyzer, crop_size,
                                       landmarks_only=path_kind == "landmark")

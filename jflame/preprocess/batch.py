@@ -48,7 +48,11 @@ def stack_observations(records: Sequence[PreparedImage], batch_size: int,
   for slot, record in enumerate(records):
     if not record.ok:
       continue
-    if record.crop_size != crop_size:
+    # A device-mode record made for a landmark fit carries no crop (only its landmarks).
+    if record.crop is None and images:
+      raise ConfigError(f"Record {record.name!r} has no crop; an image batch needs records "
+                        "prepared with their crops.")
+    if record.crop is not None and record.crop_size != crop_size:
       raise ConfigError(f"Record {record.name!r} has {record.crop_size}-pixel crops but the "
                         f"batch is for {crop_size}; preprocess with crop_size={crop_size}.")
     landmarks[slot] = record.landmarks

@@ -334,11 +334,12 @@ def decode_for_device(job: Tuple[ImageSource, str], max_side: int = DEVICE_MAX_S
 
 
 def prepared_from_device(image: DeviceImage, found: bool, landmarks: np.ndarray,
-                         box: np.ndarray, score: float, settings: "_CropSettings"
-                         ) -> PreparedImage:
+                         box: np.ndarray, score: float, settings: "_CropSettings",
+                         with_crop: bool = True) -> PreparedImage:
   """The landmark-mode record of an image whose face mesh ran on the device: `landmarks`
   (478, 3) and `box` (4,) in pixels of `image.pixels` (centres at +0.5), the crop cut from
-  those pixels."""
+  those pixels unless not `with_crop` (a landmark fit without encoders reads no crop; the
+  pictures are drawn on the source)."""
   record = image.record
   if not record.ok:
     return record
@@ -354,8 +355,9 @@ def prepared_from_device(image: DeviceImage, found: bool, landmarks: np.ndarray,
                       np.asarray(landmarks[:, 2], np.float64) * scale, record.image_width,
                       record.image_height, settings)
   original_from_device = np.array([[scale, 0.0, 0.0], [0.0, scale, 0.0]])
-  crop = warp_affine(image.pixels, compose_affine(frame["crop_from_original"],
-                                                  original_from_device), settings.crop_size)
+  crop = None if not with_crop else warp_affine(
+      image.pixels, compose_affine(frame["crop_from_original"], original_from_device),
+      settings.crop_size)
   return dataclasses.replace(
       record, num_faces=1, detection_box=np.asarray(box, np.float64) * scale,
       detection_score=float(score), upright_score=float(score), upright_turns=0, crop=crop,
@@ -574,7 +576,8 @@ class Preprocessor:
   workers only read and decode (`decode_for_device`) and the face mesh runs on the device:
   `device_landmarks(pixels)` takes a list of (h, w, 3) uint8 images and returns NumPy arrays
   (found (n,), landmarks (n, 478, 3), box (n, 4), score (n,)) in their pixels
-  (`jflame.landmark_nets.landmarker.DeviceLandmarker`); no MediaPipe graph is built.
+  (`jflame.landmark_nets.landmarker.DeviceLandmarker`); no MediaPipe graph is built, and
+  without `device_crops` the records carry no crop (`crop` None).
 
   Raises:
     ModelFileError: the analyzer could not be built: a missing `.task` file (from the
@@ -586,13 +589,13 @@ class Preprocessor:
                analyzer_options: AnalyzerOptions = AnalyzerOptions(),
                crop_scale: float = DEFAULT_CROP_SCALE, level_eyes: bool = True,
                mask_with_foreground: bool = False, landmarks_only: bool = False,
-               device_landmarks: Optional[Callable] = None):
+               device_landmarks: Optional[Callable] = None, device_crops: bool = True):
     if device_landmarks is not None and not landmarks_only:
       raise ValueError("landmarks on the device serve landmark-mode runs only")
     self.settings = _CropSettings(crop_size, crop_scale, level_eyes, mask_with_foreground,
                                   landmarks_only)
     self.workers = max(1, workers)
-    self._device_landmarks = device_landmarks
+    self._device_landmarks, self._device_crops = device_landmarks, device_crops
     self._analyzer = None
     self._pool = None
     self._open = True
@@ -647,7 +650,7 @@ class Preprocessor:
       if image.pixels is None:
         yield image.record
       else:
-        yield prepared_from_device(image, *next(results), self.settings)
+        yield prepared_from_device(image, *next(results), self.settings, self._device_crops)
 
   def prepare(self, sources: Sequence[ImageSource], names: Optional[Sequence[str]] = None,
               progress: Optional[Callable[[PreparedImage], None]] = None) -> List[PreparedImage]:
