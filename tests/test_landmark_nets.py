@@ -434,3 +434,20 @@ def test_tracking_mode_in_jax_follows_mediapipes_tracking_mode():
       face_size = np.linalg.norm(truth.max(0) - truth.min(0))
       shares.append(np.linalg.norm(points - truth, axis=1).mean() / face_size)
   assert np.median(shares) <= 0.001 and max(shares) <= 0.01, (np.median(shares), max(shares))
+
+
+def test_missing_networks_are_one_line_and_auto_falls_back_with_a_note(tmp_path, monkeypatch):
+  """Device landmarks whose saved networks are missing: one line naming the file; `auto` on an
+  accelerator then keeps MediaPipe and says why in the note the run summary records."""
+  from jflame.engine import landmark_source
+  from jflame.landmark_nets.landmarker import DeviceLandmarker
+  with pytest.raises(InputError) as caught:
+    DeviceLandmarker(4, 512, saved_graphs=str(tmp_path / "absent"))
+  assert "face_detector.npz" in str(caught.value) and "\n" not in str(caught.value)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setenv("JFLAME_LANDMARK_GRAPHS", str(tmp_path / "absent"))
+  source, note = landmark_source("auto", False, "local")
+  assert source == "mediapipe" and "face_detector.npz" in note
+  monkeypatch.delenv("JFLAME_LANDMARK_GRAPHS")
+  assert landmark_source("auto", False, "local") == ("device", "auto: an accelerator")
+  assert landmark_source("auto", True, "local")[0] == "mediapipe"
