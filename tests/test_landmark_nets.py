@@ -359,7 +359,13 @@ def test_device_mode_preprocessing_decodes_small_and_frames_the_device_landmarks
   cv2.imwrite(str(tmp_path / names[4]), cv2.cvtColor(skimage.data.coffee(), cv2.COLOR_RGB2BGR))
   paths = [tmp_path / name for name in names]
   decoded = decode_for_device((paths[1], "large"))
-  assert max(decoded.pixels.shape[:2]) == DEVICE_MAX_SIDE and decoded.scale == 4.0
+  assert max(decoded.pixels.shape[:2]) == DEVICE_MAX_SIDE
+  np.testing.assert_array_equal(decoded.scale, (4.0, 4.0))
+  # A 1000 x 333 strip: 512 x 170 sent, each axis scaled by its own rounding.
+  cv2.imwrite(str(tmp_path / "strip.png"), cv2.resize(bgr, (1000, 333)))
+  strip = decode_for_device((tmp_path / "strip.png", "strip"))
+  assert strip.pixels.shape[:2] == (170, 512)
+  np.testing.assert_allclose(strip.scale, (1000 / 512, 333 / 170))
   with Preprocessor(256, landmarks_only=True,
                     device_landmarks=DeviceLandmarker(4, DEVICE_MAX_SIDE)) as preprocessor:
     records = preprocessor.prepare(paths, names)

@@ -292,12 +292,12 @@ class DeviceImage:
     record: a PreparedImage with the source facts and size filled in; its status is ok until
       the device says otherwise, or "unreadable" (then `pixels` is None).
     pixels: (h, w, 3) uint8 RGB, the longer side at most DEVICE_MAX_SIDE.
-    scale: original pixels per pixel of `pixels` (a point x there, centres at +0.5, is at
-      scale * x in the original).
+    scale: (2,) original pixels per pixel of `pixels` along x and y (a point (x, y) there,
+      centres at +0.5, is at scale * (x, y) in the original).
   """
   record: PreparedImage
   pixels: Optional[np.ndarray]
-  scale: float = 1.0
+  scale: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(2))
 
 
 def decode_for_device(job: Tuple[ImageSource, str], max_side: int = DEVICE_MAX_SIDE
@@ -322,15 +322,18 @@ def decode_for_device(job: Tuple[ImageSource, str], max_side: int = DEVICE_MAX_S
   except ImageReadError as error:
     return DeviceImage(make_record(status=STATUS_UNREADABLE, message=str(error)), None)
   pixels = decoded.pixels
+  # A reduced decode's point x is at reduction * x in the original; a shrink after it scales
+  # each axis by its own rounding.
+  scale = np.full(2, float(decoded.reduction))
   longest = max(pixels.shape[:2])
   if longest > max_side:
     shrink = max_side / longest
     size = (max(1, round(pixels.shape[1] * shrink)), max(1, round(pixels.shape[0] * shrink)))
+    scale *= (pixels.shape[1] / size[0], pixels.shape[0] / size[1])
     pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
   record = make_record(status=STATUS_OK, message=_joined("", list(decoded.notes)),
                        image_width=decoded.width, image_height=decoded.height)
-  return DeviceImage(record, np.ascontiguousarray(pixels),
-                     max(decoded.width, decoded.height) / max(pixels.shape[:2]))
+  return DeviceImage(record, np.ascontiguousarray(pixels), scale)
 
 
 def prepared_from_device(image: DeviceImage, found: bool, landmarks: np.ndarray,
@@ -350,16 +353,17 @@ def prepared_from_device(image: DeviceImage, found: bool, landmarks: np.ndarray,
         "(the short-range detector finds faces of about 1/14 of the photo's longer side and "
         "more; --landmarks mediapipe also searches tiles and turned copies).",
         [record.message] if record.message else []))
-  scale = image.scale
+  scale = np.asarray(image.scale, np.float64)
+  # Depth is scaled like x.
   frame = _crop_frame(np.asarray(landmarks[:, :2], np.float64) * scale,
-                      np.asarray(landmarks[:, 2], np.float64) * scale, record.image_width,
+                      np.asarray(landmarks[:, 2], np.float64) * scale[0], record.image_width,
                       record.image_height, settings)
-  original_from_device = np.array([[scale, 0.0, 0.0], [0.0, scale, 0.0]])
+  original_from_device = np.array([[scale[0], 0.0, 0.0], [0.0, scale[1], 0.0]])
   crop = None if not with_crop else warp_affine(
       image.pixels, compose_affine(frame["crop_from_original"], original_from_device),
       settings.crop_size)
   return dataclasses.replace(
-      record, num_faces=1, detection_box=np.asarray(box, np.float64) * scale,
+      record, num_faces=1, detection_box=np.asarray(box, np.float64) * np.tile(scale, 2),
       detection_score=float(score), upright_score=float(score), upright_turns=0, crop=crop,
       **frame)
 
