@@ -204,6 +204,16 @@ def user_xla_flags(env: dict) -> dict:
   return env
 
 
+def shared_compilation_cache() -> Path:
+  """The persistent compilation cache of every test process, the commands the tests start
+  (`share_caches`) and the Ray actors they make: one folder, so a program compiled in a test
+  is loaded by a command or an actor that runs it with the same XLA flags (the key holds
+  them), and the other way round."""
+  folder = suite_cache_folder() / "compilation_cache"
+  folder.mkdir(parents=True, exist_ok=True)
+  return folder
+
+
 def pytest_configure(config):
   """The tests' own JAX programs also go through the shared persistent compilation cache (the
   two workers and both tiers compile most of the same fits), and are released after each test
@@ -213,9 +223,7 @@ def pytest_configure(config):
   if "xla_backend_optimization_level" not in current:
     os.environ["XLA_FLAGS"] = f"{current} {TEST_XLA_FLAG}".strip()
   import jax
-  folder = suite_cache_folder() / "in_process"
-  folder.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(folder))
+  jax.config.update("jax_compilation_cache_dir", str(shared_compilation_cache()))
 
 
 @pytest.fixture(scope="module", autouse=True)
