@@ -4,6 +4,8 @@ and the numerics pin for tests that compare with float64 or NumPy references."""
 import functools
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +214,20 @@ def shared_compilation_cache() -> Path:
   folder = suite_cache_folder() / "compilation_cache"
   folder.mkdir(parents=True, exist_ok=True)
   return folder
+
+
+def run_with_user_xla_flags(code: str, *args) -> subprocess.CompletedProcess:
+  """`python -c code args...` in this checkout, compiled as a user's run is (`user_xla_flags`),
+  its programs in the suite's cache. For a test whose program's run outweighs its compile: the
+  photometric track of test_track_motion renders 30 frames at every step, and without LLVM's
+  optimisation it runs slower by more than the compile gains (measured: 139 s -> 83 s; a short
+  photometric fit of one photo is the other way round). `code` finds its arguments from
+  sys.argv[1]."""
+  cache = str(shared_compilation_cache())
+  prelude = f"import jax\njax.config.update('jax_compilation_cache_dir', {cache!r})\n"
+  return subprocess.run([sys.executable, "-c", prelude + code, *map(str, args)], cwd=PROJECT_ROOT,
+                        env=user_xla_flags(dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))),
+                        capture_output=True, text=True, timeout=600)
 
 
 def pytest_configure(config):

@@ -3,9 +3,6 @@ shakes at >= 400 degrees / s, opens its jaw and blinks quickly and holds still b
 default track against the frames-independent one (`--smoothing 0`) on real landmarks."""
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +15,8 @@ from jflame.camera import FRONTAL_ROTATION, Camera, project
 from jflame.observation import Observation
 from jflame.config import TRACK_FIT, TrackConfig
 from jflame.track import fit_clip
-from tests.conftest import (PROJECT_ROOT, SHARED_ASSETS, fit_model_over_embedding,
-                            shared_compilation_cache, shared_photos, user_xla_flags)
+from tests.conftest import (SHARED_ASSETS, fit_model_over_embedding, run_with_user_xla_flags,
+                            shared_photos)
 
 CROP = 256
 FPS = 25.0
@@ -226,15 +223,11 @@ def test_default_track_stays_on_real_landmarks(real_landmarks, name):
         statistic(default), statistic(independent), limit)
 
 
-# The photometric variant in a process of its own, compiled as a user's run is: its program
-# renders every frame at every step, and without LLVM's optimisation (the suite's flag) it runs
-# slower by more than its compile gains (measured, the whole test: 139 s at level 0, 80 s at
-# the default level). `python -c PHOTOMETRIC_VARIANT <landmarks .npz> <compilation cache>`.
+# The photometric variant in a process of its own, compiled as a user's run is
+# (conftest.run_with_user_xla_flags): `PHOTOMETRIC_VARIANT <landmarks .npz>`.
 PHOTOMETRIC_VARIANT = """
 import sys
-import jax
 import numpy as np
-jax.config.update("jax_compilation_cache_dir", sys.argv[2])
 from tests.test_track_motion import _check_variant
 with np.load(sys.argv[1]) as shaken:
   _check_variant({"shaken photo": (shaken["landmarks"], shaken["found"])}, "photometric")
@@ -255,10 +248,7 @@ def test_photometric_and_solved_focal_tracks_stay_on_real_landmarks(real_landmar
     return
   landmarks, found = real_landmarks["shaken photo"]
   np.savez(tmp_path / "shaken.npz", landmarks=landmarks, found=found)
-  done = subprocess.run(
-      [sys.executable, "-c", PHOTOMETRIC_VARIANT, str(tmp_path / "shaken.npz"),
-       str(shared_compilation_cache())], cwd=PROJECT_ROOT, capture_output=True, text=True,
-      env=user_xla_flags(dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))), timeout=600)
+  done = run_with_user_xla_flags(PHOTOMETRIC_VARIANT, tmp_path / "shaken.npz")
   assert done.returncode == 0 and "variant ok" in done.stdout, done.stderr[-3000:]
 
 
