@@ -4,6 +4,8 @@ and the numerics pin for tests that compare with float64 or NumPy references."""
 import functools
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +71,8 @@ def random_flame_arrays(seed=0, num_vertices=60, num_faces=80, num_shape=12, num
 # runs longest first (measured, docs/TESTING.md), so that the two workers finish together.
 SLOW_SUITES = ("test_track_motion", "test_ray_engine", "test_track", "test_export_commands",
                "test_annotate", "test_fit_photometric", "test_fit_hostile", "test_solve",
-               "test_output_files", "test_capture_command", "test_fit", "test_sharding",
-               "test_track_command", "test_fit_command", "test_ids", "test_fit_behaviour",
+               "test_output_files", "test_capture_command", "test_fit", "test_track_command",
+               "test_fit_command", "test_ids", "test_fit_behaviour", "test_sharding",
                "test_bare_image", "test_render_recovery", "test_render_gradients",
                "test_rotated_photos", "test_library")
 FAST_SUITES = ("test_build_embedding", "test_camera_files", "test_clip_solve", "test_engine_rules",
@@ -204,6 +206,30 @@ def user_xla_flags(env: dict) -> dict:
   return env
 
 
+def shared_compilation_cache() -> Path:
+  """The persistent compilation cache of every test process, the commands the tests start
+  (`share_caches`) and the Ray actors they make: one folder, so a program compiled in a test
+  is loaded by a command or an actor that runs it with the same XLA flags (the key holds
+  them), and the other way round."""
+  folder = suite_cache_folder() / "compilation_cache"
+  folder.mkdir(parents=True, exist_ok=True)
+  return folder
+
+
+def run_with_user_xla_flags(code: str, *args) -> subprocess.CompletedProcess:
+  """`python -c code args...` in this checkout, compiled as a user's run is (`user_xla_flags`),
+  its programs in the suite's cache. For a test whose program's run outweighs its compile: the
+  photometric track of test_track_motion renders 30 frames at every step, and without LLVM's
+  optimisation it runs slower by more than the compile gains (measured: 139 s -> 83 s; a short
+  photometric fit of one photo is the other way round). `code` finds its arguments from
+  sys.argv[1]."""
+  cache = str(shared_compilation_cache())
+  prelude = f"import jax\njax.config.update('jax_compilation_cache_dir', {cache!r})\n"
+  return subprocess.run([sys.executable, "-c", prelude + code, *map(str, args)], cwd=PROJECT_ROOT,
+                        env=user_xla_flags(dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))),
+                        capture_output=True, text=True, timeout=600)
+
+
 def pytest_configure(config):
   """The tests' own JAX programs also go through the shared persistent compilation cache (the
   two workers and both tiers compile most of the same fits), and are released after each test
@@ -213,9 +239,7 @@ def pytest_configure(config):
   if "xla_backend_optimization_level" not in current:
     os.environ["XLA_FLAGS"] = f"{current} {TEST_XLA_FLAG}".strip()
   import jax
-  folder = suite_cache_folder() / "in_process"
-  folder.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(folder))
+  jax.config.update("jax_compilation_cache_dir", str(shared_compilation_cache()))
 
 
 @pytest.fixture(scope="module", autouse=True)

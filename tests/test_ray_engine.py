@@ -19,7 +19,8 @@ import skimage.data
 
 from jflame import dataset, engine, model_loading, sinks, sources
 from jflame.config import FitConfig
-from tests.conftest import HOLD_AFTER_FIRST_SHARD, PROJECT_ROOT, shared_photos
+from tests.conftest import (HOLD_AFTER_FIRST_SHARD, PROJECT_ROOT, shared_compilation_cache,
+                            shared_photos)
 
 try:
   import ray
@@ -104,6 +105,13 @@ def _annotate(run, photos, folder, loaded):
   return run.run(sources.list_sources([str(photos)]), _sink(folder, loaded, run))
 
 
+def _ray_engine(loaded):
+  """The Ray engine as jflame-annotate makes it: its actors keep their programs in the suite's
+  compilation cache, so they load the local engine's compiled fit (same program, same flags)."""
+  return ray_engine.engine_on_ray(loaded, CONFIG, OPTIONS,
+                                  compilation_cache=str(shared_compilation_cache()))
+
+
 def _rows(folder):
   """Current rows keyed by their source's path under the input folder (one row per id)."""
   rows = dataset.open(folder).to_table().to_pylist()
@@ -117,8 +125,7 @@ def both_runs(cluster, loaded_model, photos, tmp_path_factory):
   settings; (local folder, Ray folder, Ray summary)."""
   local, distributed = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("ray")
   _annotate(engine.Engine(loaded_model, CONFIG, OPTIONS), photos, local, loaded_model)
-  summary = _annotate(ray_engine.engine_on_ray(loaded_model, CONFIG, OPTIONS), photos, distributed,
-                      loaded_model)
+  summary = _annotate(_ray_engine(loaded_model), photos, distributed, loaded_model)
   return local, distributed, summary
 
 
@@ -188,8 +195,7 @@ def test_ray_resume_redoes_only_the_changed_source(both_runs, loaded_model, phot
   changed = photos / "coffee.png"
   _write_rgb(changed, cv2.resize(skimage.data.coffee(), (300, 200),
                                  interpolation=cv2.INTER_AREA))
-  summary = _annotate(ray_engine.engine_on_ray(loaded_model, CONFIG, OPTIONS), photos, distributed,
-                      loaded_model)
+  summary = _annotate(_ray_engine(loaded_model), photos, distributed, loaded_model)
   assert summary["this_run"] == {"skipped": 7, "no_face": 1}
   index = dataset.read_index(distributed)
   assert index["shards"][:len(shards_before)] == shards_before

@@ -281,7 +281,9 @@ def test_real_photo_warped_smoothly(tmp_path, small_model):
     cv2.imwrite(str(folder / f"{i:04d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
   model, embedding = synthetic.synthetic_flame("flame", seed=0)
   loaded = LoadedModel(model, embedding, "synthetic")
-  config = CONFIG.replace(fit=TRACK_FIT.replace(num_shape=50, num_expression=30))
+  # jflame-track's defaults: the program of test_track_motion's real-clip tracks and of
+  # test_export_commands' track, loaded from the suite's cache when one of them compiled it.
+  config = TrackConfig()
   options = track_runner.TrackOptions(output_dir=tmp_path / "out")
   manifest = track_runner.track_video(loaded, config, options, folder)
   assert manifest["status"] == "ok" and manifest["counts"]["tracked"] == 60

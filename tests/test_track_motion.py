@@ -15,7 +15,8 @@ from jflame.camera import FRONTAL_ROTATION, Camera, project
 from jflame.observation import Observation
 from jflame.config import TRACK_FIT, TrackConfig
 from jflame.track import fit_clip
-from tests.conftest import SHARED_ASSETS, fit_model_over_embedding, shared_photos
+from tests.conftest import (SHARED_ASSETS, fit_model_over_embedding, run_with_user_xla_flags,
+                            shared_photos)
 
 CROP = 256
 FPS = 25.0
@@ -222,16 +223,33 @@ def test_default_track_stays_on_real_landmarks(real_landmarks, name):
         statistic(default), statistic(independent), limit)
 
 
+# The photometric variant in a process of its own, compiled as a user's run is
+# (conftest.run_with_user_xla_flags): `PHOTOMETRIC_VARIANT <landmarks .npz>`.
+PHOTOMETRIC_VARIANT = """
+import sys
+import numpy as np
+from tests.test_track_motion import _check_variant
+with np.load(sys.argv[1]) as shaken:
+  _check_variant({"shaken photo": (shaken["landmarks"], shaken["found"])}, "photometric")
+print("photometric variant ok")
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["photometric", "solve_focal"])
-def test_photometric_and_solved_focal_tracks_stay_on_real_landmarks(real_landmarks, variant):
+def test_photometric_and_solved_focal_tracks_stay_on_real_landmarks(real_landmarks, variant,
+                                                                    tmp_path):
   """The same terms in photometric mode (30 frames of the shaken photo, crop 128, the small
   synthetic head: the render of every step is most of the time) and with the clip's focal length
-  solved: within the same bounds of the frames-independent track. (It ran in
-  a process of its own while XLA's CPU compiler could crash late in a full suite; the cause,
-  a test worker's memory mappings at the kernel's limit, is gone since conftest releases the
-  compiled programs after each module.)"""
-  _check_variant(real_landmarks, variant)
+  solved: within the same bounds of the frames-independent track. The photometric one runs in
+  a process of its own with a user's XLA flags (PHOTOMETRIC_VARIANT), the same checks."""
+  if variant != "photometric":
+    _check_variant(real_landmarks, variant)
+    return
+  landmarks, found = real_landmarks["shaken photo"]
+  np.savez(tmp_path / "shaken.npz", landmarks=landmarks, found=found)
+  done = run_with_user_xla_flags(PHOTOMETRIC_VARIANT, tmp_path / "shaken.npz")
+  assert done.returncode == 0 and "variant ok" in done.stdout, done.stderr[-3000:]
 
 
 def _check_variant(real_landmarks, variant):
