@@ -167,13 +167,15 @@ def side_by_side(crop, render, alpha):
   return np.concatenate([crop, render_only, blend_render(crop, render, alpha)], axis=1)
 
 
-def photo_of(record, crop_size: int, min_side: int = MAX_PICTURE_SIDE):
+def photo_of(record, crop_size: Optional[int] = None, min_side: int = MAX_PICTURE_SIDE):
   """(the record's original photo for drawing on, the affine from the original's pixels to
   its pixels), or (its crop, None) when the file cannot be read any more (changed or gone
-  since preprocessing; a grey square of `crop_size` when the record kept no crop). A JPEG is
+  since preprocessing; a grey square of `crop_size`, by default the default crop's, when the
+  record kept no crop). A JPEG is
   decoded at 1/2, 1/4 or 1/8 where that still leaves `min_side` pixels: a picture is never
   larger, so a huge photo need not be held whole."""
   from jflame.preprocess.image_io import decode_image, read_source
+  from jflame.preprocess.pipeline import DEFAULT_CROP_SIZE
   if record.source is not None:
     try:
       decoded = decode_image(read_source(record.source).data, str(record.source), 8, min_side)
@@ -181,7 +183,8 @@ def photo_of(record, crop_size: int, min_side: int = MAX_PICTURE_SIDE):
     except Exception:  # pylint: disable=broad-except
       pass
   if record.crop is None:
-    return np.full((crop_size, crop_size, 3), 128, np.uint8), None
+    side = crop_size or DEFAULT_CROP_SIZE
+    return np.full((side, side, 3), 128, np.uint8), None
   return record.crop, None
 
 
@@ -201,7 +204,7 @@ def write_pictures(folder, record, arrays: dict, meshes, faces) -> list:
     faces: (F, 3) the model's triangles.
   """
   folder = Path(folder)
-  photo, from_original = photo_of(record, int(arrays["crop_size"]))
+  photo, from_original = photo_of(record, arrays.get("crop_size"))
   on_crop = from_original is None
   to_photo = np.eye(2, 3) if on_crop else compose_affine(
       from_original, invert_affine(record.crop_from_original))

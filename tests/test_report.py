@@ -538,6 +538,27 @@ def test_photometric_pictures_are_capped_with_the_render_where_the_crop_says(tmp
   assert inside.min() > 150 and outside.max() < 60  # 0.75 * 230 + 0.25 * 40 against 40
 
 
+def test_a_record_without_a_crop_whose_photo_is_gone_is_drawn_on_a_grey_square(tmp_path):
+  """A device-mode record keeps no crop (`--landmarks device` without encoders); when its photo
+  has gone by the time the pictures are written, the overlay is drawn on a grey square of the
+  run's crop size, the fitted landmarks red where the record's crop frame puts them."""
+  import types
+  from jflame import output
+  crop_size = 128
+  record = types.SimpleNamespace(name="gone.png", source=tmp_path / "gone.png", crop=None,
+                                 crop_from_original=np.array([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]))
+  points = np.array([[40.0, 40.0], [90.0, 60.0]])
+  arrays = dict(crop_size=np.int64(crop_size), landmarks_detected=points,
+                landmarks_fitted=points, landmark_weights=np.ones(2))
+  meshes = types.SimpleNamespace(render=None, pixels=np.zeros((0, 2)))
+  names = output.write_pictures(tmp_path / "out", record, arrays, meshes, np.zeros((0, 3), int))
+  overlay = cv2.imread(str(tmp_path / "out" / names[0]))
+  assert overlay.shape == (crop_size, crop_size, 3)
+  assert (np.abs(overlay[5:20, 5:20].astype(int) - 128) <= 2).all()     # grey away from marks
+  x, y = points[0].astype(int)
+  assert overlay[y - 1:y + 2, x - 1:x + 2, 2].max() > 200                # red at the landmark
+
+
 def test_the_dataset_model_is_the_named_file_or_one_given(tmp_path, loaded_model, monkeypatch):
   """A FLAME file found in the search folders under another name is refused (it could be
   another release); the same file given with --flame_model is used, with a note."""
