@@ -11,8 +11,12 @@ from absl import logging
 
 
 def use_compilation_cache(folder: str) -> None:
-  """Keeps this process's compiled programs in `folder` (JAX's persistent cache)."""
-  jax.config.update("jax_compilation_cache_dir", folder)
+  """Keeps this process's compiled programs in `folder` (JAX's persistent cache).
+
+  The folder is given to JAX by its real path: JAX writes paths under it into each program's
+  compile options (its GPU kernel and autotune caches), which are part of the cache key, so the
+  same folder reached through a link would key every program anew and never load one."""
+  jax.config.update("jax_compilation_cache_dir", str(Path(folder).expanduser().resolve()))
   # Cache every program: the fits compile in seconds, which is all a short run costs.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

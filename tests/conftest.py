@@ -213,7 +213,9 @@ def shared_compilation_cache() -> Path:
   them), and the other way round."""
   folder = suite_cache_folder() / "compilation_cache"
   folder.mkdir(parents=True, exist_ok=True)
-  return folder
+  # Its real path, as the commands' process_settings gives theirs through their linked
+  # JFLAME_HOME: JAX puts the path into every program's cache key.
+  return folder.resolve()
 
 
 def run_with_user_xla_flags(code: str, *args) -> subprocess.CompletedProcess:
