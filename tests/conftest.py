@@ -234,8 +234,8 @@ def run_with_user_xla_flags(code: str, *args) -> subprocess.CompletedProcess:
 
 def pytest_configure(config):
   """The tests' own JAX programs also go through the shared persistent compilation cache (the
-  two workers and both tiers compile most of the same fits), and are released after each test
-  module (`release_compiled_programs`). XLA's backend is compiled without LLVM's optimisation
+  two workers and both tiers compile most of the same fits), and are released after a test
+  module once the worker holds many memory mappings (`release_compiled_programs`). XLA's backend is compiled without LLVM's optimisation
   (TEST_XLA_FLAG) unless the caller's XLA_FLAGS chose a level."""
   current = os.environ.get("XLA_FLAGS", "")
   if "xla_backend_optimization_level" not in current:
@@ -244,13 +244,33 @@ def pytest_configure(config):
   jax.config.update("jax_compilation_cache_dir", str(shared_compilation_cache()))
 
 
+# A third of the kernel's default limit (vm.max_map_count, 65530): far more than one test module
+# maps (the whole suite's programs reached ~61,000 in one worker), so no module can cross the
+# limit between two checks.
+MAPPINGS_BEFORE_RELEASE = 22000
+
+
+def memory_mappings() -> int:
+  """How many memory mappings this process holds (0 where /proc is not there)."""
+  try:
+    with open("/proc/self/maps", "rb") as maps:
+      return sum(1 for _ in maps)
+  except OSError:
+    return 0
+
+
 @pytest.fixture(scope="module", autouse=True)
 def release_compiled_programs():
-  """Frees every compiled program after each test module. Each compiled XLA:CPU program holds
-  a few memory mappings, and a test worker that compiled a whole suite's programs reached the
-  kernel's limit of 65530 mappings per process (vm.max_map_count); the next compile then
-  crashed with SIGSEGV. The persistent cache above makes a later module's recompile a load."""
+  """Frees every compiled program after a test module once this worker holds many memory
+  mappings. Each compiled XLA:CPU program holds a few, and a test worker that compiled a whole
+  suite's programs reached the kernel's limit of 65530 mappings per process
+  (vm.max_map_count); the next compile then crashed with SIGSEGV. Below the threshold the
+  programs stay: the next module that runs the same fit (most run the same few) reuses the
+  traced and compiled program instead of tracing it again and loading it from the persistent
+  cache, and the small operations JAX compiles one by one stay compiled."""
   yield
+  if memory_mappings() < MAPPINGS_BEFORE_RELEASE:
+    return
   import gc
   import jax
   jax.clear_caches()
