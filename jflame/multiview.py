@@ -42,10 +42,25 @@ from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 # noise floor (docs/ACCURACY.md, multi-view): what `jflame-fit --cameras` runs with
 # --landmark_solver adam unless told.
 FULL_ITERATIONS = 800
-# What `jflame-fit --cameras` runs unless told: as many steps as a photo's fit. 5, 7 and 10
-# steps give the same accuracy on the FLAME-size scenes, and 10 cost a 3-view moment more than
-# three photos (docs/ACCURACY.md and docs/BENCHMARKS.md, multi-view).
-LM_ITERATIONS = 5
+# What `jflame-fit --cameras` runs unless told. From the triangulated start the solve settles in
+# 2-3 steps on the FLAME-size scenes with every landmark (2, 3 and 5 read the same), and each
+# step over 478 points costs what three over a photo's 162 do (docs/ACCURACY.md and
+# docs/BENCHMARKS.md, multi-view).
+LM_ITERATIONS = 3
+# A rig's shape and expression priors against a photo's: the views pin the face down, and the
+# photo's priors, set for what one view cannot tell, hold it back (docs/ACCURACY.md, multi-view).
+RIG_PRIOR_SCALE = 0.25
+
+
+def rig_config(config: FitConfig) -> FitConfig:
+  """A photo fit's settings `config` as a calibrated rig fits them unless told: every landmark
+  of the embedding (MediaPipe's cheek and forehead points, which a photo's fit leaves out, carry
+  the face's shape once several views place them) and the shape and expression priors times
+  RIG_PRIOR_SCALE. (The iteration counts are the command's to set: LM_ITERATIONS,
+  FULL_ITERATIONS.)"""
+  prior = config.regularization
+  return config.replace(landmark_regions=None, regularization=dataclasses.replace(
+      prior, shape=prior.shape * RIG_PRIOR_SCALE, expression=prior.expression * RIG_PRIOR_SCALE))
 
 
 @struct.dataclass
@@ -229,7 +244,12 @@ def views_system(rows, views: RigViews, landmarks, weights, config: FitConfig, p
   """The landmark objective of `fit_moment` over all views at x (see `solve.pack`; its camera
   part is the head's rotation delta and world translation): (cost, (A, b), finite) as
   `solve.evaluate` gives for a photo, each view's residuals in its face-scaled pixels and the
-  priors counted once."""
+  priors counted once.
+
+  Every view sees the same world points, so a view's Jacobian is its projection's (2 x 3 per
+  point) times the points' own (3 x N, shared). The views' IRLS-weighted 2 x 3 blocks are summed
+  into one 3 x 3 matrix per point before the one N x N product over the points: A costs what one
+  view's would (with 3 rows per point) however many views there are."""
   n = rows.num_shape + rows.num_expression
   points, d_model = solve.model_points_and_jacobian(rows, params, x)
   delta, translation = x[n + 9:n + 12], x[n + 12:]
@@ -237,29 +257,39 @@ def views_system(rows, views: RigViews, landmarks, weights, config: FitConfig, p
   rotation = axis_angle_to_matrix(delta) @ base_rotation
   d_rotation = jax.jacfwd(rotate)(delta)                                      # (K, 3, 3)
   world = rotate(delta) + translation
+  d_world = jnp.concatenate([                                                 # (K, 3, N)
+      solve.chain_points(jnp.broadcast_to(rotation, (points.shape[0], 3, 3)), d_model),
+      d_rotation, jnp.broadcast_to(jnp.eye(3), (points.shape[0], 3, 3))], axis=-1)
   prior = solve.landmark_priors(rows.num_shape, rows.num_expression, config.regularization)
-  unweighted = solve.LandmarkProblem(
-      targets=None, weights=None, base_rotation=None, principal_point=None, pixel_scale=None,
-      robust_scale=jnp.asarray(config.landmark_robust_scale, jnp.float32),
-      prior=jnp.zeros_like(prior), free=None)
+  robust_scale = jnp.asarray(config.landmark_robust_scale, jnp.float32)
 
   def view(intrinsics, world_to_camera, distortion, targets, view_weights, scale):
+    """This view's cost and, per point, its weighted J^T J block (3, 3) and J^T r (3,)."""
     project = lambda p: project_calibrated(intrinsics, world_to_camera, distortion, p[None])[0]
     pixels = jax.vmap(project)(world)
     d_pixel = jax.vmap(jax.jacfwd(project))(world) * scale                  # (K, 2, 3)
-    jacobian = jnp.concatenate([
-        solve.chain_points(jnp.einsum("kac,cd->kad", d_pixel, rotation), d_model),
-        solve.chain_points(d_pixel, d_rotation), d_pixel], axis=-1)
     residual = (pixels - targets) * scale
-    problem = unweighted.replace(weights=view_weights)
-    return (solve.objective(problem, residual, x),
-            *solve.normal_equations(problem, residual, jacobian, x))
+    squared = jnp.sum(residual * residual, -1)
+    total = jnp.maximum(jnp.sum(view_weights), 1e-6)
+    cost = jnp.sum(view_weights * losses.charbonnier(squared, robust_scale)) / total
+    # Charbonnier's IRLS weight, as solve.normal_equations gives it.
+    irls = 0.5 / jnp.sqrt(1.0 + squared / (robust_scale * robust_scale))
+    row_weight = view_weights * irls / total                                  # (K,)
+    # Written out over the two pixel rows (as solve.chain_points, for the same reason).
+    block = sum(d_pixel[:, r, :, None] * d_pixel[:, r, None, :] for r in range(2))
+    gradient = sum(d_pixel[:, r, :] * residual[:, r, None] for r in range(2))
+    return cost, block * row_weight[:, None, None], gradient * row_weight[:, None]
 
-  costs, a, b = jax.vmap(view)(views.intrinsics, views.world_to_camera, views.distortion,
-                               landmarks, weights, views.face_scale)
+  costs, blocks, gradients = jax.vmap(view)(views.intrinsics, views.world_to_camera,
+                                            views.distortion, landmarks, weights,
+                                            views.face_scale)
+  block, gradient = jnp.sum(blocks, axis=0), jnp.sum(gradients, axis=0)      # (K, 3, 3), (K, 3)
+  weighted = solve.chain_points(block, d_world)                               # (K, 3, N)
+  flat = d_world.shape[-1]
   cost = jnp.sum(costs) + jnp.sum(prior * x * x)
-  a = jnp.sum(a, axis=0) + jnp.diag(prior)
-  b = jnp.sum(b, axis=0) + prior * x
+  a = d_world.reshape(-1, flat).T @ weighted.reshape(-1, flat)
+  a = 0.5 * (a + a.T) + jnp.diag(prior)   # J^T (M J) is symmetric only up to rounding
+  b = d_world.reshape(-1, flat).T @ gradient.reshape(-1) + prior * x
   return cost, (a, b), jnp.isfinite(cost) & jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
 
 

@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from jflame import multiview
+from jflame.config import FitConfig
 from tests.conftest import PROJECT_ROOT, ended_by_interrupt
 
 # `python -c HOLD_AFTER_A_MOMENT <jflame-fit flags>`: jflame-fit --cameras whose runner, once it
@@ -72,6 +74,13 @@ def test_every_moment_gets_its_files_and_its_world_mesh(capture, fitted):
   assert manifest["serials"] == list(truth["serials"])
   assert "SYNTHETIC" in manifest["model"] and manifest["shared_shape"] is not None
   assert "done: 2 moments" in stdout
+  # A rig's own defaults reached the fit (multiview.rig_config): every landmark, the priors a
+  # quarter of a photo's, the solve's steps.
+  photo = FitConfig()
+  assert manifest["config"]["landmark_regions"] is None
+  assert manifest["config"]["lm_iterations"] == multiview.LM_ITERATIONS
+  assert manifest["config"]["regularization"]["shape"] == pytest.approx(
+      photo.regularization.shape * multiview.RIG_PRIOR_SCALE)
   several_views = 0
   for index, entry in enumerate(manifest["moments"]):
     name = entry["moment"]

@@ -2,7 +2,7 @@
 fit) against its truth, beside single-view fits of the same images.
 
   python tools/make_multiview_capture.py --output /tmp/capture --views 5 --moments 4
-  python tools/eval_capture.py --capture /tmp/capture [--all_landmarks] [--prior_scale 0.25]
+  python tools/eval_capture.py --capture /tmp/capture [--noall_landmarks] [--prior_scale 1]
       [--json_out FILE]
 
 Prints per moment and over all moments: the world mesh's face region against the truth (median,

@@ -44,10 +44,11 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows as JSON here."
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per row (the median is reported).",
                                 lower_bound=1)
 _ALL_LANDMARKS = flags.DEFINE_bool(
-    "all_landmarks", False, "Multi-view: fit every landmark the embedding has, not the 162 of "
-    "the default regions.")
-_PRIOR_SCALE = flags.DEFINE_float("prior_scale", 1.0, "Multi-view: the shape and expression "
-                                  "priors times this.", lower_bound=0.0)
+    "all_landmarks", True, "Multi-view: fit every landmark the embedding has (as jflame-fit "
+    "--cameras does); --noall_landmarks: the 162 of a photo's default regions.")
+_PRIOR_SCALE = flags.DEFINE_float("prior_scale", multiview.RIG_PRIOR_SCALE,
+                                  "Multi-view: the shape and expression priors times this "
+                                  "(1: a photo's).", lower_bound=0.0)
 
 YAWS = {2: (0.0, 30.0), 3: (-30.0, 0.0, 30.0)}
 CROP = eval_synthetic.CROP
@@ -98,7 +99,8 @@ def _world_face(model, params, rotations, translations, face):
 
 
 def moment_config() -> FitConfig:
-  """The multi-view fit these flags ask for (their defaults: what `jflame-fit --cameras` runs)."""
+  """The multi-view fit these flags ask for (their defaults: what `jflame-fit --cameras` runs,
+  `multiview.rig_config`)."""
   prior = FitConfig().regularization
   return FitConfig(landmark_solver=_SOLVER.value, lm_iterations=_LM_ITERATIONS.value,
                    full_iterations=_FULL_ITERATIONS.value,
@@ -107,6 +109,7 @@ def moment_config() -> FitConfig:
                    regularization=dataclasses.replace(
                        prior, shape=prior.shape * _PRIOR_SCALE.value,
                        expression=prior.expression * _PRIOR_SCALE.value))
+
 
 
 def main(argv):

@@ -100,6 +100,7 @@ def _fit_capture() -> int:
       if config.photometric:
         return common.usage_error("--cameras fits landmarks only for now (--mode landmark).")
       from jflame import multiview
+      config = multiview.rig_config(config)
       if not common.FULL_ITERATIONS.present:
         config = config.replace(full_iterations=multiview.FULL_ITERATIONS)
       if not common.LM_ITERATIONS.present:
