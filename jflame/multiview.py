@@ -261,7 +261,10 @@ def views_system(rows, views: RigViews, landmarks, weights, config: FitConfig, p
       solve.chain_points(jnp.broadcast_to(rotation, (points.shape[0], 3, 3)), d_model),
       d_rotation, jnp.broadcast_to(jnp.eye(3), (points.shape[0], 3, 3))], axis=-1)
   prior = solve.landmark_priors(rows.num_shape, rows.num_expression, config.regularization)
-  robust_scale = jnp.asarray(config.landmark_robust_scale, jnp.float32)
+  unweighted = solve.LandmarkProblem(
+      targets=None, weights=None, base_rotation=None, principal_point=None, pixel_scale=None,
+      robust_scale=jnp.asarray(config.landmark_robust_scale, jnp.float32),
+      prior=jnp.zeros_like(prior), free=None)
 
   def view(intrinsics, world_to_camera, distortion, targets, view_weights, scale):
     """This view's cost and, per point, its weighted J^T J block (3, 3) and J^T r (3,)."""
@@ -269,16 +272,13 @@ def views_system(rows, views: RigViews, landmarks, weights, config: FitConfig, p
     pixels = jax.vmap(project)(world)
     d_pixel = jax.vmap(jax.jacfwd(project))(world) * scale                  # (K, 2, 3)
     residual = (pixels - targets) * scale
-    squared = jnp.sum(residual * residual, -1)
-    total = jnp.maximum(jnp.sum(view_weights), 1e-6)
-    cost = jnp.sum(view_weights * losses.charbonnier(squared, robust_scale)) / total
-    # Charbonnier's IRLS weight, as solve.normal_equations gives it.
-    irls = 0.5 / jnp.sqrt(1.0 + squared / (robust_scale * robust_scale))
-    row_weight = view_weights * irls / total                                  # (K,)
+    problem = unweighted.replace(weights=view_weights)
+    row_weight = solve.irls_weights(problem, residual)                        # (K,)
     # Written out over the two pixel rows (as solve.chain_points, for the same reason).
     block = sum(d_pixel[:, r, :, None] * d_pixel[:, r, None, :] for r in range(2))
     gradient = sum(d_pixel[:, r, :] * residual[:, r, None] for r in range(2))
-    return cost, block * row_weight[:, None, None], gradient * row_weight[:, None]
+    return (solve.objective(problem, residual, x), block * row_weight[:, None, None],
+            gradient * row_weight[:, None])
 
   costs, blocks, gradients = jax.vmap(view)(views.intrinsics, views.world_to_camera,
                                             views.distortion, landmarks, weights,

@@ -228,14 +228,20 @@ def objective(problem: LandmarkProblem, residual, x):
           + jnp.sum(problem.prior * x * x))
 
 
+def irls_weights(problem: LandmarkProblem, residual):
+  """(K,) each landmark's weight in the IRLS Gauss-Newton system of f: its weight over the
+  total, times Charbonnier's rho'(s) = 1 / (2 sqrt(1 + s / scale^2)) at its residual."""
+  squared = jnp.sum(residual * residual, -1)
+  irls = 0.5 / jnp.sqrt(1.0 + squared / (problem.robust_scale * problem.robust_scale))
+  return problem.weights * irls / _weight_total(problem)
+
+
 def normal_equations(problem: LandmarkProblem, residual, jacobian, x, focal_column=None):
   """IRLS Gauss-Newton system of f at x: A (N, N) and b (N,) with gradient 2 b and model
   Hessian 2 A. Charbonnier's rho'(s) = 1 / (2 sqrt(1 + s / scale^2)) weights each landmark.
 
   With `focal_column` (K, 2) also returns the focal blocks: A_xf (N,), A_ff (), b_f ()."""
-  squared = jnp.sum(residual * residual, -1)
-  irls = 0.5 / jnp.sqrt(1.0 + squared / (problem.robust_scale * problem.robust_scale))
-  row_weight = jnp.sqrt(problem.weights * irls / _weight_total(problem))      # (K,)
+  row_weight = jnp.sqrt(irls_weights(problem, residual))                     # (K,)
   weighted = (row_weight[:, None, None] * jacobian).reshape(-1, jacobian.shape[-1])
   weighted_r = (row_weight[:, None] * residual).reshape(-1)
   a = weighted.T @ weighted + jnp.diag(problem.prior)
