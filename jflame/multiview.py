@@ -52,15 +52,18 @@ LM_ITERATIONS = 3
 RIG_PRIOR_SCALE = 0.25
 
 
-def rig_config(config: FitConfig) -> FitConfig:
+def rig_config(config: FitConfig, prior_scale: float = RIG_PRIOR_SCALE,
+               every_landmark: bool = True) -> FitConfig:
   """A photo fit's settings `config` as a calibrated rig fits them unless told: every landmark
   of the embedding (MediaPipe's cheek and forehead points, which a photo's fit leaves out, carry
-  the face's shape once several views place them) and the shape and expression priors times
-  RIG_PRIOR_SCALE. (The iteration counts are the command's to set: LM_ITERATIONS,
-  FULL_ITERATIONS.)"""
+  the face's shape once several views place them; `every_landmark` False keeps the config's
+  regions) and the shape and expression priors times `prior_scale`. (The iteration counts are
+  the command's to set: LM_ITERATIONS, FULL_ITERATIONS.)"""
   prior = config.regularization
-  return config.replace(landmark_regions=None, regularization=dataclasses.replace(
-      prior, shape=prior.shape * RIG_PRIOR_SCALE, expression=prior.expression * RIG_PRIOR_SCALE))
+  if every_landmark:
+    config = config.replace(landmark_regions=None)
+  return config.replace(regularization=dataclasses.replace(
+      prior, shape=prior.shape * prior_scale, expression=prior.expression * prior_scale))
 
 
 @struct.dataclass

@@ -235,8 +235,9 @@ def run_with_user_xla_flags(code: str, *args) -> subprocess.CompletedProcess:
 def pytest_configure(config):
   """The tests' own JAX programs also go through the shared persistent compilation cache (the
   two workers and both tiers compile most of the same fits), and are released after a test
-  module once the worker holds many memory mappings (`release_compiled_programs`). XLA's backend is compiled without LLVM's optimisation
-  (TEST_XLA_FLAG) unless the caller's XLA_FLAGS chose a level."""
+  module once the worker holds many memory mappings (`release_compiled_programs`). XLA's
+  backend is compiled without LLVM's optimisation (TEST_XLA_FLAG) unless the caller's XLA_FLAGS
+  chose a level."""
   current = os.environ.get("XLA_FLAGS", "")
   if "xla_backend_optimization_level" not in current:
     os.environ["XLA_FLAGS"] = f"{current} {TEST_XLA_FLAG}".strip()

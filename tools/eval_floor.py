@@ -25,7 +25,8 @@ import numpy as np
 from absl import app, flags
 
 from jflame import flame, model_loading
-from jflame.camera import to_camera_space
+from jflame.camera import project_calibrated, to_camera_space
+from jflame.camera_files import padded_distortion
 from jflame.rotation import axis_angle_to_matrix
 import eval_multiview  # tools/ is a folder of scripts: its own folder is on sys.path
 import eval_synthetic
@@ -54,12 +55,10 @@ def _scene_functions(model, embedding, face, truth_params, truth_camera, rigs):
     rotation = axis_angle_to_matrix(delta) @ rotation0
     to_first = lambda points: points @ rotation.T + truth_camera.translation + shift
     landmarks = to_first(embedding.points(vertices, model.faces))
-    pixels = []
-    for camera in rigs:
-      in_view = landmarks @ jnp.asarray(camera.world_to_camera[:3, :3], jnp.float32).T + (
-          jnp.asarray(camera.world_to_camera[:3, 3], jnp.float32))
-      k = jnp.asarray(camera.intrinsics, jnp.float32)
-      pixels.append(in_view[:, :2] / in_view[:, 2:] * jnp.diag(k)[:2] + k[:2, 2])
+    pixels = [project_calibrated(jnp.asarray(camera.intrinsics, jnp.float32),
+                                 jnp.asarray(camera.world_to_camera, jnp.float32),
+                                 jnp.asarray(padded_distortion(camera), jnp.float32), landmarks)
+              for camera in rigs]
     return jnp.concatenate([p.reshape(-1) for p in pixels]), to_first(vertices[:face]).reshape(-1)
   return of
 

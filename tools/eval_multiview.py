@@ -14,7 +14,6 @@ face-region vertex error after the best rigid alignment (median, p90), the depth
 face centroid in the first camera, the size bias, and ms per view.
 """
 
-import dataclasses
 import json
 
 import jax
@@ -101,15 +100,10 @@ def _world_face(model, params, rotations, translations, face):
 def moment_config() -> FitConfig:
   """The multi-view fit these flags ask for (their defaults: what `jflame-fit --cameras` runs,
   `multiview.rig_config`)."""
-  prior = FitConfig().regularization
-  return FitConfig(landmark_solver=_SOLVER.value, lm_iterations=_LM_ITERATIONS.value,
-                   full_iterations=_FULL_ITERATIONS.value,
-                   landmark_regions=None if _ALL_LANDMARKS.value else (
-                       FitConfig().landmark_regions),
-                   regularization=dataclasses.replace(
-                       prior, shape=prior.shape * _PRIOR_SCALE.value,
-                       expression=prior.expression * _PRIOR_SCALE.value))
-
+  return multiview.rig_config(
+      FitConfig(landmark_solver=_SOLVER.value, lm_iterations=_LM_ITERATIONS.value,
+                full_iterations=_FULL_ITERATIONS.value),
+      prior_scale=_PRIOR_SCALE.value, every_landmark=_ALL_LANDMARKS.value)
 
 
 def main(argv):
