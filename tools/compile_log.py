@@ -101,8 +101,12 @@ def main(argv):
       path.unlink()
       print(f"removed {path}")
   if _SUMMARY.value:
-    with open(_SUMMARY.value) as stream:
-      print(summary([json.loads(line) for line in stream if line.strip()], _TOP.value))
+    try:
+      with open(_SUMMARY.value) as stream:
+        rows = [json.loads(line) for line in stream if line.strip()]
+    except (OSError, ValueError) as error:
+      raise SystemExit(f"cannot read the compile log {_SUMMARY.value}: {error}") from None
+    print(summary(rows, _TOP.value))
 
 
 if __name__ == "__main__":

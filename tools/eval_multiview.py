@@ -50,6 +50,8 @@ _PRIOR_SCALE = flags.DEFINE_float("prior_scale", multiview.RIG_PRIOR_SCALE,
                                   "(1: a photo's).", lower_bound=0.0)
 
 YAWS = {2: (0.0, 30.0), 3: (-30.0, 0.0, 30.0)}
+flags.register_validator("views", lambda counts: all(c in ("1", "2", "3") for c in counts),
+                         "--views takes view counts 1, 2 and 3 (the rigs of YAWS)")
 CROP = eval_synthetic.CROP
 FOCAL = eval_synthetic.FIT_FOCAL
 
