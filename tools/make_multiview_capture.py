@@ -1,7 +1,7 @@
 """Writes a synthetic calibrated capture in NeRSemble's layout, with its truth.
 
   python tools/make_multiview_capture.py --output /tmp/capture [--views 3] [--moments 2]
-      [--width 550] [--height 802] [--seed 0]
+      [--width 550] [--height 802] [--seed 0] [--texture astronaut|PHOTO|none]
 
     <output>/camera_params.json          NeRSemble: world_2_cam serial -> 4x4 (OpenCV),
                                          intrinsics serial -> 3x3 (per camera, no image size)
@@ -10,13 +10,22 @@
                                          its world vertices (metres), the serials
 
 The SYNTHETIC FLAME-size head (labelled so in truth.npz), one identity, an expression and jaw per
-moment, rendered grey by jflame's rasterizer from cameras spread over +-30 degrees (yaw) around
-it, each with its own focal length and an off-centre principal point, in non-square images. The
+moment, rendered by jflame's rasterizer from cameras spread over +-30 degrees (yaw) around it,
+each with its own focal length and an off-centre principal point, in non-square images. The
 renders are pinhole: the file has no distortion. For tests (tests/test_capture_command.py) and
 for users to try `jflame-fit --cameras`.
+
+Texture: MediaPipe places its points on a grey head 8-12 px off (docs/ACCURACY.md), so by
+default the head wears a photograph (`--texture`: scikit-image's public-domain astronaut, or a
+face photo of your own; `none` renders grey). The photo is fitted with the head (every landmark),
+each vertex takes the photo pixel it projects to, and a thin-plate spline through the landmarks
+moves those pixels so that each landmark's point on the head shows exactly where MediaPipe found
+that landmark in the photo: the texture is attached to the vertices, so features stay at the
+head's landmark points whatever the moment's expression and the camera.
 """
 
 import json
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -24,12 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from scipy.interpolate import RBFInterpolator
 from scipy.spatial.transform import Rotation
 
-from jflame import camera_files, flame, model_loading
-from jflame.camera import project_calibrated
-from jflame.render import (Appearance, RasterSettings, face_adjacency, laplacian_albedo_model,
-                           neutral_lighting, render_mesh, vertex_normals)
+from jflame import FitConfig, camera_files, fit_images, flame, model_loading
+from jflame.camera import apply_affine, invert_affine, project_calibrated
+from jflame.render import (Appearance, RasterSettings, face_adjacency, interpolate,
+                           laplacian_albedo_model, neutral_lighting, rasterize, render_mesh,
+                           vertex_normals)
 
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to write the capture into.")
 _VIEWS = flags.DEFINE_integer("views", 3, "Cameras.")
@@ -37,6 +48,12 @@ _MOMENTS = flags.DEFINE_integer("moments", 2, "Moments (timesteps).")
 _WIDTH = flags.DEFINE_integer("width", 550, "Image width.")
 _HEIGHT = flags.DEFINE_integer("height", 802, "Image height.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_TEXTURE = flags.DEFINE_string(
+    "texture", "astronaut", "What the head wears: 'astronaut' (scikit-image's public-domain "
+    "photograph), the path of a face photo, or 'none' (grey, lit).")
+flags.register_validator(
+    "texture", lambda value: value in ("astronaut", "none") or Path(value).is_file(),
+    "--texture must be 'astronaut', 'none' or the path of an existing photo")
 
 
 def rig(views: int, width: int, height: int, distance: float = 0.8):
@@ -67,6 +84,72 @@ def render(model, vertices_world, k, world_to_camera, width, height, albedo, nei
   return output.image, output.alpha
 
 
+def photo_texture(loaded, photo: Path):
+  """The photo (H, W, 3 RGB, uint8) and where each vertex of the head takes its colour in it,
+  (V, 2) photo pixels (centres at +0.5).
+
+  The photo is fitted with the head on every landmark; each vertex gets the pixel it projects
+  to, moved by a thin-plate spline through the landmarks that carries each fitted landmark onto
+  the detected one, so every landmark point of the head wears the pixel where MediaPipe found
+  that landmark. Raises SystemExit with one line when the photo has no fittable face."""
+  fitted = fit_images([photo], loaded, FitConfig().replace(landmark_regions=None))[0]
+  if not fitted.ok:
+    raise SystemExit(f"--texture {photo}: {fitted.entry['status']}: {fitted.entry['message']}")
+  arrays = fitted.arrays
+  original_from_crop = invert_affine(np.asarray(arrays["crop_from_original"]).reshape(2, 3))
+  pixels = apply_affine(original_from_crop, np.asarray(fitted.meshes.pixels, np.float64))
+  landmarks = np.asarray(arrays["landmarks_fitted_original"], np.float64).reshape(-1, 2)
+  detected = np.asarray(arrays["landmarks_detected_original"], np.float64).reshape(-1, 2)
+  known = np.all(np.isfinite(detected), axis=1)
+  warp = RBFInterpolator(landmarks[known], detected[known] - landmarks[known],
+                         kernel="thin_plate_spline")
+  image = cv2.cvtColor(cv2.imread(str(photo), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+  return image, pixels + warp(pixels)
+
+
+def photo_coordinates(model, vertices_world, k, world_to_camera, width, height, texture_pixels,
+                      neighbors):
+  """Per pixel of a view, where its colour lies in the texture photo: ((H, W, 2) photo pixels,
+  (H, W) coverage)."""
+  camera_space = vertices_world @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
+  pixels = project_calibrated(k, world_to_camera, jnp.zeros(14), vertices_world)
+  screen = jnp.concatenate([pixels, camera_space[:, 2:3]], axis=1)
+  fragments = rasterize(screen, model.faces, height, width,
+                        RasterSettings(cull_backfaces=True), neighbors)
+  return interpolate(texture_pixels, fragments, model.faces), fragments.coverage
+
+
+def textured_bgr(photo, coordinates, coverage):
+  """uint8 BGR: the photo sampled where the head covers the view, on a dark grey background."""
+  coordinates = np.asarray(coordinates, np.float32) - 0.5   # cv2 puts pixel centres at integers
+  colour = cv2.remap(photo, coordinates[..., 0], coordinates[..., 1], cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REPLICATE).astype(np.float32) / 255
+  coverage = np.clip(np.asarray(coverage, np.float32), 0, 1)[..., None]
+  image = colour * coverage + (1 - coverage) * 0.15
+  return cv2.cvtColor(np.clip(image * 255, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
+
+
+def view_drawer(loaded, texture: str, width: int, height: int):
+  """draw(world vertices, K, world-to-camera) -> uint8 BGR view, the head wearing `texture`
+  (the --texture flag's value)."""
+  model = loaded.model
+  neighbors = jnp.asarray(face_adjacency(np.asarray(model.faces)))
+  if texture == "none":
+    albedo = laplacian_albedo_model(model.v_template, model.faces, 1)
+    grey = jax.jit(lambda v, k, e: render(model, v, k, e, width, height, albedo, neighbors))
+    return lambda v, k, e: to_bgr(*grey(v, k, e))
+  with tempfile.TemporaryDirectory() as scratch:
+    photo = Path(texture)
+    if texture == "astronaut":
+      from skimage import data  # only this texture needs scikit-image
+      photo = Path(scratch) / "astronaut.png"
+      cv2.imwrite(str(photo), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    image, texture_pixels = photo_texture(loaded, photo)
+  locate = jax.jit(lambda v, k, e: photo_coordinates(
+      model, v, k, e, width, height, jnp.asarray(texture_pixels, jnp.float32), neighbors))
+  return lambda v, k, e: textured_bgr(image, *locate(v, k, e))
+
+
 def to_bgr(image, alpha):
   """uint8 BGR on a dark grey background."""
   image = np.asarray(image) + (1 - np.asarray(alpha))[..., None] * 0.15
@@ -82,10 +165,9 @@ def main(argv):
   width, height = _WIDTH.value, _HEIGHT.value
   cameras = rig(_VIEWS.value, width, height)
   shape = rng.normal(scale=0.5, size=100)
-  albedo = laplacian_albedo_model(model.v_template, model.faces, 1)
-  neighbors = jnp.asarray(face_adjacency(np.asarray(model.faces)))
-  draw = jax.jit(lambda v, k, e: render(model, v, k, e, width, height, albedo, neighbors))
+  draw = view_drawer(loaded, _TEXTURE.value, width, height)
   truth = dict(synthetic_model=model.name, serials=np.array(list(cameras)), shape=shape,
+               texture=_TEXTURE.value,
                expression=[], jaw_rotation=[], head_rotation=[], head_translation=[],
                vertices_world=[], moments=[])
   for moment in range(_MOMENTS.value):
@@ -104,8 +186,8 @@ def main(argv):
     folder = out / "frames" / name
     folder.mkdir(parents=True, exist_ok=True)
     for serial, (k, world_to_camera) in cameras.items():
-      image = to_bgr(*draw(jnp.asarray(world, jnp.float32), jnp.asarray(k, jnp.float32),
-                           jnp.asarray(world_to_camera, jnp.float32)))
+      image = draw(jnp.asarray(world, jnp.float32), jnp.asarray(k, jnp.float32),
+                   jnp.asarray(world_to_camera, jnp.float32))
       cv2.imwrite(str(folder / f"cam_{serial}.png"), image)
     truth["expression"].append(np.asarray(params.expression))
     truth["jaw_rotation"].append(np.asarray(params.jaw_rotation))
