@@ -6,8 +6,9 @@
       ──► multiview.fit_moments: every moment with its own shape, then (several moments) again
           with the run's shape (the median over the moments fitted) held
       ──► per moment: <moment>.npz, <moment>.obj (world coordinates, metres),
-          <moment>_views.png (every view with its detected and fitted landmarks);
-          manifest.json for the run
+          <moment>_views.png (every view with the fitted mesh and the detected and fitted
+          landmarks), overlays/<moment>/cam_<serial>.png (each view alone, full size up to
+          MAX_PICTURE_SIDE; unless overlays are turned off); manifest.json for the run
 
 Detection is the slow part (a MediaPipe pass per view) and the fit needs every moment at once
 (the run's shape is their median), so each moment's landmarks are committed as they are read, to
@@ -41,13 +42,15 @@ from jflame.errors import InputError
 from jflame.flame import flame_forward
 from jflame.manifest import write_json
 from jflame.model_loading import LoadedModel, prepare_fit_model, run_provenance
-from jflame.pictures import MAX_PICTURE_SIDE
+from jflame.camera import apply_affine
+from jflame.pictures import MAX_PICTURE_SIDE, fit_within
 from jflame.preprocess import Preprocessor
 from jflame.rotation import axis_angle_to_matrix
 
 STATUS_OK = "ok"
 STATUS_NO_FACE = "no_face"   # fewer than one view with a face
 LANDMARKS_FOLDER = ".landmarks"  # in the output folder: one committed .npz per moment read
+OVERLAYS_FOLDER = "overlays"      # in the output folder: <moment>/cam_<serial>.png
 
 
 def capture_moments(folder) -> List[Path]:
@@ -165,31 +168,41 @@ def read_moments(folders, rig, preprocessor, store: Path, progress=None):
   return moments, reused
 
 
-def _contact_sheet(moment: Moment, serials, fitted, detected_valid) -> np.ndarray:
-  """Every view side by side (each scaled to a common height), detected landmarks green,
-  fitted red, capped at MAX_PICTURE_SIDE."""
+def _view_pictures(moment: Moment, rig, mesh_pixels, faces, fitted, indices):
+  """Each view's image with the fitted mesh (wireframe) and, where the view had a face, the
+  detected (green) and fitted (red) landmarks (`output.draw_overlay`), downscaled to at most
+  MAX_PICTURE_SIDE: a list of RGB images, one per view. A view whose image cannot be read
+  (its landmarks were refused with a message) is drawn on a dark canvas of the camera's size."""
+  pictures = []
+  for view, camera in enumerate(rig):
+    image = cv2.imread(str(moment.images[camera.serial]), cv2.IMREAD_COLOR)
+    if image is None:
+      width, height = (int(side) for side in camera.image_size)
+      image = np.full((height, width, 3), 40, np.uint8)
+      cv2.putText(image, "image unreadable", (10, height // 2), cv2.FONT_HERSHEY_SIMPLEX,
+                  max(0.5, width / 800), (255, 255, 255), max(1, width // 400))
+    image, to_picture = fit_within(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    keep = (moment.weights[view, indices] > 0) if moment.valid[view] else np.zeros(
+        len(indices), bool)
+    pictures.append(output.draw_overlay(
+        image, apply_affine(to_picture, np.asarray(mesh_pixels[view], np.float64)), faces,
+        apply_affine(to_picture, np.asarray(moment.landmarks[view, indices], np.float64)),
+        apply_affine(to_picture, np.asarray(fitted[view], np.float64)), keep))
+  return pictures
+
+
+def _contact_sheet(pictures, serials) -> np.ndarray:
+  """Every view's picture side by side (each scaled to a common height), its serial written in
+  its corner, capped at MAX_PICTURE_SIDE (RGB)."""
   tiles = []
   height = min(512, MAX_PICTURE_SIDE // max(len(serials), 1) * 4 // 3)
-  for view, serial in enumerate(serials):
-    image = cv2.imread(str(moment.images[serial]), cv2.IMREAD_COLOR)
-    scale = height / image.shape[0]
-    tile = cv2.resize(image, (max(1, round(image.shape[1] * scale)), height),
+  for picture, serial in zip(pictures, serials):
+    scale = height / picture.shape[0]
+    tile = cv2.resize(picture, (max(1, round(picture.shape[1] * scale)), height),
                       interpolation=cv2.INTER_AREA)
-    for points, colour, valid in ((moment.landmarks[view], (0, 200, 0), detected_valid[view]),
-                                  (fitted[view], (0, 0, 255), True)):
-      if not valid:
-        continue
-      for x, y in np.asarray(points) * scale:
-        if np.isfinite(x) and np.isfinite(y):
-          cv2.circle(tile, (int(round(x)), int(round(y))), 1, colour, -1)
     cv2.putText(tile, serial, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
     tiles.append(tile)
-  sheet = np.concatenate(tiles, axis=1)
-  if max(sheet.shape[:2]) > MAX_PICTURE_SIDE:
-    factor = MAX_PICTURE_SIDE / max(sheet.shape[:2])
-    sheet = cv2.resize(sheet, (round(sheet.shape[1] * factor), round(sheet.shape[0] * factor)),
-                       interpolation=cv2.INTER_AREA)
-  return sheet
+  return fit_within(np.concatenate(tiles, axis=1))[0]
 
 
 def open_capture(cameras_path, input_folder):
@@ -205,9 +218,11 @@ def open_capture(cameras_path, input_folder):
 
 
 def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_folder,
-                output_dir, crop_size: int = 256, progress=None, opened=None) -> dict:
+                output_dir, crop_size: int = 256, progress=None, opened=None,
+                overlays: bool = True) -> dict:
   """Fits every moment of a capture and writes its files; returns the manifest. `opened`: what
-  `open_capture(cameras_path, input_folder)` returned, when the caller has checked it already."""
+  `open_capture(cameras_path, input_folder)` returned, when the caller has checked it already;
+  `overlays`: write each view's picture (overlays/<moment>/cam_<serial>.png)."""
   started = datetime.datetime.now(datetime.timezone.utc)
   moments_folders, cameras = opened or open_capture(cameras_path, input_folder)
   serials = list(cameras)
@@ -218,7 +233,8 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
     moments, reused = read_moments(moments_folders, rig, preprocessor, out / LANDMARKS_FOLDER,
                                    progress)
   facts = dict(cameras=str(cameras_path), cameras_file=_file_facts(cameras_path),
-               input=str(input_folder), serials=serials, **run_provenance(loaded, config))
+               input=str(input_folder), serials=serials, overlays=overlays,
+               **run_provenance(loaded, config))
   if reused == len(moments):
     finished = finished_run(out, facts, [m.name for m in moments])
     if finished is not None:
@@ -242,8 +258,9 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
   indices = np.asarray(fit_model.landmark_indices)
   entries = []
   for index, moment in enumerate(moments):
-    entries.append(_write_moment(out, moment, serials, jax.tree.map(lambda x: x[index], result),
-                                 bool(fittable[index]), bool(ok[index]), indices, loaded))
+    entries.append(_write_moment(out, moment, views[index], rig,
+                                 jax.tree.map(lambda x: x[index], result), bool(fittable[index]),
+                                 bool(ok[index]), indices, loaded, overlays))
   manifest = dict(jflame_capture=1, started=started.isoformat(), moments=entries,
                   landmarks_read_back=reused,
                   shared_shape=None if shape is None else shape.tolist(), **facts)
@@ -258,8 +275,8 @@ def _file_facts(path) -> dict:
 
 # What must match for a rerun to keep a finished run: the run's inputs and settings, not the
 # machine it ran on (device, Python and JAX versions are recorded, not compared).
-_SAME_RUN_KEYS = ("cameras", "cameras_file", "input", "serials", "model", "model_variant",
-                  "embedding", "config")
+_SAME_RUN_KEYS = ("cameras", "cameras_file", "input", "serials", "overlays", "model",
+                  "model_variant", "embedding", "config")
 
 
 def finished_run(out: Path, facts: dict, moment_names) -> Optional[dict]:
@@ -283,13 +300,20 @@ def finished_run(out: Path, facts: dict, moment_names) -> Optional[dict]:
 
 
 @jax.jit
+def _mesh_in_views(views: multiview.RigViews, vertices_world):
+  """(V, N, 2) the world mesh in every view's image (one compiled program per rig)."""
+  return multiview.project_views(views, vertices_world)
+
+
+@jax.jit
 def _world_vertices(model, params, rotation, translation):
   """(V, 3) the fitted mesh moved into the world (one compiled program for every moment)."""
   return flame_forward(model, params)[0] @ axis_angle_to_matrix(rotation).T + translation
 
 
-def _write_moment(out: Path, moment: Moment, serials, result, fittable: bool, ok: bool,
-                  indices, loaded: LoadedModel) -> dict:
+def _write_moment(out: Path, moment: Moment, views: multiview.RigViews, rig, result,
+                  fittable: bool, ok: bool, indices, loaded: LoadedModel, overlays: bool) -> dict:
+  serials = [camera.serial for camera in rig]
   entry = dict(moment=moment.name, views=len(serials), views_with_face=int(moment.valid.sum()),
                messages=moment.messages)
   if not fittable:
@@ -331,11 +355,19 @@ def _write_moment(out: Path, moment: Moment, serials, result, fittable: bool, ok
                                      jnp.asarray(translation, jnp.float32)), np.float64)
   output.save_mesh(out / f"{name}.obj", world, loaded.model.faces,
                    header=f"{loaded.model.name}, world coordinates of the camera file, metres")
-  sheet = _contact_sheet(moment, serials, np.asarray(result.landmarks_2d), moment.valid)
-  with atomic_path(out / f"{name}_views.png") as tmp:
-    cv2.imwrite(str(tmp), sheet)
+  fitted = np.asarray(result.landmarks_2d)
+  mesh_pixels = np.asarray(_mesh_in_views(views, jnp.asarray(world, jnp.float32)))
+  pictures = _view_pictures(moment, rig, mesh_pixels, np.asarray(loaded.model.faces), fitted,
+                            indices)
+  files = [f"{name}.npz", f"{name}.obj", f"{name}_views.png"]
+  output.save_png(out / files[-1], _contact_sheet(pictures, serials))
+  if overlays:
+    (out / OVERLAYS_FOLDER / name).mkdir(parents=True, exist_ok=True)
+    for serial, picture in zip(serials, pictures):
+      files.append(f"{OVERLAYS_FOLDER}/{name}/cam_{serial}.png")
+      output.save_png(out / files[-1], picture)
   entry.update(status=STATUS_OK, suspect=bool(reasons), suspect_reason="; ".join(reasons),
                landmark_error_relative=[None if not np.isfinite(e) else float(e)
                                         for e in relative],
-               files=[f"{name}.npz", f"{name}.obj", f"{name}_views.png"])
+               files=files)
   return entry

@@ -160,8 +160,8 @@ def rigid_alignment(source, target, weights):
   return rotation, target_mean - rotation @ source_mean
 
 
-def _project_views(views: RigViews, points_world):
-  """(V, K, 2) the world points in every view's image."""
+def project_views(views: RigViews, points_world):
+  """(V, K, 2) the world points in every view's image (lens distortion applied)."""
   return jax.vmap(project_calibrated, in_axes=(0, 0, 0, None))(
       views.intrinsics, views.world_to_camera, views.distortion, points_world)
 
@@ -200,7 +200,7 @@ def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=No
   def predicted(variables):
     points, _ = surface_points_forward(rows, variables.flame)
     rotation = axis_angle_to_matrix(variables.camera_rotation) @ base_rotation
-    return _project_views(views, points @ rotation.T + variables.camera_translation)
+    return project_views(views, points @ rotation.T + variables.camera_translation)
 
   def data_loss(variables):
     per_view = jax.vmap(losses.landmark_loss, in_axes=(0, 0, 0, None, None, None))(

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -97,7 +98,8 @@ def test_every_moment_gets_its_files_and_its_world_mesh(capture, fitted):
       assert entry["suspect"] and "single view" in entry["suspect_reason"], entry
       continue
     several_views += 1
-    assert entry["files"] == [f"{name}.npz", f"{name}.obj", f"{name}_views.png"]
+    overlays = [f"overlays/{name}/cam_{serial}.png" for serial in truth["serials"]]
+    assert entry["files"] == [f"{name}.npz", f"{name}.obj", f"{name}_views.png", *overlays]
     arrays = np.load(out / f"{name}.npz")
     assert arrays["landmarks_fitted"].shape[0] == 3 and arrays["head_rotation"].shape == (3,)
     vertices = _obj_vertices(out / f"{name}.obj")
@@ -117,6 +119,19 @@ def test_every_moment_gets_its_files_and_its_world_mesh(capture, fitted):
       if arrays["view_has_face"][view]:
         detection_medians.append(np.median(np.linalg.norm(
             arrays["landmarks_detected"][view] - pixels, axis=1)))
+      # The view's overlay draws the fitted mesh where the truth's mesh is in that image: every
+      # pixel it changed lies within the truth's outline (grown by 4% of the view's width).
+      source = cv2.imread(str(capture / "frames" / name / f"cam_{serial}.png"))
+      overlay = cv2.imread(str(out / overlays[view]))
+      assert overlay.shape == source.shape
+      mesh = true_world @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
+      mesh = (mesh[:, :2] / mesh[:, 2:] @ k[:2, :2].T + k[:2, 2]).astype(np.float32)
+      outline = np.zeros(source.shape[:2], np.uint8)
+      cv2.fillConvexPoly(outline, cv2.convexHull(np.round(mesh).astype(np.int32)), 1)
+      grow = int(0.04 * source.shape[1])
+      outline = cv2.dilate(outline, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8))
+      changed = np.any(overlay != source, axis=-1)
+      assert changed.sum() > 0.2 * outline.sum() and not np.any(changed & (outline == 0))
     # In the camera file's world, metres: near the truth. MediaPipe's landmarks on these renders
     # are themselves 2-6 px off (its placement moves with the view; docs/ACCURACY.md), so this
     # is a frame check (a wrong convention or unit is decimetres off), not the accuracy figure.
@@ -166,6 +181,34 @@ def test_captures_and_camera_files_that_do_not_match_exit_2_with_one_line(captur
   assert "one folder" in _one_line_exit_2(_run(
       ["--cameras", str(cameras), "--input", f"{capture / 'frames'},{tmp_path}", "--output",
        str(tmp_path / "d")], command_env))
+
+
+def test_an_unreadable_view_leaves_its_moment_to_the_other_views(capture, command_env, tmp_path):
+  """A corrupt image of one camera in one moment: that moment is fitted from its other views and
+  says which view it lost; its overlay of that view draws the mesh on a blank canvas of the
+  camera's size; --nooverlay writes no view pictures."""
+  frames = tmp_path / "frames"
+  shutil.copytree(capture / "frames", frames)
+  serials = list(np.load(capture / "truth.npz")["serials"])
+  (frames / "timestep_000001" / f"cam_{serials[0]}.png").write_bytes(b"not a PNG")
+  out = tmp_path / "out"
+  done = _run(["--cameras", str(capture / "camera_params.json"), "--input", str(frames),
+               "--output", str(out)], command_env)
+  assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  entry = json.loads((out / "manifest.json").read_text())["moments"][1]
+  assert entry["status"] == "ok" and entry["views_with_face"] <= 2, entry
+  assert any(serials[0] in message and "unreadable" in message for message in entry["messages"])
+  blank = cv2.imread(str(out / "overlays" / "timestep_000001" / f"cam_{serials[0]}.png"))
+  assert blank.shape == cv2.imread(str(capture / "frames" / "timestep_000001" /
+                                       f"cam_{serials[1]}.png")).shape
+  again = tmp_path / "again"
+  done = _run(["--cameras", str(capture / "camera_params.json"), "--input", str(frames),
+               "--output", str(again), "--nooverlay"], command_env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert not (again / "overlays").exists()
+  assert all("overlays/" not in name
+             for entry in json.loads((again / "manifest.json").read_text())["moments"]
+             for name in entry["files"])
 
 
 def _held_run_until(args, env, store, committed):

@@ -110,7 +110,7 @@ def _fit_capture() -> int:
         try:
           manifest = capture_runner.fit_capture(loaded, config, _CAMERAS.value,
                                                 _INPUT.value[0], folder, progress=bar.update,
-                                                opened=opened)
+                                                opened=opened, overlays=_OVERLAY.value)
         except KeyboardInterrupt:
           bar.close()
           store = folder / capture_runner.LANDMARKS_FOLDER
