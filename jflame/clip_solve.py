@@ -96,10 +96,7 @@ def solve_clip(rows, problems: solve.LandmarkProblem, params, shape, y, log_foca
   Returns:
     (shape (S,), y (T, M), cost history (iterations,), failed ()).
   """
-  frames, width = y.shape
-  held = ~free
   num_shape = shape.shape[0]
-  inside = valid[:, None]
 
   def frame_terms(shape, y, with_system: bool):
     """Per frame: cost (T,), finite (T,) and, `with_system`, the normal equations A, b (over
@@ -121,6 +118,25 @@ def solve_clip(rows, problems: solve.LandmarkProblem, params, shape, y, log_foca
       ok = jnp.isfinite(cost) & jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
       return cost, ok, a, b
     return jax.vmap(one)(problems, params, y)
+
+  return solve_clip_terms(frame_terms, params, shape, y, valid, motion, weights, free,
+                          iterations, cg_iterations, solve_shape, active, initial_damping)
+
+
+def solve_clip_terms(frame_terms, params, shape, y, valid, motion,
+                     weights: temporal.TemporalWeights, free, iterations: int,
+                     cg_iterations: int, solve_shape: bool = False, active=True,
+                     initial_damping: float = 1e-3):
+  """`solve_clip` with the frames' data terms given: `frame_terms(shape, y, with_system)` ->
+  per frame cost (T,), finite (T,) and, `with_system`, the IRLS normal equations A (T, N, N),
+  b (T, N) of each frame's objective over (shape, y_t) with `solve_shape`, else over y_t (N = M),
+  as `solve.normal_equations` makes them (gradient 2 b, model Hessian 2 A). A calibrated rig's
+  moments plug in their views' terms here (`jflame.rig_track`); the other arguments are
+  `solve_clip`'s."""
+  frames, width = y.shape
+  held = ~free
+  num_shape = shape.shape[0]
+  inside = valid[:, None]
 
   def smoothing(y):
     return temporal.temporal_penalty(_variables(y, shape, params), weights, motion)

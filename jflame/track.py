@@ -179,7 +179,7 @@ class TrackResult:
   photometric_error: Optional[jax.Array] = None
 
 
-def _chordal_mean(rotations, weights):
+def chordal_mean(rotations, weights):
   """The rotation nearest (Frobenius) to the weighted mean of (T, 3, 3) rotation matrices."""
   mean = jnp.einsum("t,tab->ab", weights, rotations)
   u, _, vt = jnp.linalg.svd(mean)
@@ -188,7 +188,7 @@ def _chordal_mean(rotations, weights):
   return u @ fix @ vt
 
 
-def _gap_filled(tree, valid):
+def gap_filled(tree, valid):
   """Per-frame leaves (T, ...) with every frame without a face replaced by the linear
   interpolation of the nearest frames with one (held at the ends)."""
   frames = valid.shape[0]
@@ -307,7 +307,7 @@ def initial_clip_variables(fit_model: FitModel, targets: ClipTargets, crop_size:
     coefficients = coefficients.at[:, columns].set(solved)
     rotations, translations = cameras(coefficients)
   valid_weight = targets.valid.astype(jnp.float32) / jnp.maximum(jnp.sum(targets.valid), 1.0)
-  base = _chordal_mean(rotations, valid_weight)
+  base = chordal_mean(rotations, valid_weight)
   deltas = jax.vmap(lambda r: matrix_to_axis_angle(r @ base.T))(rotations)
   flame = jax.vmap(lambda c: FlameParams.zeros(config.num_shape, config.num_expression).replace(
       shape=c[:num_shape], expression=c[num_shape:num_shape + num_expression],
@@ -315,7 +315,7 @@ def initial_clip_variables(fit_model: FitModel, targets: ClipTargets, crop_size:
   per_frame = FitVariables(flame=flame, camera_rotation=deltas,
                            camera_translation=translations,
                            focal_length=jnp.broadcast_to(focal, (frames,)))
-  per_frame = _gap_filled(jax.lax.stop_gradient(per_frame), targets.valid)
+  per_frame = gap_filled(jax.lax.stop_gradient(per_frame), targets.valid)
   ok = jnp.all(jnp.isfinite(coefficients)) & _finite(per_frame)
   return (per_frame.replace(flame=per_frame.flame.replace(shape=coefficients[0, :num_shape]),
                             focal_length=focal), base, principal_point, ok)
@@ -524,7 +524,7 @@ def track_padded(fit_model: FitModel, observations: Observation, config: TrackCo
     failed = failed | photometric_failed
     extra.update(photometric_loss_history=photometric_history,
                  appearance=fitted_appearance(variables))
-  frame_variables = _map_per_frame(lambda x: _gap_filled(x, targets.valid), to_frames(variables))
+  frame_variables = _map_per_frame(lambda x: gap_filled(x, targets.valid), to_frames(variables))
 
   def evaluate(frame, target):
     predicted = project_landmarks(fit_model, frame, base_rotation, principal_point)

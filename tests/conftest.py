@@ -72,7 +72,7 @@ def random_flame_arrays(seed=0, num_vertices=60, num_faces=80, num_shape=12, num
 SLOW_SUITES = ("test_track_motion", "test_ray_engine", "test_track", "test_export_commands",
                "test_annotate", "test_fit_photometric", "test_fit_hostile", "test_solve",
                "test_output_files", "test_capture_command", "test_fit", "test_track_command",
-               "test_fit_command", "test_ids", "test_fit_behaviour", "test_sharding",
+               "test_fit_command", "test_ids", "test_rig_track", "test_fit_behaviour", "test_sharding",
                "test_bare_image", "test_render_recovery", "test_render_gradients",
                "test_rotated_photos", "test_library")
 FAST_SUITES = ("test_build_embedding", "test_camera_files", "test_clip_solve", "test_engine_rules",
