@@ -39,6 +39,19 @@ def rig(yaws=YAWS, sizes=SIZES, distance=0.6):
   return cameras
 
 
+def views_landmarks(cameras, points_world, embedding, rng, noise_px=1.0):
+  """Each camera's MediaPipe-layout landmarks (V, 478, 2) of the embedding's world points, with
+  Gaussian noise, and their weights (V, 478): 1 where the embedding has a point."""
+  indices = np.asarray(embedding.landmark_indices)
+  landmarks = np.zeros((len(cameras), 478, 2), np.float32)
+  weights = np.zeros((len(cameras), 478), np.float32)
+  for view, camera in enumerate(cameras):
+    landmarks[view, indices] = camera_files.project_points(camera, points_world) + rng.normal(
+        scale=noise_px, size=(len(indices), 2))
+    weights[view, indices] = 1.0
+  return landmarks, weights
+
+
 def make_scene(cameras):
   """The small synthetic head with a known identity, expression and jaw, turned 12 degrees and
   moved in the world; its landmarks in each of `cameras` with 1 px noise."""
@@ -53,13 +66,7 @@ def make_scene(cameras):
   vertices = np.asarray(flame.flame_forward(model, truth)[0], np.float64)
   points_model = np.asarray(embedding.points(vertices, model.faces), np.float64)
   world = points_model @ head_rotation.T + head_translation
-  indices = np.asarray(embedding.landmark_indices)
-  landmarks = np.zeros((len(cameras), 478, 2), np.float32)
-  weights = np.zeros((len(cameras), 478), np.float32)
-  for view, camera in enumerate(cameras):
-    landmarks[view, indices] = camera_files.project_points(camera, world) + rng.normal(
-        size=(len(indices), 2))
-    weights[view, indices] = 1.0
+  landmarks, weights = views_landmarks(cameras, world, embedding, rng)
   fit_model = fit_model_over_embedding(model, embedding, CONFIG)
   return dict(model=model, embedding=embedding, fit_model=fit_model, cameras=cameras,
               landmarks=landmarks, weights=weights, world=world, vertices=vertices,

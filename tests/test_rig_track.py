@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from jflame import camera_files, flame, model_loading, multiview, rig_track, synthetic
+from jflame import flame, model_loading, multiview, rig_track, synthetic
 from jflame.config import FitConfig, TrackConfig
 from jflame.flame import FlameParams
 from tests.conftest import fit_model_over_embedding
-from tests.test_multiview import rig
+from tests.test_multiview import rig, views_landmarks
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,6 @@ def clip():
   shape = rng.normal(size=NUM_SHAPE) * 0.8
   expression = rng.normal(size=NUM_EXPRESSION) * 0.4
   yaw, jaw = motion()
-  indices = np.asarray(embedding.landmark_indices)
   face = np.unique(np.asarray(model.faces)[np.asarray(embedding.face_indices)])
   views, truth_world = [], []
   for frame in range(FRAMES):
@@ -66,12 +65,7 @@ def clip():
     world = vertices @ rotation.T + translation
     points = np.asarray(embedding.points(jnp.asarray(world, jnp.float32), model.faces),
                         np.float64)
-    landmarks = np.zeros((len(cameras), 478, 2), np.float32)
-    weights = np.zeros((len(cameras), 478), np.float32)
-    for view, camera in enumerate(cameras):
-      landmarks[view, indices] = camera_files.project_points(camera, points) + rng.normal(
-          size=(len(indices), 2))
-      weights[view, indices] = 1.0
+    landmarks, weights = views_landmarks(cameras, points, embedding, rng)
     views.append(multiview.rig_views(cameras, landmarks, weights, np.ones(len(cameras), bool),
                                      CONFIG.fit))
     truth_world.append(world[face])
