@@ -43,10 +43,10 @@ from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 # --landmark_solver adam unless told.
 FULL_ITERATIONS = 800
 # What `jflame-fit --cameras` runs unless told. From the triangulated start the solve settles in
-# 2-3 steps on the FLAME-size scenes with every landmark (2, 3 and 5 read the same), and each
-# step over 478 points costs what three over a photo's 162 do (docs/ACCURACY.md and
-# docs/BENCHMARKS.md, multi-view).
-LM_ITERATIONS = 3
+# 2 steps on the FLAME-size scenes with every landmark (2, 3 and 5 read the same, synthetic and
+# textured end to end), and each step over 478 points costs what three over a photo's 162 do
+# (docs/ACCURACY.md and docs/BENCHMARKS.md, multi-view).
+LM_ITERATIONS = 2
 # A rig's shape and expression priors against a photo's: the views pin the face down, and the
 # photo's priors, set for what one view cannot tell, hold it back (docs/ACCURACY.md, multi-view).
 RIG_PRIOR_SCALE = 0.25

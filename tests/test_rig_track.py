@@ -1,6 +1,6 @@
 """A calibrated rig's clip (issue 20: tracking with cameras), known truth: the small synthetic
 head seen by three calibrated cameras (distortion, off-centre principal points) while it is
-still, shakes its head at 300 degrees / s and opens its jaw, then is still again; 1 px landmark
+still, shakes its head at 270 degrees / s and opens its jaw, then is still again; 1 px landmark
 noise in every view. With the temporal terms the still stretches jitter far less than moments
 fitted alone, the shake is followed, and the per-moment error in the world is no worse."""
 

@@ -1,11 +1,13 @@
 """Issue 20, criterion 4: a moment of three calibrated views against a single-view photo fit at
 the same batch, on the FLAME-size synthetic scenes of tools/eval_multiview.py.
 
-  python tools/bench_multiview.py [--batches 8,32] [--timed_calls 15]
+  python tools/bench_multiview.py [--batches 8,32] [--timed_calls 15] [--clip_moments 100]
 
 The two fits are timed interleaved (one call each, in turn, `--timed_calls` times; medians), so a
 noisy machine slows both alike. Prints ms per image, ms per moment and their ratio (the
-criterion: moments/s >= 1/3 of images/s).
+criterion: moments/s >= 1/3 of images/s). With --clip_moments N, also a rig's clip of N moments
+(`rig_track.track_rig`, the temporal model over the clip, the shape held) against the same N
+moments fitted alone (`multiview.fit_moments`), interleaved the same way.
 """
 
 import json
@@ -15,14 +17,29 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from jflame import model_loading, multiview
-from jflame.config import FitConfig
+from jflame import model_loading, multiview, rig_track
+from jflame.config import FitConfig, TrackConfig
 from jflame.fit import fit_batch
 import eval_multiview  # tools/ is a folder of scripts: its own folder is on sys.path
 import eval_synthetic
 
 _BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Faces (and moments) per call.")
 _TIMED = flags.DEFINE_integer("timed_calls", 15, "Timed calls of each fit.", lower_bound=1)
+_CLIP_MOMENTS = flags.DEFINE_integer("clip_moments", 0, "Moments of a rig clip to time too "
+                                     "(0: none).", lower_bound=0)
+
+
+def _interleaved(fits: dict) -> dict:
+  """{name: median seconds} of the callables, each compiled first, then called in turn."""
+  times = {name: [] for name in fits}
+  for run in fits.values():
+    run()   # compile
+  for _ in range(_TIMED.value):
+    for name, run in fits.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def main(argv):
@@ -41,19 +58,34 @@ def main(argv):
         photo=lambda: jax.block_until_ready(fit_batch(photo_model, observations, photo_config)),
         moment=lambda: jax.block_until_ready(multiview.fit_moments(moment_model, views,
                                                                    moment_config)))
-    times = {name: [] for name in fits}
-    for run in fits.values():
-      run()   # compile
-    for _ in range(_TIMED.value):
-      for name, run in fits.items():
-        start = time.perf_counter()
-        run()
-        times[name].append(time.perf_counter() - start)
-    photo, moment = (float(np.median(times[name])) for name in ("photo", "moment"))
+    medians = _interleaved(fits)
+    photo, moment = medians["photo"], medians["moment"]
     print(json.dumps(dict(batch=batch, device=str(jax.devices()[0]),
                           lm_iterations=moment_config.lm_iterations,
                           ms_per_image=1000 * photo / batch, ms_per_moment=1000 * moment / batch,
                           moments_per_s_over_images_per_s=photo / moment)), flush=True)
+
+
+  if _CLIP_MOMENTS.value:
+    count = _CLIP_MOMENTS.value
+    params, cameras, observations = eval_synthetic.random_scene(
+        loaded, count, 0, 1.0, eval_multiview.FOCAL)
+    views, _ = eval_multiview._views(loaded, params, cameras, 1.0, np.random.default_rng(1),
+                                     eval_multiview.YAWS[3])
+    track_config = TrackConfig(fit=moment_config)
+    shape = rig_track.clip_shape(moment_model, views, track_config)
+    photo_landmarks = len(model_loading.fitted_landmark_indices(loaded, FitConfig()))
+    medians = _interleaved(dict(
+        alone=lambda: jax.block_until_ready(multiview.fit_moments(
+            moment_model, views, moment_config, shape)),
+        clip=lambda: jax.block_until_ready(rig_track.track_rig(
+            moment_model, views, track_config, shape, photo_landmarks))))
+    print(json.dumps(dict(clip_moments=count, views=3, device=str(jax.devices()[0]),
+                          clip_lm_iterations=track_config.clip_lm_iterations,
+                          clip_cg_iterations=track_config.clip_cg_iterations,
+                          ms_per_moment_alone=1000 * medians["alone"] / count,
+                          ms_per_moment_clip=1000 * medians["clip"] / count,
+                          clip_over_alone=medians["clip"] / medians["alone"])), flush=True)
 
 
 if __name__ == "__main__":
