@@ -72,7 +72,8 @@ def random_flame_arrays(seed=0, num_vertices=60, num_faces=80, num_shape=12, num
 SLOW_SUITES = ("test_track_motion", "test_ray_engine", "test_track", "test_export_commands",
                "test_annotate", "test_fit_photometric", "test_fit_hostile", "test_solve",
                "test_output_files", "test_capture_command", "test_fit", "test_track_command",
-               "test_fit_command", "test_ids", "test_rig_track", "test_fit_behaviour", "test_sharding",
+               "test_fit_command", "test_ids", "test_rig_track", "test_rig_track_command",
+               "test_fit_behaviour", "test_sharding",
                "test_bare_image", "test_render_recovery", "test_render_gradients",
                "test_rotated_photos", "test_library")
 FAST_SUITES = ("test_build_embedding", "test_camera_files", "test_clip_solve", "test_engine_rules",
@@ -216,6 +217,25 @@ def shared_compilation_cache() -> Path:
   # Its real path, as the commands' process_settings gives theirs through their linked
   # JFLAME_HOME: JAX puts the path into every program's cache key.
   return folder.resolve()
+
+
+def one_line_exit_2(done, program: str) -> str:
+  """The one line a command writes for a usage problem, "<program>: <message>" (`program` is
+  the module's file name under `python -m`), after checking exit 2 and no traceback."""
+  assert done.returncode == 2, done.stdout[-1000:] + done.stderr[-2000:]
+  lines = [line for line in done.stderr.splitlines() if line.startswith(f"{program}: ")]
+  assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+  return lines[0]
+
+
+def make_synthetic_capture(folder, env, *flags) -> Path:
+  """`tools/make_multiview_capture.py --output folder *flags` run as its users run it (a SYNTHETIC
+  calibrated capture, NeRSemble's layout, with its truth); the folder."""
+  made = subprocess.run([sys.executable, "tools/make_multiview_capture.py", "--output",
+                         str(folder), *map(str, flags)], cwd=PROJECT_ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert made.returncode == 0, made.stderr[-3000:]
+  return Path(folder)
 
 
 def run_with_user_xla_flags(code: str, *args) -> subprocess.CompletedProcess:

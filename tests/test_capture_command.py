@@ -17,7 +17,8 @@ import pytest
 
 from jflame import model_loading, multiview
 from jflame.config import FitConfig
-from tests.conftest import PROJECT_ROOT, ended_by_interrupt
+from tests.conftest import (PROJECT_ROOT, ended_by_interrupt, make_synthetic_capture,
+                            one_line_exit_2)
 
 # `python -c HOLD_AFTER_A_MOMENT <jflame-fit flags>`: jflame-fit --cameras whose runner, once it
 # has committed a moment's landmarks, waits: a test signals then, and the run cannot have
@@ -45,13 +46,8 @@ def _run(args, env, timeout=600):
 
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory, command_env):
-  folder = tmp_path_factory.mktemp("capture")
-  made = subprocess.run([sys.executable, "tools/make_multiview_capture.py", "--output",
-                         str(folder), "--views", "3", "--moments", "2", "--width", "440",
-                         "--height", "640"], cwd=PROJECT_ROOT, env=command_env,
-                        capture_output=True, text=True, timeout=600)
-  assert made.returncode == 0, made.stderr[-3000:]
-  return folder
+  return make_synthetic_capture(tmp_path_factory.mktemp("capture"), command_env, "--views", 3,
+                                "--moments", 2, "--width", 440, "--height", 640)
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +138,7 @@ def test_every_moment_gets_its_files_and_its_world_mesh(capture, fitted):
 
 
 def _one_line_exit_2(done):
-  assert done.returncode == 2, done.stdout[-1000:] + done.stderr[-2000:]
-  # The one line the command writes: "<program>: <message>" (fit.py under `python -m`).
-  lines = [line for line in done.stderr.splitlines() if line.startswith("fit.py: ")]
-  assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
-  return lines[0]
+  return one_line_exit_2(done, "fit.py")
 
 
 def test_captures_and_camera_files_that_do_not_match_exit_2_with_one_line(capture, command_env,

@@ -1,13 +1,15 @@
 """Writes a synthetic calibrated capture in NeRSemble's layout, with its truth.
 
   python tools/make_multiview_capture.py --output /tmp/capture [--views 3] [--moments 2]
-      [--width 550] [--height 802] [--seed 0] [--texture astronaut|PHOTO|none]
+      [--width 550] [--height 802] [--seed 0] [--texture astronaut|PHOTO|none] [--clip]
 
     <output>/camera_params.json          NeRSemble: world_2_cam serial -> 4x4 (OpenCV),
                                          intrinsics serial -> 3x3 (per camera, no image size)
     <output>/frames/<moment>/cam_<serial>.png
     <output>/truth.npz                   FLAME parameters per moment, the head's world pose,
                                          its world vertices (metres), the serials
+    <output>/clips/cam_<serial>.mp4      with --clip: each camera's moments as a video (25 / s),
+                                         for `jflame-track --cameras`
 
 The SYNTHETIC FLAME-size head (labelled so in truth.npz), one identity, an expression and jaw per
 moment, rendered by jflame's rasterizer from cameras spread over +-30 degrees (yaw) around it,
@@ -48,6 +50,10 @@ _MOMENTS = flags.DEFINE_integer("moments", 2, "Moments (timesteps).")
 _WIDTH = flags.DEFINE_integer("width", 550, "Image width.")
 _HEIGHT = flags.DEFINE_integer("height", 802, "Image height.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_CLIP = flags.DEFINE_bool(
+    "clip", False, "The moments are a clip: the head turns smoothly (yaw +-20 degrees, nodding "
+    "+-6, 1 Hz at 25 moments / s), opens its jaw and changes expression slowly; each camera's "
+    "moments are also written as clips/cam_<serial>.mp4 (without: independent random moments).")
 _TEXTURE = flags.DEFINE_string(
     "texture", "astronaut", "What the head wears: 'astronaut' (scikit-image's public-domain "
     "photograph), the path of a face photo, or 'none' (grey, lit).")
@@ -82,6 +88,21 @@ def render(model, vertices_world, k, world_to_camera, width, height, albedo, nei
                        Appearance(texture=jnp.zeros(3), lighting=lighting), height, width,
                        RasterSettings(cull_backfaces=True), neighbors)
   return output.image, output.alpha
+
+
+def smooth_motion(rng, moments: int, fps: float = 25.0):
+  """Per moment of a clip: expression (50,), jaw opening (radians), head (yaw, pitch) in
+  degrees, head translation (3,) metres: a turn of +-20 degrees and a nod of +-6 at 1 Hz, the jaw
+  opening twice, expressions blended slowly between two random ones."""
+  t = np.arange(moments) / fps
+  angles = np.stack([20.0 * np.sin(2 * np.pi * t), 6.0 * np.sin(2 * np.pi * t + 1.0)], axis=1)
+  jaw = 0.12 * np.sin(np.pi * t) ** 2
+  start, end = rng.normal(scale=0.5, size=(2, 50))
+  blend = 0.5 - 0.5 * np.cos(np.pi * t / max(t[-1], 1e-6))
+  expression = start + blend[:, None] * (end - start)
+  translation = np.stack([0.01 * np.sin(2 * np.pi * 0.5 * t), np.zeros_like(t),
+                          np.zeros_like(t)], axis=1)
+  return expression, jaw, angles, translation
 
 
 def photo_texture(loaded, photo: Path):
@@ -170,13 +191,19 @@ def main(argv):
                texture=_TEXTURE.value,
                expression=[], jaw_rotation=[], head_rotation=[], head_translation=[],
                vertices_world=[], moments=[])
+  motion = smooth_motion(rng, _MOMENTS.value) if _CLIP.value else None
   for moment in range(_MOMENTS.value):
+    if motion is None:
+      expression = rng.normal(scale=0.5, size=50)
+      jaw = abs(rng.normal(scale=0.08))
+      head_rotation = Rotation.from_euler("yx", rng.normal(scale=8.0, size=2), degrees=True)
+      head_translation = rng.normal(scale=0.01, size=3)
+    else:
+      expression, jaw, angles, head_translation = (part[moment] for part in motion)
+      head_rotation = Rotation.from_euler("yx", angles, degrees=True)
     params = flame.FlameParams.zeros(100, 50).replace(
-        shape=jnp.asarray(shape, jnp.float32),
-        expression=jnp.asarray(rng.normal(scale=0.5, size=50), jnp.float32),
-        jaw_rotation=jnp.asarray([abs(rng.normal(scale=0.08)), 0, 0], jnp.float32))
-    head_rotation = Rotation.from_euler("yx", rng.normal(scale=8.0, size=2), degrees=True)
-    head_translation = rng.normal(scale=0.01, size=3)
+        shape=jnp.asarray(shape, jnp.float32), expression=jnp.asarray(expression, jnp.float32),
+        jaw_rotation=jnp.asarray([jaw, 0, 0], jnp.float32))
     vertices = np.asarray(flame.flame_forward(model, params)[0], np.float64)
     # The synthetic head's face centre at the world origin, the head turned about it.
     centre = vertices[vertices[:, 2] > np.percentile(vertices[:, 2], 70)].mean(axis=0)
@@ -195,6 +222,14 @@ def main(argv):
     truth["head_translation"].append(translation)
     truth["vertices_world"].append(world)
     truth["moments"].append(name)
+  if _CLIP.value:
+    (out / "clips").mkdir(exist_ok=True)
+    for serial in cameras:
+      writer = cv2.VideoWriter(str(out / "clips" / f"cam_{serial}.mp4"),
+                               cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (width, height))
+      for name in truth["moments"]:
+        writer.write(cv2.imread(str(out / "frames" / name / f"cam_{serial}.png")))
+      writer.release()
   (out / "camera_params.json").write_text(json.dumps(dict(
       world_2_cam={s: e.tolist() for s, (k, e) in cameras.items()},
       intrinsics={s: k.tolist() for s, (k, e) in cameras.items()})))

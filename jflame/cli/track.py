@@ -2,10 +2,14 @@
 
   jflame-track --input clip.mp4 --output tracked/ [--mode landmark|photometric]
                [--flame_model generic_model.npz --embedding mediapipe_landmark_embedding.npz]
+  jflame-track --cameras camera_params.json --input clips/ --output tracked/
 
 Writes track.parquet (one row per frame: status, every FLAME parameter, cameras, detected and
 fitted landmarks, landmark error), overlay.mp4 (the mesh over every frame), track.png (the main
-parameters over time) and manifest.json (the clip's shape, settings, counts, timings). Exits 1
+parameters over time) and manifest.json (the clip's shape, settings, counts, timings). With
+--cameras (a calibrated rig: one clip per camera, cam_<serial>.mp4 or cam_<serial>/ frames,
+synchronised), rig_track.npz (per moment: parameters, the head's pose in the camera file's world,
+every view's landmarks and errors), overlay_cam_<serial>.mp4 per view and manifest.json. Exits 1
 when no frame could be fitted, 2 for a usage problem (one line on stderr: a missing input, an
 output folder that cannot be written or that another jflame run is writing to).
 """
@@ -56,6 +60,12 @@ _LANDMARKS = flags.DEFINE_enum(
     "landmarks", "auto", ["auto", "mediapipe", "device"], "Where MediaPipe's face mesh tracks "
     "the clip: mediapipe (on the CPU), device (its JAX port on the accelerator, frames of at most "
     "512 pixels; the same tracking mode) or auto (device on an accelerator, else mediapipe).")
+_CAMERAS = flags.DEFINE_string(
+    "cameras", None, "A calibrated rig's camera file (NeRSemble camera_params.json, Ava-256 "
+    "camera_calibration.json or jflame's cameras.json, docs/FORMAT.md): --input is then a "
+    "folder holding one synchronised clip per camera, cam_<serial>.mp4 (any video OpenCV "
+    "reads) or cam_<serial>/ (ordered frames); one head per moment, its pose in the file's "
+    "world coordinates. Landmark mode.")
 _COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache", True, "Keep the compiled clip fit on disk (in "
     "$JFLAME_HOME/compilation_cache or ~/.cache/jflame/compilation_cache) so the next clip of a "
@@ -80,44 +90,107 @@ def make_config():
                       agreement=base.agreement * max(_SMOOTHING.value, 0.0))
 
 
+def make_rig_config():
+  """The TrackConfig of a rig's clips: the flags' temporal weights and coefficient counts, each
+  moment fitted as `jflame-fit --cameras` fits one (`multiview.rig_config`, LM_ITERATIONS)."""
+  from jflame import multiview
+  from jflame.config import FitConfig
+  config = make_config()
+  fit = multiview.rig_config(FitConfig(num_shape=_NUM_SHAPE.value,
+                                       num_expression=_NUM_EXPRESSION.value,
+                                       lm_iterations=multiview.LM_ITERATIONS))
+  return config.replace(fit=fit)
+
+
+def _claimed_run(job, what: str, check=None):
+  """Runs `job(loaded, folder)` in the claimed output folder, the compilation cache on and the
+  model loaded (`check()` first, before the folder is touched): (manifest, folder, cache), or
+  an exit code: one line for a usage problem, 130 when interrupted. `what`: the files' owner in
+  the interrupted line ("clip", "run")."""
+  from jflame import output_folder, process_settings
+  from jflame.errors import JFlameError
+  try:
+    if check is not None:
+      check()
+    with output_folder.claim_output_folder(Path(_OUTPUT.value).expanduser()) as folder:
+      cache = process_settings.use_default_compilation_cache() if _COMPILATION_CACHE.value else None
+      loaded = model_flags.load_model()
+      print(f"model: {loaded.description}", flush=True)
+      manifest = job(loaded, folder)
+  except JFlameError as err:
+    return cli_app.usage_error(str(err))
+  except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through run_command
+    print(f"interrupted: each of the {what}'s files is written whole or not at all; run the same "
+          "command again to track it.", file=sys.stderr)
+    return cli_app.EXIT_INTERRUPTED
+  return manifest, folder, cache
+
+
+def _track_rig(source: Path) -> int:
+  """`--cameras`: a rig's clips in the folder `source`."""
+  from jflame import rig_track_runner
+  from jflame.engine import landmark_source
+  if _MODE.value != "landmark":
+    return cli_app.usage_error("--cameras tracks landmarks only for now (--mode landmark).")
+  if _SOLVE_FOCAL.value:
+    return cli_app.usage_error("--solve_focal has nothing to solve with --cameras: the camera "
+                               "file gives every camera's focal length.")
+
+  def job(loaded, folder):
+    landmarks, _ = landmark_source(_LANDMARKS.value, photometric=False)
+    with tqdm(unit="frame", desc="landmarks", delay=1.0) as bar:
+      return rig_track_runner.track_rig_clips(
+          loaded, make_rig_config(), _CAMERAS.value, source, folder,
+          max_frames=_MAX_FRAMES.value, overlays=_OVERLAY.value, landmarks_where=landmarks,
+          progress=bar.update)
+  # The camera file and the clips are checked before the output folder is touched.
+  outcome = _claimed_run(job, "run", check=lambda: (
+      make_rig_config(), rig_track_runner.open_rig_clips(_CAMERAS.value, source)))
+  if isinstance(outcome, int):
+    return outcome
+  manifest, folder, cache = outcome
+  print(f"done: {manifest['frames']} moments of {len(manifest['serials'])} views "
+        f"{manifest['counts']} ({manifest['status']}) -> {folder}/manifest.json"
+        + (f" (compilation cache: {cache})" if cache else ""))
+  for line in manifest["messages"] + ([manifest["suspect_reason"]] if manifest["suspect"]
+                                      else []):
+    print(f"  {line}")
+  return cli_app.EXIT_OK if manifest["status"] == "ok" else cli_app.EXIT_NOTHING_FITTED
+
+
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   # heavy imports after flag parsing
-  from jflame import output_folder, process_settings, track_runner
+  from jflame import track_runner
   from jflame.engine import landmark_source
-  from jflame.errors import JFlameError
   if not _INPUT.value:
     return cli_app.usage_error("--input is required (a video file or a folder of frames).")
   source = Path(_INPUT.value).expanduser()
   if not source.exists():
     return cli_app.usage_error(f"--input {source} does not exist; pass a video file or a folder "
                                "of frames.")
+  if _CAMERAS.value:
+    return _track_rig(source)
   crop_size = _CROP_SIZE.value or (128 if _MODE.value == "photometric" else 256)
-  try:
-    config = make_config()
-    with output_folder.claim_output_folder(Path(_OUTPUT.value).expanduser()) as folder:
-      cache = process_settings.use_default_compilation_cache() if _COMPILATION_CACHE.value else None
-      loaded = model_flags.load_model()
-      print(f"model: {loaded.description}", flush=True)
-      # The clip's photometric masks are drawn on the host from the tracked landmarks, so
-      # device landmarks serve both modes here.
-      landmarks, note = landmark_source(_LANDMARKS.value, photometric=False)
-      options = track_runner.TrackOptions(output_dir=str(folder), crop_size=crop_size,
-                                          max_frames=_MAX_FRAMES.value,
-                                          write_overlay=_OVERLAY.value, write_plot=_PLOT.value,
-                                          solve_focal=_SOLVE_FOCAL.value, landmarks=landmarks,
-                                          landmarks_note=note)
-      with tqdm(unit="frame", desc="landmarks", delay=1.0) as bar:
-        manifest = track_runner.track_video(loaded, config, options, str(source),
-                                            progress=bar.update)
-  except JFlameError as err:
-    return cli_app.usage_error(str(err))
-  except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through run_command
-    print("interrupted: each of the clip's files is written whole or not at all; run the same "
-          "command again to track it.", file=sys.stderr)
-    return cli_app.EXIT_INTERRUPTED
+
+  def job(loaded, folder):
+    # The clip's photometric masks are drawn on the host from the tracked landmarks, so
+    # device landmarks serve both modes here.
+    landmarks, note = landmark_source(_LANDMARKS.value, photometric=False)
+    options = track_runner.TrackOptions(output_dir=str(folder), crop_size=crop_size,
+                                        max_frames=_MAX_FRAMES.value,
+                                        write_overlay=_OVERLAY.value, write_plot=_PLOT.value,
+                                        solve_focal=_SOLVE_FOCAL.value, landmarks=landmarks,
+                                        landmarks_note=note)
+    with tqdm(unit="frame", desc="landmarks", delay=1.0) as bar:
+      return track_runner.track_video(loaded, make_config(), options, str(source),
+                                      progress=bar.update)
+  outcome = _claimed_run(job, "clip", check=make_config)
+  if isinstance(outcome, int):
+    return outcome
+  manifest, folder, cache = outcome
   print(f"done: {manifest['counts']} ({manifest['status']}) -> {folder}/manifest.json"
         + (f" (compilation cache: {cache})" if cache else ""))
   if manifest.get("message"):

@@ -1,0 +1,174 @@
+"""`jflame-track --cameras FILE`: a calibrated rig's synchronised clips, one head per moment,
+followed through time (host side).
+
+    input: one folder holding a clip per camera: cam_<serial>.<video> (anything OpenCV reads) or
+           cam_<serial>/ (a folder of ordered frames); frame t of every clip is moment t (the
+           shortest clip sets the length)
+      ──► MediaPipe's landmarks of every clip (tracking mode, `track_runner.read_landmarks`)
+      ──► rig_track.clip_shape (one identity) and rig_track.track_rig (every moment's views
+          with the single-view track's temporal model)
+      ──► rig_track.npz (per moment: FLAME parameters, the head's pose in the camera file's
+          world, every view's detected and fitted landmarks and errors),
+          overlay_cam_<serial>.mp4 per view (unless overlays are off), manifest.json
+
+Every file is written whole or not at all (atomically); a killed or interrupted run is redone by
+the same command. A view whose landmark error over the clip stands out from the others' makes
+the run name it (`multiview.disagreeing_views`: a wrong camera is the common failure).
+"""
+
+import datetime
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jflame import camera_files, multiview, output, rig_track, track_output
+from jflame.config import FitConfig, TrackConfig
+from jflame.errors import InputError
+from jflame.flame import flame_forward
+from jflame.manifest import write_json
+from jflame.model_loading import (LoadedModel, fitted_landmark_indices, prepare_fit_model,
+                                  run_provenance)
+from jflame.preprocess.video import open_clip
+from jflame.rotation import axis_angle_to_matrix
+from jflame.track_runner import error_percentiles, read_landmarks
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+RESULT_FILE = "rig_track.npz"
+
+
+def camera_clips(folder) -> Dict[str, Path]:
+  """serial -> the camera's clip in `folder`: cam_<serial>.<video> or cam_<serial>/ (frames)."""
+  folder = Path(folder).expanduser()
+  if not folder.is_dir():
+    raise InputError(f"--input {folder} is not a folder; with --cameras it is a folder holding "
+                     "cam_<serial>.mp4 (or cam_<serial>/ frame folders) per camera.")
+  clips: Dict[str, Path] = {}
+  for path in sorted(folder.iterdir()):
+    if not path.name.startswith("cam_"):
+      continue
+    if path.is_dir():
+      serial = path.name[len("cam_"):]
+    elif path.suffix.lower() in VIDEO_SUFFIXES:
+      serial = path.stem[len("cam_"):]
+    else:
+      continue
+    if serial in clips:
+      raise InputError(f"{folder}: two clips of camera {serial}: {clips[serial].name}, "
+                       f"{path.name}")
+    clips[serial] = path
+  if not clips:
+    raise InputError(f"{folder} holds no cam_<serial>.<video> file or cam_<serial>/ folder of "
+                     f"frames (videos: {', '.join(VIDEO_SUFFIXES)}).")
+  return clips
+
+
+def open_rig_clips(cameras_path, folder, default_fps: float = 25.0):
+  """(serial -> clip, the rig's RigCameras in the file's order) of a rig's clips, checked before
+  anything is read further: each camera of the file has one clip and each clip a camera, the
+  clips' frame sizes are the cameras' (the file is read with them where it has none)."""
+  clips = camera_clips(folder)
+  sizes = {}
+  for serial, path in clips.items():
+    info, _ = open_clip(path, default_fps)
+    sizes[serial] = (info.width, info.height)
+  cameras = camera_files.load_cameras(cameras_path, image_sizes=sizes)
+  missing = [serial for serial in cameras if serial not in clips]
+  if missing:
+    raise InputError(f"{folder}: no clip of camera(s) {', '.join(missing[:5])} of "
+                     f"{cameras_path} (cam_<serial>.mp4 or cam_<serial>/)")
+  unknown = [serial for serial in clips if serial not in cameras]
+  if unknown:
+    raise InputError(f"{folder}: clips of cameras {cameras_path} does not have: "
+                     f"{', '.join(clips[serial].name for serial in unknown[:5])}")
+  return clips, list(cameras.values())
+
+
+@jax.jit
+def _meshes_in_views(model, params, rotations, translations, views: multiview.RigViews):
+  """(T, V, N, 2) every moment's mesh in every view's image."""
+  def one(moment_params, rotation, translation, moment_views):
+    vertices = flame_forward(model, moment_params)[0]
+    world = vertices @ axis_angle_to_matrix(rotation).T + translation
+    return multiview.project_views(moment_views, world)
+  return jax.vmap(one)(params, rotations, translations, views)
+
+
+def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, input_folder,
+                    output_dir, max_frames: int = 0, overlays: bool = True,
+                    landmarks_where: str = "mediapipe",
+                    progress: Optional[Callable[[int], None]] = None) -> dict:
+  """Tracks a rig's clips and writes the run's files; returns the manifest."""
+  started = datetime.datetime.now(datetime.timezone.utc)
+  clips, rig = open_rig_clips(cameras_path, input_folder)
+  serials = [camera.serial for camera in rig]
+  out = Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  read = {serial: read_landmarks(clips[serial], max_frames, progress=progress,
+                                 where=landmarks_where) for serial in serials}
+  lengths = {serial: len(read[serial][2]) for serial in serials}
+  frames = min(lengths.values())
+  landmarks = np.stack([read[serial][1][:frames] for serial in serials], axis=1)  # (T, V, 478, 2)
+  found = np.stack([read[serial][2][:frames] for serial in serials], axis=1)      # (T, V)
+  weights = np.repeat(found[..., None], landmarks.shape[2], axis=-1).astype(np.float32)
+  views = [multiview.rig_views(rig, landmarks[t], weights[t], found[t], config.fit)
+           for t in range(frames)]
+  batch = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *views)
+  fit_model = prepare_fit_model(loaded, config.fit)
+  shape = rig_track.clip_shape(fit_model, batch, config)
+  photo_landmarks = len(fitted_landmark_indices(loaded, FitConfig()))
+  result = jax.device_get(rig_track.track_rig(fit_model, batch, config, shape, photo_landmarks))
+  indices = np.asarray(fit_model.landmark_indices)
+  detected = landmarks[:, :, indices]
+  has_face = np.asarray(batch.valid)
+  tracked = np.asarray(result.tracked, bool) & (not bool(result.failed))
+  errors_px = np.where(has_face, np.asarray(result.landmark_error, np.float64), np.nan)
+  face_sizes = np.array([[output.face_size(detected[t, v]) if has_face[t, v] else np.nan
+                          for v in range(len(serials))] for t in range(frames)])
+  relative = errors_px / face_sizes
+  per_view = {serial: error_percentiles("landmark_error_relative",
+                                        relative[tracked & has_face[:, v], v])
+              for v, serial in enumerate(serials)}
+  view_medians = [per_view[serial]["landmark_error_relative_median"] for serial in serials]
+  flagged = multiview.disagreeing_views([np.nan if m is None else m for m in view_medians])
+  reasons = [f"view {serials[v]} disagrees with the others (calibration?)" for v in flagged]
+  params = result.params
+  fps = float(read[serials[0]][0].fps)
+  arrays = dict(format_version=1, serials=np.array(serials), model=loaded.model.name,
+                frame=np.arange(frames), time_s=np.arange(frames) / fps, tracked=tracked,
+                **{key: np.asarray(value) for key, value in params.as_dict().items()},
+                head_rotation=np.asarray(result.head_rotation),
+                head_translation=np.asarray(result.head_translation),
+                landmark_indices=indices, landmarks_detected=detected,
+                landmarks_fitted=np.asarray(result.landmarks_2d), view_has_face=has_face,
+                landmark_error_px=errors_px, landmark_error_relative=relative)
+  arrays["shape"] = np.asarray(shape)
+  output.save_parameters(out / RESULT_FILE, arrays)
+  files = [RESULT_FILE]
+  if overlays:
+    meshes = np.asarray(_meshes_in_views(loaded.model, params, result.head_rotation,
+                                         result.head_translation, batch))
+    for v, serial in enumerate(serials):
+      name = f"overlay_cam_{serial}.mp4"
+      _, clip_frames = open_clip(clips[serial])
+      track_output.write_overlay_video(
+          out / name, clip_frames, fps, meshes[:, v], np.asarray(loaded.model.faces),
+          detected[:, v], np.asarray(result.landmarks_2d)[:, v], has_face[:, v] & tracked)
+      files.append(name)
+  messages: List[str] = []
+  if len(set(lengths.values())) > 1:
+    messages.append(f"the clips have {', '.join(f'{s}: {n}' for s, n in lengths.items())} "
+                    f"frames; the first {frames} of each were tracked")
+  manifest = dict(
+      jflame_rig_track=1, started=started.isoformat(), cameras=str(cameras_path),
+      input=str(input_folder), serials=serials, clips={s: str(clips[s]) for s in serials},
+      frames=frames, fps=fps, frames_per_clip=lengths,
+      counts=dict(tracked=int(tracked.sum()), not_tracked=int(frames - tracked.sum())),
+      status="ok" if tracked.any() else "no_face", failed=bool(result.failed),
+      shape=np.asarray(shape).tolist(), views=per_view, suspect=bool(reasons),
+      suspect_reason="; ".join(reasons), messages=messages, files=files,
+      **run_provenance(loaded, config))
+  write_json(out / "manifest.json", manifest)
+  return manifest
