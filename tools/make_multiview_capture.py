@@ -17,9 +17,9 @@ each with its own focal length and an off-centre principal point, in non-square 
 renders are pinhole: the file has no distortion. For tests (tests/test_capture_command.py) and
 for users to try `jflame-fit --cameras`.
 
-Texture: MediaPipe places its points on a grey head 8-12 px off (docs/ACCURACY.md), so by
+Texture: MediaPipe places its points on the untextured head 8-12 px off (docs/ACCURACY.md), so by
 default the head wears a photograph (`--texture`: scikit-image's public-domain astronaut, or a
-face photo of your own; `none` renders grey). The photo is fitted with the head (every landmark),
+face photo of your own; `none` renders it untextured, as before). The photo is fitted with the head (every landmark),
 each vertex takes the photo pixel it projects to, and a thin-plate spline through the landmarks
 moves those pixels so that each landmark's point on the head shows exactly where MediaPipe found
 that landmark in the photo: the texture is attached to the vertices, so features stay at the
@@ -56,7 +56,8 @@ _CLIP = flags.DEFINE_bool(
     "moments are also written as clips/cam_<serial>.mp4 (without: independent random moments).")
 _TEXTURE = flags.DEFINE_string(
     "texture", "astronaut", "What the head wears: 'astronaut' (scikit-image's public-domain "
-    "photograph), the path of a face photo, or 'none' (grey, lit).")
+    "photograph), the path of a face photo, or 'none' (untextured: the albedo model's mean "
+    "colour, lit).")
 flags.register_validator(
     "texture", lambda value: value in ("astronaut", "none") or Path(value).is_file(),
     "--texture must be 'astronaut', 'none' or the path of an existing photo")
@@ -78,7 +79,8 @@ def rig(views: int, width: int, height: int, distance: float = 0.8):
 
 
 def render(model, vertices_world, k, world_to_camera, width, height, albedo, neighbors):
-  """A grey render of the mesh through a pinhole camera: (image (H, W, 3), alpha (H, W))."""
+  """An untextured render of the mesh (the albedo model's mean colour, lit) through a pinhole
+  camera: (image (H, W, 3), alpha (H, W))."""
   camera_space = vertices_world @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
   pixels = project_calibrated(k, world_to_camera, jnp.zeros(14), vertices_world)
   screen = jnp.concatenate([pixels, camera_space[:, 2:3]], axis=1)
