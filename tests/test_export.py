@@ -605,12 +605,46 @@ def _capture_folder(root, model, embedding):
   return fit, cameras
 
 
-def test_a_calibrated_capture_becomes_a_multi_view_dataset(tmp_path):
+def _rig_track_folder(root, fit, cameras, model):
+  """The capture of `_capture_folder` as jflame-track --cameras leaves a rig track: a frame
+  folder per camera (frame t: moment t), rig_track.npz with the moments' parameters and world
+  head poses stacked, every moment tracked, and its manifest."""
+  serials = list(cameras)
+  moments = sorted(path.stem for path in fit.glob("*.npz"))
+  clips = {}
+  for serial in serials:
+    clips[serial] = root / "clips" / f"cam_{serial}"
+    clips[serial].mkdir(parents=True)
+    for moment in moments:
+      shutil.copy(root / "frames" / moment / f"cam_{serial}.png", clips[serial] / f"{moment}.png")
+  arrays = [dict(np.load(fit / f"{moment}.npz")) for moment in moments]
+  stacked = {key: np.stack([a[key] for a in arrays]) for key in arrays[0] if key != "model"}
+  track = root / "rig_track"
+  track.mkdir()
+  np.savez(track / "rig_track.npz", model=model.name, tracked=np.ones(len(moments), bool),
+           **dict(stacked, shape=stacked["shape"][0]))
+  manifest = json.loads((fit / "manifest.json").read_text())
+  (track / "manifest.json").write_text(json.dumps(dict(
+      jflame_rig_track=1, cameras=manifest["cameras"], serials=serials,
+      clips={serial: str(path) for serial, path in clips.items()},
+      counts=dict(tracked=len(moments), not_tracked=0), suspect=False,
+      model_variant="synthetic")))
+  return track
+
+
+@pytest.mark.parametrize("source", ["capture", "rig_track"])
+def test_a_calibrated_capture_becomes_a_multi_view_dataset(tmp_path, source):
+  """A jflame-fit --cameras folder, and the same moments as a jflame-track --cameras folder
+  (frames decoded from its clips), give the same dataset."""
   from jflame.exports import capture_export
   model, embedding = synthetic.synthetic_flame("small", seed=0)
   fit, cameras = _capture_folder(tmp_path, model, embedding)
   out = tmp_path / "ga"
-  warnings = capture_export.export_capture_dataset(fit, model, out, 0.34, False)
+  if source == "capture":
+    warnings = capture_export.export_capture_dataset(fit, model, out, 0.34, False)
+  else:
+    warnings = capture_export.export_rig_track_dataset(
+        _rig_track_folder(tmp_path, fit, cameras, model), model, out, 0.34, False)
   assert "SYNTHETIC" in warnings[0]
   every = json.loads((out / "transforms.json").read_text())
   assert len(every["frames"]) == 9 and every["camera_indices"] == [0, 1, 2]

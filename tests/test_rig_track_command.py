@@ -82,6 +82,27 @@ def test_every_moment_tracked_in_the_world_with_an_overlay_per_view(rig_clip, tr
     assert frames == MOMENTS and size == (360, 480), (serial, frames, size)
 
 
+def test_the_rig_track_exports_as_a_multi_view_dataset(tracked, command_env, tmp_path):
+  """jflame-export reads the rig track as a user runs it: GaussianAvatars' dataset of every
+  tracked moment x camera (its geometry is checked against the reader's conventions in
+  test_export.py); a format that needs a single-view track says what this folder exports as."""
+  out, _ = tracked
+  done = subprocess.run([sys.executable, "-m", "jflame.cli.export", "--format",
+                         "gaussian_avatars", "--input", str(out), "--output",
+                         str(tmp_path / "ga")], cwd=PROJECT_ROOT, env=command_env,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  frames = json.loads((tmp_path / "ga" / "transforms.json").read_text())["frames"]
+  assert len(frames) == 3 * MOMENTS
+  assert {(f["timestep_index"], f["camera_index"]) for f in frames} == {
+      (t, c) for t in range(MOMENTS) for c in range(3)}
+  line = one_line_exit_2(subprocess.run(
+      [sys.executable, "-m", "jflame.cli.export", "--format", "metrical", "--input", str(out),
+       "--output", str(tmp_path / "m")], cwd=PROJECT_ROOT, env=command_env,
+      capture_output=True, text=True, timeout=600), "export.py")
+  assert "jflame-track --cameras folder, which exports as gaussian_avatars" in line
+
+
 def _one_line_exit_2(done):
   return one_line_exit_2(done, "track.py")
 

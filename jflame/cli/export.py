@@ -75,10 +75,13 @@ def main(argv):
   try:
     if output.resolve() == source_folder.resolve():
       return cli_app.usage_error("--output is the --input folder; export into another folder.")
-    capture = (_FORMAT.value == "gaussian_avatars"
-               and common.folder_kind(source_folder) == common.CAPTURE_FOLDER)
-    if capture:
+    kind = common.folder_kind(source_folder) if _FORMAT.value == "gaussian_avatars" else None
+    capture = {common.CAPTURE_FOLDER: capture_export.export_capture_dataset,
+               common.RIG_TRACK_FOLDER: capture_export.export_rig_track_dataset}.get(kind)
+    if kind == common.CAPTURE_FOLDER:
       total = len(capture_export.read_capture(source_folder)["moments"])
+    elif kind == common.RIG_TRACK_FOLDER:
+      total = capture_export.read_rig_track(source_folder)["counts"]["tracked"]
     elif _FORMAT.value in CLIP_FORMATS:
       clip = common.read_tracked_clip(source_folder, _FORMAT.value)
       total = clip.num_frames
@@ -89,9 +92,8 @@ def main(argv):
       loaded = model_flags.load_model()
       with tqdm(total=total, unit="item", desc="jflame-export", delay=1.0) as bar:
         if capture:
-          warnings = capture_export.export_capture_dataset(
-              source_folder, loaded.model, folder, _TEST_FRACTION.value, _KEEP_SUSPECT.value,
-              progress=bar.update)
+          warnings = capture(source_folder, loaded.model, folder, _TEST_FRACTION.value,
+                             _KEEP_SUSPECT.value, progress=bar.update)
         elif _FORMAT.value == "gaussian_avatars_motion":
           warnings = clip_export.export_motion(clip, loaded.model, folder)
         elif _FORMAT.value == "metrical":

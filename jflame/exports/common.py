@@ -40,9 +40,10 @@ class TrackedClip:
 
 
 TRACK_FOLDER, CAPTURE_FOLDER = "a jflame-track folder", "a jflame-fit --cameras folder"
+RIG_TRACK_FOLDER = "a jflame-track --cameras folder"
 # What each kind of jflame folder can be exported as (for the messages that refuse a folder).
 EXPORTS_OF = {TRACK_FOLDER: "gaussian_avatars, gaussian_avatars_motion, imavatar, metrical",
-              CAPTURE_FOLDER: "gaussian_avatars",
+              CAPTURE_FOLDER: "gaussian_avatars", RIG_TRACK_FOLDER: "gaussian_avatars",
               "a jflame-fit result folder": "now", "a jflame-annotate dataset": "now"}
 
 
@@ -59,6 +60,8 @@ def folder_kind(folder) -> Optional[str]:
     return None
   if isinstance(manifest, dict) and "jflame_capture" in manifest:
     return CAPTURE_FOLDER
+  if isinstance(manifest, dict) and "jflame_rig_track" in manifest:
+    return RIG_TRACK_FOLDER
   if isinstance(manifest, dict) and "jflame_track" in manifest:
     return TRACK_FOLDER
   return None
