@@ -158,6 +158,11 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
           detected[:, v], np.asarray(result.landmarks_2d)[:, v], has_face[:, v] & tracked)
       files.append(name)
   messages: List[str] = []
+  rates = {serial: float(read[serial][0].fps) for serial in serials}
+  if max(rates.values()) > 1.01 * min(rates.values()):
+    listed = ", ".join(f"{serial}: {rate:g}" for serial, rate in rates.items())
+    messages.append(f"the clips' frame rates differ ({listed} / s): frame t of each is taken "
+                    f"as the same moment, timed at {fps:g} / s")
   if len(set(lengths.values())) > 1:
     messages.append(f"the clips have {', '.join(f'{s}: {n}' for s, n in lengths.items())} "
                     f"frames; the first {frames} of each were tracked")
