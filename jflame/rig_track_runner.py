@@ -11,12 +11,19 @@ followed through time (host side).
           world, every view's detected and fitted landmarks and errors),
           overlay_cam_<serial>.mp4 per view (unless overlays are off), manifest.json
 
-Every file is written whole or not at all (atomically); a killed or interrupted run is redone by
-the same command. A view whose landmark error over the clip stands out from the others' makes
-the run name it (`multiview.disagreeing_views`: a wrong camera is the common failure).
+Detection is the slow part (MediaPipe through every frame of every camera), so each camera's
+landmarks are committed (atomically) to `.landmarks/cam_<serial>.npz` in the output folder as
+soon as its clip is read, keyed by the clip (path, size and time, or a folder's listing) and the
+settings that change them: a killed or interrupted run loses at most the camera in hand, and the
+same command again reads the others back. Every other file is written whole or not at all. A
+view whose landmark error over the clip stands out from the others' makes the run name it
+(`multiview.disagreeing_views`: a wrong camera is the common failure).
 """
 
+import dataclasses
 import datetime
+import hashlib
+import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -37,6 +44,53 @@ from jflame.track_runner import error_percentiles, read_landmarks
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 RESULT_FILE = "rig_track.npz"
+LANDMARKS_FOLDER = ".landmarks"  # in the output folder: one committed .npz per camera read
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipLandmarks:
+  """One camera's clip as MediaPipe tracked it."""
+  fps: float
+  landmarks: np.ndarray   # (T, 478, 2) frame pixels, zeros where no face
+  found: np.ndarray       # (T,) bool
+  read_back: bool         # from the store of an earlier run
+
+
+def clip_key(clip: Path, max_frames: int, where: str) -> str:
+  """What a camera's committed landmarks depend on (JSON): the clip's resolved path and size and
+  time (a folder of frames: a digest of its files' names, sizes and times), the frames read and
+  where MediaPipe ran."""
+  clip = Path(clip).resolve()
+  if clip.is_dir():
+    files = sorted(path for path in clip.iterdir() if path.is_file())
+    listing = json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    facts = dict(path=str(clip), files=len(files),
+                 listing=hashlib.blake2b(listing.encode(), digest_size=16).hexdigest())
+  else:
+    stat = clip.stat()
+    facts = dict(path=str(clip), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+  return json.dumps(dict(facts, max_frames=max_frames, landmarks=where), sort_keys=True)
+
+
+def clip_landmarks(serial: str, clip: Path, store: Path, max_frames: int = 0,
+                   where: str = "mediapipe",
+                   progress: Optional[Callable[[int], None]] = None) -> ClipLandmarks:
+  """The camera's landmarks: read back from `store` when committed there for this clip and
+  these settings, else tracked and committed."""
+  target = store / f"cam_{serial}.npz"
+  key = clip_key(clip, max_frames, where)
+  if target.is_file():
+    try:
+      with np.load(target, allow_pickle=False) as data:
+        if str(data["key"]) == key:
+          return ClipLandmarks(float(data["fps"]), np.asarray(data["landmarks"]),
+                               np.asarray(data["found"], bool), True)
+    except (OSError, ValueError, KeyError):
+      pass   # a damaged or older file: read the clip again
+  info, landmarks, found = read_landmarks(clip, max_frames, progress=progress, where=where)
+  store.mkdir(parents=True, exist_ok=True)
+  output.save_parameters(target, dict(key=key, fps=info.fps, landmarks=landmarks, found=found))
+  return ClipLandmarks(float(info.fps), landmarks, np.asarray(found, bool), False)
 
 
 def camera_clips(folder) -> Dict[str, Path]:
@@ -106,12 +160,12 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
   serials = [camera.serial for camera in rig]
   out = Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  read = {serial: read_landmarks(clips[serial], max_frames, progress=progress,
-                                 where=landmarks_where) for serial in serials}
-  lengths = {serial: len(read[serial][2]) for serial in serials}
+  read = {serial: clip_landmarks(serial, clips[serial], out / LANDMARKS_FOLDER, max_frames,
+                                 landmarks_where, progress) for serial in serials}
+  lengths = {serial: len(read[serial].found) for serial in serials}
   frames = min(lengths.values())
-  landmarks = np.stack([read[serial][1][:frames] for serial in serials], axis=1)  # (T, V, 478, 2)
-  found = np.stack([read[serial][2][:frames] for serial in serials], axis=1)      # (T, V)
+  landmarks = np.stack([read[serial].landmarks[:frames] for serial in serials], axis=1)
+  found = np.stack([read[serial].found[:frames] for serial in serials], axis=1)      # (T, V)
   weights = np.repeat(found[..., None], landmarks.shape[2], axis=-1).astype(np.float32)
   views = [multiview.rig_views(rig, landmarks[t], weights[t], found[t], config.fit)
            for t in range(frames)]
@@ -135,7 +189,7 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
   flagged = multiview.disagreeing_views([np.nan if m is None else m for m in view_medians])
   reasons = [f"view {serials[v]} disagrees with the others (calibration?)" for v in flagged]
   params = result.params
-  fps = float(read[serials[0]][0].fps)
+  fps = read[serials[0]].fps
   arrays = dict(format_version=1, serials=np.array(serials), model=loaded.model.name,
                 frame=np.arange(frames), time_s=np.arange(frames) / fps, tracked=tracked,
                 **{key: np.asarray(value) for key, value in params.as_dict().items()},
@@ -158,7 +212,7 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
           detected[:, v], np.asarray(result.landmarks_2d)[:, v], has_face[:, v] & tracked)
       files.append(name)
   messages: List[str] = []
-  rates = {serial: float(read[serial][0].fps) for serial in serials}
+  rates = {serial: read[serial].fps for serial in serials}
   if max(rates.values()) > 1.01 * min(rates.values()):
     listed = ", ".join(f"{serial}: {rate:g}" for serial, rate in rates.items())
     messages.append(f"the clips' frame rates differ ({listed} / s): frame t of each is taken "
@@ -170,6 +224,7 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
       jflame_rig_track=1, started=started.isoformat(), cameras=str(cameras_path),
       input=str(input_folder), serials=serials, clips={s: str(clips[s]) for s in serials},
       frames=frames, fps=fps, frames_per_clip=lengths,
+      landmarks_read_back=[serial for serial in serials if read[serial].read_back],
       counts=dict(tracked=int(tracked.sum()), not_tracked=int(frames - tracked.sum())),
       status="ok" if tracked.any() else "no_face", failed=bool(result.failed),
       shape=np.asarray(shape).tolist(), views=per_view, suspect=bool(reasons),

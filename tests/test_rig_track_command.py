@@ -6,8 +6,10 @@ match."""
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import cv2
 import jax.numpy as jnp
@@ -17,9 +19,28 @@ from scipy.spatial.transform import Rotation
 
 from jflame import flame, model_loading
 from jflame.flame import FlameParams
-from tests.conftest import PROJECT_ROOT, make_synthetic_capture, one_line_exit_2
+from tests.conftest import (PROJECT_ROOT, ended_by_interrupt, make_synthetic_capture,
+                            one_line_exit_2)
 
 pytestmark = pytest.mark.slow
+
+# `python -c HOLD_AFTER_A_CAMERA <jflame-track flags>`: jflame-track --cameras whose runner,
+# once it has read (and committed) a camera's landmarks, waits: a test signals then, and the run
+# cannot have finished first, at any load.
+HOLD_AFTER_A_CAMERA = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from jflame import rig_track_runner
+read = rig_track_runner.clip_landmarks
+def read_then_hold(*args, **kwargs):
+  read(*args, **kwargs)
+  while True:
+    time.sleep(0.05)
+rig_track_runner.clip_landmarks = read_then_hold
+sys.argv[0] = "track.py"
+from jflame.cli import track
+track.run()
+"""
 
 MOMENTS = 12
 
@@ -101,6 +122,38 @@ def test_the_rig_track_exports_as_a_multi_view_dataset(tracked, command_env, tmp
        "--output", str(tmp_path / "m")], cwd=PROJECT_ROOT, env=command_env,
       capture_output=True, text=True, timeout=600), "export.py")
   assert "jflame-track --cameras folder, which exports as gaussian_avatars" in line
+
+
+def test_a_stopped_rig_track_keeps_each_cameras_landmarks_and_a_rerun_finishes_it(
+    rig_clip, tracked, command_env, tmp_path):
+  """Ctrl-C once the first camera's landmarks are committed: exit 130 with one line saying what
+  is kept; the same command again reads that camera back, tracks the others and writes what an
+  uninterrupted run writes."""
+  out = tmp_path / "out"
+  store = out / ".landmarks"
+  args = ["--cameras", str(rig_clip / "camera_params.json"), "--input", str(rig_clip / "clips"),
+          "--output", str(out), "--nooverlay"]
+  process = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_A_CAMERA, *args],
+                             cwd=PROJECT_ROOT, env=command_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 600
+  while not list(store.glob("cam_*.npz")):
+    assert process.poll() is None, process.communicate()
+    assert time.monotonic() < deadline, "no camera committed in 10 minutes"
+    time.sleep(0.2)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=120)
+  assert ended_by_interrupt(process.returncode) and "Traceback" not in stderr, stderr[-2000:]
+  assert "interrupted: the landmarks of every camera read so far are kept" in stderr
+  assert len(list(store.glob("cam_*.npz"))) == 1
+  done = _track(args, command_env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "the landmarks of 1 camera read back" in done.stdout
+  whole, _ = tracked
+  with np.load(out / "rig_track.npz") as resumed, np.load(whole / "rig_track.npz") as reference:
+    np.testing.assert_array_equal(resumed["landmarks_detected"], reference["landmarks_detected"])
+    for key in ("expression", "head_rotation", "head_translation", "shape"):
+      np.testing.assert_allclose(resumed[key], reference[key], atol=1e-5)
 
 
 def _one_line_exit_2(done):

@@ -59,5 +59,13 @@ def run_command(main: Callable, module_name: str, doc: str):
   def terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
+  def finished(arguments):
+    code = main(arguments)
+    # The run's work is done and written: a Ctrl-C now would only break the interpreter's own
+    # shutdown (JAX's exit hooks) with a traceback after the "done" line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
+
   signal.signal(signal.SIGTERM, terminate)
-  app.run(lambda arguments: sys.exit(main(arguments)), argv=argv, flags_parser=parse)
+  app.run(finished, argv=argv, flags_parser=parse)

@@ -102,11 +102,11 @@ def make_rig_config():
   return config.replace(fit=fit)
 
 
-def _claimed_run(job, what: str, check=None):
+def _claimed_run(job, interrupted: str, check=None):
   """Runs `job(loaded, folder)` in the claimed output folder, the compilation cache on and the
   model loaded (`check()` first, before the folder is touched): (manifest, folder, cache), or
-  an exit code: one line for a usage problem, 130 when interrupted. `what`: the files' owner in
-  the interrupted line ("clip", "run")."""
+  an exit code: one line for a usage problem, 130 and the line `interrupted` when
+  interrupted."""
   from jflame import output_folder, process_settings
   from jflame.errors import JFlameError
   try:
@@ -120,8 +120,7 @@ def _claimed_run(job, what: str, check=None):
   except JFlameError as err:
     return cli_app.usage_error(str(err))
   except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through run_command
-    print(f"interrupted: each of the {what}'s files is written whole or not at all; run the same "
-          "command again to track it.", file=sys.stderr)
+    print(interrupted, file=sys.stderr)
     return cli_app.EXIT_INTERRUPTED
   return manifest, folder, cache
 
@@ -144,14 +143,21 @@ def _track_rig(source: Path) -> int:
           max_frames=_MAX_FRAMES.value, overlays=_OVERLAY.value, landmarks_where=landmarks,
           progress=bar.update)
   # The camera file and the clips are checked before the output folder is touched.
-  outcome = _claimed_run(job, "run", check=lambda: (
+  store = Path(_OUTPUT.value).expanduser() / rig_track_runner.LANDMARKS_FOLDER
+  interrupted = (f"interrupted: the landmarks of every camera read so far are kept in {store}; "
+                 "run the same command again to finish (it reads them back instead of tracking "
+                 "those clips again).")
+  outcome = _claimed_run(job, interrupted, check=lambda: (
       make_rig_config(), rig_track_runner.open_rig_clips(_CAMERAS.value, source)))
   if isinstance(outcome, int):
     return outcome
   manifest, folder, cache = outcome
+  reused = len(manifest["landmarks_read_back"])
   print(f"done: {manifest['frames']} moments of {len(manifest['serials'])} views "
-        f"{manifest['counts']} ({manifest['status']}) -> {folder}/manifest.json"
-        + (f" (compilation cache: {cache})" if cache else ""))
+        f"{manifest['counts']} ({manifest['status']})"
+        + (f" (the landmarks of {reused} camera{'' if reused == 1 else 's'} read back from the "
+           "last run)" if reused else "")
+        + f" -> {folder}/manifest.json" + (f" (compilation cache: {cache})" if cache else ""))
   for line in manifest["messages"] + ([manifest["suspect_reason"]] if manifest["suspect"]
                                       else []):
     print(f"  {line}")
@@ -187,7 +193,8 @@ def main(argv):
     with tqdm(unit="frame", desc="landmarks", delay=1.0) as bar:
       return track_runner.track_video(loaded, make_config(), options, str(source),
                                       progress=bar.update)
-  outcome = _claimed_run(job, "clip", check=make_config)
+  outcome = _claimed_run(job, "interrupted: each of the clip's files is written whole or not at "
+                         "all; run the same command again to track it.", check=make_config)
   if isinstance(outcome, int):
     return outcome
   manifest, folder, cache = outcome
