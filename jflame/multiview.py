@@ -242,6 +242,31 @@ def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=No
                       full_loss_history=full_history, failed=rigid_failed | full_failed)
 
 
+def _view_problem(config: FitConfig, prior):
+  """A view's `solve.LandmarkProblem` without its weights: the robust scale, and no prior (the
+  priors are counted once per moment, not per view)."""
+  return solve.LandmarkProblem(
+      targets=None, weights=None, base_rotation=None, principal_point=None, pixel_scale=None,
+      robust_scale=jnp.asarray(config.landmark_robust_scale, jnp.float32),
+      prior=jnp.zeros_like(prior), free=None)
+
+
+def views_cost(rows, views: RigViews, landmarks, weights, config: FitConfig, params,
+               base_rotation, x):
+  """The cost of `views_system` at x without its system (no Jacobian): what a trial step
+  needs."""
+  n = rows.num_shape + rows.num_expression
+  points = solve.model_points(rows, params, x)
+  rotation = axis_angle_to_matrix(x[n + 9:n + 12]) @ base_rotation
+  residuals = (project_views(views, points @ rotation.T + x[n + 12:]) - landmarks) * (
+      views.face_scale[:, None, None])
+  prior = solve.landmark_priors(rows.num_shape, rows.num_expression, config.regularization)
+  unweighted = _view_problem(config, prior)
+  costs = jax.vmap(lambda residual, view_weights: solve.objective(
+      unweighted.replace(weights=view_weights), residual, x))(residuals, weights)
+  return jnp.sum(costs) + jnp.sum(prior * x * x)
+
+
 def views_system(rows, views: RigViews, landmarks, weights, config: FitConfig, params,
                   base_rotation, x):
   """The landmark objective of `fit_moment` over all views at x (see `solve.pack`; its camera
@@ -264,10 +289,7 @@ def views_system(rows, views: RigViews, landmarks, weights, config: FitConfig, p
       solve.chain_points(jnp.broadcast_to(rotation, (points.shape[0], 3, 3)), d_model),
       d_rotation, jnp.broadcast_to(jnp.eye(3), (points.shape[0], 3, 3))], axis=-1)
   prior = solve.landmark_priors(rows.num_shape, rows.num_expression, config.regularization)
-  unweighted = solve.LandmarkProblem(
-      targets=None, weights=None, base_rotation=None, principal_point=None, pixel_scale=None,
-      robust_scale=jnp.asarray(config.landmark_robust_scale, jnp.float32),
-      prior=jnp.zeros_like(prior), free=None)
+  unweighted = _view_problem(config, prior)
 
   def view(intrinsics, world_to_camera, distortion, targets, view_weights, scale):
     """This view's cost and, per point, its weighted J^T J block (3, 3) and J^T r (3,)."""

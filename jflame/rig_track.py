@@ -133,11 +133,12 @@ def _track_rig(fit_model: FitModel, views: multiview.RigViews, config: TrackConf
 
   def frame_terms(shape, y, with_system: bool):
     def one(moment_views, moment_landmarks, moment_weights, moment_params, moment_y):
-      cost, (a, b), ok = multiview.views_system(
-          rows, moment_views, moment_landmarks, moment_weights, fit_config, moment_params,
-          base_rotation, jnp.concatenate([shape, moment_y]))
-      if not with_system:
-        return cost, ok
+      terms = (rows, moment_views, moment_landmarks, moment_weights, fit_config, moment_params,
+               base_rotation, jnp.concatenate([shape, moment_y]))
+      if not with_system:   # a trial step's cost: no Jacobian
+        cost = multiview.views_cost(*terms)
+        return cost, jnp.isfinite(cost)
+      cost, (a, b), ok = multiview.views_system(*terms)
       return cost, ok, a[num_shape:, num_shape:], b[num_shape:]
     return jax.vmap(one)(views, landmarks, landmark_weights, params, y)
 

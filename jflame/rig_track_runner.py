@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jflame import camera_files, multiview, output, rig_track, track_output
+from jflame.camera import project_calibrated
 from jflame.config import FitConfig, TrackConfig
 from jflame.errors import InputError
 from jflame.flame import flame_forward
@@ -141,22 +142,30 @@ def open_rig_clips(cameras_path, folder, default_fps: float = 25.0):
 
 
 @jax.jit
-def _meshes_in_views(model, params, rotations, translations, views: multiview.RigViews):
-  """(T, V, N, 2) every moment's mesh in every view's image."""
-  def one(moment_params, rotation, translation, moment_views):
-    vertices = flame_forward(model, moment_params)[0]
-    world = vertices @ axis_angle_to_matrix(rotation).T + translation
-    return multiview.project_views(moment_views, world)
-  return jax.vmap(one)(params, rotations, translations, views)
+def _world_meshes(model, params, rotations, translations):
+  """(T, N, 3) every moment's mesh in the world."""
+  def one(moment_params, rotation, translation):
+    return flame_forward(model, moment_params)[0] @ axis_angle_to_matrix(rotation).T + translation
+  return jax.vmap(one)(params, rotations, translations)
+
+
+@jax.jit
+def _mesh_in_view(intrinsics, world_to_camera, distortion, meshes):
+  """(T, N, 2) the moments' world meshes in one view's image: one view at a time, as a whole
+  rig's at once is V times that (640 MB for 16 cameras over 1,000 moments)."""
+  return jax.vmap(lambda mesh: project_calibrated(intrinsics, world_to_camera, distortion,
+                                                  mesh))(meshes)
 
 
 def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, input_folder,
                     output_dir, max_frames: int = 0, overlays: bool = True,
                     landmarks_where: str = "mediapipe",
-                    progress: Optional[Callable[[int], None]] = None) -> dict:
-  """Tracks a rig's clips and writes the run's files; returns the manifest."""
+                    progress: Optional[Callable[[int], None]] = None, opened=None) -> dict:
+  """Tracks a rig's clips and writes the run's files; returns the manifest. `opened`: what
+  `open_rig_clips(cameras_path, input_folder)` returned, when the caller has checked it
+  already."""
   started = datetime.datetime.now(datetime.timezone.utc)
-  clips, rig = open_rig_clips(cameras_path, input_folder)
+  clips, rig = opened or open_rig_clips(cameras_path, input_folder)
   serials = [camera.serial for camera in rig]
   out = Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -202,13 +211,14 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
   output.save_parameters(out / RESULT_FILE, arrays)
   files = [RESULT_FILE]
   if overlays:
-    meshes = np.asarray(_meshes_in_views(loaded.model, params, result.head_rotation,
-                                         result.head_translation, batch))
+    meshes = _world_meshes(loaded.model, params, result.head_rotation, result.head_translation)
     for v, serial in enumerate(serials):
       name = f"overlay_cam_{serial}.mp4"
       _, clip_frames = open_clip(clips[serial])
+      mesh_pixels = np.asarray(_mesh_in_view(batch.intrinsics[0, v], batch.world_to_camera[0, v],
+                                             batch.distortion[0, v], meshes))
       track_output.write_overlay_video(
-          out / name, clip_frames, fps, meshes[:, v], np.asarray(loaded.model.faces),
+          out / name, clip_frames, fps, mesh_pixels, np.asarray(loaded.model.faces),
           detected[:, v], np.asarray(result.landmarks_2d)[:, v], has_face[:, v] & tracked)
       files.append(name)
   messages: List[str] = []

@@ -188,6 +188,10 @@ def test_the_solve_steps_down_the_gradient_of_the_views_objective(scene):
                                             CONFIG, params, base_rotation, x)
   cost, (a, b), finite = system(x)
   assert bool(finite) and float(cost) > 1.0
+  # The trial steps' cost without the system (what the rig's clip solve evaluates) is this cost.
+  np.testing.assert_allclose(float(multiview.views_cost(
+      fit_model.landmark_rows, views, targets, weights, CONFIG, params, base_rotation, x)),
+      float(cost), rtol=1e-6)
   gradient = jax.grad(lambda x: system(x)[0])(x)
   np.testing.assert_allclose(np.asarray(2 * b), np.asarray(gradient), rtol=2e-3,
                              atol=2e-3 * float(jnp.max(jnp.abs(gradient))))

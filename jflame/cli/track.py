@@ -135,20 +135,25 @@ def _track_rig(source: Path) -> int:
     return cli_app.usage_error("--solve_focal has nothing to solve with --cameras: the camera "
                                "file gives every camera's focal length.")
 
+  checked = {}
+
+  def check():
+    checked.update(config=make_rig_config(),
+                   opened=rig_track_runner.open_rig_clips(_CAMERAS.value, source))
+
   def job(loaded, folder):
     landmarks, _ = landmark_source(_LANDMARKS.value, photometric=False)
     with tqdm(unit="frame", desc="landmarks", delay=1.0) as bar:
       return rig_track_runner.track_rig_clips(
-          loaded, make_rig_config(), _CAMERAS.value, source, folder,
+          loaded, checked["config"], _CAMERAS.value, source, folder,
           max_frames=_MAX_FRAMES.value, overlays=_OVERLAY.value, landmarks_where=landmarks,
-          progress=bar.update)
+          progress=bar.update, opened=checked["opened"])
   # The camera file and the clips are checked before the output folder is touched.
   store = Path(_OUTPUT.value).expanduser() / rig_track_runner.LANDMARKS_FOLDER
   interrupted = (f"interrupted: the landmarks of every camera read so far are kept in {store}; "
                  "run the same command again to finish (it reads them back instead of tracking "
                  "those clips again).")
-  outcome = _claimed_run(job, interrupted, check=lambda: (
-      make_rig_config(), rig_track_runner.open_rig_clips(_CAMERAS.value, source)))
+  outcome = _claimed_run(job, interrupted, check=check)
   if isinstance(outcome, int):
     return outcome
   manifest, folder, cache = outcome
