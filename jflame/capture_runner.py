@@ -17,6 +17,10 @@ killed or interrupted anywhere loses at most the moment being read, and the reru
 landmarks of unchanged moments back instead of detecting them again, then fits and writes every
 moment (each file written atomically).
 
+In photometric mode (`FitConfig.mode`) each view's face crop and skin mask are made from its
+image and the landmarks found on it (`view_photos`, one moment at a time: no detection again),
+and the moments are fitted one at a time (a moment's renders are V images).
+
 A view whose landmark error stands out from the others' (`multiview.disagreeing_views`) makes
 its moment `suspect` with "view <serial> disagrees with the others (calibration?)"; with three
 views or fewer the disagreement is reported without a camera (it cannot be told which). A moment
@@ -38,7 +42,7 @@ import numpy as np
 from jflame import camera_files, multiview, output
 from jflame.atomic import atomic_path
 from jflame.config import FitConfig
-from jflame.errors import InputError
+from jflame.errors import ImageReadError, InputError
 from jflame.flame import flame_forward
 from jflame.manifest import write_json
 from jflame.model_loading import LoadedModel, prepare_fit_model, run_provenance
@@ -107,6 +111,42 @@ def read_moment(folder: Path, rig, preprocessor) -> Moment:
     else:
       messages.append(f"view {serial}: {record.status}: {record.message}")
   return Moment(folder.name, images, landmarks, weights, valid, messages)
+
+
+def view_photos(moment: Moment, rig, crop_size: int) -> multiview.ViewPhotos:
+  """Each view's face crop (framed as a photo's crop is, from the landmarks found on it), its
+  skin mask and the crop's transform, for the photometric stage. A view without a face, or whose
+  image can no longer be read, gets an empty mask (its render is compared on nothing)."""
+  from jflame.preprocess.align import crop_from_landmarks, inside_image_mask, warp_affine
+  from jflame.preprocess.image_io import read_image
+  from jflame.preprocess.masks import face_region_mask
+  count = len(rig)
+  images = np.zeros((count, crop_size, crop_size, 3), np.float32)
+  masks = np.zeros((count, crop_size, crop_size), np.float32)
+  affines = np.tile(np.eye(2, 3, dtype=np.float32), (count, 1, 1))
+  for view, camera in enumerate(rig):
+    if not moment.valid[view]:
+      continue
+    try:
+      pixels = read_image(moment.images[camera.serial])
+    except ImageReadError as error:
+      moment.messages.append(f"view {camera.serial}: not compared photometrically: {error}")
+      continue
+    affine = crop_from_landmarks(moment.landmarks[view], crop_size)
+    images[view] = warp_affine(pixels, affine, crop_size).astype(np.float32) / 255.0
+    masks[view] = face_region_mask(apply_affine(affine, moment.landmarks[view]), crop_size) * (
+        inside_image_mask(affine, crop_size, pixels.shape[1], pixels.shape[0]))
+    affines[view] = affine
+  return multiview.ViewPhotos(images=images, face_masks=masks, crop_from_image=affines)
+
+
+def _comparison(photos: multiview.ViewPhotos, renders, valid) -> np.ndarray:
+  """Photometric mode's picture of a moment: (crop | render | overlay) per view with a face, a
+  row each (as a photo's `_compare.png`), no larger than MAX_PICTURE_SIDE."""
+  rows = [output.side_by_side(np.clip(photos.images[view] * 255, 0, 255).astype(np.uint8),
+                              renders.image[view], renders.alpha[view])
+          for view in range(len(valid)) if valid[view]]
+  return fit_within(np.concatenate(rows, axis=0))[0]
 
 
 def moment_key(images: Dict[str, Path]) -> str:
@@ -219,10 +259,12 @@ def open_capture(cameras_path, input_folder):
 
 def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_folder,
                 output_dir, crop_size: int = 256, progress=None, opened=None,
-                overlays: bool = True) -> dict:
+                overlays: bool = True, albedo=None) -> dict:
   """Fits every moment of a capture and writes its files; returns the manifest. `opened`: what
   `open_capture(cameras_path, input_folder)` returned, when the caller has checked it already;
-  `overlays`: write each view's picture (overlays/<moment>/cam_<serial>.png)."""
+  `overlays`: write each view's picture (overlays/<moment>/cam_<serial>.png); `crop_size`: the
+  side of each view's face crop (the landmarks' scale, and the photometric stage's renders);
+  `albedo`: photometric mode's albedo model (None: the built-in basis)."""
   started = datetime.datetime.now(datetime.timezone.utc)
   moments_folders, cameras = opened or open_capture(cameras_path, input_folder)
   serials = list(cameras)
@@ -233,18 +275,39 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
     moments, reused = read_moments(moments_folders, rig, preprocessor, out / LANDMARKS_FOLDER,
                                    progress)
   facts = dict(cameras=str(cameras_path), cameras_file=_file_facts(cameras_path),
-               input=str(input_folder), serials=serials, overlays=overlays,
+               input=str(input_folder), serials=serials, overlays=overlays, crop_size=crop_size,
                **run_provenance(loaded, config))
   if reused == len(moments):
     finished = finished_run(out, facts, [m.name for m in moments])
     if finished is not None:
       return dict(finished, unchanged=True)
-  fit_model = prepare_fit_model(loaded, config)
+  fit_model = prepare_fit_model(loaded, config, albedo)
   views = [multiview.rig_views(rig, m.landmarks, m.weights, m.valid, config) for m in moments]
   batch = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *views)
   views_with_face = np.array([np.sum(v.valid) for v in views])
   fittable = views_with_face >= 1
-  result = jax.device_get(multiview.fit_moments(fit_model, batch, config))
+
+  comparisons = []   # photometric mode: each moment's (crop | render | overlay) per view
+
+  def fitted(shape):
+    if shape is not None:
+      shape = jnp.asarray(shape, jnp.float32)
+    if not config.photometric:
+      return jax.device_get(multiview.fit_moments(fit_model, batch, config, shape))
+    results = []
+    comparisons.clear()
+    for index, moment in enumerate(moments):   # V renders a moment: one at a time
+      photos = view_photos(moment, rig, crop_size)
+      one = jax.tree.map(lambda x: x[index:index + 1], batch)
+      fitted_one = multiview.fit_moments(fit_model, one, config, shape,
+                                         jax.tree.map(lambda x: jnp.asarray(x)[None], photos))
+      results.append(jax.device_get(fitted_one))
+      renders = multiview.render_moment(fit_model, views[index], photos,
+                                        jax.tree.map(lambda x: x[0], fitted_one), config.raster)
+      comparisons.append(_comparison(photos, jax.device_get(renders), moment.valid))
+    return jax.tree.map(lambda *leaves: np.concatenate(leaves), *results)
+
+  result = fitted(None)
   ok = fittable & ~np.asarray(result.failed)
   # One identity for the run: the median of the moments' own (those seen by two views or more
   # when there are such: one view guesses the size), then every moment again with it.
@@ -252,20 +315,26 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
   shape = None
   if ok.sum() >= 2:
     shape = np.median(np.asarray(result.params.shape)[trusted], axis=0)
-    result = jax.device_get(multiview.fit_moments(fit_model, batch, config,
-                                                  jnp.asarray(shape, jnp.float32)))
+    result = fitted(shape)
     ok = fittable & ~np.asarray(result.failed)
   indices = np.asarray(fit_model.landmark_indices)
   entries = []
   for index, moment in enumerate(moments):
     entries.append(_write_moment(out, moment, views[index], rig,
                                  jax.tree.map(lambda x: x[index], result), bool(fittable[index]),
-                                 bool(ok[index]), indices, loaded, overlays))
+                                 bool(ok[index]), indices, loaded, overlays,
+                                 fit_model.albedo.name if config.photometric else "",
+                                 comparisons[index] if comparisons else None))
   manifest = dict(jflame_capture=1, started=started.isoformat(), moments=entries,
                   landmarks_read_back=reused,
                   shared_shape=None if shape is None else shape.tolist(), **facts)
   write_json(out / "manifest.json", manifest)
   return manifest
+
+
+def _finite_list(values) -> list:
+  """Per-view numbers for JSON: None where a view has none."""
+  return [float(value) if np.isfinite(value) else None for value in values]
 
 
 def _file_facts(path) -> dict:
@@ -275,8 +344,8 @@ def _file_facts(path) -> dict:
 
 # What must match for a rerun to keep a finished run: the run's inputs and settings, not the
 # machine it ran on (device, Python and JAX versions are recorded, not compared).
-_SAME_RUN_KEYS = ("cameras", "cameras_file", "input", "serials", "overlays", "model",
-                  "model_variant", "embedding", "config")
+_SAME_RUN_KEYS = ("cameras", "cameras_file", "input", "serials", "overlays", "crop_size",
+                  "model", "model_variant", "embedding", "config")
 
 
 def finished_run(out: Path, facts: dict, moment_names) -> Optional[dict]:
@@ -312,7 +381,8 @@ def _world_vertices(model, params, rotation, translation):
 
 
 def _write_moment(out: Path, moment: Moment, views: multiview.RigViews, rig, result,
-                  fittable: bool, ok: bool, indices, loaded: LoadedModel, overlays: bool) -> dict:
+                  fittable: bool, ok: bool, indices, loaded: LoadedModel, overlays: bool,
+                  albedo_name: str = "", comparison: Optional[np.ndarray] = None) -> dict:
   serials = [camera.serial for camera in rig]
   entry = dict(moment=moment.name, views=len(serials), views_with_face=int(moment.valid.sum()),
                messages=moment.messages)
@@ -349,6 +419,12 @@ def _write_moment(out: Path, moment: Moment, views: multiview.RigViews, rig, res
                 view_has_face=moment.valid, landmark_error_px=errors_px,
                 landmark_error_relative=relative, suspect=bool(reasons),
                 suspect_reason="; ".join(reasons))
+  photometric_error = None
+  if result.appearance is not None:
+    photometric_error = np.where(moment.valid, np.asarray(result.photometric_error), np.nan)
+    arrays.update(texture=np.asarray(result.appearance.texture),
+                  sh_lighting=np.asarray(result.appearance.lighting),
+                  albedo_model=albedo_name, photometric_error=photometric_error)
   name = moment.name
   output.save_parameters(out / f"{name}.npz", arrays)
   world = np.asarray(_world_vertices(loaded.model, params, jnp.asarray(rotation, jnp.float32),
@@ -361,13 +437,16 @@ def _write_moment(out: Path, moment: Moment, views: multiview.RigViews, rig, res
                             indices)
   files = [f"{name}.npz", f"{name}.obj", f"{name}_views.png"]
   output.save_png(out / files[-1], _contact_sheet(pictures, serials))
+  if comparison is not None:
+    files.append(f"{name}_compare.png")
+    output.save_png(out / files[-1], comparison)
   if overlays:
     (out / OVERLAYS_FOLDER / name).mkdir(parents=True, exist_ok=True)
     for serial, picture in zip(serials, pictures):
       files.append(f"{OVERLAYS_FOLDER}/{name}/cam_{serial}.png")
       output.save_png(out / files[-1], picture)
   entry.update(status=STATUS_OK, suspect=bool(reasons), suspect_reason="; ".join(reasons),
-               landmark_error_relative=[None if not np.isfinite(e) else float(e)
-                                        for e in relative],
-               files=files)
+               landmark_error_relative=_finite_list(relative), files=files)
+  if photometric_error is not None:
+    entry["photometric_error"] = _finite_list(photometric_error)
   return entry

@@ -183,14 +183,19 @@ def render_fit(fit_model: FitModel, variables: FitVariables, base_rotation, prin
                      fitted_appearance(variables), size, size, raster, fit_model.face_neighbors)
 
 
+def appearance_variables(appearance: Appearance) -> Appearance:
+  """A fitted appearance (the renderer's units) back in the fit's (`fitted_appearance`
+  undone)."""
+  return appearance.replace(lighting=appearance.lighting / _LIGHT_UNIT)
+
+
 def render_result(fit_model: FitModel, result: FitResult, size: int,
                   raster: RasterSettings) -> RenderOutput:
   """The shaded render of one fitted image (photometric mode), e.g. for output pictures."""
   variables = FitVariables(flame=result.params, camera_rotation=jnp.zeros(3, jnp.float32),
                            camera_translation=result.camera.translation,
                            focal_length=result.camera.focal_length,
-                           appearance=result.appearance.replace(
-                               lighting=result.appearance.lighting / _LIGHT_UNIT))
+                           appearance=appearance_variables(result.appearance))
   return render_fit(fit_model, variables, axis_angle_to_matrix(result.camera.rotation),
                     result.camera.principal_point, size, raster)
 

@@ -13,6 +13,10 @@ what fixes the size and the distance that one view cannot tell apart.
     or, with "adam":
       stage 1: Adam on the head pose      (config.rigid_rates, rigid_iterations)
       stage 2: Adam on everything          (config.full_rates, full_iterations) + the priors
+    photometric mode (each view's face crop given as `ViewPhotos`): then Adam on everything
+           with the landmarks, the priors and every view's render against its crop, summed
+           (full_iterations; the albedo and the SH lighting are one for all views, the lighting
+           fixed in the world, as a rig's lamps are)
 
 Residuals are measured per view in pixels of a `config.landmark_scale` crop framing that view's
 detected face as a photo's crop does (`RigViews.face_scale`), so a 4K camera and a 512-pixel
@@ -22,7 +26,7 @@ example; batch moments with `jax.vmap`.
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +34,13 @@ import numpy as np
 from flax import struct
 
 from jflame import losses, solve
-from jflame.camera import project_calibrated
+from jflame.camera import apply_affine, project_calibrated
 from jflame.camera_files import RigCamera, padded_distortion
 from jflame.config import FitConfig, LandmarkSolver
-from jflame.fit import FitModel, FitVariables, regularization, run_stage
-from jflame.flame import FlameParams, surface_points_forward
+from jflame.fit import (FitModel, FitVariables, appearance_variables, fitted_appearance,
+                        initial_appearance, regularization, run_stage)
+from jflame.flame import FlameParams, flame_forward, surface_points_forward
+from jflame.render import Appearance, RenderOutput, render_mesh, vertex_normals
 from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 
 
@@ -50,20 +56,30 @@ LM_ITERATIONS = 2
 # A rig's shape and expression priors against a photo's: the views pin the face down, and the
 # photo's priors, set for what one view cannot tell, hold it back (docs/ACCURACY.md, multi-view).
 RIG_PRIOR_SCALE = 0.25
+# A rig's photometric weight (a photo's: FitConfig.photometric_weight). One photo's render
+# cannot tell depth, so there the landmarks hold the geometry and the render mostly fits colour;
+# several views' renders pin the surface down, and MediaPipe's view-dependent placement (2-4 px)
+# is what limits the landmarks, so the renders get the say (docs/ACCURACY.md, multi-view
+# photometric: 3e3, 1e4, 3e4 and 1e5 compared on textured and untextured captures).
+RIG_PHOTOMETRIC_WEIGHT = 1e4
 
 
 def rig_config(config: FitConfig, prior_scale: float = RIG_PRIOR_SCALE,
-               every_landmark: bool = True) -> FitConfig:
+               every_landmark: bool = True,
+               photometric_weight: float = RIG_PHOTOMETRIC_WEIGHT) -> FitConfig:
   """A photo fit's settings `config` as a calibrated rig fits them unless told: every landmark
   of the embedding (MediaPipe's cheek and forehead points, which a photo's fit leaves out, carry
   the face's shape once several views place them; `every_landmark` False keeps the config's
-  regions) and the shape and expression priors times `prior_scale`. (The iteration counts are
-  the command's to set: LM_ITERATIONS, FULL_ITERATIONS.)"""
+  regions), the shape and expression priors times `prior_scale` and, for photometric mode, the
+  rig's `photometric_weight`. (The iteration counts are the command's to set: LM_ITERATIONS,
+  FULL_ITERATIONS.)"""
   prior = config.regularization
   if every_landmark:
     config = config.replace(landmark_regions=None)
-  return config.replace(regularization=dataclasses.replace(
-      prior, shape=prior.shape * prior_scale, expression=prior.expression * prior_scale))
+  return config.replace(photometric_weight=photometric_weight,
+                        regularization=dataclasses.replace(
+                            prior, shape=prior.shape * prior_scale,
+                            expression=prior.expression * prior_scale))
 
 
 @struct.dataclass
@@ -114,6 +130,21 @@ def rig_views(cameras: Sequence[RigCamera], landmarks, landmark_weights, valid,
 
 
 @struct.dataclass
+class ViewPhotos:
+  """Each view's face crop of one moment, for the photometric stage (leading axis V).
+
+  Attributes:
+    images: (V, S, S, 3) float32 in [0, 1], the view's image warped into a square crop framing
+      the face (as a photo's crop is made).
+    face_masks: (V, S, S) float32 in [0, 1], the skin region the render is compared on.
+    crop_from_image: (V, 2, 3) the similarity that took the view's image pixels to the crop.
+  """
+  images: jax.Array
+  face_masks: jax.Array
+  crop_from_image: jax.Array
+
+
+@struct.dataclass
 class MomentResult:
   """The fit of one moment.
 
@@ -125,6 +156,10 @@ class MomentResult:
     landmark_error: (V,) mean distance to the detected landmarks per view, image pixels.
     rigid_loss_history, full_loss_history: (iterations,).
     failed: () a non-finite loss or gradient stopped the fit.
+    appearance: photometric mode: the albedo coefficients and SH lighting (world axes, the
+      renderer's units).
+    photometric_error: photometric mode: (V,) mean absolute colour error of each view's render
+      over its face mask.
   """
   params: FlameParams
   head_rotation: jax.Array
@@ -134,6 +169,8 @@ class MomentResult:
   rigid_loss_history: jax.Array
   full_loss_history: jax.Array
   failed: jax.Array
+  appearance: Optional[Appearance] = None
+  photometric_error: Optional[jax.Array] = None
 
 
 def triangulate(projections, pixels, weights):
@@ -177,10 +214,59 @@ def landmark_targets(fit_model: FitModel, views: RigViews):
   return landmarks, weights, detected
 
 
-def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=None
-               ) -> MomentResult:
+def render_views(fit_model: FitModel, views: RigViews, photos: ViewPhotos,
+                 variables: FitVariables, base_rotation, raster) -> RenderOutput:
+  """The head of `variables` (rotation delta composed with `base_rotation`, world translation)
+  rendered into every view's crop (leading axis V): projected through the view's calibrated
+  camera with its distortion, then the crop's similarity. The normals, and so the lighting,
+  are in world axes: one light for all views."""
+  vertices, _ = flame_forward(fit_model.mesh, variables.flame)
+  rotation = axis_angle_to_matrix(variables.camera_rotation) @ base_rotation
+  world = vertices @ rotation.T + variables.camera_translation
+  normals = vertex_normals(world, fit_model.mesh.faces)
+  appearance = fitted_appearance(variables)
+  size = photos.images.shape[-2]
+
+  def view(intrinsics, world_to_camera, distortion, crop_from_image):
+    depth = world @ world_to_camera[2, :3] + world_to_camera[2, 3]
+    pixels = apply_affine(crop_from_image,
+                          project_calibrated(intrinsics, world_to_camera, distortion, world))
+    return render_mesh(jnp.concatenate([pixels, depth[:, None]], axis=1), fit_model.mesh.faces,
+                       normals, fit_model.albedo, appearance, size, size, raster,
+                       fit_model.face_neighbors)
+
+  return jax.vmap(view)(views.intrinsics, views.world_to_camera, views.distortion,
+                        photos.crop_from_image)
+
+
+@functools.partial(jax.jit, static_argnames=("raster",))
+def render_moment(fit_model: FitModel, views: RigViews, photos: ViewPhotos, result: MomentResult,
+                  raster) -> RenderOutput:
+  """A fitted moment's (photometric mode) render in every view's crop, for its pictures."""
+  variables = FitVariables(flame=result.params, camera_rotation=jnp.zeros(3, jnp.float32),
+                           camera_translation=result.head_translation, focal_length=jnp.ones(()),
+                           appearance=appearance_variables(result.appearance))
+  return render_views(fit_model, views, photos, variables,
+                      axis_angle_to_matrix(result.head_rotation), raster)
+
+
+def views_appearance(fit_model: FitModel, views: RigViews, photos: ViewPhotos) -> Appearance:
+  """The photometric stage's start: the mean albedo under ambient light of the views' mean
+  colour over their face masks (in the fit's lighting units, as `fit.initial_appearance`)."""
+  size = photos.images.shape[-2]
+  masks = photos.face_masks * views.valid[:, None, None]
+  return initial_appearance(fit_model.albedo, photos.images.reshape(-1, size, 3),
+                            masks.reshape(-1, size))
+
+
+def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=None,
+               photos: Optional[ViewPhotos] = None) -> MomentResult:
   """Fits ONE moment of a calibrated rig (vmap for several). `shape` (S,): the run's identity,
-  held fixed; None fits this moment's own."""
+  held fixed; None fits this moment's own. `photos`: each view's face crop, required in
+  photometric mode (and only used there)."""
+  photometric = config.photometric
+  if photometric and photos is None:
+    raise ValueError("a photometric fit of a rig needs each view's face crop (photos)")
   landmarks, weights, detected = landmark_targets(fit_model, views)
   rows = fit_model.landmark_rows
   zeros = FlameParams.zeros(config.num_shape, config.num_expression)
@@ -208,12 +294,27 @@ def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=No
         config.landmark_scale, config.landmark_robust_scale)
     return jnp.sum(jnp.where(views.valid, per_view, 0.0))
 
+  def photometric_loss(variables):
+    renders = render_views(fit_model, views, photos, variables, base_rotation, config.raster)
+    per_view = jax.vmap(losses.photometric_loss, in_axes=(0, 0, 0, None))(
+        renders.image, photos.images, photos.face_masks, config.photometric_robust_scale)
+    return jnp.sum(jnp.where(views.valid, per_view, 0.0))
+
   def full_loss(variables):
-    return data_loss(variables) + regularization(variables.flame, config)
+    loss = data_loss(variables) + regularization(variables.flame, config)
+    if photometric:
+      loss = (loss + config.photometric_weight * photometric_loss(variables)
+              + losses.l2(variables.appearance.texture, config.regularization.texture))
+    return loss
 
   active = jnp.sum(views.valid) >= 1
   shape_held = shape is not None or not config.fit_shape
+  full_rates = config.full_rates
+  if shape_held:
+    full_rates = dataclasses.replace(full_rates, shape=None)
+  full_iterations = config.full_iterations
   if config.landmark_solver == LandmarkSolver.LM:
+    # One solve replaces the landmark stages; photometric mode goes on with its Adam stage.
     x = solve.pack(variables.flame, variables.camera_rotation, variables.camera_translation)
     free = jnp.ones(x.shape, bool).at[:rows.num_shape].set(not shape_held)
     x, info = solve.levenberg_marquardt(
@@ -223,23 +324,29 @@ def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=No
     flame, rotation, translation = solve.unpack(x, variables.flame)
     variables = variables.replace(flame=flame, camera_rotation=rotation,
                                   camera_translation=translation)
-    rigid_history, full_history = info.cost_history, jnp.zeros((0,), jnp.float32)
-    rigid_failed = full_failed = info.failed
+    rigid_history, rigid_failed = info.cost_history, info.failed
+    full_iterations = full_iterations if photometric else 0
   else:
-    full_rates = config.full_rates
-    if shape_held:
-      full_rates = dataclasses.replace(full_rates, shape=None)
     variables, rigid_history, rigid_failed = run_stage(
         data_loss, variables, config.rigid_rates, config.rigid_iterations, active)
-    variables, full_history, full_failed = run_stage(
-        full_loss, variables, full_rates, config.full_iterations, active & ~rigid_failed)
+  if photometric:
+    variables = variables.replace(appearance=views_appearance(fit_model, views, photos))
+  variables, full_history, full_failed = run_stage(
+      full_loss, variables, full_rates, full_iterations, active & ~rigid_failed)
   fitted = predicted(variables)
   errors = jax.vmap(losses.landmark_error)(fitted, landmarks, detected)
   rotation = axis_angle_to_matrix(variables.camera_rotation) @ base_rotation
+  extra = {}
+  if photometric:
+    renders = render_views(fit_model, views, photos, variables, base_rotation, config.raster)
+    extra = dict(appearance=fitted_appearance(variables),
+                 photometric_error=jax.vmap(losses.masked_mean_abs)(
+                     renders.image, photos.images, photos.face_masks))
   return MomentResult(params=variables.flame, head_rotation=matrix_to_axis_angle(rotation),
                       head_translation=variables.camera_translation, landmarks_2d=fitted,
                       landmark_error=errors, rigid_loss_history=rigid_history,
-                      full_loss_history=full_history, failed=rigid_failed | full_failed)
+                      full_loss_history=full_history, failed=rigid_failed | full_failed,
+                      **extra)
 
 
 def _view_problem(config: FitConfig, prior):
@@ -319,11 +426,12 @@ def views_system(rows, views: RigViews, landmarks, weights, config: FitConfig, p
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def fit_moments(fit_model: FitModel, views: RigViews, config: FitConfig, shape=None
-                ) -> MomentResult:
-  """`fit_moment` over a batch of moments (leading axis M on every leaf of `views`), one
-  compiled program."""
-  return jax.vmap(fit_moment, in_axes=(None, 0, None, None))(fit_model, views, config, shape)
+def fit_moments(fit_model: FitModel, views: RigViews, config: FitConfig, shape=None,
+                photos: Optional[ViewPhotos] = None) -> MomentResult:
+  """`fit_moment` over a batch of moments (leading axis M on every leaf of `views`, and of
+  `photos` in photometric mode), one compiled program."""
+  return jax.vmap(fit_moment, in_axes=(None, 0, None, None, 0))(fit_model, views, config, shape,
+                                                                 photos)
 
 
 def disagreeing_views(relative_errors, ratio: float = 3.0, floor: float = 0.02):

@@ -3,7 +3,8 @@ fit) against its truth, beside single-view fits of the same images.
 
   python tools/make_multiview_capture.py --output /tmp/capture --views 5 --moments 4
   python tools/eval_capture.py --capture /tmp/capture [--noall_landmarks] [--prior_scale 1]
-      [--json_out FILE]
+      [--mode photometric [--photometric_weight W] [--photometric_iterations N]]
+      [--nosingle_view] [--json_out FILE]
 
 Prints per moment and over all moments: the world mesh's face region against the truth (median,
 p90, max, in millimetres, as written and after the best rigid alignment), its size bias, the
@@ -20,11 +21,18 @@ import numpy as np
 import trimesh
 from absl import app, flags
 
-from jflame import capture_runner, fit_images, model_loading
+from jflame import FitConfig, capture_runner, fit_images, model_loading
 import eval_multiview  # tools/ is a folder of scripts: its own folder is on sys.path
 import eval_synthetic
 
 _CAPTURE = flags.DEFINE_string("capture", None, "A folder written by make_multiview_capture.py.")
+_MODE = flags.DEFINE_enum("mode", "landmark", ["landmark", "photometric"], "The capture fit's mode.")
+_PHOTOMETRIC_WEIGHT = flags.DEFINE_float("photometric_weight", None,
+                                         "Photometric mode: the render's weight (default: the fit's).")
+_PHOTOMETRIC_ITERATIONS = flags.DEFINE_integer(
+    "photometric_iterations", None, "Photometric mode: Adam steps (default: a photo fit's).")
+_SINGLE_VIEW = flags.DEFINE_bool("single_view", True, "Fit every image alone too (the landmark "
+                                 "errors' ratio).")
 # --all_landmarks, --prior_scale (and the solver's flags) and --json_out are eval_multiview's.
 _JSON_OUT = eval_multiview._JSON_OUT
 
@@ -44,14 +52,22 @@ def main(argv):
   del argv
   capture = Path(_CAPTURE.value)
   loaded = model_loading.load_model(None, None)
-  config = eval_multiview.moment_config()
+  config = landmark_config = eval_multiview.moment_config()
+  if _MODE.value == "photometric":
+    default = FitConfig()
+    config = config.replace(
+        mode="photometric",
+        full_iterations=_PHOTOMETRIC_ITERATIONS.value or default.full_iterations,
+        photometric_weight=(default.photometric_weight if _PHOTOMETRIC_WEIGHT.value is None
+                            else _PHOTOMETRIC_WEIGHT.value))
   face = eval_synthetic.face_region_size(loaded.model.v_template.shape[0])
   truth = np.load(capture / "truth.npz")
   scratch = Path(tempfile.mkdtemp(prefix="eval_capture_"))
   try:
     manifest = capture_runner.fit_capture(loaded, config, capture / "camera_params.json",
                                           capture / "frames", scratch / "capture")
-    single = _single_view_errors(loaded, config, capture)
+    single = (_single_view_errors(loaded, landmark_config, capture) if _SINGLE_VIEW.value
+              else {})
     rows, distances, aligned = [], [], []
     for index, moment in enumerate(truth["moments"]):
       entry = manifest["moments"][index]
@@ -79,7 +95,9 @@ def main(argv):
               if np.isfinite(row["view_error_px"][s]) and np.isfinite(
                   row["single_view_error_px"][s])]
     summary = dict(views=len(manifest["serials"]), moments=len(rows),
-                   all_landmarks=config.landmark_regions is None,
+                   all_landmarks=config.landmark_regions is None, mode=_MODE.value,
+                   photometric_weight=config.photometric_weight,
+                   photometric_iterations=config.full_iterations if config.photometric else 0,
                    prior_scale=eval_multiview._PRIOR_SCALE.value,
                    world_median_mm=float(np.median(every)),
                    world_p90_mm=float(np.percentile(every, 90)),

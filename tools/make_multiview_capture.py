@@ -79,14 +79,14 @@ def rig(views: int, width: int, height: int, distance: float = 0.8):
 
 
 def render(model, vertices_world, k, world_to_camera, width, height, albedo, neighbors):
-  """An untextured render of the mesh (the albedo model's mean colour, lit) through a pinhole
-  camera: (image (H, W, 3), alpha (H, W))."""
+  """An untextured render of the mesh (the albedo model's mean colour, lit by one light fixed in
+  the world, as a rig's lamps are) through a pinhole camera: (image (H, W, 3), alpha (H, W))."""
   camera_space = vertices_world @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
   pixels = project_calibrated(k, world_to_camera, jnp.zeros(14), vertices_world)
   screen = jnp.concatenate([pixels, camera_space[:, 2:3]], axis=1)
   lighting = neutral_lighting() * 0.75
-  lighting = lighting.at[1].set(0.9).at[2].set(-0.9)
-  output = render_mesh(screen, model.faces, vertex_normals(camera_space, model.faces), albedo,
+  lighting = lighting.at[1].set(0.9).at[2].set(0.9)   # from above and the cameras' side
+  output = render_mesh(screen, model.faces, vertex_normals(vertices_world, model.faces), albedo,
                        Appearance(texture=jnp.zeros(3), lighting=lighting), height, width,
                        RasterSettings(cull_backfaces=True), neighbors)
   return output.image, output.alpha

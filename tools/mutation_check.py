@@ -78,6 +78,10 @@ MUTATIONS = [
     "      loss = (loss + config.photometric_weight * photometric_loss(variables)",
     "      loss = (loss + config.photometric_weight * 0.0 * photometric_loss(variables)",
     ["tests/test_fit_photometric.py::test_photometric_term_moves_the_fit"]),
+  ("a rig's photometric term multiplied by 0", "jflame/multiview.py",
+    "      loss = (loss + config.photometric_weight * photometric_loss(variables)",
+    "      loss = (loss + config.photometric_weight * 0.0 * photometric_loss(variables)",
+    ["tests/test_multiview.py::test_the_photometric_stage_pulls_the_head_to_what_every_view_shows"]),
 ]
 
 

@@ -37,7 +37,8 @@ _CAMERAS = flags.DEFINE_string(
     "cameras", None, "A calibrated rig's camera file (NeRSemble camera_params.json, Ava-256 "
     "camera_calibration.json or jflame's cameras.json, docs/FORMAT.md): --input is then one "
     "folder of moments (timesteps), each holding cam_<serial>.<ext> per camera, or one such "
-    "folder; one head per moment, its pose in the file's world coordinates. Landmark mode.")
+    "folder; one head per moment, its pose in the file's world coordinates. Landmark or "
+    "photometric mode (every view's render against its crop).")
 _OVERLAY = flags.DEFINE_bool(
     "overlay", True, "Write the overlay picture(s). Drawing on the full-size photo re-reads it, "
     "which can cost more than a landmark fit: --nooverlay for the fastest runs.")
@@ -97,11 +98,12 @@ def _fit_capture() -> int:
       cache = common.enable_compilation_cache()
       loaded = model_flags.load_model()
       config = common.fit_config()
-      if config.photometric:
-        return common.usage_error("--cameras fits landmarks only for now (--mode landmark).")
       from jflame import multiview
+      from jflame.model_loading import load_albedo
+      albedo = load_albedo(loaded, common.engine_options(1, config)) if config.photometric else None
       config = multiview.rig_config(config)
-      if not common.FULL_ITERATIONS.present:
+      if not common.FULL_ITERATIONS.present and not config.photometric:
+        # Adam's landmark stage over several views; a photometric stage keeps a photo's count.
         config = config.replace(full_iterations=multiview.FULL_ITERATIONS)
       if not common.LM_ITERATIONS.present:
         config = config.replace(lm_iterations=multiview.LM_ITERATIONS)
@@ -110,7 +112,8 @@ def _fit_capture() -> int:
         try:
           manifest = capture_runner.fit_capture(loaded, config, _CAMERAS.value,
                                                 _INPUT.value[0], folder, progress=bar.update,
-                                                opened=opened, overlays=_OVERLAY.value)
+                                                opened=opened, overlays=_OVERLAY.value,
+                                                crop_size=common.CROP_SIZE.value, albedo=albedo)
         except KeyboardInterrupt:
           bar.close()
           store = folder / capture_runner.LANDMARKS_FOLDER

@@ -130,7 +130,9 @@ def _track_rig(source: Path) -> int:
   from jflame import rig_track_runner
   from jflame.engine import landmark_source
   if _MODE.value != "landmark":
-    return cli_app.usage_error("--cameras tracks landmarks only for now (--mode landmark).")
+    return cli_app.usage_error("--cameras tracks landmarks only for now (--mode landmark); "
+                               "jflame-fit --cameras --mode photometric fits a rig moment by "
+                               "moment.")
   if _SOLVE_FOCAL.value:
     return cli_app.usage_error("--solve_focal has nothing to solve with --cameras: the camera "
                                "file gives every camera's focal length.")
