@@ -27,8 +27,8 @@ import eval_synthetic
 
 _CAPTURE = flags.DEFINE_string("capture", None, "A folder written by make_multiview_capture.py.")
 _MODE = flags.DEFINE_enum("mode", "landmark", ["landmark", "photometric"], "The capture fit's mode.")
-_PHOTOMETRIC_WEIGHT = flags.DEFINE_float("photometric_weight", None,
-                                         "Photometric mode: the render's weight (default: the fit's).")
+_PHOTOMETRIC_WEIGHT = flags.DEFINE_float(
+    "photometric_weight", None, "Photometric mode: the render's weight (default: the rig's).")
 _PHOTOMETRIC_ITERATIONS = flags.DEFINE_integer(
     "photometric_iterations", None, "Photometric mode: Adam steps (default: a photo fit's).")
 _SINGLE_VIEW = flags.DEFINE_bool("single_view", True, "Fit every image alone too (the landmark "
@@ -58,7 +58,7 @@ def main(argv):
     config = config.replace(
         mode="photometric",
         full_iterations=_PHOTOMETRIC_ITERATIONS.value or default.full_iterations,
-        photometric_weight=(default.photometric_weight if _PHOTOMETRIC_WEIGHT.value is None
+        photometric_weight=(config.photometric_weight if _PHOTOMETRIC_WEIGHT.value is None
                             else _PHOTOMETRIC_WEIGHT.value))
   face = eval_synthetic.face_region_size(loaded.model.v_template.shape[0])
   truth = np.load(capture / "truth.npz")
