@@ -130,7 +130,9 @@ def view_photos(moment: Moment, rig, crop_size: int) -> multiview.ViewPhotos:
     try:
       pixels = read_image(moment.images[camera.serial])
     except ImageReadError as error:
-      moment.messages.append(f"view {camera.serial}: not compared photometrically: {error}")
+      said = f"view {camera.serial}: not compared photometrically: {error}"
+      if said not in moment.messages:   # the run's passes read the moment again
+        moment.messages.append(said)
       continue
     affine = crop_from_landmarks(moment.landmarks[view], crop_size)
     images[view] = warp_affine(pixels, affine, crop_size).astype(np.float32) / 255.0
@@ -140,13 +142,14 @@ def view_photos(moment: Moment, rig, crop_size: int) -> multiview.ViewPhotos:
   return multiview.ViewPhotos(images=images, face_masks=masks, crop_from_image=affines)
 
 
-def _comparison(photos: multiview.ViewPhotos, renders, valid) -> np.ndarray:
-  """Photometric mode's picture of a moment: (crop | render | overlay) per view with a face, a
-  row each (as a photo's `_compare.png`), no larger than MAX_PICTURE_SIDE."""
+def _comparison(photos: multiview.ViewPhotos, renders, valid) -> Optional[bytes]:
+  """Photometric mode's picture of a moment as PNG bytes (held until the moment's files are
+  written): (crop | render | overlay) per view with a face, a row each (as a photo's
+  `_compare.png`), no larger than MAX_PICTURE_SIDE; None without a view with a face."""
   rows = [output.side_by_side(np.clip(photos.images[view] * 255, 0, 255).astype(np.uint8),
                               renders.image[view], renders.alpha[view])
           for view in range(len(valid)) if valid[view]]
-  return fit_within(np.concatenate(rows, axis=0))[0]
+  return output.png_bytes(fit_within(np.concatenate(rows, axis=0))[0]) if rows else None
 
 
 def moment_key(images: Dict[str, Path]) -> str:
@@ -287,7 +290,7 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
   views_with_face = np.array([np.sum(v.valid) for v in views])
   fittable = views_with_face >= 1
 
-  comparisons = []   # photometric mode: each moment's (crop | render | overlay) per view
+  comparisons = []   # photometric mode: each moment's (crop | render | overlay), PNG bytes
 
   def fitted(shape):
     if shape is not None:
@@ -382,7 +385,7 @@ def _world_vertices(model, params, rotation, translation):
 
 def _write_moment(out: Path, moment: Moment, views: multiview.RigViews, rig, result,
                   fittable: bool, ok: bool, indices, loaded: LoadedModel, overlays: bool,
-                  albedo_name: str = "", comparison: Optional[np.ndarray] = None) -> dict:
+                  albedo_name: str = "", comparison: Optional[bytes] = None) -> dict:
   serials = [camera.serial for camera in rig]
   entry = dict(moment=moment.name, views=len(serials), views_with_face=int(moment.valid.sum()),
                messages=moment.messages)
@@ -439,7 +442,7 @@ def _write_moment(out: Path, moment: Moment, views: multiview.RigViews, rig, res
   output.save_png(out / files[-1], _contact_sheet(pictures, serials))
   if comparison is not None:
     files.append(f"{name}_compare.png")
-    output.save_png(out / files[-1], comparison)
+    output.save_bytes(out / files[-1], comparison)
   if overlays:
     (out / OVERLAYS_FOLDER / name).mkdir(parents=True, exist_ok=True)
     for serial, picture in zip(serials, pictures):

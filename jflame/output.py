@@ -231,9 +231,19 @@ def write_pictures(folder, record, arrays: dict, meshes, faces) -> list:
   return [f"{name}_overlay.png", f"{name}_compare.png"]
 
 
-def save_png(path, rgb):
+def png_bytes(rgb, label="a picture") -> bytes:
+  """uint8 RGB as the bytes of a PNG file."""
   ok, data = cv2.imencode(".png", cv2.cvtColor(np.asarray(rgb, np.uint8), cv2.COLOR_RGB2BGR))
   if not ok:
-    raise OSError(f"PNG encoding failed for {path}")
+    raise OSError(f"PNG encoding failed for {label}")
+  return data.tobytes()
+
+
+def save_png(path, rgb):
+  save_bytes(path, png_bytes(rgb, path))
+
+
+def save_bytes(path, data: bytes):
+  """A file written whole or not at all."""
   with atomic_path(path) as tmp:
-    tmp.write_bytes(data.tobytes())
+    tmp.write_bytes(data)
