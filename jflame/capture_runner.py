@@ -262,12 +262,14 @@ def open_capture(cameras_path, input_folder):
 
 def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_folder,
                 output_dir, crop_size: int = 256, progress=None, opened=None,
-                overlays: bool = True, albedo=None) -> dict:
+                overlays: bool = True, albedo=None, fit_progress=None) -> dict:
   """Fits every moment of a capture and writes its files; returns the manifest. `opened`: what
   `open_capture(cameras_path, input_folder)` returned, when the caller has checked it already;
   `overlays`: write each view's picture (overlays/<moment>/cam_<serial>.png); `crop_size`: the
   side of each view's face crop (the landmarks' scale, and the photometric stage's renders);
-  `albedo`: photometric mode's albedo model (None: the built-in basis)."""
+  `albedo`: photometric mode's albedo model (None: the built-in basis); `progress(1)` after
+  each moment read, and in photometric mode, whose fits take seconds a moment,
+  `fit_progress(stage, done, total)` as a pass starts and after each moment fitted."""
   started = datetime.datetime.now(datetime.timezone.utc)
   moments_folders, cameras = opened or open_capture(cameras_path, input_folder)
   serials = list(cameras)
@@ -299,6 +301,9 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
       return jax.device_get(multiview.fit_moments(fit_model, batch, config, shape))
     results = []
     comparisons.clear()
+    stage = "own shapes" if shape is None else "the run's shape"
+    if fit_progress:
+      fit_progress(stage, 0, len(moments))
     for index, moment in enumerate(moments):   # V renders a moment: one at a time
       photos = view_photos(moment, rig, crop_size)
       one = jax.tree.map(lambda x: x[index:index + 1], batch)
@@ -308,6 +313,8 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
       renders = multiview.render_moment(fit_model, views[index], photos,
                                         jax.tree.map(lambda x: x[0], fitted_one), config.raster)
       comparisons.append(_comparison(photos, jax.device_get(renders), moment.valid))
+      if fit_progress:
+        fit_progress(stage, index + 1, len(moments))
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *results)
 
   result = fitted(None)

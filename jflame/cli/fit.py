@@ -108,14 +108,29 @@ def _fit_capture() -> int:
       if not common.LM_ITERATIONS.present:
         config = config.replace(lm_iterations=multiview.LM_ITERATIONS)
       print(f"model: {loaded.description}", flush=True)
+      fit_bars = {}
+
+      def fitted(stage, done, total):
+        """A bar per photometric pass (its fits take seconds a moment)."""
+        if stage not in fit_bars:
+          for other in fit_bars.values():
+            other.close()
+          fit_bars[stage] = tqdm(total=total, unit="moment", desc=f"photometric fit ({stage})")
+        fit_bars[stage].update(done - fit_bars[stage].n)
+
       with tqdm(total=len(opened[0]), unit="moment", desc="jflame-fit --cameras") as bar:
         try:
           manifest = capture_runner.fit_capture(loaded, config, _CAMERAS.value,
                                                 _INPUT.value[0], folder, progress=bar.update,
                                                 opened=opened, overlays=_OVERLAY.value,
-                                                crop_size=common.CROP_SIZE.value, albedo=albedo)
+                                                crop_size=common.CROP_SIZE.value, albedo=albedo,
+                                                fit_progress=fitted)
+          for other in fit_bars.values():
+            other.close()
         except KeyboardInterrupt:
           bar.close()
+          for other in fit_bars.values():
+            other.close()
           store = folder / capture_runner.LANDMARKS_FOLDER
           kept = len(list(store.glob("*.npz"))) if store.is_dir() else 0
           print(f"interrupted: the landmarks of {kept} moment{'' if kept == 1 else 's'} are "
