@@ -434,7 +434,8 @@ def _write_moment(out: Path, moment: Moment, views: multiview.RigViews, rig, res
     photometric_error = np.where(moment.valid, np.asarray(result.photometric_error), np.nan)
     arrays.update(texture=np.asarray(result.appearance.texture),
                   sh_lighting=np.asarray(result.appearance.lighting),
-                  albedo_model=albedo_name, photometric_error=photometric_error)
+                  albedo_model=albedo_name, photometric_error=photometric_error,
+                  view_colour_gain=np.asarray(result.view_gains))
   name = moment.name
   output.save_parameters(out / f"{name}.npz", arrays)
   world = np.asarray(_world_vertices(loaded.model, params, jnp.asarray(rotation, jnp.float32),

@@ -16,7 +16,8 @@ what fixes the size and the distance that one view cannot tell apart.
     photometric mode (each view's face crop given as `ViewPhotos`): then Adam on everything
            with the landmarks, the priors and every view's render against its crop, summed
            (full_iterations; the albedo and the SH lighting are one for all views, the lighting
-           fixed in the world, as a rig's lamps are)
+           fixed in the world, as a rig's lamps are; each view's colour gain, `view_gains`,
+           takes up how its camera's exposure and white balance differ)
 
 Residuals are measured per view in pixels of a `config.landmark_scale` crop framing that view's
 detected face as a photo's crop does (`RigViews.face_scale`), so a 4K camera and a 512-pixel
@@ -159,7 +160,8 @@ class MomentResult:
     appearance: photometric mode: the albedo coefficients and SH lighting (world axes, the
       renderer's units).
     photometric_error: photometric mode: (V,) mean absolute colour error of each view's render
-      over its face mask.
+      (times its colour gain) over its face mask.
+    view_gains: photometric mode: (V, 3) each view's colour gain (`view_gains`).
   """
   params: FlameParams
   head_rotation: jax.Array
@@ -171,6 +173,7 @@ class MomentResult:
   failed: jax.Array
   appearance: Optional[Appearance] = None
   photometric_error: Optional[jax.Array] = None
+  view_gains: Optional[jax.Array] = None
 
 
 def triangulate(projections, pixels, weights):
@@ -239,15 +242,40 @@ def render_views(fit_model: FitModel, views: RigViews, photos: ViewPhotos,
                         photos.crop_from_image)
 
 
+def view_gains(rendered, images, masks, valid, limit: float = 4.0):
+  """(V, 3) the colour gain of each view's camera: per channel, the least-squares factor from
+  its render to its crop over its mask, clipped to [1 / limit, limit], then divided by the
+  geometric mean over the views with a face, so the gains carry only how the cameras differ
+  (exposure, white balance) and the shared albedo and light carry the colour. Held constant for
+  the gradient (at the optimum a gain's own derivative is zero). rendered, images: (V, S, S, 3);
+  masks: (V, S, S); valid: (V,)."""
+  weight = masks[..., None]
+  numerator = jnp.sum(weight * rendered * images, axis=(1, 2))
+  denominator = jnp.sum(weight * rendered * rendered, axis=(1, 2))
+  gains = jnp.where(denominator > 1e-6, numerator / jnp.maximum(denominator, 1e-6), 1.0)
+  logs = jnp.log(jnp.clip(gains, 1.0 / limit, limit))
+  used = (valid & (jnp.sum(masks, axis=(1, 2)) > 0))[:, None]
+  mean = jnp.sum(jnp.where(used, logs, 0.0), axis=0) / jnp.maximum(jnp.sum(used), 1)
+  return jax.lax.stop_gradient(jnp.where(used, jnp.exp(logs - mean), 1.0))
+
+
+def gained_renders(renders: RenderOutput, photos: ViewPhotos, valid):
+  """(renders' images times each view's colour gain (V, S, S, 3), the gains (V, 3))."""
+  gains = view_gains(renders.image, photos.images, photos.face_masks, valid)
+  return renders.image * gains[:, None, None, :], gains
+
+
 @functools.partial(jax.jit, static_argnames=("raster",))
 def render_moment(fit_model: FitModel, views: RigViews, photos: ViewPhotos, result: MomentResult,
                   raster) -> RenderOutput:
-  """A fitted moment's (photometric mode) render in every view's crop, for its pictures."""
+  """A fitted moment's (photometric mode) render in every view's crop (times the view's colour
+  gain), for its pictures."""
   variables = FitVariables(flame=result.params, camera_rotation=jnp.zeros(3, jnp.float32),
                            camera_translation=result.head_translation, focal_length=jnp.ones(()),
                            appearance=appearance_variables(result.appearance))
-  return render_views(fit_model, views, photos, variables,
-                      axis_angle_to_matrix(result.head_rotation), raster)
+  renders = render_views(fit_model, views, photos, variables,
+                         axis_angle_to_matrix(result.head_rotation), raster)
+  return renders.replace(image=renders.image * result.view_gains[:, None, None, :])
 
 
 def views_appearance(fit_model: FitModel, views: RigViews, photos: ViewPhotos) -> Appearance:
@@ -296,8 +324,9 @@ def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=No
 
   def photometric_loss(variables):
     renders = render_views(fit_model, views, photos, variables, base_rotation, config.raster)
+    images, _ = gained_renders(renders, photos, views.valid)
     per_view = jax.vmap(losses.photometric_loss, in_axes=(0, 0, 0, None))(
-        renders.image, photos.images, photos.face_masks, config.photometric_robust_scale)
+        images, photos.images, photos.face_masks, config.photometric_robust_scale)
     return jnp.sum(jnp.where(views.valid, per_view, 0.0))
 
   def full_loss(variables):
@@ -339,9 +368,10 @@ def fit_moment(fit_model: FitModel, views: RigViews, config: FitConfig, shape=No
   extra = {}
   if photometric:
     renders = render_views(fit_model, views, photos, variables, base_rotation, config.raster)
-    extra = dict(appearance=fitted_appearance(variables),
+    images, gains = gained_renders(renders, photos, views.valid)
+    extra = dict(appearance=fitted_appearance(variables), view_gains=gains,
                  photometric_error=jax.vmap(losses.masked_mean_abs)(
-                     renders.image, photos.images, photos.face_masks))
+                     images, photos.images, photos.face_masks))
   return MomentResult(params=variables.flame, head_rotation=matrix_to_axis_angle(rotation),
                       head_translation=variables.camera_translation, landmarks_2d=fitted,
                       landmark_error=errors, rigid_loss_history=rigid_history,

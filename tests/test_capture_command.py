@@ -346,6 +346,8 @@ def test_a_photometric_capture_fit_renders_every_view_and_moves_the_head_to_the_
   assert all(error < 0.03 for error in entry["photometric_error"]), entry   # measured ~0.007
   arrays = np.load(out / f"{entry['moment']}.npz")
   assert arrays["sh_lighting"].shape == (9, 3) and arrays["texture"].ndim == 1
+  # The capture's cameras share one exposure: no view needs a colour gain (measured 0.9994-1.0004).
+  np.testing.assert_allclose(arrays["view_colour_gain"], 1.0, atol=0.03)
   assert np.allclose(arrays["photometric_error"], entry["photometric_error"])
   # The light found comes from above and from the cameras' side (world y down, z towards them),
   # as the capture tool's lamp does.
