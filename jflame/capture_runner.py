@@ -142,14 +142,26 @@ def view_photos(moment: Moment, rig, crop_size: int) -> multiview.ViewPhotos:
   return multiview.ViewPhotos(images=images, face_masks=masks, crop_from_image=affines)
 
 
-def _comparison(photos: multiview.ViewPhotos, renders, valid) -> Optional[bytes]:
+def _comparison(photos: multiview.ViewPhotos, renders, valid, serials) -> Optional[bytes]:
   """Photometric mode's picture of a moment as PNG bytes (held until the moment's files are
-  written): (crop | render | overlay) per view with a face, a row each (as a photo's
-  `_compare.png`), no larger than MAX_PICTURE_SIDE; None without a view with a face."""
-  rows = [output.side_by_side(np.clip(photos.images[view] * 255, 0, 255).astype(np.uint8),
-                              renders.image[view], renders.alpha[view])
-          for view in range(len(valid)) if valid[view]]
-  return output.png_bytes(fit_within(np.concatenate(rows, axis=0))[0]) if rows else None
+  written): (crop | render | overlay) per view with a face (as a photo's `_compare.png`), in view
+  order down each column, no larger than MAX_PICTURE_SIDE; None without a view with a face."""
+  rows = []
+  for view in np.flatnonzero(valid):
+    row = np.ascontiguousarray(output.side_by_side(
+        np.clip(photos.images[view] * 255, 0, 255).astype(np.uint8), renders.image[view],
+        renders.alpha[view]))
+    cv2.putText(row, serials[view], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+    rows.append(row)
+  if not rows:
+    return None
+  # Up to 4 views one above the other; a larger rig in columns of as many (16 views: 4 x 4), so
+  # that a view keeps a readable size within MAX_PICTURE_SIDE.
+  per_column = min(len(rows), max(4, int(np.ceil(np.sqrt(len(rows))))))
+  rows += [np.zeros_like(rows[0])] * (-len(rows) % per_column)
+  columns = [np.concatenate(rows[start:start + per_column], axis=0)
+             for start in range(0, len(rows), per_column)]
+  return output.png_bytes(fit_within(np.concatenate(columns, axis=1))[0])
 
 
 def moment_key(images: Dict[str, Path]) -> str:
@@ -312,7 +324,7 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
       results.append(jax.device_get(fitted_one))
       renders = multiview.render_moment(fit_model, views[index], photos,
                                         jax.tree.map(lambda x: x[0], fitted_one), config.raster)
-      comparisons.append(_comparison(photos, jax.device_get(renders), moment.valid))
+      comparisons.append(_comparison(photos, jax.device_get(renders), moment.valid, serials))
       if fit_progress:
         fit_progress(stage, index + 1, len(moments))
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *results)
