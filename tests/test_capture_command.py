@@ -322,7 +322,7 @@ def test_a_photometric_capture_fit_renders_every_view_and_moves_the_head_to_the_
   """`--mode photometric`: the untextured head lit by one light fixed in the world (what the
   renderer can draw), three views of one moment: MediaPipe's view-dependent placement leaves the
   landmark fit's head millimetres off; every view's render against its crop brings it to less
-  than 0.7x of that (100 steps: measured 2.87 -> 1.64 mm median, p90 4.95 -> 3.32); the files
+  than 0.7x of that (100 steps: measured 2.87 -> 1.12 mm median, p90 4.95 -> 1.74); the files
   carry the
   appearance, the light in the world's axes and each view's colour error, and the comparison
   picture shows (crop | render | overlay) for every view, the render matching its crop."""

@@ -222,7 +222,9 @@ def test_the_photometric_stage_pulls_the_head_to_what_every_view_shows(scene, ex
   balance off (its crop times `exposure` per RGB channel): found as that view's colour gain
   against the others', and the head found as well."""
   size = 64
-  config = CONFIG.replace(mode="photometric", full_iterations=150)
+  # What `jflame-fit --cameras --mode photometric` runs (with fewer steps).
+  config = CONFIG.replace(mode="photometric", full_iterations=150,
+                          landmark_solver=multiview.PHOTOMETRIC_LANDMARK_SOLVER)
   model, embedding, cameras = scene["model"], scene["embedding"], scene["cameras"]
   fit_model = fit_model_over_embedding(model, embedding, config)
   true_world = scene["vertices"] @ scene["head_rotation"].T + scene["head_translation"]
@@ -267,7 +269,8 @@ def test_the_photometric_stage_pulls_the_head_to_what_every_view_shows(scene, ex
 
   landmark_only, _ = world_error_mm(CONFIG, None)
   photometric, result = world_error_mm(config, photos)
-  # measured: 5.95 -> 1.95 mm median, p90 6.37 -> 3.16 (one view darker: 2.43, 3.60)
+  # measured: 5.95 -> 2.27 mm median, p90 6.37 -> 3.60 (one view darker: 2.64, 3.94; with the
+  # Levenberg-Marquardt's start instead of Adam's: 1.95, 3.16)
   assert np.median(photometric) < 0.6 * np.median(landmark_only), (
       np.median(photometric), np.median(landmark_only))
   assert np.percentile(photometric, 90) < 0.7 * np.percentile(landmark_only, 90)
@@ -275,7 +278,7 @@ def test_the_photometric_stage_pulls_the_head_to_what_every_view_shows(scene, ex
   # The light found in the world's axes: band 1 of SH is (y, z, x).
   found = np.asarray(result.appearance.lighting)[1:4].mean(axis=1)[[2, 0, 1]]
   cosine = found @ light_direction / np.linalg.norm(found)
-  assert cosine > np.cos(np.radians(30)), np.degrees(np.arccos(cosine))   # measured 9
+  assert cosine > np.cos(np.radians(30)), np.degrees(np.arccos(cosine))   # measured 12-13
   gains = np.asarray(result.view_gains)
   relative = gains[2] / np.sqrt(gains[0] * gains[1])
   np.testing.assert_allclose(relative, exposure, rtol=0.03)   # measured within 0.3%

@@ -21,7 +21,7 @@ import numpy as np
 import trimesh
 from absl import app, flags
 
-from jflame import FitConfig, capture_runner, fit_images, model_loading
+from jflame import FitConfig, capture_runner, fit_images, model_loading, multiview
 import eval_multiview  # tools/ is a folder of scripts: its own folder is on sys.path
 import eval_synthetic
 
@@ -55,6 +55,8 @@ def main(argv):
   config = landmark_config = eval_multiview.moment_config()
   if _MODE.value == "photometric":
     default = FitConfig()
+    if not eval_multiview._SOLVER.present:   # the command's choice in photometric mode
+      config = config.replace(landmark_solver=multiview.PHOTOMETRIC_LANDMARK_SOLVER)
     config = config.replace(
         mode="photometric",
         full_iterations=_PHOTOMETRIC_ITERATIONS.value or default.full_iterations,

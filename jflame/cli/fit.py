@@ -107,6 +107,8 @@ def _fit_capture() -> int:
         config = config.replace(full_iterations=multiview.FULL_ITERATIONS)
       if not common.LM_ITERATIONS.present:
         config = config.replace(lm_iterations=multiview.LM_ITERATIONS)
+      if config.photometric and not common.LANDMARK_SOLVER.present:
+        config = config.replace(landmark_solver=multiview.PHOTOMETRIC_LANDMARK_SOLVER)
       print(f"model: {loaded.description}", flush=True)
       fit_bars = {}
 
