@@ -104,7 +104,8 @@ def main(argv):
 def _time_photometric(loaded, count: int):
   photo_config = FitConfig(mode="photometric")
   moment_config = eval_multiview.moment_config().replace(
-      mode="photometric", full_iterations=photo_config.full_iterations)
+      mode="photometric", full_iterations=photo_config.full_iterations,
+      landmark_solver=multiview.PHOTOMETRIC_LANDMARK_SOLVER)   # what the command runs
   photo_model = model_loading.prepare_fit_model(loaded, photo_config)
   moment_model = model_loading.prepare_fit_model(loaded, moment_config)
   params, cameras, observations = eval_synthetic.random_scene(
