@@ -119,7 +119,7 @@ def view_photos(moment: Moment, rig, crop_size: int) -> multiview.ViewPhotos:
   image can no longer be read, gets an empty mask (its render is compared on nothing)."""
   from jflame.preprocess.align import crop_from_landmarks, inside_image_mask, warp_affine
   from jflame.preprocess.image_io import read_image
-  from jflame.preprocess.masks import face_region_mask
+  from jflame.preprocess.masks import brows_mask, face_region_mask
   count = len(rig)
   images = np.zeros((count, crop_size, crop_size, 3), np.float32)
   masks = np.zeros((count, crop_size, crop_size), np.float32)
@@ -136,7 +136,9 @@ def view_photos(moment: Moment, rig, crop_size: int) -> multiview.ViewPhotos:
       continue
     affine = crop_from_landmarks(moment.landmarks[view], crop_size)
     images[view] = warp_affine(pixels, affine, crop_size).astype(np.float32) / 255.0
-    masks[view] = face_region_mask(apply_affine(affine, moment.landmarks[view]), crop_size) * (
+    in_crop = apply_affine(affine, moment.landmarks[view])
+    brows = cv2.dilate(brows_mask(in_crop, crop_size), np.ones((5, 5), np.uint8))
+    masks[view] = face_region_mask(in_crop, crop_size) * (1.0 - brows) * (
         inside_image_mask(affine, crop_size, pixels.shape[1], pixels.shape[0]))
     affines[view] = affine
   return multiview.ViewPhotos(images=images, face_masks=masks, crop_from_image=affines)

@@ -123,6 +123,22 @@ def polygon_mask(polygon: np.ndarray, size: int) -> np.ndarray:
   return mask
 
 
+# The eyebrows as polygons: each brow's lower contour, then its upper contour back (MediaPipe's
+# FACEMESH_*_EYEBROW edge sets are the two open contours).
+_BROWS = ((46, 53, 52, 65, 55, 107, 66, 105, 63, 70),
+          (276, 283, 282, 295, 285, 336, 296, 334, 293, 300))
+
+
+def brows_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
+  """(size, size) float32 coverage of both eyebrows (the polygons between their contours),
+  from (478, 2) MediaPipe landmarks in pixels of the (size, size) crop."""
+  landmarks = np.asarray(landmarks, np.float64)
+  mask = np.zeros((size, size), np.float32)
+  for brow in _BROWS:
+    mask = np.maximum(mask, polygon_mask(landmarks[list(brow)], size))
+  return mask
+
+
 def face_region_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
   """The skin region of a face: face oval minus both eye openings and the mouth opening.
 
