@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jflame import camera_files, multiview, output
-from jflame.atomic import atomic_path
+from jflame.atomic import atomic_path, write_bytes
 from jflame.config import FitConfig
 from jflame.errors import ImageReadError, InputError
 from jflame.flame import flame_forward
@@ -119,7 +119,7 @@ def view_photos(moment: Moment, rig, crop_size: int) -> multiview.ViewPhotos:
   image can no longer be read, gets an empty mask (its render is compared on nothing)."""
   from jflame.preprocess.align import crop_from_landmarks, inside_image_mask, warp_affine
   from jflame.preprocess.image_io import read_image
-  from jflame.preprocess.masks import brows_mask, face_region_mask
+  from jflame.preprocess.masks import face_region_mask
   count = len(rig)
   images = np.zeros((count, crop_size, crop_size, 3), np.float32)
   masks = np.zeros((count, crop_size, crop_size), np.float32)
@@ -136,9 +136,8 @@ def view_photos(moment: Moment, rig, crop_size: int) -> multiview.ViewPhotos:
       continue
     affine = crop_from_landmarks(moment.landmarks[view], crop_size)
     images[view] = warp_affine(pixels, affine, crop_size).astype(np.float32) / 255.0
-    in_crop = apply_affine(affine, moment.landmarks[view])
-    brows = cv2.dilate(brows_mask(in_crop, crop_size), np.ones((5, 5), np.uint8))
-    masks[view] = face_region_mask(in_crop, crop_size) * (1.0 - brows) * (
+    masks[view] = face_region_mask(apply_affine(affine, moment.landmarks[view]), crop_size,
+                                   without_brows=True) * (
         inside_image_mask(affine, crop_size, pixels.shape[1], pixels.shape[0]))
     affines[view] = affine
   return multiview.ViewPhotos(images=images, face_masks=masks, crop_from_image=affines)
@@ -464,7 +463,7 @@ def _write_moment(out: Path, moment: Moment, views: multiview.RigViews, rig, res
   output.save_png(out / files[-1], _contact_sheet(pictures, serials))
   if comparison is not None:
     files.append(f"{name}_compare.png")
-    output.save_bytes(out / files[-1], comparison)
+    write_bytes(out / files[-1], comparison)
   if overlays:
     (out / OVERLAYS_FOLDER / name).mkdir(parents=True, exist_ok=True)
     for serial, picture in zip(serials, pictures):

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import trimesh
 
-from jflame.atomic import atomic_path
+from jflame.atomic import atomic_path, write_bytes
 from jflame.camera import apply_affine, invert_affine
 from jflame.pictures import MAX_PICTURE_SIDE, compose_affine, fit_within
 from jflame.rotation import matrix_to_axis_angle_np
@@ -240,10 +240,4 @@ def png_bytes(rgb, label="a picture") -> bytes:
 
 
 def save_png(path, rgb):
-  save_bytes(path, png_bytes(rgb, path))
-
-
-def save_bytes(path, data: bytes):
-  """A file written whole or not at all."""
-  with atomic_path(path) as tmp:
-    tmp.write_bytes(data)
+  write_bytes(path, png_bytes(rgb, path))

@@ -150,6 +150,9 @@ def test_brows_mask_covers_the_eyebrows_and_nothing_else_of_the_face(astronaut_r
   for index in (masks.RIGHT_IRIS_CENTER, masks.LEFT_IRIS_CENTER, 1, 151, 9, 205, 425):
     assert _value_at(brows, landmarks[index]) < 0.01, index
   assert 0.01 < brows.sum() / record.face_mask.sum() < 0.1     # measured 0.024
+  skin = masks.face_region_mask(landmarks, record.crop_size, without_brows=True)
+  assert _value_at(skin, (landmarks[105] + landmarks[52]) / 2) < 0.01       # left out there
+  assert _value_at(skin, landmarks[151]) > 0.99 and _value_at(skin, landmarks[1]) > 0.99
 
 
 def test_array_and_file_sources_give_the_same_record(analyzer, astronaut, astronaut_record,

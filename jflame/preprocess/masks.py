@@ -139,12 +139,20 @@ def brows_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
   return mask
 
 
-def face_region_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
+# How far the eyebrows' polygons are grown when they are left out (crop pixels): the contour
+# points lie on the brow's edge, the hair a little beyond.
+_BROW_MARGIN = 2
+
+
+def face_region_mask(landmarks: np.ndarray, size: int, without_brows: bool = False
+                     ) -> np.ndarray:
   """The skin region of a face: face oval minus both eye openings and the mouth opening.
 
   Args:
     landmarks: (478, 2) MediaPipe landmarks in pixels of the (size, size) crop.
     size: side of the crop.
+    without_brows: leave the eyebrows out too (`brows_mask` grown by _BROW_MARGIN pixels): hair
+      that a smooth albedo space cannot draw (a rig's photometric fit).
 
   Returns:
     (size, size) float32 in [0, 1].
@@ -154,4 +162,7 @@ def face_region_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
   mask = polygon_mask(landmarks[list(regions["FACE_OVAL"])], size)
   for hole in (regions["LEFT_EYE"], regions["RIGHT_EYE"], regions["INNER_LIPS"]):
     mask *= 1.0 - polygon_mask(landmarks[list(hole)], size)
+  if without_brows:
+    side = 2 * _BROW_MARGIN + 1
+    mask *= 1.0 - cv2.dilate(brows_mask(landmarks, size), np.ones((side, side), np.uint8))
   return mask
