@@ -23,9 +23,13 @@ face photo of your own; `none` renders it untextured, as before). The photo is f
 each vertex takes the photo pixel it projects to, and a thin-plate spline through the landmarks
 moves those pixels so that each landmark's point on the head shows exactly where MediaPipe found
 that landmark in the photo: the texture is attached to the vertices, so features stay at the
-head's landmark points whatever the moment's expression and the camera.
+head's landmark points whatever the moment's expression and the camera. Where each vertex takes
+its colour is kept under $JFLAME_HOME (or ~/.cache/jflame)/synthetic, keyed by the photo, the
+head and jflame's code, so only the first capture made with a photo fits it.
 """
 
+import hashlib
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -38,7 +42,9 @@ from absl import app, flags
 from scipy.interpolate import RBFInterpolator
 from scipy.spatial.transform import Rotation
 
-from jflame import FitConfig, camera_files, fit_images, flame, model_loading
+import jflame
+from jflame import FitConfig, atomic, camera_files, fit_images, flame, model_loading
+from jflame.assets import search_folders
 from jflame.camera import apply_affine, invert_affine, project_calibrated
 from jflame.render import (Appearance, RasterSettings, face_adjacency, interpolate,
                            laplacian_albedo_model, neutral_lighting, rasterize, render_mesh,
@@ -130,6 +136,45 @@ def photo_texture(loaded, photo: Path):
   return image, pixels + warp(pixels)
 
 
+def texture_cache_path(loaded, photo: Path) -> Path:
+  """Where `photo_texture`'s vertex pixels for this photo and head are kept: a name that
+  changes with the photo's bytes, the head's arrays and any of jflame's or this tool's code."""
+  digest = hashlib.blake2b(photo.read_bytes(), digest_size=10)
+  model = loaded.model
+  for array in (model.v_template, model.faces, model.shapedirs):
+    digest.update(np.ascontiguousarray(np.asarray(array)).tobytes())
+  package = Path(jflame.__file__).resolve().parent
+  for path in sorted(package.rglob("*.py")) + [Path(__file__).resolve()]:
+    digest.update(path.read_bytes())
+  return search_folders()[0] / "synthetic" / f"texture-{digest.hexdigest()}.npy"
+
+
+def cached_photo_texture(loaded, photo: Path):
+  """`photo_texture`, its vertex pixels read from `texture_cache_path` when there (a missing,
+  unreadable or unwritable copy only means fitting the photo again)."""
+  path = texture_cache_path(loaded, photo)
+  try:
+    pixels = np.load(path)
+    if pixels.shape == (loaded.model.v_template.shape[0], 2):
+      image = cv2.cvtColor(cv2.imread(str(photo), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+      return image, pixels
+  except (OSError, ValueError):
+    pass
+  image, pixels = photo_texture(loaded, photo)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(path, _npy_bytes(pixels))
+  except OSError:
+    pass
+  return image, pixels
+
+
+def _npy_bytes(array) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(array))
+  return buffer.getvalue()
+
+
 def photo_coordinates(model, vertices_world, k, world_to_camera, width, height, texture_pixels,
                       neighbors):
   """Per pixel of a view, where its colour lies in the texture photo: ((H, W, 2) photo pixels,
@@ -167,7 +212,7 @@ def view_drawer(loaded, texture: str, width: int, height: int):
       from skimage import data  # only this texture needs scikit-image
       photo = Path(scratch) / "astronaut.png"
       cv2.imwrite(str(photo), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
-    image, texture_pixels = photo_texture(loaded, photo)
+    image, texture_pixels = cached_photo_texture(loaded, photo)
   locate = jax.jit(lambda v, k, e: photo_coordinates(
       model, v, k, e, width, height, jnp.asarray(texture_pixels, jnp.float32), neighbors))
   return lambda v, k, e: textured_bgr(image, *locate(v, k, e))
