@@ -9,7 +9,9 @@ fit) against its truth, beside single-view fits of the same images.
 Prints per moment and over all moments: the world mesh's face region against the truth (median,
 p90, max, in millimetres, as written and after the best rigid alignment), its size bias, the
 views in which MediaPipe found the face, and each view's landmark error (px) in the capture fit
-beside a single-view fit of that image (`jflame-fit`'s fit, the same landmarks).
+beside a single-view fit of that image (`jflame-fit`'s fit, the same landmarks) and beside the
+TRUE head's landmark points projected into the view (what a fit that found the truth would
+score: MediaPipe's view-dependent placement).
 """
 
 import json
@@ -17,11 +19,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import trimesh
 from absl import app, flags
 
-from jflame import FitConfig, capture_runner, fit_images, model_loading, multiview
+from jflame import FitConfig, camera_files, capture_runner, fit_images, model_loading, multiview
 import eval_multiview  # tools/ is a folder of scripts: its own folder is on sys.path
 import eval_synthetic
 
@@ -35,6 +38,9 @@ _SINGLE_VIEW = flags.DEFINE_bool("single_view", True, "Fit every image alone too
                                  "errors' ratio).")
 # --all_landmarks, --prior_scale (and the solver's flags) and --json_out are eval_multiview's.
 _JSON_OUT = eval_multiview._JSON_OUT
+_ALBEDO_PER_CHANNEL = flags.DEFINE_integer(
+    "albedo_per_channel", None, "Photometric mode: the built-in Laplacian albedo basis's size "
+    "per colour channel (default: FitConfig's).")
 
 
 def _single_view_errors(loaded, config, capture: Path) -> dict:
@@ -46,6 +52,32 @@ def _single_view_errors(loaded, config, capture: Path) -> dict:
              else float("nan"))
     errors[(path.parent.name, path.stem[len("cam_"):])] = error
   return errors
+
+
+def truth_view_errors(loaded, capture: Path, moment_index: int, result) -> np.ndarray:
+  """(V,) px: each view's mean distance from MediaPipe's detected landmarks to the TRUE head's
+  landmark points projected through that view's camera, over the points the capture fit used:
+  what the views' landmark errors would read if the fit found the truth exactly."""
+  truth = np.load(capture / "truth.npz")
+  sizes = {str(s): camera_files.image_size_of(path) for s, path in zip(
+      result["serials"], (capture / "frames" / str(result["moment"]) / f"cam_{s}.png"
+                          for s in result["serials"]))}
+  cameras = camera_files.load_cameras(capture / "camera_params.json", image_sizes=sizes)
+  embedding = loaded.embedding
+  points = np.asarray(embedding.points(jnp.asarray(truth["vertices_world"][moment_index],
+                                                   jnp.float32), loaded.model.faces))
+  order = {int(index): row for row, index in enumerate(np.asarray(embedding.landmark_indices))}
+  rows = np.array([order[int(index)] for index in result["landmark_indices"]])
+  errors = []
+  for view, serial in enumerate(result["serials"]):
+    detected = np.asarray(result["landmarks_detected"][view], np.float64)
+    seen = np.all(np.isfinite(detected), axis=1)
+    if not bool(result["view_has_face"][view]) or not seen.any():
+      errors.append(np.nan)
+      continue
+    projected = camera_files.project_points(cameras[str(serial)], points[rows])
+    errors.append(float(np.linalg.norm(projected - detected, axis=1)[seen].mean()))
+  return np.array(errors)
 
 
 def main(argv):
@@ -61,7 +93,8 @@ def main(argv):
         mode="photometric",
         full_iterations=_PHOTOMETRIC_ITERATIONS.value or default.full_iterations,
         photometric_weight=(config.photometric_weight if _PHOTOMETRIC_WEIGHT.value is None
-                            else _PHOTOMETRIC_WEIGHT.value))
+                            else _PHOTOMETRIC_WEIGHT.value),
+        albedo_per_channel=_ALBEDO_PER_CHANNEL.value or default.albedo_per_channel)
   face = eval_synthetic.face_region_size(loaded.model.v_template.shape[0])
   truth = np.load(capture / "truth.npz")
   scratch = Path(tempfile.mkdtemp(prefix="eval_capture_"))
@@ -80,12 +113,14 @@ def main(argv):
       accuracy = eval_synthetic.accuracy(fitted[None], world[None])
       with np.load(scratch / "capture" / f"{moment}.npz") as result:
         capture_errors = np.asarray(result["landmark_error_px"], np.float64)
+        truth_errors = truth_view_errors(loaded, capture, index, result)
       serials = manifest["serials"]
       rows.append(dict(
           moment=str(moment), views_with_face=entry["views_with_face"],
           world_median_mm=float(np.median(distance)), aligned_median_mm=accuracy["median_mm"],
           size_bias_pct=accuracy["size_bias_pct"],
           view_error_px={s: float(e) for s, e in zip(serials, capture_errors)},
+          truth_view_error_px={s: float(e) for s, e in zip(serials, truth_errors)},
           single_view_error_px={s: float(single.get((str(moment), s), np.nan))
                                 for s in serials}))
       distances.append(distance)
@@ -96,6 +131,10 @@ def main(argv):
               for s in row["view_error_px"]
               if np.isfinite(row["view_error_px"][s]) and np.isfinite(
                   row["single_view_error_px"][s])]
+    truth_ratios = [row["truth_view_error_px"][s] / row["single_view_error_px"][s]
+                    for row in rows for s in row["view_error_px"]
+                    if np.isfinite(row["truth_view_error_px"][s]) and np.isfinite(
+                        row["single_view_error_px"][s])]
     summary = dict(views=len(manifest["serials"]), moments=len(rows),
                    all_landmarks=config.landmark_regions is None, mode=_MODE.value,
                    photometric_weight=config.photometric_weight,
@@ -106,7 +145,11 @@ def main(argv):
                    world_max_mm=float(every.max()),
                    aligned_median_mm=float(np.median(aligned)),
                    view_to_single_ratio_median=float(np.median(ratios)) if ratios else None,
-                   view_to_single_ratio_max=float(np.max(ratios)) if ratios else None)
+                   view_to_single_ratio_max=float(np.max(ratios)) if ratios else None,
+                   truth_to_single_ratio_median=(float(np.median(truth_ratios)) if truth_ratios
+                                                 else None),
+                   truth_to_single_ratio_min=(float(np.min(truth_ratios)) if truth_ratios
+                                              else None))
     print(json.dumps(summary), flush=True)
     if _JSON_OUT.value:
       Path(_JSON_OUT.value).write_text(json.dumps(dict(summary=summary, moments=rows),
