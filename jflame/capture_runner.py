@@ -117,9 +117,7 @@ def view_photos(moment: Moment, rig, crop_size: int) -> multiview.ViewPhotos:
   """Each view's face crop (framed as a photo's crop is, from the landmarks found on it), its
   skin mask and the crop's transform, for the photometric stage. A view without a face, or whose
   image can no longer be read, gets an empty mask (its render is compared on nothing)."""
-  from jflame.preprocess.align import crop_from_landmarks, inside_image_mask, warp_affine
   from jflame.preprocess.image_io import read_image
-  from jflame.preprocess.masks import face_region_mask
   count = len(rig)
   images = np.zeros((count, crop_size, crop_size, 3), np.float32)
   masks = np.zeros((count, crop_size, crop_size), np.float32)
@@ -134,13 +132,23 @@ def view_photos(moment: Moment, rig, crop_size: int) -> multiview.ViewPhotos:
       if said not in moment.messages:   # the run's passes read the moment again
         moment.messages.append(said)
       continue
-    affine = crop_from_landmarks(moment.landmarks[view], crop_size)
-    images[view] = warp_affine(pixels, affine, crop_size).astype(np.float32) / 255.0
-    masks[view] = face_region_mask(apply_affine(affine, moment.landmarks[view]), crop_size,
-                                   without_brows=True) * (
-        inside_image_mask(affine, crop_size, pixels.shape[1], pixels.shape[0]))
-    affines[view] = affine
+    images[view], masks[view], affines[view] = view_crop(pixels, moment.landmarks[view],
+                                                         crop_size)
   return multiview.ViewPhotos(images=images, face_masks=masks, crop_from_image=affines)
+
+
+def view_crop(pixels, landmarks, crop_size: int):
+  """One view's face crop for the photometric stage, framed as a photo's crop is from the
+  landmarks (478, 2) found on the image `pixels` (H, W, 3 uint8 RGB): (crop (S, S, 3) float32 in
+  [0, 1], its skin mask (S, S) without the eyebrows and inside the image, the crop's similarity
+  (2, 3) from image pixels)."""
+  from jflame.preprocess.align import crop_from_landmarks, inside_image_mask, warp_affine
+  from jflame.preprocess.masks import face_region_mask
+  affine = crop_from_landmarks(landmarks, crop_size)
+  image = warp_affine(pixels, affine, crop_size).astype(np.float32) / 255.0
+  mask = face_region_mask(apply_affine(affine, landmarks), crop_size, without_brows=True) * (
+      inside_image_mask(affine, crop_size, pixels.shape[1], pixels.shape[0]))
+  return image, mask.astype(np.float32), np.asarray(affine, np.float32)
 
 
 def _comparison(photos: multiview.ViewPhotos, renders, valid, serials) -> Optional[bytes]:

@@ -157,13 +157,39 @@ def _mesh_in_view(intrinsics, world_to_camera, distortion, meshes):
                                                   mesh))(meshes)
 
 
+def clip_photos(clip: Path, landmarks, found, crop_size: int):
+  """Photometric mode: one camera's face crops of its first T frames (the landmarks (T, 478, 2)
+  found on them, `found` (T,)): (crops (T, S, S, 3) float32, skin masks (T, S, S), similarities
+  (T, 2, 3)); a frame without a face, or past the clip's end, gets an empty mask."""
+  from jflame.capture_runner import view_crop
+  frames = len(found)
+  crops = np.zeros((frames, crop_size, crop_size, 3), np.float32)
+  masks = np.zeros((frames, crop_size, crop_size), np.float32)
+  affines = np.tile(np.eye(2, 3, dtype=np.float32), (frames, 1, 1))
+  _, pixels_of_frames = open_clip(clip)
+  for t, pixels in zip(range(frames), pixels_of_frames):
+    if found[t]:
+      crops[t], masks[t], affines[t] = view_crop(pixels, landmarks[t], crop_size)
+  return crops, masks, affines
+
+
+def rig_photos(clips, serials, landmarks, found, crop_size: int) -> multiview.ViewPhotos:
+  """Every moment's view crops (leading axes T, V) for the photometric stage."""
+  per_camera = [clip_photos(clips[serial], landmarks[:, v], found[:, v], crop_size)
+                for v, serial in enumerate(serials)]
+  images, masks, affines = (np.stack(parts, axis=1) for parts in zip(*per_camera))
+  return multiview.ViewPhotos(images=jnp.asarray(images), face_masks=jnp.asarray(masks),
+                              crop_from_image=jnp.asarray(affines))
+
+
 def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, input_folder,
                     output_dir, max_frames: int = 0, overlays: bool = True,
                     landmarks_where: str = "mediapipe",
-                    progress: Optional[Callable[[int], None]] = None, opened=None) -> dict:
+                    progress: Optional[Callable[[int], None]] = None, opened=None,
+                    crop_size: int = 128) -> dict:
   """Tracks a rig's clips and writes the run's files; returns the manifest. `opened`: what
   `open_rig_clips(cameras_path, input_folder)` returned, when the caller has checked it
-  already."""
+  already; `crop_size`: photometric mode's side of each view's face crop (its renders)."""
   started = datetime.datetime.now(datetime.timezone.utc)
   clips, rig = opened or open_rig_clips(cameras_path, input_folder)
   serials = [camera.serial for camera in rig]
@@ -182,7 +208,12 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
   fit_model = prepare_fit_model(loaded, config.fit)
   shape = rig_track.clip_shape(fit_model, batch, config)
   photo_landmarks = len(fitted_landmark_indices(loaded, FitConfig()))
-  result = jax.device_get(rig_track.track_rig(fit_model, batch, config, shape, photo_landmarks))
+  photos = (rig_photos(clips, serials, landmarks, found, crop_size) if config.fit.photometric
+            else None)
+  result = jax.device_get(rig_track.track_rig(fit_model, batch, config, shape, photo_landmarks,
+                                              photos))
+  del photos
+  shape = result.params.shape[0]   # photometric mode moves the clip's shape
   indices = np.asarray(fit_model.landmark_indices)
   detected = landmarks[:, :, indices]
   has_face = np.asarray(batch.valid)
@@ -208,6 +239,17 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
                 landmarks_fitted=np.asarray(result.landmarks_2d), view_has_face=has_face,
                 landmark_error_px=errors_px, landmark_error_relative=relative)
   arrays["shape"] = np.asarray(shape)
+  if result.appearance is not None:
+    photometric_error = np.where(has_face, np.asarray(result.photometric_error, np.float64),
+                                 np.nan)
+    arrays.update(texture=np.asarray(result.appearance.texture),
+                  sh_lighting=np.asarray(result.appearance.lighting),
+                  albedo_model=fit_model.albedo.name, view_colour_gain=np.asarray(
+                      result.view_gains), photometric_error=photometric_error)
+    for v, serial in enumerate(serials):
+      errors = photometric_error[tracked & has_face[:, v], v]
+      per_view[serial]["photometric_error_median"] = (float(np.median(errors)) if errors.size
+                                                      else None)
   output.save_parameters(out / RESULT_FILE, arrays)
   files = [RESULT_FILE]
   if overlays:
@@ -239,6 +281,7 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
       status="ok" if tracked.any() else "no_face", failed=bool(result.failed),
       shape=np.asarray(shape).tolist(), views=per_view, suspect=bool(reasons),
       suspect_reason="; ".join(reasons), messages=messages, files=files,
+      **(dict(crop_size=crop_size) if config.fit.photometric else {}),
       **run_provenance(loaded, config))
   write_json(out / "manifest.json", manifest)
   return manifest

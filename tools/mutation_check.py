@@ -82,6 +82,10 @@ MUTATIONS = [
     "      loss = (loss + config.photometric_weight * photometric_loss(variables)",
     "      loss = (loss + config.photometric_weight * 0.0 * photometric_loss(variables)",
     ["tests/test_multiview.py::test_the_photometric_stage_pulls_the_head_to_what_every_view_shows"]),
+  ("a rig track's photometric term multiplied by 0", "jflame/rig_track.py",
+    "    cost = landmark_cost + fit_config.photometric_weight * jnp.sum(",
+    "    cost = landmark_cost + fit_config.photometric_weight * 0.0 * jnp.sum(",
+    ["tests/test_rig_track.py::test_photometric_mode_pulls_every_moment_to_what_the_views_show"]),
 ]
 
 

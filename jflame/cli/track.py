@@ -38,7 +38,8 @@ _NUM_EXPRESSION = flags.DEFINE_integer("num_expression", 50, "Expression coeffic
 _FULL_ITERATIONS = flags.DEFINE_integer("full_iterations", 150, "Landmark-stage Adam steps.",
                                         lower_bound=0, upper_bound=cli_app.MAX_ITERATIONS)
 _PHOTOMETRIC_ITERATIONS = flags.DEFINE_integer(
-    "photometric_iterations", 40, "Photometric-stage Adam steps.", lower_bound=0,
+    "photometric_iterations", 40, "Photometric-stage Adam steps (with --cameras, unless given: "
+    "100, over the whole clip).", lower_bound=0,
     upper_bound=cli_app.MAX_ITERATIONS)
 _SEGMENT_LENGTH = flags.DEFINE_integer("segment_length", 32, "Frames per segment (segments "
                                        "are fitted in parallel), >= 2.", lower_bound=2)
@@ -93,13 +94,15 @@ def make_config():
 def make_rig_config():
   """The TrackConfig of a rig's clips: the flags' temporal weights and coefficient counts, each
   moment fitted as `jflame-fit --cameras` fits one (`multiview.rig_config`, LM_ITERATIONS)."""
-  from jflame import multiview
+  from jflame import multiview, rig_track
   from jflame.config import FitConfig
   config = make_config()
   fit = multiview.rig_config(FitConfig(num_shape=_NUM_SHAPE.value,
                                        num_expression=_NUM_EXPRESSION.value,
-                                       lm_iterations=multiview.LM_ITERATIONS))
-  return config.replace(fit=fit)
+                                       lm_iterations=multiview.LM_ITERATIONS, mode=_MODE.value))
+  iterations = (_PHOTOMETRIC_ITERATIONS.value if _PHOTOMETRIC_ITERATIONS.present
+                else rig_track.PHOTOMETRIC_ITERATIONS)
+  return config.replace(fit=fit, photometric_iterations=iterations)
 
 
 def _claimed_run(job, interrupted: str, check=None):
@@ -129,10 +132,6 @@ def _track_rig(source: Path) -> int:
   """`--cameras`: a rig's clips in the folder `source`."""
   from jflame import rig_track_runner
   from jflame.engine import landmark_source
-  if _MODE.value != "landmark":
-    return cli_app.usage_error("--cameras tracks landmarks only for now (--mode landmark); "
-                               "jflame-fit --cameras --mode photometric fits a rig moment by "
-                               "moment.")
   if _SOLVE_FOCAL.value:
     return cli_app.usage_error("--solve_focal has nothing to solve with --cameras: the camera "
                                "file gives every camera's focal length.")
@@ -144,12 +143,14 @@ def _track_rig(source: Path) -> int:
                    opened=rig_track_runner.open_rig_clips(_CAMERAS.value, source))
 
   def job(loaded, folder):
+    # Photometric mode's view crops and skin masks are made on the host from the landmarks
+    # found, wherever they ran.
     landmarks, _ = landmark_source(_LANDMARKS.value, photometric=False)
     with tqdm(unit="frame", desc="landmarks", delay=1.0) as bar:
       return rig_track_runner.track_rig_clips(
           loaded, checked["config"], _CAMERAS.value, source, folder,
           max_frames=_MAX_FRAMES.value, overlays=_OVERLAY.value, landmarks_where=landmarks,
-          progress=bar.update, opened=checked["opened"])
+          progress=bar.update, opened=checked["opened"], crop_size=_CROP_SIZE.value or 128)
   # The camera file and the clips are checked before the output folder is touched.
   store = Path(_OUTPUT.value).expanduser() / rig_track_runner.LANDMARKS_FOLDER
   interrupted = (f"interrupted: the landmarks of every camera read so far are kept in {store}; "
