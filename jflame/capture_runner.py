@@ -151,7 +151,7 @@ def view_crop(pixels, landmarks, crop_size: int):
   return image, mask.astype(np.float32), np.asarray(affine, np.float32)
 
 
-def _comparison(photos: multiview.ViewPhotos, renders, valid, serials) -> Optional[bytes]:
+def comparison_picture(photos: multiview.ViewPhotos, renders, valid, serials) -> Optional[bytes]:
   """Photometric mode's picture of a moment as PNG bytes (held until the moment's files are
   written): (crop | render | overlay) per view with a face (as a photo's `_compare.png`), in view
   order down each column, no larger than MAX_PICTURE_SIDE; None without a view with a face."""
@@ -333,7 +333,7 @@ def fit_capture(loaded: LoadedModel, config: FitConfig, cameras_path, input_fold
       results.append(jax.device_get(fitted_one))
       renders = multiview.render_moment(fit_model, views[index], photos,
                                         jax.tree.map(lambda x: x[0], fitted_one), config.raster)
-      comparisons.append(_comparison(photos, jax.device_get(renders), moment.valid, serials))
+      comparisons.append(comparison_picture(photos, jax.device_get(renders), moment.valid, serials))
       if fit_progress:
         fit_progress(stage, index + 1, len(moments))
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *results)

@@ -271,17 +271,26 @@ def gained_renders(renders: RenderOutput, photos: ViewPhotos, valid):
   return renders.image * gains[:, None, None, :], gains
 
 
-@functools.partial(jax.jit, static_argnames=("raster",))
 def render_moment(fit_model: FitModel, views: RigViews, photos: ViewPhotos, result: MomentResult,
                   raster) -> RenderOutput:
   """A fitted moment's (photometric mode) render in every view's crop (times the view's colour
   gain), for its pictures."""
-  variables = FitVariables(flame=result.params, camera_rotation=jnp.zeros(3, jnp.float32),
-                           camera_translation=result.head_translation, focal_length=jnp.ones(()),
-                           appearance=appearance_variables(result.appearance))
-  renders = render_views(fit_model, views, photos, variables,
-                         axis_angle_to_matrix(result.head_rotation), raster)
-  return renders.replace(image=renders.image * result.view_gains[:, None, None, :])
+  return render_fitted(fit_model, views, photos, result.params, result.head_rotation,
+                       result.head_translation, result.appearance, result.view_gains, raster)
+
+
+@functools.partial(jax.jit, static_argnames=("raster",))
+def render_fitted(fit_model: FitModel, views: RigViews, photos: ViewPhotos, params, head_rotation,
+                  head_translation, appearance: Appearance, view_gains, raster) -> RenderOutput:
+  """One moment's head (FLAME `params`, axis-angle `head_rotation` and `head_translation` model
+  -> world, `appearance` in the renderer's units) rendered in every view's crop times its colour
+  gain (V, 3)."""
+  variables = FitVariables(flame=params, camera_rotation=jnp.zeros(3, jnp.float32),
+                           camera_translation=head_translation, focal_length=jnp.ones(()),
+                           appearance=appearance_variables(appearance))
+  renders = render_views(fit_model, views, photos, variables, axis_angle_to_matrix(head_rotation),
+                         raster)
+  return renders.replace(image=renders.image * view_gains[:, None, None, :])
 
 
 def views_appearance(fit_model: FitModel, views: RigViews, photos: ViewPhotos) -> Appearance:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jflame import camera_files, multiview, output, rig_track, track_output
+from jflame import atomic, camera_files, multiview, output, rig_track, track_output
 from jflame.camera import project_calibrated
 from jflame.config import FitConfig, TrackConfig
 from jflame.errors import InputError
@@ -45,6 +45,7 @@ from jflame.track_runner import error_percentiles, read_landmarks
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 RESULT_FILE = "rig_track.npz"
+COMPARISON_FILE = "compare_worst_moment.png"  # photometric mode
 LANDMARKS_FOLDER = ".landmarks"  # in the output folder: one committed .npz per camera read
 
 
@@ -182,6 +183,27 @@ def rig_photos(clips, serials, landmarks, found, crop_size: int) -> multiview.Vi
                               crop_from_image=jnp.asarray(affines))
 
 
+def _worst_photometric_moment(photometric_error, tracked) -> Optional[int]:
+  """The tracked moment whose views' median colour error is the largest (None: no such moment)."""
+  medians = np.array([np.nanmedian(row) if np.isfinite(row).any() and tracked[t] else -np.inf
+                      for t, row in enumerate(photometric_error)])
+  return int(np.argmax(medians)) if np.isfinite(medians).any() else None
+
+
+def _moment_comparison(fit_model, batch, photos, result, moment: int, serials, config):
+  """PNG bytes of moment `moment`'s (crop | render | overlay) per view, as `jflame-fit
+  --cameras --mode photometric` draws each moment (`capture_runner.comparison_picture`)."""
+  from jflame.capture_runner import comparison_picture
+  take = lambda tree: jax.tree.map(lambda x: x[moment], tree)
+  views, view_photos = take(batch), take(photos)
+  renders = multiview.render_fitted(
+      fit_model, views, view_photos, take(result.params), result.head_rotation[moment],
+      result.head_translation[moment], result.appearance, result.view_gains[moment],
+      config.fit.raster)
+  return comparison_picture(jax.device_get(view_photos), jax.device_get(renders),
+                            np.asarray(views.valid), serials)
+
+
 def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, input_folder,
                     output_dir, max_frames: int = 0, overlays: bool = True,
                     landmarks_where: str = "mediapipe",
@@ -212,7 +234,6 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
             else None)
   result = jax.device_get(rig_track.track_rig(fit_model, batch, config, shape, photo_landmarks,
                                               photos))
-  del photos
   shape = result.params.shape[0]   # photometric mode moves the clip's shape
   indices = np.asarray(fit_model.landmark_indices)
   detected = landmarks[:, :, indices]
@@ -252,6 +273,15 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
                                                       else None)
   output.save_parameters(out / RESULT_FILE, arrays)
   files = [RESULT_FILE]
+  worst = None
+  if photos is not None:
+    worst = _worst_photometric_moment(photometric_error, tracked)
+    picture = None if worst is None else _moment_comparison(
+        fit_model, batch, photos, result, worst, serials, config)
+    if picture is not None:
+      atomic.write_bytes(out / COMPARISON_FILE, picture)
+      files.append(COMPARISON_FILE)
+  del photos
   if overlays:
     meshes = _world_meshes(loaded.model, params, result.head_rotation, result.head_translation)
     for v, serial in enumerate(serials):
@@ -281,7 +311,7 @@ def track_rig_clips(loaded: LoadedModel, config: TrackConfig, cameras_path, inpu
       status="ok" if tracked.any() else "no_face", failed=bool(result.failed),
       shape=np.asarray(shape).tolist(), views=per_view, suspect=bool(reasons),
       suspect_reason="; ".join(reasons), messages=messages, files=files,
-      **(dict(crop_size=crop_size) if config.fit.photometric else {}),
+      **(dict(crop_size=crop_size, comparison_moment=worst) if config.fit.photometric else {}),
       **run_provenance(loaded, config))
   write_json(out / "manifest.json", manifest)
   return manifest

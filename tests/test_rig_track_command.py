@@ -113,8 +113,9 @@ def test_photometric_mode_renders_every_view_of_every_moment(rig_clip, tracked, 
   """`--mode photometric` as a user runs it (the landmarks read back from the landmark run, a
   small crop and few steps: the command's path, not its accuracy, which tests/test_rig_track.py
   and docs/ACCURACY.md measure): the clip's appearance, the world-axes light, each view's colour
-  gain and colour error per moment in the files, the crop size in the manifest, the head moved
-  by the renders and still near the truth."""
+  gain and colour error per moment in the files, the crop size in the manifest, the picture of
+  the moment with the largest colour error, the head moved by the renders and still near the
+  truth."""
   landmark_run, _ = tracked
   out = tmp_path / "photometric"
   shutil.copytree(landmark_run / rig_track_runner.LANDMARKS_FOLDER,
@@ -128,8 +129,18 @@ def test_photometric_mode_renders_every_view_of_every_moment(rig_clip, tracked, 
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["config"]["fit"]["mode"] == "photometric" and manifest["crop_size"] == 64
   assert manifest["config"]["photometric_iterations"] == 10
-  assert manifest["files"] == ["rig_track.npz"]
+  assert manifest["files"] == ["rig_track.npz", "compare_worst_moment.png"]
   result = np.load(out / "rig_track.npz")
+  # The picture of the moment whose views' median colour error is the largest: (crop | render |
+  # overlay) per view, the head drawn in every render.
+  worst = manifest["comparison_moment"]
+  medians = np.nanmedian(result["photometric_error"], axis=1)
+  assert worst == int(np.argmax(medians)), (worst, medians)
+  picture = cv2.imread(str(out / "compare_worst_moment.png"))
+  assert picture.shape == (3 * 64, 3 * 64, 3), picture.shape
+  for row in np.split(picture, 3, axis=0):
+    rendered = np.split(row, 3, axis=1)[1]
+    assert (rendered.sum(axis=-1) > 30).mean() > 0.3
   landmark_result = np.load(landmark_run / "rig_track.npz")
   assert result["sh_lighting"].shape == (9, 3) and result["texture"].ndim == 1
   assert result["view_colour_gain"].shape == (MOMENTS, 3, 3)
