@@ -46,6 +46,10 @@ from jflame.track import ClipTargets, chordal_mean, gap_filled, spread_frames
 # small head's known-truth clip the world error settles by 100 (docs/ACCURACY.md, multi-view
 # tracking).
 PHOTOMETRIC_ITERATIONS = 100
+# `jflame-track --cameras --mode photometric`'s photometric weight (a moment's:
+# multiview.RIG_PHOTOMETRIC_WEIGHT). 1e4, 3e4 and 1e5 compared on textured and untextured clips
+# end to end: 3e4 lowers the median and the worst moment on both (docs/ACCURACY.md).
+PHOTOMETRIC_WEIGHT = 3e4
 
 
 @struct.dataclass

@@ -99,7 +99,8 @@ def make_rig_config():
   config = make_config()
   fit = multiview.rig_config(FitConfig(num_shape=_NUM_SHAPE.value,
                                        num_expression=_NUM_EXPRESSION.value,
-                                       lm_iterations=multiview.LM_ITERATIONS, mode=_MODE.value))
+                                       lm_iterations=multiview.LM_ITERATIONS, mode=_MODE.value),
+                             photometric_weight=rig_track.PHOTOMETRIC_WEIGHT)
   iterations = (_PHOTOMETRIC_ITERATIONS.value if _PHOTOMETRIC_ITERATIONS.present
                 else rig_track.PHOTOMETRIC_ITERATIONS)
   return config.replace(fit=fit, photometric_iterations=iterations)
