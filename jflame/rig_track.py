@@ -14,7 +14,8 @@ track; one clip is one example).
                   then Adam over every moment (config.photometric_iterations,
                   photometric_rates) on the same objective plus every view's render against its
                   crop (multiview.render_views, each view's colour gain per moment), one albedo
-                  and one SH light for the clip, the light in the world's axes; the shape held
+                  and one SH light for the clip, the light in the world's axes; the clip's shape
+                  moves at the photometric rates
 
 The head's rotation is solved as a rotation from one base rotation for the clip (the chordal
 mean of the moments' own), so consecutive moments' rotations are differences the temporal terms
@@ -39,7 +40,7 @@ from jflame.render import Appearance
 from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
 from jflame.temporal import (TemporalWeights, motion_weights, temporal_penalty, temporal_weights,
                              without_temporal_weights)
-from jflame.track import ClipTargets, chordal_mean, gap_filled, spread_frames
+from jflame.track import ClipTargets, chordal_mean, gap_filled, shape_held, spread_frames
 
 
 # `jflame-track --cameras --mode photometric`'s Adam steps over the clip unless told: on the
@@ -116,7 +117,7 @@ def track_rig(fit_model: FitModel, views: multiview.RigViews, config: TrackConfi
               photo_landmarks: int,
               photos: Optional[multiview.ViewPhotos] = None) -> RigTrackResult:
   """Fits a rig's clip of T moments (`views` with leading axis T, from `multiview.rig_views`)
-  with the identity `shape` (S,) held (`clip_shape`) and `config`'s temporal terms (all zero:
+  with the identity `shape` (S,) held (`clip_shape`; photometric mode's renders move it) and `config`'s temporal terms (all zero:
   every moment alone); `config.fit` is each moment's fit (`multiview.rig_config` of a photo's),
   `config.clip_lm_iterations` and `clip_cg_iterations` the clip solve. Configs that differ only
   in their temporal weights share one compiled program.
@@ -234,9 +235,7 @@ def _photometric_stage(fit_model: FitModel, views: multiview.RigViews, landmarks
   rows = fit_model.landmark_rows
   chunk = max(1, config.photometric_segment_chunk)
 
-  def moment_appearance(moment_views, moment_photos):
-    return multiview.views_appearance(fit_model, moment_views, moment_photos)
-  starts = jax.vmap(moment_appearance)(views, photos)
+  starts = jax.vmap(multiview.views_appearance, in_axes=(None, 0, 0))(fit_model, views, photos)
   share = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1.0)
   appearance = jax.tree.map(lambda x: jnp.tensordot(share, x, axes=1), starts)
   variables = variables.replace(appearance=appearance)
@@ -273,9 +272,8 @@ def _photometric_stage(fit_model: FitModel, views: multiview.RigViews, landmarks
     return (jnp.sum(costs) + temporal_penalty(per_moment, weights, motion)
             + losses.l2(variables.appearance.texture, fit_config.regularization.texture))
 
-  rates = config.photometric_rates if fit_config.fit_shape else dataclasses.replace(
-      config.photometric_rates, shape=None)
-  fitted, history, failed = run_stage(loss, variables, rates,
+  fitted, history, failed = run_stage(loss, variables,
+                                      shape_held(config.photometric_rates, fit_config),
                                       config.photometric_iterations, active)
   appearance = fitted.appearance
   fitted = per_moment_of(fitted)

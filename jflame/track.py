@@ -417,7 +417,7 @@ def _frames_put(variables: FitVariables, picked, fitted: FitVariables) -> FitVar
                       is_leaf=lambda x: x is None)
 
 
-def _shape_held(rates, fit_config):
+def shape_held(rates, fit_config):
   """The rates of a stage, with shape frozen when the config holds it (fit_shape False)."""
   return rates if fit_config.fit_shape else dataclasses.replace(rates, shape=None)
 
@@ -493,7 +493,7 @@ def track_padded(fit_model: FitModel, observations: Observation, config: TrackCo
     variables, rigid_history, rigid_failed = run_stage(
         loss, variables, fit_config.rigid_rates, fit_config.rigid_iterations, active)
     variables, full_history, full_failed = run_stage(
-        loss, variables, _shape_held(fit_config.full_rates, fit_config),
+        loss, variables, shape_held(fit_config.full_rates, fit_config),
         fit_config.full_iterations, active & ~rigid_failed)
     return variables, rigid_history, full_history, rigid_failed | full_failed
 
@@ -519,7 +519,7 @@ def track_padded(fit_model: FitModel, observations: Observation, config: TrackCo
   if photometric:
     variables = variables.replace(appearance=_clip_appearance(fit_model, targets))
     variables, photometric_history, photometric_failed = run_stage(
-        loss_fn(True), variables, _shape_held(config.photometric_rates, fit_config),
+        loss_fn(True), variables, shape_held(config.photometric_rates, fit_config),
         config.photometric_iterations, active & ~failed)
     failed = failed | photometric_failed
     extra.update(photometric_loss_history=photometric_history,

@@ -54,18 +54,14 @@ def _single_view_errors(loaded, config, capture: Path) -> dict:
   return errors
 
 
-def truth_view_errors(loaded, capture: Path, moment_index: int, result) -> np.ndarray:
+def truth_view_errors(loaded, cameras, vertices_world, result) -> np.ndarray:
   """(V,) px: each view's mean distance from MediaPipe's detected landmarks to the TRUE head's
-  landmark points projected through that view's camera, over the points the capture fit used:
-  what the views' landmark errors would read if the fit found the truth exactly."""
-  truth = np.load(capture / "truth.npz")
-  sizes = {str(s): camera_files.image_size_of(path) for s, path in zip(
-      result["serials"], (capture / "frames" / str(result["moment"]) / f"cam_{s}.png"
-                          for s in result["serials"]))}
-  cameras = camera_files.load_cameras(capture / "camera_params.json", image_sizes=sizes)
+  landmark points (of `vertices_world`, one moment's) projected through that view's camera
+  (`cameras`: serial -> RigCamera), over the points the capture fit used: what the views'
+  landmark errors would read if the fit found the truth exactly."""
   embedding = loaded.embedding
-  points = np.asarray(embedding.points(jnp.asarray(truth["vertices_world"][moment_index],
-                                                   jnp.float32), loaded.model.faces))
+  points = np.asarray(embedding.points(jnp.asarray(vertices_world, jnp.float32),
+                                       loaded.model.faces))
   order = {int(index): row for row, index in enumerate(np.asarray(embedding.landmark_indices))}
   rows = np.array([order[int(index)] for index in result["landmark_indices"]])
   errors = []
@@ -97,6 +93,7 @@ def main(argv):
         albedo_per_channel=_ALBEDO_PER_CHANNEL.value or default.albedo_per_channel)
   face = eval_synthetic.face_region_size(loaded.model.v_template.shape[0])
   truth = np.load(capture / "truth.npz")
+  _, cameras = capture_runner.open_capture(capture / "camera_params.json", capture / "frames")
   scratch = Path(tempfile.mkdtemp(prefix="eval_capture_"))
   try:
     manifest = capture_runner.fit_capture(loaded, config, capture / "camera_params.json",
@@ -113,7 +110,7 @@ def main(argv):
       accuracy = eval_synthetic.accuracy(fitted[None], world[None])
       with np.load(scratch / "capture" / f"{moment}.npz") as result:
         capture_errors = np.asarray(result["landmark_error_px"], np.float64)
-        truth_errors = truth_view_errors(loaded, capture, index, result)
+        truth_errors = truth_view_errors(loaded, cameras, truth["vertices_world"][index], result)
       serials = manifest["serials"]
       rows.append(dict(
           moment=str(moment), views_with_face=entry["views_with_face"],

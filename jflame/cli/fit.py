@@ -112,11 +112,14 @@ def _fit_capture() -> int:
       print(f"model: {loaded.description}", flush=True)
       fit_bars = {}
 
+      def close_fit_bars():
+        for fit_bar in fit_bars.values():
+          fit_bar.close()
+
       def fitted(stage, done, total):
         """A bar per photometric pass (its fits take seconds a moment)."""
         if stage not in fit_bars:
-          for other in fit_bars.values():
-            other.close()
+          close_fit_bars()
           fit_bars[stage] = tqdm(total=total, unit="moment", desc=f"photometric fit ({stage})")
         fit_bars[stage].update(done - fit_bars[stage].n)
 
@@ -127,12 +130,10 @@ def _fit_capture() -> int:
                                                 opened=opened, overlays=_OVERLAY.value,
                                                 crop_size=common.CROP_SIZE.value, albedo=albedo,
                                                 fit_progress=fitted)
-          for other in fit_bars.values():
-            other.close()
+          close_fit_bars()
         except KeyboardInterrupt:
           bar.close()
-          for other in fit_bars.values():
-            other.close()
+          close_fit_bars()
           store = folder / capture_runner.LANDMARKS_FOLDER
           kept = len(list(store.glob("*.npz"))) if store.is_dir() else 0
           print(f"interrupted: the landmarks of {kept} moment{'' if kept == 1 else 's'} are "
