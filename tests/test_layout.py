@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import importlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -331,16 +332,24 @@ def test_every_test_file_belongs_to_exactly_one_tier():
 
 def test_the_tiers_split_the_suite_as_the_markers_say(tmp_path):
   """Collection alone: the fast tier holds no test of a slow file, the slow tier the tests marked
-  slow in fast files as well as every test of a slow file."""
-  def collected(*args):
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
-                           "-p", "no:cacheprovider", *args], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {line for line in done.stdout.splitlines() if "::" in line}
+  slow in fast files as well as every test of a slow file. One collection (importing every test
+  module is most of its time), each test listed with the tier `-m slow` / `-m "not slow"` puts
+  it in: the `slow` marker as pytest's marker expressions read it."""
+  (tmp_path / "tier_listing.py").write_text(
+      "def pytest_collection_finish(session):\n"
+      "  for item in session.items:\n"
+      "    tier = 'slow' if item.get_closest_marker('slow') else 'fast'\n"
+      "    print('TIER', tier, item.nodeid)\n")
+  done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                         "-p", "no:cacheprovider", "-p", "tier_listing"], cwd=PROJECT_ROOT,
+                        env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{PROJECT_ROOT}"),
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  listed = [line.split(" ", 2)[1:] for line in done.stdout.splitlines() if line.startswith("TIER ")]
+  fast = {test for tier, test in listed if tier == "fast"}
+  slow = {test for tier, test in listed if tier == "slow"}
   from tests import conftest
-  fast, slow = collected("-m", "not slow"), collected("-m", "slow")
-  assert fast and slow and not fast & slow
+  assert fast and slow and len(fast) + len(slow) == len(listed)
   assert not any(test.split("::")[0][len("tests/"):-3] in conftest.SLOW_SUITES for test in fast)
   assert ("tests/test_report.py::test_jflame_report_writes_the_page_of_a_dataset_or_a_split_run"
           in slow)
