@@ -184,15 +184,16 @@ def test_the_solve_steps_down_the_gradient_of_the_views_objective(scene):
   x = jnp.asarray(np.concatenate([rng.normal(size=NUM_SHAPE + NUM_EXPRESSION) * 0.3,
                                   rng.normal(size=9) * 0.05, rng.normal(size=3) * 0.05,
                                   [0.01, -0.02, 0.03]]), jnp.float32)
+  # Jitted: run op by op, the chained Jacobians would be most of the test's time.
   system = lambda x: multiview.views_system(fit_model.landmark_rows, views, targets, weights,
                                             CONFIG, params, base_rotation, x)
-  cost, (a, b), finite = system(x)
+  cost, (a, b), finite = jax.jit(system)(x)
   assert bool(finite) and float(cost) > 1.0
   # The trial steps' cost without the system (what the rig's clip solve evaluates) is this cost.
-  np.testing.assert_allclose(float(multiview.views_cost(
-      fit_model.landmark_rows, views, targets, weights, CONFIG, params, base_rotation, x)),
+  np.testing.assert_allclose(float(jax.jit(lambda x: multiview.views_cost(
+      fit_model.landmark_rows, views, targets, weights, CONFIG, params, base_rotation, x))(x)),
       float(cost), rtol=1e-6)
-  gradient = jax.grad(lambda x: system(x)[0])(x)
+  gradient = jax.jit(jax.grad(lambda x: system(x)[0]))(x)
   np.testing.assert_allclose(np.asarray(2 * b), np.asarray(gradient), rtol=2e-3,
                              atol=2e-3 * float(jnp.max(jnp.abs(gradient))))
   # A is the Gauss-Newton model: symmetric, positive definite with the priors.

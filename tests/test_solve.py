@@ -2,6 +2,7 @@
 per-image isolation, and the shared focal length."""
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,12 @@ def _start(fit_model, observation, config=CONFIG):
   return problem, variables, x, active
 
 
+@functools.partial(jax.jit, static_argnames="config")
+def _starts(fit_model, observations, config=CONFIG):
+  """`_start` of every image, compiled (run op by op, the initialiser's solves are slow)."""
+  return jax.vmap(lambda observation: _start(fit_model, observation, config))(observations)
+
+
 @jax.jit
 def _lm_batch(fit_model, observations):
   def one(observation):
@@ -121,8 +128,8 @@ def test_jacobian_matches_forward_mode_and_central_differences(small):
     # A reference size other than the crop's, so every residual and column carries a pixel
     # scale != 1 and a scale applied the wrong way shows.
     scaled = CONFIG.replace(landmark_scale=192.0)
-    problem, variables, x0, _ = jax.tree.map(lambda a: a[0], jax.vmap(
-        lambda o: _start(fit_model, o, scaled))(observations))
+    problem, variables, x0, _ = jax.tree.map(lambda a: a[0],
+                                             _starts(fit_model, observations, scaled))
     assert abs(float(problem.pixel_scale) - 0.75) < 1e-6
     rows, problem, variables = _to64((fit_model.landmark_rows, problem, variables))
     rng = np.random.default_rng(0)
@@ -211,8 +218,7 @@ def test_a_diverging_image_leaves_the_others_bit_for_bit(small):
 def test_masks_hold_inactive_and_held_unknowns(small):
   model, embedding, fit_model = small
   observations = scene(model, embedding, 1, seed=4)
-  problem, variables, x0, _ = jax.tree.map(lambda a: a[0], jax.vmap(
-      lambda o: _start(fit_model, o))(observations))
+  problem, variables, x0, _ = jax.tree.map(lambda a: a[0], _starts(fit_model, observations))
   solve_ = jax.jit(lambda problem, active: solve.solve_landmarks(
       fit_model.landmark_rows, problem, variables.flame, x0, jnp.log(variables.focal_length), 4,
       active))
