@@ -189,21 +189,33 @@ def share_caches(home):
       link.symlink_to(shared, target_is_directory=True)
 
 
-# Compiling is most of the suite's time, and most of a compile is LLVM's optimisation of the
-# generated code; XLA:CPU keeps IEEE arithmetic at every level (no fast-math), so the tests check
-# the same numbers. The commands the tests start inherit it; `user_xla_flags()` gives a command
-# the flags a user runs with (the demo's cold start does).
-TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+# Compiling is most of the suite's time. Most of an XLA:CPU compile is LLVM optimising the
+# generated code (level 0 skips that) and XLA's MLIR fusion emitters generating it (the classic
+# emitters generate the same kernels' code faster); XLA:CPU keeps IEEE arithmetic either way (no
+# fast-math), so the tests check the same numbers. The commands the tests start inherit the
+# flags; `user_xla_flags()` gives a command the flags a user runs with (the demo's cold start
+# does), `render_xla_flags()` those of a test whose renders outweigh its compile.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
 
 def user_xla_flags(env: dict) -> dict:
-  """`env` without the TEST_XLA_FLAG that `pytest_configure` added to XLA_FLAGS."""
+  """`env` without the TEST_XLA_FLAGS that `pytest_configure` added to XLA_FLAGS."""
   env = dict(env)
-  flags = env.get("XLA_FLAGS", "").replace(TEST_XLA_FLAG, "").strip()
+  flags = env.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "").strip()
   if flags:
     env["XLA_FLAGS"] = flags
   else:
     env.pop("XLA_FLAGS", None)
+  return env
+
+
+def render_xla_flags(env: dict) -> dict:
+  """`env` compiled for a test whose renders outweigh its compile: LLVM's optimisation on (the
+  renders run faster), the classic fusion emitters (they compile faster; the renders run about
+  as fast)."""
+  env = user_xla_flags(env)
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
   return env
 
 
@@ -238,9 +250,9 @@ def make_synthetic_capture(folder, env, *flags) -> Path:
   return Path(folder)
 
 
-def run_with_user_xla_flags(code: str, *args) -> subprocess.CompletedProcess:
-  """`python -c code args...` in this checkout, compiled as a user's run is (`user_xla_flags`),
-  its programs in the suite's cache. For a test whose program's run outweighs its compile: the
+def run_compiled_for_renders(code: str, *args) -> subprocess.CompletedProcess:
+  """`python -c code args...` in this checkout, compiled as `render_xla_flags` says, its
+  programs in the suite's cache. For a test whose program's run outweighs its compile: the
   photometric track of test_track_motion renders 30 frames at every step, and without LLVM's
   optimisation it runs slower by more than the compile gains (measured: 139 s -> 83 s; a short
   photometric fit of one photo is the other way round). `code` finds its arguments from
@@ -248,7 +260,7 @@ def run_with_user_xla_flags(code: str, *args) -> subprocess.CompletedProcess:
   cache = str(shared_compilation_cache())
   prelude = f"import jax\njax.config.update('jax_compilation_cache_dir', {cache!r})\n"
   return subprocess.run([sys.executable, "-c", prelude + code, *map(str, args)], cwd=PROJECT_ROOT,
-                        env=user_xla_flags(dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))),
+                        env=render_xla_flags(dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))),
                         capture_output=True, text=True, timeout=600)
 
 
@@ -256,13 +268,16 @@ def pytest_configure(config):
   """The tests' own JAX programs also go through the shared persistent compilation cache (the
   two workers and both tiers compile most of the same fits), and are released after a test
   module once the worker holds many memory mappings (`release_compiled_programs`). XLA's
-  backend is compiled without LLVM's optimisation (TEST_XLA_FLAG) unless the caller's XLA_FLAGS
-  chose a level."""
+  backend is compiled as TEST_XLA_FLAGS say unless the caller's XLA_FLAGS chose a level."""
   current = os.environ.get("XLA_FLAGS", "")
   if "xla_backend_optimization_level" not in current:
-    os.environ["XLA_FLAGS"] = f"{current} {TEST_XLA_FLAG}".strip()
+    os.environ["XLA_FLAGS"] = f"{current} {TEST_XLA_FLAGS}".strip()
   import jax
   jax.config.update("jax_compilation_cache_dir", str(shared_compilation_cache()))
+  # Every program, as the commands keep them: with the flags above most fits compile in about a
+  # second, under JAX's default threshold for keeping one, and the other worker, the other tier
+  # and the commands load them instead.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 # A third of the kernel's default limit (vm.max_map_count, 65530): far more than one test module

@@ -18,7 +18,7 @@ import pytest
 from jflame import model_loading, multiview
 from jflame.config import FitConfig
 from tests.conftest import (PROJECT_ROOT, ended_by_interrupt, make_synthetic_capture,
-                            one_line_exit_2, user_xla_flags)
+                            one_line_exit_2, render_xla_flags)
 
 # `python -c HOLD_AFTER_A_MOMENT <jflame-fit flags>`: jflame-fit --cameras whose runner, once it
 # has committed a moment's landmarks, waits: a test signals then, and the run cannot have
@@ -325,13 +325,13 @@ def test_a_photometric_capture_fit_renders_every_view_and_moves_the_head_to_the_
   every view's render against its crop brings it to less than 0.7x and 0.8x of that (100
   steps: measured 1.12 mm, p90 1.74); the files carry the appearance, the light in the world's
   axes and each view's colour error, and the comparison picture shows (crop | render | overlay)
-  for every view, the render matching its crop. Run as a user's run is compiled
-  (`user_xla_flags`): its renders outweigh its compile."""
+  for every view, the render matching its crop. Compiled for its renders
+  (`render_xla_flags`): they outweigh its compile."""
   plain = untextured
   out = tmp_path / "photometric"
   done = _run(["--cameras", str(plain / "camera_params.json"), "--input", str(plain / "frames"),
                "--output", str(out), "--mode", "photometric", "--crop_size", "128",
-               "--full_iterations", "100", "--nooverlay"], user_xla_flags(command_env))
+               "--full_iterations", "100", "--nooverlay"], render_xla_flags(command_env))
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
   errors = _face_error_mm(plain, out)
   # The landmark fit of this capture: 2.87 mm median, 4.95 p90 (`--mode landmark`, the same
