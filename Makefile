@@ -22,13 +22,13 @@ $(STAMP): pyproject.toml Makefile
 PYTEST := $(PY) -m pytest -q -n 2 --max-worker-restart 0 $(PYTEST_ARGS)
 test: $(STAMP)
 	$(PYTEST) -m "not slow"
-	$(PYTEST) -m slow --dist loadfile
+	$(PYTEST) -m slow --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow"
 
 test-slow: $(STAMP)
-	$(PYTEST) -m slow --dist loadfile
+	$(PYTEST) -m slow --dist loadfile --no-loadscope-reorder
 
 # The numerical suites (forward model, renderer, fits) with the machine's own python, for an
 # accelerator or any bare image with JAX, NumPy, SciPy, optax, flax, absl-py and pytest: no

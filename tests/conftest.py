@@ -68,13 +68,15 @@ def random_flame_arrays(seed=0, num_vertices=60, num_faces=80, num_shape=12, num
 # source and config rules, small-model fits; a test in a fast file that starts a command or fits
 # the FLAME-size head carries `@pytest.mark.slow`. The slow tier: commands as subprocesses,
 # FLAME-size fits, MediaPipe on photographs, rasterizer gradients and recoveries. SLOW_SUITES
-# runs longest first (measured, docs/TESTING.md), so that the two workers finish together.
-SLOW_SUITES = ("test_track_motion", "test_ray_engine", "test_track", "test_export_commands",
-               "test_annotate", "test_fit_photometric", "test_fit_hostile", "test_solve",
-               "test_output_files", "test_capture_command", "test_fit", "test_track_command",
-               "test_fit_command", "test_ids", "test_rig_track", "test_rig_track_command",
-               "test_fit_behaviour", "test_sharding",
-               "test_bare_image", "test_render_recovery", "test_render_gradients",
+# runs longest first (measured, docs/TESTING.md; the Makefile's `--no-loadscope-reorder` keeps
+# xdist from ordering the files by their number of tests), so that the two workers finish
+# together.
+SLOW_SUITES = ("test_capture_command", "test_track_motion", "test_rig_track_command",
+               "test_ray_engine", "test_track", "test_rig_track", "test_annotate",
+               "test_fit_photometric", "test_export_commands", "test_output_files",
+               "test_fit_hostile", "test_solve", "test_fit_command", "test_track_command",
+               "test_fit", "test_ids", "test_fit_behaviour", "test_render_recovery",
+               "test_sharding", "test_bare_image", "test_render_gradients",
                "test_rotated_photos", "test_library")
 FAST_SUITES = ("test_build_embedding", "test_camera_files", "test_clip_solve", "test_engine_rules",
                "test_export",
@@ -85,6 +87,14 @@ FAST_SUITES = ("test_build_embedding", "test_camera_files", "test_clip_solve", "
                "test_render_albedo", "test_render_rasterize", "test_render_reference",
                "test_render_shading", "test_report", "test_starting_point", "test_synthetic",
                "test_track_quality")
+
+
+def pytest_ignore_collect(collection_path, config):
+  """The fast tier (`-m "not slow"`) does not import the slow files: every test in them is
+  slow, and importing them (Ray among them) is seconds of each worker's start."""
+  if config.option.markexpr == "not slow" and collection_path.stem in SLOW_SUITES:
+    return True
+  return None
 
 
 def pytest_collection_modifyitems(items):
