@@ -2,6 +2,7 @@
 and the numerics pin for tests that compare with float64 or NumPy references."""
 
 import functools
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -205,14 +206,29 @@ def share_caches(home):
 # fast-math), so the tests check the same numbers. The commands the tests start inherit the
 # flags; `user_xla_flags()` gives a command the flags a user runs with (the demo's cold start
 # does), `render_xla_flags()` those of a test whose renders outweigh its compile.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+LEVEL_FLAG = "--xla_backend_optimization_level=0"
 FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def fast_compile_flags() -> list:
+  """FAST_COMPILE_FLAG where the installed XLA is the one it was measured with (jaxlib 0.7, the
+  pinned one): XLA aborts the process on a flag it does not know, and a newer XLA (an
+  accelerator image's) may have dropped it."""
+  try:
+    version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return []
+  return [FAST_COMPILE_FLAG] if version.startswith("0.7.") else []
+
+
+TEST_XLA_FLAGS = " ".join([LEVEL_FLAG, *fast_compile_flags()])
 
 
 def user_xla_flags(env: dict) -> dict:
   """`env` without the TEST_XLA_FLAGS that `pytest_configure` added to XLA_FLAGS."""
   env = dict(env)
-  flags = env.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "").strip()
+  flags = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
+                   if flag not in (LEVEL_FLAG, FAST_COMPILE_FLAG))
   if flags:
     env["XLA_FLAGS"] = flags
   else:
@@ -225,7 +241,9 @@ def render_xla_flags(env: dict) -> dict:
   renders run faster), the classic fusion emitters (they compile faster; the renders run about
   as fast)."""
   env = user_xla_flags(env)
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
+  flags = " ".join([env.get("XLA_FLAGS", ""), *fast_compile_flags()]).strip()
+  if flags:
+    env["XLA_FLAGS"] = flags
   return env
 
 
