@@ -117,8 +117,9 @@ def track_rig(fit_model: FitModel, views: multiview.RigViews, config: TrackConfi
               photo_landmarks: int,
               photos: Optional[multiview.ViewPhotos] = None) -> RigTrackResult:
   """Fits a rig's clip of T moments (`views` with leading axis T, from `multiview.rig_views`)
-  with the identity `shape` (S,) held (`clip_shape`; photometric mode's renders move it) and `config`'s temporal terms (all zero:
-  every moment alone); `config.fit` is each moment's fit (`multiview.rig_config` of a photo's),
+  with the identity `shape` (S,) held (`clip_shape`; photometric mode's renders move it) and
+  `config`'s temporal terms (all zero: every moment alone); `config.fit` is each moment's fit
+  (`multiview.rig_config` of a photo's),
   `config.clip_lm_iterations` and `clip_cg_iterations` the clip solve. Configs that differ only
   in their temporal weights share one compiled program.
 
