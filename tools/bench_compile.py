@@ -10,6 +10,7 @@ images grey and the landmarks the head's own points (the timing does not depend 
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -26,9 +27,10 @@ from jflame.observation import Observation
 from jflame.render import laplacian_albedo_model
 
 _MODE = flags.DEFINE_enum("mode", "landmark", ["landmark", "photometric"], "Fit mode.")
-_BATCH = flags.DEFINE_integer("batch", 8, "Images in the batch.")
-_CROP_SIZE = flags.DEFINE_integer("crop_size", 96, "Crop size (pixels).")
-_ITERATIONS = flags.DEFINE_integer("iterations", 40, "Adam steps of each stage.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Images in the batch.", lower_bound=1)
+_CROP_SIZE = flags.DEFINE_integer("crop_size", 96, "Crop size (pixels).", lower_bound=16)
+_ITERATIONS = flags.DEFINE_integer("iterations", 40, "Adam steps of each stage.",
+                                    lower_bound=0)
 
 
 def _scene(mode, batch, size, iterations):
@@ -82,4 +84,8 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    app.run(main)
+  except KeyboardInterrupt:
+    print("interrupted: nothing measured", file=sys.stderr)
+    sys.exit(130)
