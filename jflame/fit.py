@@ -24,8 +24,8 @@ from jflame.errors import ConfigError
 from jflame.flame import (FlameModel, FlameParams, SurfaceRows, flame_forward, make_surface_rows,
                           surface_points_forward, vertices_of_batch)
 from jflame.starting_point import InitialGuess, initial_identity_and_camera
-from jflame.render import (AlbedoModel, Appearance, RasterSettings, RenderOutput, face_adjacency,
-                           laplacian_albedo_model, neutral_lighting, render_mesh, vertex_normals)
+from jflame.render import (NEUTRAL_AMBIENT, AlbedoModel, Appearance, RasterSettings, RenderOutput,
+                           face_adjacency, laplacian_albedo_model, render_mesh, vertex_normals)
 from jflame.observation import Observation
 from jflame.optim import make_optimizer
 from jflame.rotation import axis_angle_to_matrix, matrix_to_axis_angle
@@ -162,7 +162,7 @@ def project_landmarks(fit_model: FitModel, variables, base_rotation, principal_p
 # The fit moves SH lighting in units of the neutral ambient coefficient (1 = shading of 1 from
 # every direction), so the seed table's rate of 0.005 per step means the same for lighting as
 # for the other groups whatever the SH normalisation.
-_LIGHT_UNIT = float(neutral_lighting()[0, 0])
+_LIGHT_UNIT = NEUTRAL_AMBIENT
 
 
 def fitted_appearance(variables: FitVariables) -> Appearance:

@@ -8,7 +8,6 @@ from typing import Optional
 
 import cv2
 import numpy as np
-import trimesh
 
 from jflame.atomic import atomic_path, write_bytes
 from jflame.camera import apply_affine, invert_affine
@@ -94,6 +93,7 @@ def save_parameters(path, arrays: dict):
 
 def save_mesh(path, vertices, faces, header: str = ""):
   """Writes a triangle mesh (.obj or .ply by the extension) through trimesh, atomically."""
+  import trimesh   # here, not at the top: slow to import, and annotate and track write no mesh
   mesh = trimesh.Trimesh(vertices=np.asarray(vertices, np.float64),
                          faces=np.asarray(faces, np.int64), process=False)
   data = mesh.export(file_type=Path(path).suffix[1:])

@@ -208,6 +208,28 @@ def test_device_modules_touch_no_files_or_host_libraries(module):
       assert call not in source, f"{path.name} touches files ({call})"
 
 
+_IMPORT_EVERY_MODULE = """
+import importlib, pkgutil, sys
+import jflame
+from jax._src import xla_bridge
+for module in pkgutil.walk_packages(jflame.__path__, "jflame."):
+  if module.name.startswith("jflame.cli."):   # commands define flags; their modules import lazily
+    continue
+  importlib.import_module(module.name)
+  if xla_bridge.backends_are_initialized():
+    sys.exit("importing " + module.name + " started an XLA backend")
+"""
+
+
+def test_importing_a_module_starts_no_device():
+  """A module-level JAX computation starts the backend at import: on an accelerator that takes
+  the device (and most of its memory) in every process that imports jflame, the preprocessing
+  pool's and Ray's included, and adds its start to every command's."""
+  probe = subprocess.run([sys.executable, "-c", _IMPORT_EVERY_MODULE],
+                         capture_output=True, text=True, cwd=PROJECT_ROOT)
+  assert probe.returncode == 0, probe.stderr[-2000:]
+
+
 def test_public_api_is_what_the_readme_uses():
   import jflame
   for name in jflame.__all__:

@@ -7,11 +7,11 @@ from jflame.render.interpolate import interpolate, interpolate_face_varying
 from jflame.render.pipeline import RenderOutput, render_mesh
 from jflame.render.rasterize import (Fragments, RasterSettings, antialias, face_adjacency,
                                      rasterize)
-from jflame.render.shading import (Appearance, lambertian, neutral_lighting, sh_basis,
-                                   sh_lighting_from_deca, sh_shading, vertex_normals)
+from jflame.render.shading import (NEUTRAL_AMBIENT, Appearance, lambertian, neutral_lighting,
+                                   sh_basis, sh_lighting_from_deca, sh_shading, vertex_normals)
 
 __all__ = [
-    "AlbedoModel", "Appearance", "Fragments", "RasterSettings", "RenderOutput",
+    "NEUTRAL_AMBIENT", "AlbedoModel", "Appearance", "Fragments", "RasterSettings", "RenderOutput",
     "albedo_texture", "antialias", "face_adjacency", "interpolate", "interpolate_face_varying",
     "lambertian", "laplacian_albedo_model", "neutral_lighting",
     "pixel_albedo", "rasterize", "render_mesh", "sample_texture", "sh_basis",

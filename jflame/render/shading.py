@@ -33,6 +33,9 @@ _SH_NORMALISATION = np.array([
     np.sqrt(5.0 / (16.0 * np.pi)),
     np.sqrt(15.0 / (4.0 * np.pi)), np.sqrt(15.0 / (16.0 * np.pi)),
 ])
+# The ambient coefficient whose light shades every normal by exactly 1 (a Python float: module
+# constants here must not start an XLA backend at import).
+NEUTRAL_AMBIENT = float(1.0 / (_LAMBERT_OVER_PI[0] * _SH_NORMALISATION[0]))
 # DECA's `add_SHlight` basis order, as indices into ours, for `sh_lighting_from_deca`.
 _DECA_ORDER_OF_OURS = np.array([0, 2, 3, 1, 4, 6, 8, 5, 7])
 
@@ -56,8 +59,7 @@ class Appearance:
 
 def neutral_lighting(dtype=jnp.float32) -> jax.Array:
   """(9, 3) ambient white light with shading exactly 1 on every normal."""
-  ambient = 1.0 / (_LAMBERT_OVER_PI[0] * _SH_NORMALISATION[0])
-  return jnp.zeros((NUM_SH_COEFFICIENTS, 3), dtype).at[0].set(ambient)
+  return jnp.zeros((NUM_SH_COEFFICIENTS, 3), dtype).at[0].set(NEUTRAL_AMBIENT)
 
 
 def sh_basis(normals) -> jax.Array:
