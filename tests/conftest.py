@@ -1,6 +1,7 @@
 """Shared test fixtures: where the team's real assets live, a tiny random FLAME-format model,
 and the numerics pin for tests that compare with float64 or NumPy references."""
 
+import contextlib
 import functools
 import importlib.metadata
 import os
@@ -205,7 +206,8 @@ def share_caches(home):
 # emitters generate the same kernels' code faster); XLA:CPU keeps IEEE arithmetic either way (no
 # fast-math), so the tests check the same numbers. The commands the tests start inherit the
 # flags; `user_xla_flags()` gives a command the flags a user runs with (the demo's cold start
-# does), `render_xla_flags()` those of a test whose renders outweigh its compile.
+# does), `render_xla_flags()` those of a command whose renders outweigh its compile, and
+# `optimised_for_runs` compiles one program of a test process so.
 LEVEL_FLAG = "--xla_backend_optimization_level=0"
 FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
@@ -247,6 +249,25 @@ def render_xla_flags(env: dict) -> dict:
   return env
 
 
+# One program of a test process compiled with LLVM's optimisation (a compile option of that
+# program: the process's XLA_FLAGS stay TEST_XLA_FLAGS for the rest).
+RUN_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
+
+
+@contextlib.contextmanager
+def optimised_for_runs(module, name: str, static_argnames):
+  """Within: `module.name`, a jitted function, compiled with RUN_COMPILER_OPTIONS in this test
+  process; yields that function. For a test whose program runs many times, or renders at every
+  step, so that its run outweighs its compile at TEST_XLA_FLAGS' level 0: the same program,
+  slower to compile, faster to run."""
+  import jax
+  optimised = jax.jit(getattr(module, name), static_argnames=static_argnames,
+                      compiler_options=RUN_COMPILER_OPTIONS)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(module, name, optimised)
+    yield optimised
+
+
 def shared_compilation_cache() -> Path:
   """The persistent compilation cache of every test process, the commands the tests start
   (`share_caches`) and the Ray actors they make: one folder, so a program compiled in a test
@@ -276,20 +297,6 @@ def make_synthetic_capture(folder, env, *flags) -> Path:
                         capture_output=True, text=True, timeout=600)
   assert made.returncode == 0, made.stderr[-3000:]
   return Path(folder)
-
-
-def run_compiled_for_renders(code: str, *args) -> subprocess.CompletedProcess:
-  """`python -c code args...` in this checkout, compiled as `render_xla_flags` says, its
-  programs in the suite's cache. For a test whose program's run outweighs its compile: the
-  photometric track of test_track_motion renders 30 frames at every step, and without LLVM's
-  optimisation it runs slower by more than the compile gains (measured: 139 s -> 83 s; a short
-  photometric fit of one photo is the other way round). `code` finds its arguments from
-  sys.argv[1]."""
-  cache = str(shared_compilation_cache())
-  prelude = f"import jax\njax.config.update('jax_compilation_cache_dir', {cache!r})\n"
-  return subprocess.run([sys.executable, "-c", prelude + code, *map(str, args)], cwd=PROJECT_ROOT,
-                        env=render_xla_flags(dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))),
-                        capture_output=True, text=True, timeout=600)
 
 
 def pytest_configure(config):

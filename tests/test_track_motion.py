@@ -15,7 +15,7 @@ from jflame.camera import FRONTAL_ROTATION, Camera, project
 from jflame.observation import Observation
 from jflame.config import TRACK_FIT, TrackConfig
 from jflame.track import fit_clip
-from tests.conftest import (SHARED_ASSETS, fit_model_over_embedding, run_compiled_for_renders,
+from tests.conftest import (SHARED_ASSETS, fit_model_over_embedding, optimised_for_runs,
                             shared_photos)
 
 CROP = 256
@@ -99,21 +99,22 @@ def known_truth_tracks():
   """seed -> (truth points, true head rotations, {"default" | "independent": track result}) of
   the synthetic head's fast-motion clip, tracked by the default TrackConfig and without
   smoothing (one compiled program for both: the temporal weights are its arguments, not part of
-  it), shared by the draws."""
-  from jflame.track import track_padded
+  it), shared by the draws. Sixteen runs of one program: compiled for its runs
+  (`optimised_for_runs`)."""
+  from jflame import track
   model, embedding = synthetic.synthetic_flame("small", seed=0)
   fit_model = fit_model_over_embedding(model, embedding, CONFIG.fit)
   runs = {}
-  for seed in TRUTH_SEEDS:
-    truth, head, observation = known_truth_clip(model, embedding, seed=seed)
-    tracks = {"default": jax.device_get(fit_clip(fit_model, observation, CONFIG, CROP))}
-    # Whether or not an earlier module on this worker compiled it, the default track's program
-    # is there now, and the track without smoothing adds none.
-    programs = track_padded._cache_size()
-    tracks["independent"] = jax.device_get(
-        fit_clip(fit_model, observation, without_smoothing(CONFIG), CROP))
-    assert track_padded._cache_size() == programs
-    runs[seed] = (truth, head, tracks)
+  with optimised_for_runs(track, "track_padded", ("config", "crop_size")) as track_padded:
+    for seed in TRUTH_SEEDS:
+      truth, head, observation = known_truth_clip(model, embedding, seed=seed)
+      tracks = {"default": jax.device_get(fit_clip(fit_model, observation, CONFIG, CROP))}
+      # The default track's program is there now, and the track without smoothing adds none.
+      programs = track_padded._cache_size()
+      tracks["independent"] = jax.device_get(
+          fit_clip(fit_model, observation, without_smoothing(CONFIG), CROP))
+      assert track_padded._cache_size() == programs == 1
+      runs[seed] = (truth, head, tracks)
   return model, embedding, runs
 
 
@@ -225,33 +226,19 @@ def test_default_track_stays_on_real_landmarks(real_landmarks, name):
         statistic(default), statistic(independent), limit)
 
 
-# The photometric variant in a process of its own, compiled for its renders
-# (conftest.run_compiled_for_renders): `PHOTOMETRIC_VARIANT <landmarks .npz>`.
-PHOTOMETRIC_VARIANT = """
-import sys
-import numpy as np
-from tests.test_track_motion import _check_variant
-with np.load(sys.argv[1]) as shaken:
-  _check_variant({"shaken photo": (shaken["landmarks"], shaken["found"])}, "photometric")
-print("photometric variant ok")
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["photometric", "solve_focal"])
-def test_photometric_and_solved_focal_tracks_stay_on_real_landmarks(real_landmarks, variant,
-                                                                    tmp_path):
+def test_photometric_and_solved_focal_tracks_stay_on_real_landmarks(real_landmarks, variant):
   """The same terms in photometric mode (30 frames of the shaken photo, crop 128, the small
-  synthetic head: the render of every step is most of the time) and with the clip's focal length
-  solved: within the same bounds of the frames-independent track. The photometric one runs in
-  a process of its own with a user's XLA flags (PHOTOMETRIC_VARIANT), the same checks."""
+  synthetic head: the render of every step is most of the time, so its track is compiled for
+  its runs, `optimised_for_runs`) and with the clip's focal length solved: within the same
+  bounds of the frames-independent track."""
+  from jflame import track
   if variant != "photometric":
     _check_variant(real_landmarks, variant)
     return
-  landmarks, found = real_landmarks["shaken photo"]
-  np.savez(tmp_path / "shaken.npz", landmarks=landmarks, found=found)
-  done = run_compiled_for_renders(PHOTOMETRIC_VARIANT, tmp_path / "shaken.npz")
-  assert done.returncode == 0 and "variant ok" in done.stdout, done.stderr[-3000:]
+  with optimised_for_runs(track, "track_padded", ("config", "crop_size")):
+    _check_variant(real_landmarks, variant)
 
 
 def _check_variant(real_landmarks, variant):
