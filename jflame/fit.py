@@ -256,7 +256,7 @@ def run_stage(loss_fn, variables, rates: LearningRates, iterations: int, active)
     opt_state = _tree_where(keep, new_opt_state, opt_state)
     return (variables, opt_state, failed | (active & ~finite)), loss
 
-  carry = (variables, optimizer.init(variables), jnp.asarray(False))
+  carry = solve.like_the_steps(active, (variables, optimizer.init(variables), jnp.asarray(False)))
   (variables, _, failed), history = jax.lax.scan(step, carry, None, length=iterations)
   return variables, history, failed
 
