@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jflame import camera_files, multiview, output
-from jflame.atomic import atomic_path, write_bytes
+from jflame.atomic import TEMP_MARKER, atomic_path, write_bytes
 from jflame.config import FitConfig
 from jflame.errors import ImageReadError, InputError
 from jflame.flame import flame_forward
@@ -194,6 +194,13 @@ def commit_moment(store: Path, moment: Moment, rig) -> None:
     np.savez(tmp, key=np.array(moment_key(moment.images)), sizes=_rig_sizes(rig),
              landmarks=moment.landmarks, weights=moment.weights, valid=moment.valid,
              messages=np.array(moment.messages, dtype=str))
+
+
+def committed_moment_count(store: Path) -> int:
+  """How many moments' landmarks `store` holds (a write in progress is not one of them)."""
+  if not store.is_dir():
+    return 0
+  return sum(1 for path in store.glob("*.npz") if TEMP_MARKER not in path.name)
 
 
 def committed_moment(store: Path, folder: Path, rig) -> Optional[Moment]:

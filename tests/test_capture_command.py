@@ -205,15 +205,33 @@ def test_an_unreadable_view_leaves_its_moment_to_the_other_views(capture, comman
 
 def _held_run_until(args, env, store, committed):
   """Starts jflame-fit through HOLD_AFTER_A_MOMENT; returns it once `store` holds `committed`
-  moments' landmarks (it then holds)."""
+  moments' landmarks (it then holds). A file being written is a hidden temporary that also ends
+  in .npz (`atomic_path`): counting it, the signal could arrive before the commit."""
   process = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_A_MOMENT, *args], cwd=PROJECT_ROOT,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 600
-  while len(list(store.glob("*.npz"))) < committed:
+  committed_files = lambda: [path for path in store.glob("*.npz") if not path.name.startswith(".")]
+  while len(committed_files()) < committed:
     assert process.poll() is None, process.communicate()
     assert time.monotonic() < deadline, "no moment committed in 10 minutes"
     time.sleep(0.2)
   return process
+
+
+def test_a_moment_being_written_is_not_counted_as_kept(tmp_path):
+  """The count the interrupted line gives: committed moments, not the hidden temporary of one
+  being written (`atomic_path`'s, which also ends in .npz)."""
+  from jflame import capture_runner
+  from jflame.atomic import atomic_path
+  store = tmp_path / capture_runner.LANDMARKS_FOLDER
+  assert capture_runner.committed_moment_count(store) == 0
+  with atomic_path(store / "timestep_000000.npz") as written:
+    np.savez(written, landmarks=np.zeros(3))
+  with atomic_path(store / "timestep_000001.npz") as writing:
+    np.savez(writing, landmarks=np.zeros(3))
+    assert len(list(store.glob("*.npz"))) == 2   # what the count used to read
+    assert capture_runner.committed_moment_count(store) == 1
+  assert capture_runner.committed_moment_count(store) == 2
 
 
 def test_a_stopped_capture_run_keeps_each_moments_landmarks_and_a_rerun_finishes_it(

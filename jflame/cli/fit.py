@@ -135,7 +135,7 @@ def _fit_capture() -> int:
           bar.close()
           close_fit_bars()
           store = folder / capture_runner.LANDMARKS_FOLDER
-          kept = len(list(store.glob("*.npz"))) if store.is_dir() else 0
+          kept = capture_runner.committed_moment_count(store)
           print(f"interrupted: the landmarks of {kept} moment{'' if kept == 1 else 's'} are "
                 f"kept in {store}; run the same command again to finish (it reads them back "
                 f"instead of detecting them again).", file=sys.stderr)
