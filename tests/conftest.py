@@ -93,8 +93,13 @@ FAST_SUITES = ("test_build_embedding", "test_camera_files", "test_clip_solve", "
 
 def pytest_ignore_collect(collection_path, config):
   """The fast tier (`-m "not slow"`) does not import the slow files: every test in them is
-  slow, and importing them (Ray among them) is seconds of each worker's start."""
+  slow, and importing them (Ray among them) is seconds of each worker's start. The slow tier
+  (`-m slow`) skips the fast files that mark no test slow (the marker is always spelled
+  `mark.slow`)."""
   if config.option.markexpr == "not slow" and collection_path.stem in SLOW_SUITES:
+    return True
+  if (config.option.markexpr == "slow" and collection_path.stem in FAST_SUITES
+      and "mark.slow" not in collection_path.read_text()):
     return True
   return None
 
