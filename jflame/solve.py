@@ -331,8 +331,8 @@ def like_the_steps(witness, carry):
   """`carry` with every leaf passed through a `where` on `witness`, a per-example condition such
   as `active`: the same values, but under `vmap` every leaf is batched from the start, as the
   loop's steps (which `where` their carry on such a condition) make it. Scan's batching rule
-  then batches the step once instead of finding that fixed point over two passes (a fifth of a
-  photometric fit's trace)."""
+  then batches the step once instead of finding that fixed point over two passes (the trace
+  time it saves: docs/BENCHMARKS.md, "Start-up and tracing")."""
   return jax.tree.map(lambda leaf: jnp.where(witness, leaf, leaf), carry)
 
 
