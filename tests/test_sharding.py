@@ -36,8 +36,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_batch_split_over_eight_devices_matches_one_device():
-  # Eight devices added to the suite's XLA flags, not in their place: the test flag
-  # (conftest.TEST_XLA_FLAGS: no LLVM optimisation, the classic emitters) halves the two fits' compile.
+  # Eight devices added to the suite's XLA flags, not in their place: the test flags
+  # (conftest.TEST_XLA_FLAGS: no LLVM optimisation, the classic emitters) halve the two fits'
+  # compile.
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
   env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=PROJECT_ROOT, env=env,
